@@ -1,0 +1,3 @@
+"""lme-sim: a simulator for lifelong knowledge editing of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,56 @@
+"""AlphaEdit (Fang et al. 2025, "Null-Space Constrained Knowledge Editing", arXiv 2410.02355).
+
+P = U_hat U_hat^T projects onto the null space of the preserved keys: U_hat are the
+eigenvectors of C0 with eigenvalues below ``nullspace_threshold``. Per layer (eq. 15):
+
+    Delta = R K1^T P (Kp Kp^T P + K1 K1^T P + L2 I)^-1
+
+where Kp Kp^T accumulates the keys of every earlier batch, recomputed on the edited model
+after each batch (a fixed d_ff x d_ff matrix: the cost per edit does not grow with history).
+Because the solution lies in the range of P, Delta K0 ~ 0 for preserved keys K0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cases import EditCase
+from .activations import compute_keys
+from .base import register
+from .memit import MEMIT
+
+
+def nullspace_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U_hat U_hat^T over the eigenvectors of C0 whose eigenvalues are < threshold."""
+    eigvals, eigvecs = torch.linalg.eigh(C0.double())
+    U = eigvecs[:, eigvals < threshold]
+    return U @ U.T
+
+
+@register
+class AlphaEdit(MEMIT):
+    method = "alphaedit"
+
+    def __init__(self, model, tok, hparams, world=None, progress: bool = True):
+        super().__init__(model, tok, hparams, world, progress)
+        self.P = {l: nullspace_projector(self.C0[l], hparams.nullspace_threshold) for l in hparams.layers}
+        self.cache_c = {l: torch.zeros_like(self.P[l]) for l in hparams.layers}
+
+    def nullspace_dim(self, layer: int) -> int:
+        return int(round(torch.trace(self.P[layer]).item()))
+
+    def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        P = self.P[layer]
+        A = P @ (K @ K.T + self.cache_c[layer]) + self.hp.L2 * torch.eye(P.shape[0], dtype=P.dtype)
+        return torch.linalg.solve(A, P @ K @ R.T).T
+
+    def after_batch(self, cases: list[EditCase]) -> None:
+        keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size)
+        for l, K in keys.items():
+            self.cache_c[l] += K.T.double() @ K.double()
+
+    def state_dict(self):
+        return {"cache_c": {l: c.clone() for l, c in self.cache_c.items()}}
+
+    def load_state_dict(self, state):
+        self.cache_c = {int(l): c.clone() for l, c in state["cache_c"].items()}

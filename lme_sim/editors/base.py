@@ -1,0 +1,86 @@
+"""The editor interface: a batch of EditCases in, weight deltas (already applied) out."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..arch import arch_of, edit_module_path
+from ..cases import EditCase
+from .hparams import HParams, load_hparams
+
+
+@dataclass
+class EditResult:
+    deltas: dict[str, torch.Tensor]  # parameter name -> delta, shaped like the parameter
+    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class PhaseTimer(dict):
+    """``with timer("keys"): ...`` adds the block's seconds to ``timer["keys"]``."""
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class Editor(ABC):
+    method: ClassVar[str]
+
+    def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True):
+        self.model, self.tok, self.hp, self.world, self.progress = model, tok, hparams, world, progress
+
+    @abstractmethod
+    def edit(self, cases: list[EditCase]) -> EditResult:
+        """Write ``cases`` into the model's weights; return the deltas that were added."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state that must survive a restart (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def weight_param_name(model, layer: int) -> str:
+    return f"{edit_module_path(model, layer)}.weight"
+
+
+def as_param_delta(model, delta: torch.Tensor) -> torch.Tensor:
+    """A (d_model, d_ff) delta in the stored orientation of W (transposed for GPT-2's Conv1D)."""
+    return delta.T.contiguous() if arch_of(model).transposed else delta
+
+
+@torch.no_grad()
+def apply_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
+    """W += delta for every named parameter (how replicas follow an editor)."""
+    params = dict(model.named_parameters())
+    for name, d in deltas.items():
+        params[name].add_(d.to(dtype=params[name].dtype, device=params[name].device))
+
+
+EDITORS: dict[str, type[Editor]] = {}
+
+
+def register(cls: type[Editor]) -> type[Editor]:
+    EDITORS[cls.method] = cls
+    return cls
+
+
+def make_editor(method: str, model, tok, model_name: str, overrides: dict | None = None, world=None,
+                progress: bool = True) -> Editor:
+    """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
+    from . import alphaedit, ft, memit  # noqa: F401  (register the methods)
+
+    hp = load_hparams(method, model_name, overrides)
+    return EDITORS[method](model, tok, hp, world=world, progress=progress)

@@ -1,0 +1,48 @@
+"""Constrained fine-tuning (FT-L; Zhu et al. 2020, "Modifying Memories in Transformer Models",
+arXiv 2012.00363, as the baseline in ROME): Adam on W of the chosen layers to lower the new
+objects' NLL, with |W - W0|_inf <= norm_constraint enforced after every step."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cases import EditCase
+from ..scoring import target_logprobs
+from ..tokens import encode_pairs
+from .base import EditResult, Editor, PhaseTimer, register, weight_param_name
+from .targets import frozen
+
+
+@register
+class FT(Editor):
+    method = "ft"
+
+    def edit(self, cases: list[EditCase]) -> EditResult:
+        hp, model = self.hp, self.model
+        timer = PhaseTimer()
+        named = dict(model.named_parameters())
+        names = [weight_param_name(model, l) for l in hp.layers]
+        params = [named[n] for n in names]
+        originals = [p.detach().clone() for p in params]
+        batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
+        opt = torch.optim.Adam(params, lr=hp.lr)
+        loss_value, steps = float("nan"), 0
+        with timer("optimize"), frozen(model):
+            for p in params:
+                p.requires_grad_(True)
+            for steps in range(hp.num_steps):
+                rows, lp, _ = target_logprobs(model, batch)
+                per_row = torch.zeros(len(batch), device=lp.device).index_add(0, rows.to(lp.device), -lp)
+                loss = (per_row / batch.target_len.to(lp.device)).mean()
+                loss_value = loss.item()
+                if loss_value < hp.loss_stop:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    for p, p0 in zip(params, originals):
+                        p.copy_(torch.clamp(p, p0 - hp.norm_constraint, p0 + hp.norm_constraint))
+        deltas = {n: (p.detach() - p0) for n, p, p0 in zip(names, params, originals)}
+        stats = {"loss": loss_value, "steps": steps, **{f"delta_norm_{n}": d.norm().item() for n, d in deltas.items()}}
+        return EditResult(deltas, dict(timer), stats)

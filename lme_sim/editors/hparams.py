@@ -1,0 +1,113 @@
+"""Editor hyperparameters: validated models, defaults per model in YAML shipped with the package.
+
+``hparams/<method>.yaml`` holds a ``default`` section and one section per model family
+(``world`` for every ``world:*`` model, else the model name as given in the registry).
+A scenario's overrides go on top; an unknown or ill-typed field is an error naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+HPARAMS_DIR = Path(__file__).parent / "hparams"
+
+
+class HParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] = Field(min_length=1)
+    batch_size: int = 64  # rows per forward pass (memory bound, not an editing choice)
+
+
+class StatsHParams(BaseModel):
+    """Where the second moment C0 = E[k k^T] of preserved keys comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = "world"  # world | file | hub | cases
+    path: str | None = None  # file: one text per line (.txt) or a JSON list of strings
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    n_samples: int = 100_000  # texts
+    max_length: int = 128  # tokens per text
+
+
+class TargetHParams(HParams):
+    """Target-vector optimization (ROME/MEMIT compute_z), shared by MEMIT and AlphaEdit."""
+
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    v_loss_stop: float = 5e-2
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    kl_prompt: str = "{} is a"
+    context_templates: list[tuple[int, int]] = [(10, 5)]  # (length, count) of generated prefixes
+    stats: StatsHParams = StatsHParams()
+
+
+class MEMITHParams(TargetHParams):
+    mom2_update_weight: float = 15000.0  # lambda in  Delta = R K^T (lambda C0 + K K^T)^-1
+
+
+class AlphaEditHParams(TargetHParams):
+    nullspace_threshold: float = 2e-2  # eigenvalues of C0 below this span the null space
+    L2: float = 10.0
+
+
+class FTHParams(HParams):
+    """Constrained fine-tuning of W (Zhu et al. 2020, as the FT-L baseline in ROME)."""
+
+    lr: float = 5e-4
+    num_steps: int = 25
+    norm_constraint: float = 5e-4  # |W - W0|_inf after every step
+    loss_stop: float = 1e-2
+
+
+HPARAM_CLASSES: dict[str, type[HParams]] = {
+    "memit": MEMITHParams,
+    "alphaedit": AlphaEditHParams,
+    "ft": FTHParams,
+}
+
+
+class HParamsError(ValueError):
+    pass
+
+
+def model_family(model_name: str) -> str:
+    return "world" if model_name.startswith("world:") else model_name
+
+
+def load_hparams(method: str, model_name: str, overrides: dict[str, Any] | None = None,
+                 where: str = "editor.hparams") -> HParams:
+    """Defaults for ``method`` on ``model_name``, with ``overrides`` on top, validated."""
+    if method not in HPARAM_CLASSES:
+        raise HParamsError(f"unknown editing method {method!r}; known: {sorted(HPARAM_CLASSES)}")
+    table = yaml.safe_load((HPARAMS_DIR / f"{method}.yaml").read_text()) or {}
+    merged = _merge(table.get("default", {}), table.get(model_family(model_name), {}))
+    merged = _merge(merged, overrides or {})
+    if "layers" not in merged:
+        raise HParamsError(
+            f"{where}.layers: no default for model {model_name!r} with method {method!r}; "
+            f"set the layers to edit (known models: {sorted(k for k in table if k != 'default')})"
+        )
+    try:
+        return HPARAM_CLASSES[method](**merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise HParamsError(f"{where}.{field}: {err['msg']}") from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,63 @@
+"""MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", arXiv 2210.07229).
+
+For each edited layer l in order (Alg. 1): recompute the keys K (d_ff x n) on the current model
+and the residual R = (Z - H_L) / (remaining layers), then (eq. 14)
+
+    Delta_l = R K^T (lambda C0 + K K^T)^-1
+
+AlphaEdit subclasses this and changes only :meth:`MEMIT.solve` and :meth:`MEMIT.after_batch`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import add_delta
+from ..cases import EditCase
+from .activations import activations_at, compute_keys, context_templates
+from .base import EditResult, Editor, PhaseTimer, as_param_delta, register, weight_param_name
+from .covariance import cached_second_moment
+from .targets import compute_targets
+
+
+@register
+class MEMIT(Editor):
+    method = "memit"
+
+    def __init__(self, model, tok, hparams, world=None, progress: bool = True):
+        super().__init__(model, tok, hparams, world, progress)
+        self.contexts = context_templates(model, tok, hparams.context_templates)
+        self.C0 = cached_second_moment(model, tok, hparams.layers, hparams.stats, world, progress)
+
+    def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """MEMIT eq. 14: Delta = R K^T (lambda C0 + K K^T)^-1 (K: d_ff x n, R: d x n)."""
+        A = self.hp.mom2_update_weight * self.C0[layer] + K @ K.T
+        return R @ torch.linalg.solve(A, K).T
+
+    def after_batch(self, cases: list[EditCase]) -> None:
+        """Hook for state updates once the whole batch is written."""
+
+    def edit(self, cases: list[EditCase]) -> EditResult:
+        hp, model, tok = self.hp, self.model, self.tok
+        timer = PhaseTimer()
+        z_layer = hp.layers[-1]
+        with timer("targets"):
+            targets = compute_targets(model, tok, cases, z_layer, self.contexts, hp)
+        prompts, subjects = [c.prompt for c in cases], [c.subject for c in cases]
+        deltas, stats = {}, {"target_steps_mean": targets.steps.float().mean().item(),
+                             "target_loss_mean": targets.loss.mean().item()}
+        for i, layer in enumerate(hp.layers):
+            with timer("keys"):
+                K = compute_keys(model, tok, cases, [layer], self.contexts, hp.batch_size)[layer]
+                cur = activations_at(model, tok, prompts, subjects, [z_layer], kind="hidden",
+                                     batch_size=hp.batch_size)[z_layer]
+            with timer("solve"):
+                R = (targets.z - cur) / (len(hp.layers) - i)
+                delta = self.solve(layer, K.T.double(), R.T.double()).float()
+            with timer("apply"):
+                add_delta(model, layer, delta)
+            deltas[weight_param_name(model, layer)] = as_param_delta(model, delta)
+            stats[f"delta_norm_l{layer}"] = delta.norm().item()
+        with timer("after_batch"):
+            self.after_batch(cases)
+        return EditResult(deltas, dict(timer), stats)

@@ -1,0 +1,116 @@
+"""Editing metrics as named in the CounterFact / ZsRE literature (ROME, MEMIT, AlphaEdit).
+
+Every probe of every case is scored in one batched call (:func:`lme_sim.scoring.score_targets`):
+* efficacy: P(new) > P(old) on the rewrite prompt; generalization: the same on paraphrases;
+  specificity: P(true answer) > P(new) on neighborhood prompts (log P = mean per-token log prob).
+* ZsRE style: teacher-forced token accuracy of the new target on the rewrite prompt
+  (rewrite_acc) and paraphrases (paraphrase_acc); locality_acc on the neighborhood answers.
+* fluency: n-gram entropy of generations (ROME: (2/3) H2 + (4/3) H3 in bits, x100).
+* retention: an edit is in force when its latest value beats every value the fact had before.
+* consistency needs reference text of the new object, which none of the shipped datasets has:
+  it is reported as unavailable, never as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from statistics import mean
+
+import torch
+
+from .cases import EditCase
+from .scoring import greedy_generate, score_targets
+
+CONSISTENCY_UNAVAILABLE = "consistency: skipped (no reference text of the new objects in this dataset)"
+
+
+def case_metrics(model, tok, cases: list[EditCase], batch_size: int = 64) -> list[dict]:
+    """Per case: efficacy, generalization, specificity and the ZsRE token accuracies."""
+    prompts: list[str] = []
+    targets: list[str] = []
+    index: list[tuple[int, str, int]] = []  # (case, probe kind, probe number)
+
+    def add(i: int, kind: str, j: int, prompt: str, target: str) -> None:
+        prompts.append(prompt)
+        targets.append(target)
+        index.append((i, kind, j))
+
+    for i, c in enumerate(cases):
+        add(i, "rw_new", 0, c.prompt, c.target_new)
+        if c.target_true is not None:
+            add(i, "rw_old", 0, c.prompt, c.target_true)
+        for j, p in enumerate(c.paraphrases):
+            add(i, "pp_new", j, p, c.target_new)
+            if c.target_true is not None:
+                add(i, "pp_old", j, p, c.target_true)
+        for j, (p, answer) in enumerate(c.neighborhood):
+            add(i, "nb_true", j, p, answer)
+            add(i, "nb_new", j, p, c.target_new)
+    s = score_targets(model, tok, prompts, targets, batch_size)
+    lp: dict[tuple[int, str, int], float] = {}
+    acc: dict[tuple[int, str, int], float] = {}
+    for k, key in enumerate(index):
+        lp[key], acc[key] = s.mean_logprob[k].item(), s.token_acc[k].item()
+
+    rows = []
+    for i, c in enumerate(cases):
+        row: dict = {"case_id": c.case_id, "rewrite_acc": acc[(i, "rw_new", 0)]}
+        if c.target_true is not None and c.target_true != c.target_new:
+            row["efficacy"] = float(lp[(i, "rw_new", 0)] > lp[(i, "rw_old", 0)])
+            if c.paraphrases:
+                row["generalization"] = mean(float(lp[(i, "pp_new", j)] > lp[(i, "pp_old", j)])
+                                             for j in range(len(c.paraphrases)))
+        if c.paraphrases:
+            row["paraphrase_acc"] = mean(acc[(i, "pp_new", j)] for j in range(len(c.paraphrases)))
+        if c.neighborhood:
+            n = range(len(c.neighborhood))
+            row["specificity"] = mean(float(lp[(i, "nb_true", j)] > lp[(i, "nb_new", j)]) for j in n)
+            row["locality_acc"] = mean(acc[(i, "nb_true", j)] for j in n)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the cases that have it."""
+    keys = sorted({k for r in rows for k in r if k != "case_id"})
+    return {k: mean(r[k] for r in rows if k in r) for k in keys if any(k in r for r in rows)}
+
+
+def retention(model, tok, prompts: list[str], current: list[str], history: list[list[str]],
+              batch_size: int = 64) -> torch.Tensor:
+    """1.0 where ``current[i]`` scores above every earlier value ``history[i]`` of that fact."""
+    flat_p, flat_t, owner = [], [], []
+    for i, (p, cur, old) in enumerate(zip(prompts, current, history)):
+        for value in [cur] + [v for v in old if v != cur]:
+            flat_p.append(p)
+            flat_t.append(value)
+            owner.append(i)
+    s = score_targets(model, tok, flat_p, flat_t, batch_size).mean_logprob
+    out = torch.ones(len(prompts))
+    start = 0
+    for i in range(len(prompts)):
+        end = start + 1
+        while end < len(owner) and owner[end] == i:
+            end += 1
+        if end - start > 1:
+            out[i] = float(s[start] > s[start + 1:end].max())
+        start = end
+    return out
+
+
+def n_gram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency measure of one text: weighted mean of its n-gram entropies (bits)."""
+    words = text.split()
+    ent = []
+    for n in ns:
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        ent.append(-sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
+    return sum(w * e for w, e in zip(weights, ent)) / len(ns)
+
+
+def fluency(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 32) -> float:
+    """Mean n-gram entropy (x100, as reported in ROME/MEMIT tables) of greedy generations."""
+    texts = greedy_generate(model, tok, prompts, max_new_tokens, batch_size)
+    return 100 * mean(n_gram_entropy(f"{p} {t}") for p, t in zip(prompts, texts))
