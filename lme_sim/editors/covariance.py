@@ -1,6 +1,6 @@
 """Second moment of preserved keys, C0 = E[k k^T] over the tokens of generic text (MEMIT eq. 14).
 
-Streamed in batches over a corpus (no key list is kept), accumulated in float64, and cached on
+Streamed in batches over a corpus (no key list is kept), summed in float64 across batches, and cached on
 disk per model, layer and corpus so that each is computed once.
 """
 
@@ -58,14 +58,16 @@ def second_moment(model, tok, layers: list[int], texts: list[str], max_length: i
         keep = enc["attention_mask"].bool()
         count += int(keep.sum())
         for l in layers:
-            k = seen[l][0][keep].double()
-            sums[l] = sums[l] + k.T @ k if l in sums else k.T @ k
+            k = seen[l][0][keep].float()
+            kk = (k.T @ k).double()  # float32 matmul per batch, float64 running sum
+            sums[l] = sums[l] + kk if l in sums else kk
     return {l: (v / count).cpu() for l, v in sums.items()}
 
 
 def weights_fingerprint(model, layers: list[int]) -> str:
-    """Identifies the (unedited) weights the statistics were computed on."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """Identifies the (unedited) weights the statistics were computed on (not the config, whose
+    bookkeeping fields differ between a converted model and its saved copy)."""
+    h = hashlib.sha256(f"{model.config.model_type}:{model.config.vocab_size}".encode())
     for l in layers:
         w = weight_view(model, l).detach().double()
         h.update(f"{l}:{w.sum().item():.10e}:{w.abs().sum().item():.10e}".encode())

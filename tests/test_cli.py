@@ -1,0 +1,58 @@
+import json
+
+from click.testing import CliRunner
+
+from lme_sim.cli import main
+
+
+def _write(tmp_path, text, name="scn.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_validate_names_file_and_field(tmp_path):
+    runner = CliRunner()
+    bad_field = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: alphaedit, lr: 3}\n")
+    r = runner.invoke(main, ["validate", bad_field])
+    assert r.exit_code == 2 and "scn.yaml" in r.output and "editor.lr" in r.output
+    bad_method = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: rome9}\n")
+    r = runner.invoke(main, ["validate", bad_method])
+    assert r.exit_code == 2 and "editor.method" in r.output
+    bad_hp = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: memit, hparams: {L2: 1}}\n")
+    r = runner.invoke(main, ["validate", bad_hp])
+    assert r.exit_code == 2 and "editor.hparams.L2" in r.output
+    bad_yaml = _write(tmp_path, "name: [unclosed\n")
+    r = runner.invoke(main, ["validate", bad_yaml])
+    assert r.exit_code == 2 and "not valid YAML" in r.output
+    no_path = _write(tmp_path, "name: x\nmodel: smollm2-135m\ndata: {kind: counterfact}\n")
+    r = runner.invoke(main, ["validate", no_path])
+    assert r.exit_code == 2 and "data.path" in r.output
+    r = runner.invoke(main, ["validate", str(tmp_path / "missing.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_run_small_scenario(tmp_path, small_world):
+    scn = _write(tmp_path, f"""
+name: tiny
+model: world:small
+data: {{kind: world, n_edits: 20, seed: 4}}
+editor: {{method: alphaedit}}
+stream: {{batch_size: 10}}
+eval: {{every: 1}}
+output_dir: {tmp_path / 'runs'}
+""")
+    r = CliRunner().invoke(main, ["run", scn])
+    assert r.exit_code == 0, r.output
+    assert "efficacy" in r.output
+    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert len(results["steps"]) == 2 and results["steps"][-1]["edits"] == 20
+    assert results["before"]["efficacy"] == 0.0 and results["after"]["efficacy"] >= 0.9
+
+
+def test_world_build(small_world):
+    r = CliRunner().invoke(main, ["world", "build", "--name", "small"])
+    assert r.exit_code == 0, r.output
+    assert "240 facts" in r.output and "accuracy" in r.output
+    r = CliRunner().invoke(main, ["world", "build", "--name", "nope"])
+    assert r.exit_code != 0 and "unknown world" in r.output
