@@ -36,6 +36,7 @@ class StreamSpec(_Strict):
 class EvalSpec(_Strict):
     every: int = Field(1, gt=0)  # evaluate after every N batches (and after the last)
     batch_size: int = Field(64, gt=0)  # probes per forward pass
+    fluency_prompts: int = Field(32, ge=0)  # prompts whose greedy generations measure fluency (0: off)
 
 
 class Scenario(_Strict):

@@ -70,9 +70,15 @@ def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, ba
     try:
         for s in range(0, len(prompts), batch_size):
             enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True).to(model.device)
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+            room = _max_positions(model) - enc["input_ids"].shape[1]
+            gen = model.generate(**enc, do_sample=False, max_new_tokens=max(1, min(max_new_tokens, room)),
                                  pad_token_id=tok.pad_token_id, eos_token_id=None)
             out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tok.padding_side = side
     return out
+
+
+def _max_positions(model) -> int:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1 << 30
