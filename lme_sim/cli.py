@@ -42,13 +42,7 @@ def world_build(name: str) -> None:
 @click.argument("scenario", type=click.Path(dir_okay=False))
 def validate(scenario: str) -> None:
     """Check a scenario file without running it."""
-    from .scenario import ScenarioError, load_scenario
-
-    try:
-        scn = load_scenario(scenario)
-    except ScenarioError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    scn = _load_scenario_or_exit(scenario)
     click.echo(f"{scenario}: ok ({scn.editor.method} on {scn.model}, {scn.data.n_edits} edits)")
 
 
@@ -57,14 +51,19 @@ def validate(scenario: str) -> None:
 def run(scenario: str) -> None:
     """Run a scenario (in process) and print a summary."""
     from .runner import run_in_process
+
+    run_in_process(_load_scenario_or_exit(scenario))
+
+
+def _load_scenario_or_exit(path: str):
+    """The validated scenario, or one line naming the file and field and exit code 2."""
     from .scenario import ScenarioError, load_scenario
 
     try:
-        scn = load_scenario(scenario)
+        return load_scenario(path)
     except ScenarioError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    run_in_process(scn)
 
 
 if __name__ == "__main__":

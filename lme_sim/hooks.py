@@ -9,29 +9,25 @@ import torch
 from torch import nn
 
 
-@contextmanager
-def capture_inputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, list[torch.Tensor]]]:
+def capture_inputs(modules: dict[int, nn.Module]):
     """Record the first positional input of each module (e.g. W's input: the keys) per forward."""
-    seen: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach()))
-        for k, m in modules.items()
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
+    return _capture(modules, inputs=True)
+
+
+def capture_outputs(modules: dict[int, nn.Module]):
+    """Record each module's output hidden states (decoder blocks may return a tuple)."""
+    return _capture(modules, inputs=False)
 
 
 @contextmanager
-def capture_outputs(modules: dict[int, nn.Module]) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Record each module's output hidden states (decoder blocks may return a tuple)."""
+def _capture(modules: dict[int, nn.Module], inputs: bool) -> Iterator[dict[int, list[torch.Tensor]]]:
     seen: dict[int, list[torch.Tensor]] = {k: [] for k in modules}
-    handles = [
-        m.register_forward_hook(lambda _m, _a, out, k=k: seen[k].append(_hidden(out).detach()))
-        for k, m in modules.items()
-    ]
+    if inputs:
+        handles = [m.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach()))
+                   for k, m in modules.items()]
+    else:
+        handles = [m.register_forward_hook(lambda _m, _a, out, k=k: seen[k].append(_hidden(out).detach()))
+                   for k, m in modules.items()]
     try:
         yield seen
     finally:

@@ -77,7 +77,7 @@ def weights_fingerprint(model, layers: list[int]) -> str:
 def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, world=None,
                          progress: bool = True) -> dict[int, torch.Tensor]:
     """C0 per layer, from the disk cache where present, else computed and cached."""
-    corpus_key = hashlib.sha256(stats.model_dump_json().encode()).hexdigest()[:12]
+    corpus_key = _corpus_key(stats)
     folder = cache_root() / "stats" / f"{weights_fingerprint(model, layers)}-{corpus_key}"
     paths = {l: folder / f"layer{l}.pt" for l in layers}
     missing = [l for l in layers if not paths[l].exists()]
@@ -93,3 +93,11 @@ def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, wor
             tmp.rename(paths[l])
         out.update(fresh)
     return out
+
+
+def _corpus_key(stats: StatsHParams) -> str:
+    """Names the corpus by content: a local file is identified by its bytes, not its path."""
+    ident = stats.model_dump()
+    if stats.kind == "file" and stats.path and Path(stats.path).is_file():
+        ident["path"] = hashlib.sha256(Path(stats.path).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
