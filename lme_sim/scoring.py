@@ -1,8 +1,10 @@
-"""Batched teacher-forced scoring: log P(target tokens | prompt) for many pairs per forward pass.
+"""Batched teacher-forced scoring: log P(target tokens | prompt) for many pairs per forward pass,
+and batched greedy / sampled generation.
 
 Rows are sorted by length and chunked, the vocabulary projection is applied only at the
 positions that predict target tokens (not at every position), and padding never leaks into a
-score: scores equal one-at-a-time scoring (tested to 1e-4).
+score: scores equal one-at-a-time scoring (tested to 1e-4). Everything runs through a
+:class:`~lme_sim.backbone.Backbone`, so it works on an in-process model and on shards alike.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .tokens import PairBatch, encode_pairs
+from .backbone import Inject, Plan, Positions, as_backbone
+from .tokens import PairBatch, _pad, encode_pairs
 
 
 @dataclass
@@ -23,11 +26,10 @@ class TargetScores:
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              pos: torch.Tensor) -> torch.Tensor:
+              pos: torch.Tensor, inject: Inject | None = None) -> torch.Tensor:
     """Next-token logits at (rows, pos) only: the backbone runs once, the head on M positions."""
-    device = model.device
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
-    return model.get_output_embeddings()(hidden[rows.to(device), pos.to(device)]).float()
+    plan = Plan(logits=Positions(rows, pos), inject=inject)
+    return as_backbone(model).run(input_ids, attention_mask, plan).logits
 
 
 def target_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +48,7 @@ def score_pairs(model, batch: PairBatch, batch_size: int = 64) -> TargetScores:
     order = torch.argsort(batch.prompt_len + batch.target_len)
     for chunk in order.split(batch_size):
         rows, lp, ok = target_logprobs(model, batch.select(chunk))
-        idx = chunk[rows]
+        idx = chunk[rows.cpu()]
         total.index_add_(0, idx, lp.double().cpu())
         hits.index_add_(0, idx, ok.double().cpu())
     n_tok = batch.target_len.double()
@@ -62,21 +64,38 @@ def score_targets(model, tok, prompts: list[str], targets: list[str], batch_size
 
 
 @torch.no_grad()
-def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
-    """Greedy continuations of many prompts, batched with left padding."""
-    side = tok.padding_side
-    tok.padding_side = "left"
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
+             top_k: int | None = None, generator: torch.Generator | None = None) -> list[str]:
+    """Continuations of many prompts: greedy, or sampled from the top ``top_k`` tokens.
+
+    Rows are right-padded and every row grows at its own end (no KV cache: each step is one
+    batched forward pass), so the same code runs on any backbone, shards included.
+    """
+    backbone = as_backbone(model)
     out: list[str] = []
-    try:
-        for s in range(0, len(prompts), batch_size):
-            enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True).to(model.device)
-            room = _max_positions(model) - enc["input_ids"].shape[1]
-            gen = model.generate(**enc, do_sample=False, max_new_tokens=max(1, min(max_new_tokens, room)),
-                                 pad_token_id=tok.pad_token_id, eos_token_id=None)
-            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tok.padding_side = side
+    limit = _max_positions(model)
+    for s in range(0, len(prompts), batch_size):
+        seqs = tok(prompts[s:s + batch_size])["input_ids"]
+        start = [len(q) for q in seqs]
+        for _ in range(max_new_tokens):
+            if max(len(q) for q in seqs) >= limit:
+                break
+            ids, mask = _pad(seqs, tok.pad_token_id)
+            lengths = mask.sum(1)
+            logits = logits_at(backbone, ids, mask, torch.arange(len(seqs)), lengths - 1)
+            if top_k is None:
+                nxt = logits.argmax(-1)
+            else:
+                vals, idx = logits.topk(top_k, -1)
+                pick = torch.multinomial(torch.softmax(vals.cpu(), -1), 1, generator=generator)[:, 0]
+                nxt = idx.cpu()[torch.arange(len(seqs)), pick]
+            seqs = [q + [int(t)] for q, t in zip(seqs, nxt.tolist())]
+        out += tok.batch_decode([q[b:] for q, b in zip(seqs, start)], skip_special_tokens=True)
     return out
+
+
+def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+    return generate(model, tok, prompts, max_new_tokens, batch_size)
 
 
 def _max_positions(model) -> int:

@@ -8,37 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import edit_module_path, layer_path
+from ..backbone import Plan, Positions, as_backbone
 from ..cases import EditCase
-from ..hooks import capture_inputs, capture_outputs
+from ..scoring import generate
 from ..tokens import encode_texts, subject_last_positions
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 
-@torch.no_grad()
 def context_templates(model, tok, spec: list[tuple[int, int]], seed: int = 0) -> list[str]:
     """``["{}"]`` plus sampled prefixes "<generated text>. {}" (ROME's context templates)."""
-
     templates = ["{}"]
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for length, count in spec:
-                if count <= 0:
-                    continue
-                starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
-                enc = tok(starters, return_tensors="pt", padding=True).to(model.device)
-                gen = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=length,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=None)
-                texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for s, t in zip(starters, texts):
-                    text = f"{s} {t.strip()}".replace("{", " ").replace("}", " ")
-                    templates.append(text + ". {}")
-    finally:
-        tok.padding_side = side
+    gen = torch.Generator().manual_seed(seed)
+    for length, count in spec:
+        if count <= 0:
+            continue
+        starters = [STARTERS[i % len(STARTERS)] for i in range(count)]
+        texts = generate(model, tok, starters, max_new_tokens=length, top_k=5, generator=gen)
+        for s, t in zip(starters, texts):
+            templates.append(f"{s} {t.strip()}".replace("{", " ").replace("}", " ") + ". {}")
     return templates
 
 
@@ -53,22 +41,20 @@ def contextual(cases: list[EditCase], contexts: list[str]) -> tuple[list[str], l
 def activations_at(model, tok, texts: list[str], subjects: list[str], layers: list[int], *,
                    kind: str, batch_size: int = 64) -> dict[int, torch.Tensor]:
     """At the last subject token of each text: W's input (``kind="key"``) or the block's output
-    hidden state (``kind="hidden"``), for each layer; (N, dim) float32 each."""
-    if kind == "key":
-        modules, capture = {l: model.get_submodule(edit_module_path(model, l)) for l in layers}, capture_inputs
-    elif kind == "hidden":
-        modules, capture = {l: model.get_submodule(layer_path(model, l)) for l in layers}, capture_outputs
-    else:
+    hidden state (``kind="hidden"``), for each layer; (N, dim) float32 each, on CPU."""
+    if kind not in ("key", "hidden"):
         raise ValueError(f"kind must be 'key' or 'hidden', not {kind!r}")
+    backbone = as_backbone(model)
     pos = subject_last_positions(tok, texts, subjects)
     out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for s in range(0, len(texts), batch_size):
         ids, mask = encode_texts(tok, texts[s:s + batch_size])
-        with capture(modules) as seen:
-            model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-        rows = torch.arange(ids.shape[0])
+        at = Positions(torch.arange(ids.shape[0]), pos[s:s + batch_size])
+        plan = Plan(keys={l: at for l in layers}) if kind == "key" else Plan(hidden={l: at for l in layers})
+        res = backbone.run(ids, mask, plan)
+        got = res.keys if kind == "key" else res.hidden
         for l in layers:
-            out[l].append(seen[l][0][rows, pos[s:s + batch_size].to(seen[l][0].device)].float().cpu())
+            out[l].append(got[l].cpu())
     return {l: torch.cat(v) for l, v in out.items()}
 
 

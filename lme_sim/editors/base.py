@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..arch import arch_of, edit_module_path
+from ..backbone import Backbone, as_backbone
 from ..cases import EditCase
 from .hparams import HParams, load_hparams
 
@@ -38,7 +38,9 @@ class Editor(ABC):
     method: ClassVar[str]
 
     def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True):
-        self.model, self.tok, self.hp, self.world, self.progress = model, tok, hparams, world, progress
+        """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model."""
+        self.model = as_backbone(model)
+        self.tok, self.hp, self.world, self.progress = tok, hparams, world, progress
 
     @abstractmethod
     def edit(self, cases: list[EditCase]) -> EditResult:
@@ -52,21 +54,19 @@ class Editor(ABC):
         pass
 
 
-def weight_param_name(model, layer: int) -> str:
-    return f"{edit_module_path(model, layer)}.weight"
+def apply_layer_delta(backbone: Backbone, layer: int, delta: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """W_layer += delta (d_model, d_ff); returns (parameter name, delta in the parameter's layout)."""
+    name = backbone.edit_param_name(layer)
+    stored = delta.T.contiguous() if backbone.transposed() else delta
+    backbone.apply_delta(name, stored)
+    return name, stored
 
 
-def as_param_delta(model, delta: torch.Tensor) -> torch.Tensor:
-    """A (d_model, d_ff) delta in the stored orientation of W (transposed for GPT-2's Conv1D)."""
-    return delta.T.contiguous() if arch_of(model).transposed else delta
-
-
-@torch.no_grad()
 def apply_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
     """W += delta for every named parameter (how replicas follow an editor)."""
-    params = dict(model.named_parameters())
+    backbone = as_backbone(model)
     for name, d in deltas.items():
-        params[name].add_(d.to(dtype=params[name].dtype, device=params[name].device))
+        backbone.apply_delta(name, d)
 
 
 EDITORS: dict[str, type[Editor]] = {}

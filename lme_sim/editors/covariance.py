@@ -1,6 +1,7 @@
 """Second moment of preserved keys, C0 = E[k k^T] over the tokens of generic text (MEMIT eq. 14).
 
-Streamed in batches over a corpus (no key list is kept), summed in float64 across batches, and cached on
+Streamed in batches over a corpus (no key list is kept; each shard sums k k^T for its own
+layers in float32 per batch, float64 across batches), and cached on
 disk per model, layer and corpus so that each is computed once.
 """
 
@@ -14,8 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import edit_module_path, weight_view
-from ..hooks import capture_inputs
+from ..backbone import Plan, as_backbone
 from ..paths import cache_root
 from .hparams import StatsHParams
 
@@ -47,29 +47,25 @@ def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
 def second_moment(model, tok, layers: list[int], texts: list[str], max_length: int = 128,
                   batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
     """E[k k^T] of W's input over every non-padding token of ``texts``, per layer (float64)."""
-    modules = {l: model.get_submodule(edit_module_path(model, l)) for l in layers}
+    backbone = as_backbone(model)
     sums: dict[int, torch.Tensor] = {}
     count = 0
     for s in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress, unit="batch"):
-        enc = tok(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                  max_length=max_length).to(model.device)
-        with capture_inputs(modules) as seen:
-            model.base_model(**enc)
-        keep = enc["attention_mask"].bool()
-        count += int(keep.sum())
-        for l in layers:
-            k = seen[l][0][keep].float()
-            kk = (k.T @ k).double()  # float32 matmul per batch, float64 running sum
+        enc = tok(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        res = backbone.run(enc["input_ids"], enc["attention_mask"], Plan(key_moments=list(layers)))
+        count += res.n_tokens
+        for l, kk in res.key_moments.items():
             sums[l] = sums[l] + kk if l in sums else kk
-    return {l: (v / count).cpu() for l, v in sums.items()}
+    return {l: v / count for l, v in sums.items()}
 
 
 def weights_fingerprint(model, layers: list[int]) -> str:
     """Identifies the (unedited) weights the statistics were computed on (not the config, whose
     bookkeeping fields differ between a converted model and its saved copy)."""
-    h = hashlib.sha256(f"{model.config.model_type}:{model.config.vocab_size}".encode())
+    backbone = as_backbone(model)
+    h = hashlib.sha256(f"{backbone.config.model_type}:{backbone.config.vocab_size}".encode())
     for l in layers:
-        w = weight_view(model, l).detach().double()
+        w = backbone.edit_weight(l).double()
         h.update(f"{l}:{w.sum().item():.10e}:{w.abs().sum().item():.10e}".encode())
     return h.hexdigest()[:16]
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, register, weight_param_name
+from .base import EditResult, Editor, PhaseTimer, register
 from .targets import frozen
 
 
@@ -18,10 +19,13 @@ class FT(Editor):
     method = "ft"
 
     def edit(self, cases: list[EditCase]) -> EditResult:
-        hp, model = self.hp, self.model
+        hp, backbone = self.hp, self.model
+        if not isinstance(backbone, LocalBackbone):
+            raise NotImplementedError("FT trains weights in place and needs an in-process model, not shards")
+        model = backbone.model
         timer = PhaseTimer()
         named = dict(model.named_parameters())
-        names = [weight_param_name(model, l) for l in hp.layers]
+        names = [backbone.edit_param_name(l) for l in hp.layers]
         params = [named[n] for n in names]
         originals = [p.detach().clone() for p in params]
         batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
@@ -31,7 +35,7 @@ class FT(Editor):
             for p in params:
                 p.requires_grad_(True)
             for steps in range(hp.num_steps):
-                rows, lp, _ = target_logprobs(model, batch)
+                rows, lp, _ = target_logprobs(backbone, batch)
                 per_row = torch.zeros(len(batch), device=lp.device).index_add(0, rows.to(lp.device), -lp)
                 loss = (per_row / batch.target_len.to(lp.device)).mean()
                 loss_value = loss.item()

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import add_delta
 from ..cases import EditCase
 from .activations import activations_at, compute_keys, context_templates
-from .base import EditResult, Editor, PhaseTimer, as_param_delta, register, weight_param_name
+from .base import EditResult, Editor, PhaseTimer, apply_layer_delta, register
 from .covariance import cached_second_moment
 from .targets import compute_targets
 
@@ -55,8 +54,8 @@ class MEMIT(Editor):
                 R = (targets.z - cur) / (len(hp.layers) - i)
                 delta = self.solve(layer, K.T.double(), R.T.double()).float()
             with timer("apply"):
-                add_delta(model, layer, delta)
-            deltas[weight_param_name(model, layer)] = as_param_delta(model, delta)
+                name, stored = apply_layer_delta(model, layer, delta)
+            deltas[name] = stored
             stats[f"delta_norm_l{layer}"] = delta.norm().item()
         with timer("after_batch"):
             self.after_batch(cases)

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..arch import layer_path
+from ..backbone import Inject, Positions, as_backbone
 from ..cases import EditCase
-from ..hooks import edit_output
 from ..scoring import logits_at
 from ..tokens import encode_pairs, encode_texts, subject_last_positions
 from .activations import activations_at, contextual
@@ -44,7 +43,8 @@ class Targets:
 @contextmanager
 def frozen(model):
     """No parameter requires grad inside the block (gradients flow only to the deltas)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    module = getattr(model, "model", model)  # a LocalBackbone's model; shards freeze their own
+    flags = [(p, p.requires_grad) for p in module.parameters()] if hasattr(module, "parameters") else []
     for p, _ in flags:
         p.requires_grad_(False)
     try:
@@ -57,15 +57,15 @@ def frozen(model):
 def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: list[str],
                     hp: TargetHParams, batched: bool = True) -> Targets:
     """Targets for every case; ``batched=False`` runs the same math one request at a time."""
+    model = as_backbone(model)
     if not batched:
         parts = [compute_targets(model, tok, [c], layer, contexts, hp) for c in cases]
         return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
     n = len(cases)
     subjects = [c.subject for c in cases]
     h_init = activations_at(model, tok, [c.prompt for c in cases], subjects, [layer], kind="hidden",
-                            batch_size=hp.batch_size)[layer].to(model.device)
+                            batch_size=hp.batch_size)[layer]
     rw = _RowBatch.build(tok, cases, contexts, hp.kl_prompt)
-    block = model.get_submodule(layer_path(model, layer))
     delta = torch.zeros_like(h_init, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
@@ -73,11 +73,11 @@ def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: lis
     steps = torch.zeros(n, dtype=torch.long)
     final = torch.zeros(n)
     with torch.no_grad():
-        kl_init = rw.forward(model, block, delta, torch.arange(n))[1]
+        kl_init = rw.forward(model, layer, delta, torch.arange(n))[1]
     with frozen(model):
         for it in range(hp.v_num_grad_steps):
             idx = active.nonzero()[:, 0]
-            nll, kl_logp = rw.forward(model, block, delta, idx)
+            nll, kl_logp = rw.forward(model, layer, delta, idx)
             kl = (kl_logp.exp() * (kl_logp - kl_init[idx])).sum(-1)
             wd = hp.v_weight_decay * delta[idx].norm(dim=1) / h_init[idx].norm(dim=1) ** 2
             loss = nll + hp.kl_factor * kl + wd
@@ -139,7 +139,7 @@ class _RowBatch:
             tgt_row=rows, tgt_pos=pos, tgt_label=labels, tgt_weight=weight, n_req=n,
         )
 
-    def forward(self, model, block, delta: torch.Tensor, requests: torch.Tensor):
+    def forward(self, model, layer: int, delta: torch.Tensor, requests: torch.Tensor):
         """For the given requests: NLL (per request) and KL-row log-probs, deltas injected."""
         sel = torch.isin(self.owner, requests).nonzero()[:, 0]
         local = torch.full((len(self.owner),), -1, dtype=torch.long)
@@ -149,19 +149,14 @@ class _RowBatch:
         width = int(self.mask[sel].sum(1).max())
         ids, mask = self.ids[sel, :width], self.mask[sel, :width]
         owner, subj = self.owner[sel], self.subj_pos[sel]
-        dev = delta.device
-
-        def inject(h: torch.Tensor) -> torch.Tensor:
-            rows = torch.arange(len(sel), device=h.device)
-            return h.index_put((rows, subj.to(h.device)), delta[owner.to(dev)].to(h.dtype), accumulate=True)
+        inject = Inject(layer, Positions(torch.arange(len(sel)), subj), delta[owner])
 
         t_keep = torch.isin(self.tgt_row, sel)
         t_rows = local[self.tgt_row[t_keep]]
         kl_rows = self.is_kl[sel].nonzero()[:, 0]
         q_rows = torch.cat([t_rows, kl_rows])
         q_pos = torch.cat([self.tgt_pos[t_keep], subj[kl_rows]])
-        with edit_output(block, inject):
-            logits = logits_at(model, ids, mask, q_rows, q_pos)
+        logits = logits_at(model, ids, mask, q_rows, q_pos, inject)
         logp = torch.log_softmax(logits, -1)
         n_t = len(t_rows)
         tok_lp = logp[:n_t].gather(1, self.tgt_label[t_keep].to(logp.device)[:, None])[:, 0]

@@ -1,0 +1,196 @@
+"""What the editing math needs from a model, in one call: a forward pass with a *probe plan*.
+
+A plan says, for one batch of token ids, which activations to read (W's input "keys" or a
+block's output "hidden", at given (row, position) pairs, or the second moment of the keys over
+every real token), where to add a vector to a block's output (``inject``), and at which
+positions to return next-token logits. :class:`LocalBackbone` runs a plan on an in-process
+Hugging Face model with forward hooks; the runtime's sharded backbone runs the same plan over
+layer-range shards (Ray actors), so every editor works unchanged on 1 or N shards.
+
+Gradients: if ``inject.values`` requires grad, the returned logits are differentiable with
+respect to it (locally by plain autograd; across shards by sending the gradient back through
+the shards).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .arch import arch_of, edit_module_path, layer_path, n_layers, weight_view
+from .hooks import _hidden
+
+
+@dataclass
+class Positions:
+    """(row, position) pairs to read at."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+
+
+@dataclass
+class Inject:
+    """Add ``values[i]`` to the output of block ``layer`` at (rows[i], pos[i])."""
+
+    layer: int
+    at: Positions
+    values: torch.Tensor
+
+
+@dataclass
+class Plan:
+    keys: dict[int, Positions] = field(default_factory=dict)  # layer -> where to read W's input
+    hidden: dict[int, Positions] = field(default_factory=dict)  # layer -> where to read the block output
+    key_moments: list[int] = field(default_factory=list)  # layers: sum of k k^T over real tokens
+    logits: Positions | None = None
+    inject: Inject | None = None
+
+
+@dataclass
+class Output:
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_ff) float32, on CPU
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_model)
+    key_moments: dict[int, torch.Tensor] = field(default_factory=dict)  # (d_ff, d_ff) float64 sums
+    n_tokens: int = 0
+    logits: torch.Tensor | None = None  # (M, vocab) float32
+
+
+class Backbone:
+    """Interface used by scoring, keys, targets, covariance and the editors."""
+
+    n_layers: int
+    config: object  # the model's transformers config
+
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan) -> Output:
+        raise NotImplementedError
+
+    def apply_delta(self, name: str, delta: torch.Tensor) -> None:
+        """W += delta for a parameter given by name (delta in the parameter's own layout)."""
+        raise NotImplementedError
+
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        """A copy of W at ``layer`` in (d_model, d_ff) orientation."""
+        raise NotImplementedError
+
+    def edit_param_name(self, layer: int) -> str:
+        raise NotImplementedError
+
+    def transposed(self) -> bool:
+        """Whether W is stored as (d_ff, d_model) (GPT-2 Conv1D)."""
+        raise NotImplementedError
+
+
+class LocalBackbone(Backbone):
+    """A plan run on an in-process Hugging Face causal LM (hooks on the blocks and on W)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.n_layers = n_layers(model)
+
+    def run(self, input_ids, attention_mask, plan: Plan) -> Output:
+        return run_plan(self.model, input_ids, attention_mask, plan)[0]
+
+    def apply_delta(self, name, delta):
+        param = dict(self.model.named_parameters())[name]
+        with torch.no_grad():
+            param.add_(delta.to(dtype=param.dtype, device=param.device))
+
+    def edit_weight(self, layer):
+        return weight_view(self.model, layer).detach().clone()
+
+    def edit_param_name(self, layer):
+        return f"{edit_module_path(self.model, layer)}.weight"
+
+    def transposed(self):
+        return arch_of(self.model).transposed
+
+
+def as_backbone(model_or_backbone) -> Backbone:
+    return model_or_backbone if isinstance(model_or_backbone, Backbone) else LocalBackbone(model_or_backbone)
+
+
+def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
+             hidden_in: torch.Tensor | None = None, layers: range | None = None):
+    """Run ``plan`` on ``model``; the parts of it on blocks outside ``layers`` are left to others.
+
+    With ``hidden_in`` the first block of ``layers`` takes it as its input instead of what came
+    before (how a shard continues another shard's forward pass). Returns an :class:`Output` and,
+    when ``layers`` ends before the last block, the hidden state after the last block of ``layers``.
+    """
+    dev = model.device
+    layers = layers if layers is not None else range(n_layers(model))
+    last = layers.stop == n_layers(model)
+    out = Output()
+    mask = attention_mask.to(dev)
+    with ExitStack() as stack:
+        def hook(module, fn, pre=False):
+            handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
+            stack.callback(handle.remove)
+
+        def block(l):
+            return model.get_submodule(layer_path(model, l))
+
+        if hidden_in is not None:
+            _replace_input(block(layers.start), hidden_in.to(dev), stack)
+        for l, at in plan.keys.items():
+            if l in layers:
+                hook(model.get_submodule(edit_module_path(model, l)),
+                     lambda _m, args, l=l, at=at: out.keys.__setitem__(l, _gather(args[0], at)), pre=True)
+        for l in plan.key_moments:
+            if l in layers:
+                def moment(_m, args, l=l):
+                    k = args[0][mask.bool()].float()
+                    out.key_moments[l] = (k.T @ k).double().cpu()
+                hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
+        if plan.inject is not None and plan.inject.layer in layers:
+            inj = plan.inject
+
+            def add(_m, _a, o):
+                h = _hidden(o)
+                h = h.index_put((inj.at.rows.to(dev), inj.at.pos.to(dev)), inj.values.to(h.device, h.dtype),
+                                accumulate=True)
+                return (h,) + o[1:] if isinstance(o, tuple) else h
+            hook(block(inj.layer), add)
+        for l, at in plan.hidden.items():
+            if l in layers:
+                hook(block(l), lambda _m, _a, o, l=l, at=at: out.hidden.__setitem__(l, _gather(_hidden(o), at)))
+        boundary: list[torch.Tensor] = []
+        if not last:
+            def halt(_m, _a, o):
+                boundary.append(_hidden(o))
+                raise _StopForward
+            hook(block(layers.stop - 1), halt)
+        try:
+            result = model.base_model(input_ids=input_ids.to(dev), attention_mask=mask)
+        except _StopForward:
+            result = None
+    out.n_tokens = int(attention_mask.sum())
+    if result is not None and plan.logits is not None:
+        h = result.last_hidden_state[plan.logits.rows.to(dev), plan.logits.pos.to(dev)]
+        out.logits = model.get_output_embeddings()(h).float()
+    return out, (boundary[0] if boundary else None)
+
+
+class _StopForward(Exception):
+    """Ends a shard's forward pass after its last block."""
+
+
+def _replace_input(module: nn.Module, hidden: torch.Tensor, stack: ExitStack) -> None:
+    def pre(_m, args, kwargs):
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
+    stack.callback(handle.remove)
+
+
+def _gather(t: torch.Tensor, at: Positions) -> torch.Tensor:
+    return t[at.rows.to(t.device), at.pos.to(t.device)].float()

@@ -1,0 +1,143 @@
+"""DuckDB schema of the run database: tables, views and the schema version.
+
+Every row carries ``run_id``.  ``create_schema`` is idempotent and refuses a file written by
+another schema version (``SchemaError``) instead of silently mixing layouts.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(RuntimeError):
+    """The database file was written with a different schema version."""
+
+
+TABLES = {
+    "schema_info": """
+        version INTEGER,
+        created_at TIMESTAMP""",
+    "runs": """
+        run_id VARCHAR PRIMARY KEY,
+        name VARCHAR,
+        scenario_path VARCHAR,
+        scenario JSON,
+        model VARCHAR,
+        method VARCHAR,
+        status VARCHAR,            -- running | finished | failed
+        created_at TIMESTAMP,
+        finished_at TIMESTAMP,
+        schema_version INTEGER,
+        lme_sim_version VARCHAR""",
+    "batches": """
+        run_id VARCHAR,
+        batch_id INTEGER,
+        step INTEGER,
+        sim_time TIMESTAMP,
+        n_edits INTEGER,
+        model_version INTEGER,
+        seconds DOUBLE,
+        timings JSON,
+        checkpoint VARCHAR,        -- path of the delta/editor-state checkpoint
+        committed_at TIMESTAMP,
+        PRIMARY KEY (run_id, batch_id)""",
+    "edits": """
+        run_id VARCHAR,
+        edit_id INTEGER,
+        batch_id INTEGER,
+        step INTEGER,
+        sim_time TIMESTAMP,
+        kind VARCHAR,              -- edit | update | revert
+        case_id VARCHAR,
+        fact_key VARCHAR,          -- identifies the fact across updates, e.g. subject|relation
+        subject VARCHAR,
+        relation VARCHAR,
+        prompt VARCHAR,
+        target_new VARCHAR,
+        target_old VARCHAR,
+        supersedes INTEGER,        -- edit_id this one replaces, NULL if none
+        modules VARCHAR[],
+        delta_norms DOUBLE[],
+        PRIMARY KEY (run_id, edit_id)""",
+    "probes": """
+        run_id VARCHAR,
+        eval_id INTEGER,
+        model_version INTEGER,
+        step INTEGER,
+        edit_id INTEGER,           -- NULL for unrelated probes
+        probe VARCHAR,             -- rewrite | paraphrase | neighborhood | retention | known
+        prompt VARCHAR,
+        target VARCHAR,
+        logprob DOUBLE,
+        token_acc DOUBLE,
+        correct BOOLEAN""",
+    "metrics": """
+        run_id VARCHAR,
+        eval_id INTEGER,
+        model_version INTEGER,
+        step INTEGER,
+        name VARCHAR,
+        value DOUBLE""",
+    "weight_stats": """
+        run_id VARCHAR,
+        batch_id INTEGER,
+        model_version INTEGER,
+        module VARCHAR,
+        frobenius DOUBLE,
+        spectral DOUBLE,
+        condition DOUBLE,
+        delta_norm DOUBLE,
+        cum_delta_norm DOUBLE""",
+}
+
+VIEWS = {
+    # Mean correctness of retention probes per run, eval step and edit age (probe step - edit step).
+    "forgetting_curve": """
+        SELECT p.run_id, p.step AS eval_step, p.step - e.step AS age,
+               avg(p.correct::DOUBLE) AS retention, count(*) AS n_probes
+        FROM probes p JOIN edits e ON p.run_id = e.run_id AND p.edit_id = e.edit_id
+        WHERE p.probe = 'retention'
+        GROUP BY p.run_id, p.step, p.step - e.step
+        ORDER BY p.run_id, eval_step, age""",
+    # Every edit ordered by fact and step, with the edit that superseded it (if any).
+    "edit_history": """
+        SELECT e.run_id, e.fact_key, e.step, e.edit_id, e.batch_id, e.sim_time, e.kind,
+               e.subject, e.relation, e.target_old, e.target_new, e.supersedes,
+               s.edit_id AS superseded_by, s.step AS superseded_at_step
+        FROM edits e LEFT JOIN edits s ON s.run_id = e.run_id AND s.supersedes = e.edit_id
+        ORDER BY e.run_id, e.fact_key, e.step, e.edit_id""",
+}
+
+
+def stored_version(con) -> int | None:
+    """The schema version recorded in the open database, or None if it has none yet."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_info'"
+    ).fetchone()[0]
+    if not exists:
+        return None
+    row = con.execute("SELECT max(version) FROM schema_info").fetchone()
+    return row[0]
+
+
+def check_version(con, path) -> None:
+    """Raise SchemaError if the database at ``path`` holds another schema version."""
+    version = stored_version(con)
+    if version is not None and version != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}: database schema version {version}, but this lme-sim uses version "
+            f"{SCHEMA_VERSION}; use a new database file or migrate this one"
+        )
+
+
+def create_schema(con, path="<database>") -> None:
+    """Create all tables and views if missing and record SCHEMA_VERSION (idempotent)."""
+    check_version(con, path)
+    for name, cols in TABLES.items():
+        con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
+    for name, sql in VIEWS.items():
+        con.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {sql}")
+    if stored_version(con) is None:
+        con.execute(
+            "INSERT INTO schema_info VALUES (?, now()::TIMESTAMP)", [SCHEMA_VERSION]
+        )
