@@ -1,0 +1,1 @@
+"""The distributed runtime: model shards, the sharded backbone, Ray actors."""

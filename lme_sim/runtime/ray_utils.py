@@ -1,0 +1,38 @@
+"""Starting Ray and placing shard actors (thin shells around :class:`ModelShard`)."""
+
+from __future__ import annotations
+
+import os
+
+from .shards import ModelShard, ShardedBackbone, split_layers
+
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+SHARD_RESOURCE = "lme_shard_slot"  # what a shard asks for where there is no GPU
+
+
+def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots: int = 16):
+    """Connect to ``address`` or start a local Ray with capped memory and emulated shard slots."""
+    os.environ.update(RAY_ENV)
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("LME_SIM_", "RAY_", "HF_"))}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 2, object_store_memory=object_store_mb << 20,
+                 resources={SHARD_RESOURCE: shard_slots}, include_dashboard=False, runtime_env=env,
+                 log_to_driver=False)
+    return ray
+
+
+def start_shards(model_name: str, n_shards: int, n_layers: int, use_gpus: bool = False) -> ShardedBackbone:
+    """One actor per contiguous layer range; one GPU each where ``use_gpus``, else an emulated slot."""
+    import ray
+
+    actor = ray.remote(ModelShard)
+    opts = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 0, "resources": {SHARD_RESOURCE: 1}}
+    handles = [actor.options(**opts).remote(model_name, r, "cuda" if use_gpus else "cpu")
+               for r in split_layers(n_layers, n_shards)]
+    return ShardedBackbone(handles)

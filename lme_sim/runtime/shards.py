@@ -1,0 +1,197 @@
+"""Model shards: contiguous layer ranges of one model, each a plain object (a Ray actor on a cluster).
+
+A shard keeps the whole module tree but replaces the blocks it does not own by pass-throughs, so
+Hugging Face still builds masks and position embeddings and the forward code stays
+architecture-independent. The first shard embeds the tokens; each next one takes the previous
+shard's hidden states as the input of its first block; the last one applies the final norm and
+the output head. :class:`ShardedBackbone` runs a probe plan (:mod:`lme_sim.backbone`) across them,
+forwarding gradients back through the shards when the plan injects a vector that requires grad,
+so the editors give the same results on 1 and N shards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
+from ..backbone import Backbone, Inject, Output, Plan, run_plan
+
+
+class PassThrough(nn.Module):
+    """Stands in for a block another shard owns: returns its input hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def split_layers(n: int, n_shards: int) -> list[range]:
+    """Contiguous, near-equal layer ranges."""
+    if not 1 <= n_shards <= n:
+        raise ValueError(f"cannot cut {n} layers into {n_shards} shards (need 1 <= shards <= layers)")
+    bounds = [round(i * n / n_shards) for i in range(n_shards + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class ModelShard:
+    """Blocks ``layers`` of a model, with versioned deltas and autograd across shard boundaries."""
+
+    def __init__(self, model: nn.Module | str, layers: range, device: str = "cpu"):
+        if isinstance(model, str):
+            from ..models import load_model
+
+            model = load_model(model, device=device, progress=False).model
+        self.layers = layers
+        blocks = layers_of(model)
+        for i in range(len(blocks)):
+            if i not in layers:
+                blocks[i] = PassThrough()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model.eval()
+        self.version = 0
+        self._graphs: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
+
+    def info(self) -> dict[str, Any]:
+        return {"layers": (self.layers.start, self.layers.stop), "n_layers": n_layers(self.model),
+                "config": self.model.config, "transposed": arch_of(self.model).transposed,
+                "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers}}
+
+    def forward(self, req: int, input_ids, attention_mask, plan: Plan, hidden_in=None, grad: bool = False):
+        """Run this shard's part of ``plan``. Returns (Output, hidden states for the next shard or None).
+
+        With ``grad`` the graph is kept under ``req`` for :meth:`backward`; tensors returned are detached.
+        """
+        inject = plan.inject
+        if grad:
+            hidden_in = hidden_in.detach().requires_grad_(True) if hidden_in is not None else None
+            if inject is not None and inject.layer in self.layers:
+                inject = Inject(inject.layer, inject.at, inject.values.detach().requires_grad_(True))
+                plan = Plan(plan.keys, plan.hidden, plan.key_moments, plan.logits, inject)
+        with torch.set_grad_enabled(grad):
+            out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
+        if grad:
+            result = out.logits if boundary is None else boundary
+            own_inject = inject.values if inject is not None and inject.layer in self.layers else None
+            self._graphs[req] = (hidden_in, own_inject, result)
+        if out.logits is not None:
+            out.logits = out.logits.detach()
+        return out, (boundary.detach() if boundary is not None else None)
+
+    def backward(self, req: int, grad_out: torch.Tensor):
+        """Gradients w.r.t. this shard's input hidden states and its injected vectors (or None)."""
+        hidden_in, injected, result = self._graphs.pop(req)
+        leaves = [t for t in (hidden_in, injected) if t is not None]
+        grads = torch.autograd.grad(result, leaves, grad_out.to(result.device), allow_unused=True)
+        it = iter(grads)
+        g_hidden = next(it) if hidden_in is not None else None
+        g_inject = next(it) if injected is not None else None
+        return (g_hidden.cpu() if g_hidden is not None else None, g_inject.cpu() if g_inject is not None else None)
+
+    def drop(self, req: int) -> None:
+        self._graphs.pop(req, None)
+
+    def apply_delta(self, name: str, delta: torch.Tensor, version: int | None = None) -> int:
+        """W += delta for a parameter this shard owns; returns the shard's new version."""
+        param = dict(self.model.named_parameters())[name]
+        with torch.no_grad():
+            param.add_(delta.to(dtype=param.dtype, device=param.device))
+        self.version = version if version is not None else self.version + 1
+        return self.version
+
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        return weight_view(self.model, layer).detach().cpu().clone()
+
+
+def call(shard, method: str, *args):
+    """Call a method on a plain shard or on a Ray actor handle (and wait for it)."""
+    fn = getattr(shard, method)
+    if hasattr(fn, "remote"):
+        import ray
+
+        return ray.get(fn.remote(*args))
+    return fn(*args)
+
+
+class ShardedBackbone(Backbone):
+    """A :class:`~lme_sim.backbone.Backbone` over shards (plain objects or Ray actor handles)."""
+
+    _requests = itertools.count()
+
+    def __init__(self, shards: list):
+        self.shards = shards
+        infos = [call(s, "info") for s in shards]
+        self.ranges = [range(*i["layers"]) for i in infos]
+        self.n_layers = infos[0]["n_layers"]
+        if [r.start for r in self.ranges[1:]] != [r.stop for r in self.ranges[:-1]] or \
+                self.ranges[0].start != 0 or self.ranges[-1].stop != self.n_layers:
+            raise ValueError(f"shards must cover layers 0..{self.n_layers} contiguously, got {self.ranges}")
+        self.config = infos[0]["config"]
+        self._transposed = infos[0]["transposed"]
+        self._param_names = {l: n for i in infos for l, n in i["param_names"].items()}
+        self.version = 0
+
+    def _owner(self, layer: int) -> int:
+        return next(i for i, r in enumerate(self.ranges) if layer in r)
+
+    def run(self, input_ids, attention_mask, plan: Plan) -> Output:
+        if plan.inject is not None and plan.inject.values.requires_grad:
+            out = Output()
+            out.logits = _ShardedLogits.apply(plan.inject.values, self, input_ids, attention_mask, plan, out)
+            return out
+        return self._chain(next(self._requests), input_ids, attention_mask, plan, grad_from=None)
+
+    def _chain(self, req, input_ids, attention_mask, plan: Plan, grad_from: int | None) -> Output:
+        merged, hidden = Output(), None
+        for i, shard in enumerate(self.shards):
+            grad = grad_from is not None and i >= grad_from
+            out, hidden = call(shard, "forward", req, input_ids, attention_mask, plan, hidden, grad)
+            merged.keys.update(out.keys)
+            merged.hidden.update(out.hidden)
+            merged.key_moments.update(out.key_moments)
+            merged.n_tokens = out.n_tokens
+            merged.logits = out.logits if out.logits is not None else merged.logits
+        return merged
+
+    def apply_delta(self, name: str, delta: torch.Tensor) -> None:
+        layer = next(l for l, n in self._param_names.items() if n == name)
+        self.version += 1
+        call(self.shards[self._owner(layer)], "apply_delta", name, delta, self.version)
+
+    def edit_weight(self, layer: int) -> torch.Tensor:
+        return call(self.shards[self._owner(layer)], "edit_weight", layer)
+
+    def edit_param_name(self, layer: int) -> str:
+        return self._param_names[layer]
+
+    def transposed(self) -> bool:
+        return self._transposed
+
+
+class _ShardedLogits(torch.autograd.Function):
+    """Logits as a differentiable function of the injected vectors, across shards."""
+
+    @staticmethod
+    def forward(ctx, values, backbone: ShardedBackbone, input_ids, attention_mask, plan: Plan, out: Output):
+        req = next(backbone._requests)
+        first = backbone._owner(plan.inject.layer)
+        detached = Plan(plan.keys, plan.hidden, plan.key_moments, plan.logits,
+                        Inject(plan.inject.layer, plan.inject.at, values.detach()))
+        merged = backbone._chain(req, input_ids, attention_mask, detached, grad_from=first)
+        out.keys, out.hidden, out.key_moments, out.n_tokens = merged.keys, merged.hidden, merged.key_moments, merged.n_tokens
+        ctx.backbone, ctx.req, ctx.first = backbone, req, first
+        ctx.values_meta = (values.dtype, values.device)
+        return merged.logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        backbone, grad, g_inject = ctx.backbone, grad_logits.cpu(), None
+        for i in range(len(backbone.shards) - 1, ctx.first - 1, -1):
+            grad, inj = call(backbone.shards[i], "backward", ctx.req, grad)
+            g_inject = inj if inj is not None else g_inject
+        dtype, device = ctx.values_meta
+        return (g_inject.to(device=device, dtype=dtype) if g_inject is not None else None,
+                None, None, None, None, None)
