@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -48,11 +49,52 @@ def validate(scenario: str) -> None:
 
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-def run(scenario: str) -> None:
-    """Run a scenario (in process) and print a summary."""
-    from .runner import run_in_process
+@click.option("--db", default=None, help="DuckDB file (default: the scenario's db field).")
+@click.option("--address", default=None, help="Ray cluster address (default: start Ray locally).")
+@click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
+def run(scenario: str, db: str | None, address: str | None, resume: str | None) -> None:
+    """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary."""
+    from .runtime.coordinator import run_distributed
 
-    run_in_process(_load_scenario_or_exit(scenario))
+    scn = _load_scenario_or_exit(scenario)
+    run_distributed(scn, scenario, db=db, address=address, resume=resume)
+
+
+@main.command()
+@click.argument("sql")
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
+def query(sql: str, db: str) -> None:
+    """Run SQL on a results database and print the rows."""
+    from .storage.logger import read_only_query
+
+    try:
+        cols, rows = read_only_query(db, sql)
+    except FileNotFoundError:
+        click.echo(f"error: {db}: no such database", err=True)
+        sys.exit(2)
+    except Exception as e:  # duckdb's own message names the problem
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo("\t".join(cols))
+    for r in rows:
+        click.echo("\t".join(str(v) for v in r))
+
+
+@main.command()
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
+def runs(db: str) -> None:
+    """List the runs in a results database."""
+    from .storage.logger import read_only_query
+
+    if not Path(db).exists():
+        click.echo(f"error: {db}: no such database", err=True)
+        sys.exit(2)
+    cols, rows = read_only_query(db, "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
+                                      "(select count(*) from edits e where e.run_id = r.run_id) as edits "
+                                      "from runs r order by r.created_at")
+    click.echo("\t".join(cols))
+    for r in rows:
+        click.echo("\t".join(str(v) for v in r))
 
 
 def _load_scenario_or_exit(path: str):

@@ -52,3 +52,20 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     tok.padding_side = "right"
     arch_of(model)  # fail early on an architecture the table does not know
     return LoadedModel(name, model.to(device).eval(), tok, world)
+
+
+def load_tokenizer(name: str):
+    """(tokenizer, world or None) without keeping a model in memory (for coordinators and editors)."""
+    if name.startswith("world:"):
+        from transformers import PreTrainedTokenizerFast
+
+        from .world import World, get_world_config
+        from .world_model import TrainConfig, load_world_model, world_cache_dir
+
+        cfg = get_world_config(name.split(":", 1)[1])
+        path = world_cache_dir(cfg, TrainConfig())
+        if not (path / "stats.json").exists():
+            load_world_model(cfg, progress=False)  # train and cache it once
+        return PreTrainedTokenizerFast.from_pretrained(path), World(cfg)
+    lm = load_model(name, progress=False)
+    return lm.tok, None

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .stream import Timeline
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -30,13 +32,24 @@ class EditorSpec(_Strict):
 
 
 class StreamSpec(_Strict):
-    batch_size: int = Field(10, gt=0)
+    batch_size: int = Field(10, gt=0)  # edits per editor batch
+    # arrival pattern; default: fixed batches covering data.n_edits, evaluated every eval.every batches
+    timeline: Timeline | None = None
+    speedup: float | None = Field(None, gt=0)  # simulated seconds per wall second; None: as fast as possible
+    start: str = "2024-01-01"
+
+
+class RuntimeSpec(_Strict):
+    shards: int = Field(1, gt=0)  # contiguous layer ranges, one Ray actor each
+    evaluators: int = Field(1, gt=0)
+    gpus: bool = False  # one GPU per shard and evaluator (else emulated with a custom resource)
 
 
 class EvalSpec(_Strict):
     every: int = Field(1, gt=0)  # evaluate after every N batches (and after the last)
+    retention_sample: int = Field(500, gt=0)  # at most this many earlier edits probed per eval
+    fluency_prompts: int = Field(16, ge=0)  # recent prompts whose greedy generations measure fluency
     batch_size: int = Field(64, gt=0)  # probes per forward pass
-    fluency_prompts: int = Field(32, ge=0)  # prompts whose greedy generations measure fluency (0: off)
 
 
 class Scenario(_Strict):
@@ -46,7 +59,16 @@ class Scenario(_Strict):
     editor: EditorSpec = EditorSpec()
     stream: StreamSpec = StreamSpec()
     eval: EvalSpec = EvalSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
     output_dir: str = "runs"
+    db: str = "runs/lme.duckdb"
+
+    def timeline(self) -> Timeline:
+        if self.stream.timeline is not None:
+            return self.stream.timeline
+        bs = self.stream.batch_size
+        return Timeline(pattern="fixed", n_batches=-(-self.data.n_edits // bs), batch_size=bs,
+                        eval_every=self.eval.every * bs)
 
 
 class ScenarioError(ValueError):
@@ -73,6 +95,12 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
     if scn.data.kind == "world" and not scn.model.startswith("world:"):
         raise ScenarioError(f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}")
+    n_layers = model_n_layers(scn.model)
+    if n_layers is not None and scn.runtime.shards > n_layers:
+        raise ScenarioError(f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
+                            f"{n_layers} layers (at most one shard per layer)")
+    if scn.data.kind != "world" and scn.data.path and "/" in scn.data.path and not Path(scn.data.path).exists():
+        raise ScenarioError(f"{path}: field 'data.path': file {scn.data.path!r} not found")
     from .editors.hparams import HParamsError, load_hparams
 
     try:
@@ -80,3 +108,20 @@ def load_scenario(path: str | Path) -> Scenario:
     except HParamsError as e:
         raise ScenarioError(f"{path}: field {e}") from None
     return scn
+
+
+def model_n_layers(name: str) -> int | None:
+    """Layer count from the model's config, without loading weights (None if unknown here)."""
+    if name.startswith("world:"):
+        from .world_model import TrainConfig
+
+        return TrainConfig().n_layer
+    if name == "smollm2-135m":
+        return 30
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception:
+        return None
+    return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

@@ -36,3 +36,13 @@ def shared_file(name: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(small_world):
+    """One local Ray for the session (starting it costs ~10 s); shut down at the end."""
+    from lme_sim.runtime.ray_utils import init_ray
+
+    ray = init_ray(object_store_mb=128)
+    yield ray
+    ray.shutdown()

@@ -32,22 +32,36 @@ def test_validate_names_file_and_field(tmp_path):
     assert r.exit_code == 2 and "not found" in r.output
 
 
-def test_run_small_scenario(tmp_path, small_world):
+def test_run_on_ray_logs_to_duckdb(tmp_path, ray_session):
+    db = tmp_path / "lme.duckdb"
     scn = _write(tmp_path, f"""
 name: tiny
 model: world:small
 data: {{kind: world, n_edits: 20, seed: 4}}
 editor: {{method: alphaedit}}
 stream: {{batch_size: 10}}
-eval: {{every: 1}}
-output_dir: {tmp_path / 'runs'}
+eval: {{every: 1, fluency_prompts: 4}}
+runtime: {{shards: 2}}
+db: {db}
 """)
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
-    assert "efficacy" in r.output
-    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
-    assert len(results["steps"]) == 2 and results["steps"][-1]["edits"] == 20
-    assert results["before"]["efficacy"] == 0.0 and results["after"]["efficacy"] >= 0.9
+    assert "retention" in r.output and str(db) in r.output
+    r = CliRunner().invoke(main, ["query", "select count(*) from edits", "--db", str(db)])
+    assert r.exit_code == 0 and r.output.splitlines()[-1] == "20"
+    from lme_sim.storage.logger import read_only_query
+
+    _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version), count(*) "
+                                   "from probes group by eval_id order by eval_id")
+    # eval k (after batch k) saw exactly model version k and probed every edit so far
+    assert evals == [(1, 1, 1, 10), (2, 2, 2, 20)]
+    _, ws = read_only_query(db, "select count(*), min(condition) from weight_stats")
+    assert ws[0][0] == 4 and ws[0][1] > 1
+    _, metrics = read_only_query(db, "select name, value from metrics where eval_id = 2")
+    got = dict(metrics)
+    assert got["efficacy"] >= 0.9 and got["retention"] >= 0.9 and "fluency" in got
+    r = CliRunner().invoke(main, ["runs", "--db", str(db)])
+    assert "tiny-" in r.output and "finished" in r.output
 
 
 def test_world_build(small_world):

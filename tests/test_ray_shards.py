@@ -1,17 +1,9 @@
 """Shards as real Ray actors (num_cpus=0 plus an emulated shard resource): same edits as in-process."""
 
-import pytest
 import torch
 
 from lme_sim.editors import make_editor
-from lme_sim.runtime.ray_utils import init_ray, start_shards
-
-
-@pytest.fixture(scope="module")
-def ray_session(small_world):
-    ray = init_ray(object_store_mb=128)
-    yield ray
-    ray.shutdown()
+from lme_sim.runtime.ray_utils import start_shards
 
 
 def test_ray_shard_actors_edit_like_the_local_model(ray_session, fresh_small_world):

@@ -1,0 +1,200 @@
+"""The coordinator: drives the edit stream through the editor, the evaluators and the logger.
+
+Per batch: the editor actor writes the batch through the shard actors; the accumulated deltas,
+the editor's state and the stream position are checkpointed; then the batch row, its edits and
+the weight health of every edited matrix are committed to DuckDB in one transaction (the batch
+row names the checkpoint). Evaluators receive only the changed tensors with the new version and
+score eval checkpoints asynchronously; each probe row carries the version it was scored on.
+``resume`` restarts from the last committed batch: no edit is lost or written twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from ..cases import EditCase
+from ..data import load_counterfact, load_zsre
+from ..metrics import CONSISTENCY_UNAVAILABLE
+from ..scenario import Scenario
+from ..storage.logger import RunLogger
+from ..stream import EditStream, Event, build_events
+from .ray_utils import init_ray, start_shards
+from .services import EditorService, Evaluator
+
+SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
+
+
+def scenario_cases(scn: Scenario, world) -> list[EditCase]:
+    d = scn.data
+    if d.kind == "world":
+        return world.edit_cases(d.n_edits, seed=d.seed)
+    if d.kind == "counterfact":
+        return load_counterfact(d.path, limit=d.n_edits)
+    return load_zsre(d.path, target=d.zsre_target, limit=d.n_edits)
+
+
+def scenario_events(scn: Scenario) -> list[Event]:
+    """The scenario's timed events (the history pattern replays the world's dated changes)."""
+    from ..models import load_tokenizer
+
+    _, world = load_tokenizer(scn.model)
+    history = scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"
+    cases = None if history else scenario_cases(scn, world)
+    start = dt.datetime.fromisoformat(scn.stream.start)
+    return build_events(scn.timeline(), cases, world, start, seed=scn.data.seed)
+
+
+def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, address: str | None = None,
+                    resume: str | None = None, console: Console | None = None) -> str:
+    """Run ``scn`` on Ray; returns the run id. ``resume``: a run id to continue."""
+    console = console or Console()
+    db = db or scn.db
+    ray = init_ray(address)
+    events = scenario_events(scn)
+    stream = EditStream(events, scn.stream.batch_size)
+    logger = ray.remote(RunLogger).options(num_cpus=0).remote(db)
+    run_id = resume or f"{scn.name}-{uuid.uuid4().hex[:8]}"
+    ray.get(logger.start_run.remote(run_id, scn.name, str(scenario_path), scn.model_dump(mode="json"), scn.model,
+                                    scn.editor.method, resume=resume is not None))
+    from ..scenario import model_n_layers
+
+    shards = start_shards(scn.model, scn.runtime.shards, model_n_layers(scn.model), scn.runtime.gpus)
+    opts = {"num_cpus": 0}
+    editor = ray.remote(EditorService).options(**opts).remote(scn.model, shards.shards, scn.editor.method,
+                                                                scn.editor.hparams)
+    evaluators = [ray.remote(Evaluator).options(**opts).remote(scn.model, scn.eval.batch_size, scn.eval.fluency_prompts)
+                  for _ in range(scn.runtime.evaluators)]
+    ckpt_dir = Path(db).parent / "checkpoints" / run_id
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = _RunState()
+    if resume:
+        state = _restore(ray, logger, run_id, editor, evaluators, stream)
+        console.print(f"resuming {run_id} after batch {state.batch_id} (stream position {stream.position})")
+    pending: list = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{scn.editor.method} on {scn.model}", total=len(events),
+                                 completed=stream.position)
+        while (item := stream.next_batch()) is not None:
+            if isinstance(item, Event):  # an eval checkpoint: score asynchronously
+                state.eval_id += 1
+                ev = evaluators[state.eval_id % len(evaluators)]
+                pending.append(ev.evaluate.remote(state.eval_id, state.batch_id, _retention_probes(state, scn),
+                                                  state.recent))
+            else:
+                _edit_batch(ray, scn, run_id, item, editor, evaluators, logger, stream, state, ckpt_dir)
+            pending = _collect(ray, logger, run_id, pending, wait=False)
+            progress.update(task, completed=stream.position)
+    _collect(ray, logger, run_id, pending, wait=True)
+    ray.get(logger.finish_run.remote(run_id))
+    _print_summary(ray, logger, run_id, db, console)
+    ray.get(logger.close.remote())
+    return run_id
+
+
+class _RunState:
+    def __init__(self):
+        self.batch_id, self.version, self.eval_id = -1, 0, 0
+        self.cum: dict[str, torch.Tensor] = {}
+        self.latest: dict[str, dict] = {}  # fact_key -> {edit_id, prompt, value, earlier}
+        self.recent: list = []  # cases of the batches since the last eval
+
+
+def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, state, ckpt_dir):
+    t0 = time.perf_counter()
+    result = ray.get(editor.edit.remote([e.case for e in batch]))
+    stats = ray.get(editor.weight_stats.remote())
+    state.batch_id += 1
+    state.version += 1
+    for name, d in result["deltas"].items():
+        state.cum[name] = state.cum[name] + d if name in state.cum else d.clone()
+    for e in batch:
+        prev = state.latest.get(e.fact_key)
+        earlier = (prev["earlier"] + [prev["value"]]) if prev else ([e.case.target_true] if e.case.target_true else [])
+        state.latest[e.fact_key] = {"edit_id": e.edit_id, "prompt": e.case.prompt, "value": e.case.target_new,
+                                    "earlier": earlier}
+    state.recent = (state.recent + [e.case for e in batch])[-scn.eval.retention_sample:]
+    ckpt = ckpt_dir / f"batch-{state.batch_id:06d}.pt"
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"deltas": state.cum, "editor": ray.get(editor.state_dict.remote()), "stream": stream.state_dict(),
+                "latest": state.latest, "version": state.version, "eval_id": state.eval_id}, tmp)
+    tmp.rename(ckpt)
+    modules = sorted(result["deltas"])
+    norms = [float(result["deltas"][m].norm()) for m in modules]
+    edits = [{"edit_id": e.edit_id, "batch_id": state.batch_id, "step": state.batch_id, "sim_time": e.time,
+              "kind": e.kind, "case_id": e.case.case_id, "fact_key": e.fact_key, "subject": e.case.subject,
+              "relation": e.case.relation, "prompt": e.case.prompt, "target_new": e.case.target_new,
+              "target_old": e.case.target_true, "supersedes": e.supersedes, "modules": modules,
+              "delta_norms": norms} for e in batch]
+    ws = [{"batch_id": state.batch_id, "model_version": state.version, "delta_norm":
+           float(result["deltas"][r["module"]].norm()) if r["module"] in result["deltas"] else 0.0, **r}
+          for r in stats]
+    row = {"batch_id": state.batch_id, "step": state.batch_id, "sim_time": batch[-1].time, "n_edits": len(batch),
+           "model_version": state.version, "seconds": time.perf_counter() - t0, "timings": result["timings"],
+           "checkpoint": str(ckpt)}
+    ray.get(logger.commit_batch.remote(run_id, row, {"edits": edits, "weight_stats": ws}))
+    for old in sorted(ckpt_dir.glob("batch-*.pt"))[:-2]:  # keep the last two
+        old.unlink()
+    for ev in evaluators:  # queued behind any evaluation in flight: versions stay ordered
+        ev.apply.remote(result["deltas"], state.version)
+
+
+def _retention_probes(state: _RunState, scn: Scenario) -> list[dict]:
+    items = list(state.latest.values())
+    if len(items) > scn.eval.retention_sample:
+        items = random.Random(state.eval_id).sample(items, scn.eval.retention_sample)
+    return items
+
+
+def _collect(ray, logger, run_id, pending, wait: bool):
+    if not pending:
+        return pending
+    done, rest = ray.wait(pending, num_returns=len(pending), timeout=None if wait else 0)
+    for ref in done:
+        out = ray.get(ref)
+        for table in ("probes", "metrics"):
+            ray.get(logger.append.remote(table, [{"run_id": run_id, **r} for r in out[table]]))
+    return rest
+
+
+def _restore(ray, logger, run_id, editor, evaluators, stream) -> _RunState:
+    rows = ray.get(logger.query.remote(
+        f"select batch_id, checkpoint from batches where run_id = '{run_id}' order by batch_id desc limit 1"))
+    state = _RunState()
+    if not rows:
+        return state
+    state.batch_id, path = rows[0]
+    ckpt = torch.load(path, weights_only=False)
+    ray.get(editor.apply.remote(ckpt["deltas"]))
+    ray.get(editor.load_state_dict.remote(ckpt["editor"]))
+    ray.get([ev.apply.remote(ckpt["deltas"], ckpt["version"]) for ev in evaluators])
+    stream.load_state_dict(ckpt["stream"])
+    state.version, state.eval_id, state.latest, state.cum = ckpt["version"], ckpt["eval_id"], ckpt["latest"], ckpt["deltas"]
+    # evaluations after the last committed batch are redone
+    ray.get(logger.query.remote(f"delete from probes where run_id = '{run_id}' and step > {state.batch_id}"))
+    ray.get(logger.query.remote(f"delete from metrics where run_id = '{run_id}' and step > {state.batch_id}"))
+    return state
+
+
+def _print_summary(ray, logger, run_id, db, console):
+    from rich.table import Table
+
+    rows = ray.get(logger.query.remote(
+        f"select name, value from metrics where run_id = '{run_id}' and eval_id = "
+        f"(select max(eval_id) from metrics where run_id = '{run_id}')"))
+    n_edits = ray.get(logger.query.remote(f"select count(*) from edits where run_id = '{run_id}'"))[0][0]
+    table = Table(title=f"run {run_id}: {n_edits} edits")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    for name, value in sorted(rows):
+        table.add_row(name, f"{value:.3f}")
+    console.print(table)
+    console.print(CONSISTENCY_UNAVAILABLE)
+    console.print(f"DuckDB: {Path(db).resolve()}   e.g.  lme-sim query \"select count(*) from edits\" --db {db}")

@@ -1,0 +1,103 @@
+"""The plain classes behind the runtime's Ray actors: the editor and the evaluator.
+
+* :class:`EditorService` runs an editor over the shard actors and reports, per batch, the deltas
+  (only changed tensors), timings, and the weight health of every edited matrix.
+* :class:`Evaluator` keeps its own replica of the model, follows the editor through versioned
+  deltas (never a full model copy after start-up) and scores probe sets in batched passes; every
+  probe row records the model version it was scored on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backbone import LocalBackbone
+from ..cases import EditCase
+from ..editors import make_editor
+from ..metrics import case_metrics, fluency, summarize
+from ..models import load_model, load_tokenizer
+from ..scoring import score_targets
+from ..weights import matrix_stats
+from .shards import ShardedBackbone
+
+
+class EditorService:
+    def __init__(self, model_name: str, shards: list, method: str, hparams: dict):
+        self.tok, self.world = load_tokenizer(model_name)
+        self.backbone = ShardedBackbone(shards)
+        self.editor = make_editor(method, self.backbone, self.tok, model_name, hparams, world=self.world,
+                                  progress=False)
+        self.layers = list(self.editor.hp.layers)
+        self.base_weights = {l: self.backbone.edit_weight(l) for l in self.layers}
+
+    def edit(self, cases: list[EditCase]) -> dict:
+        result = self.editor.edit(cases)
+        return {"deltas": result.deltas, "timings": result.timings, "stats": result.stats}
+
+    def weight_stats(self) -> list[dict]:
+        """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
+        rows = []
+        for l in self.layers:
+            W = self.backbone.edit_weight(l)
+            rows.append({"module": self.backbone.edit_param_name(l), **matrix_stats(W),
+                         "cum_delta_norm": float((W - self.base_weights[l]).norm())})
+        return rows
+
+    def apply(self, deltas: dict[str, torch.Tensor]) -> None:
+        """Bring the shards to a checkpointed state (resume)."""
+        for name, d in deltas.items():
+            self.backbone.apply_delta(name, d)
+
+    def state_dict(self) -> dict:
+        return self.editor.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.editor.load_state_dict(state)
+
+
+class Evaluator:
+    def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0):
+        lm = load_model(model_name, progress=False)
+        self.backbone, self.tok, self.batch_size = LocalBackbone(lm.model), lm.tok, batch_size
+        self.fluency_prompts = fluency_prompts
+        self.version = 0
+
+    def apply(self, deltas: dict[str, torch.Tensor], version: int) -> int:
+        for name, d in deltas.items():
+            self.backbone.apply_delta(name, d)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def evaluate(self, eval_id: int, step: int, retention: list[dict], recent: list[EditCase]) -> dict:
+        """Retention probes (is each fact's latest value in force?) and the papers' metrics on the
+        most recent edits. ``retention`` items: edit_id, prompt, value, earlier (values it replaced)."""
+        version = self.version
+        prompts, targets, owner = [], [], []
+        for i, r in enumerate(retention):
+            for value in [r["value"]] + [v for v in r["earlier"] if v != r["value"]]:
+                prompts.append(r["prompt"])
+                targets.append(value)
+                owner.append(i)
+        scores = score_targets(self.backbone, self.tok, prompts, targets, self.batch_size)
+        best: dict[int, float] = {}
+        for k, i in enumerate(owner):
+            if targets[k] != retention[i]["value"]:
+                best[i] = max(best.get(i, float("-inf")), scores.mean_logprob[k].item())
+        probes, first = [], {}
+        for k, i in enumerate(owner):
+            first.setdefault(i, k)
+        for i, r in enumerate(retention):
+            k = first[i]
+            lp = scores.mean_logprob[k].item()
+            probes.append({"eval_id": eval_id, "model_version": version, "step": step, "edit_id": r["edit_id"],
+                           "probe": "retention", "prompt": r["prompt"], "target": r["value"], "logprob": lp,
+                           "token_acc": scores.token_acc[k].item(), "correct": lp > best.get(i, float("-inf"))})
+        metrics = summarize(case_metrics(self.backbone, self.tok, recent, self.batch_size)) if recent else {}
+        if probes:
+            metrics["retention"] = sum(p["correct"] for p in probes) / len(probes)
+        if recent and self.fluency_prompts:
+            metrics["fluency"] = fluency(self.backbone, self.tok, [c.prompt for c in recent[: self.fluency_prompts]])
+        rows = [{"eval_id": eval_id, "model_version": version, "step": step, "name": k, "value": float(v)}
+                for k, v in metrics.items()]
+        return {"probes": probes, "metrics": rows, "version": version}
