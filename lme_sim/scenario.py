@@ -95,8 +95,17 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
     if scn.data.kind == "world" and not scn.model.startswith("world:"):
         raise ScenarioError(f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}")
+    if scn.model.startswith("world:"):
+        from .world import WORLDS
+
+        if scn.model.split(":", 1)[1] not in WORLDS:
+            raise ScenarioError(f"{path}: field 'model': unknown world {scn.model!r} (known: "
+                                f"{', '.join('world:' + w for w in WORLDS)})")
     n_layers = model_n_layers(scn.model)
-    if n_layers is not None and scn.runtime.shards > n_layers:
+    if n_layers is None:
+        raise ScenarioError(f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
+                            "smollm2-135m), a local model folder, or a hub id reachable from here")
+    if scn.runtime.shards > n_layers:
         raise ScenarioError(f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
                             f"{n_layers} layers (at most one shard per layer)")
     if scn.data.kind != "world" and scn.data.path and "/" in scn.data.path and not Path(scn.data.path).exists():

@@ -104,7 +104,7 @@ class _RunState:
         self.batch_id, self.version, self.eval_id = -1, 0, 0
         self.cum: dict[str, torch.Tensor] = {}
         self.latest: dict[str, dict] = {}  # fact_key -> {edit_id, prompt, value, earlier}
-        self.recent: list = []  # cases of the batches since the last eval
+        self.recent: list = []  # the last retention_sample edited cases: the papers metrics are taken on them
 
 
 def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, state, ckpt_dir):
@@ -124,7 +124,7 @@ def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, sta
     ckpt = ckpt_dir / f"batch-{state.batch_id:06d}.pt"
     tmp = ckpt.with_suffix(".tmp")
     torch.save({"deltas": state.cum, "editor": ray.get(editor.state_dict.remote()), "stream": stream.state_dict(),
-                "latest": state.latest, "version": state.version, "eval_id": state.eval_id}, tmp)
+                "latest": state.latest, "recent": state.recent, "version": state.version, "eval_id": state.eval_id}, tmp)
     tmp.rename(ckpt)
     modules = sorted(result["deltas"])
     norms = [float(result["deltas"][m].norm()) for m in modules]
@@ -176,10 +176,11 @@ def _restore(ray, logger, run_id, editor, evaluators, stream) -> _RunState:
     ray.get(editor.load_state_dict.remote(ckpt["editor"]))
     ray.get([ev.apply.remote(ckpt["deltas"], ckpt["version"]) for ev in evaluators])
     stream.load_state_dict(ckpt["stream"])
-    state.version, state.eval_id, state.latest, state.cum = ckpt["version"], ckpt["eval_id"], ckpt["latest"], ckpt["deltas"]
-    # evaluations after the last committed batch are redone
-    ray.get(logger.query.remote(f"delete from probes where run_id = '{run_id}' and step > {state.batch_id}"))
-    ray.get(logger.query.remote(f"delete from metrics where run_id = '{run_id}' and step > {state.batch_id}"))
+    state.version, state.eval_id, state.cum = ckpt["version"], ckpt["eval_id"], ckpt["deltas"]
+    state.latest, state.recent = ckpt["latest"], ckpt["recent"]
+    # the evaluation of the last committed batch and any later one are redone (same eval ids)
+    for table in ("probes", "metrics"):
+        ray.get(logger.query.remote(f"delete from {table} where run_id = '{run_id}' and step >= {state.batch_id}"))
     return state
 
 

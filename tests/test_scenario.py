@@ -1,0 +1,58 @@
+"""Bad scenarios stop at validation: one message naming the file and the field, exit code 2,
+nothing written."""
+
+import pytest
+from click.testing import CliRunner
+
+from lme_sim.cli import main
+from lme_sim.scenario import ScenarioError, load_scenario
+
+GOOD = "name: x\nmodel: world:small\n"
+CASES = {
+    "malformed YAML": ("name: [unclosed\n", "not valid YAML"),
+    "not a mapping": ("- a\n- b\n", "mapping"),
+    "unknown field": (GOOD + "colour: blue\n", "colour"),
+    "unknown method": (GOOD + "editor: {method: rome9}\n", "editor.method"),
+    "unknown hparam": (GOOD + "editor: {method: memit, hparams: {L2: 1}}\n", "editor.hparams.L2"),
+    "ill-typed hparam": (GOOD + "editor: {method: alphaedit, hparams: {L2: lots}}\n", "editor.hparams.L2"),
+    "unknown world": ("name: x\nmodel: world:nope\n", "model"),
+    "unknown model": ("name: x\nmodel: ./no/such/model\ndata: {kind: counterfact, path: x.json}\n", "model"),
+    "missing data file": ("name: x\nmodel: smollm2-135m\ndata: {kind: counterfact, path: ./nope/cf.json}\n",
+                          "data.path"),
+    "data without path": ("name: x\nmodel: smollm2-135m\ndata: {kind: zsre}\n", "data.path"),
+    "impossible shards": (GOOD + "runtime: {shards: 9}\n", "runtime.shards"),
+    "zero batch": (GOOD + "stream: {batch_size: 0}\n", "stream.batch_size"),
+    "bad timeline": (GOOD + "stream: {timeline: {pattern: poisson, rate: -1}}\n", "stream.timeline"),
+    "bad duration": (GOOD + "stream: {timeline: {pattern: fixed, interval: soon}}\n", "stream.timeline"),
+    "missing name": ("model: world:small\n", "name"),
+}
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_bad_scenario_is_one_clear_error(tmp_path, label):
+    text, field = CASES[label]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert str(path) in str(err.value) and field in str(err.value)
+    db = tmp_path / "out.duckdb"
+    r = CliRunner().invoke(main, ["run", str(path), "--db", str(db)])
+    assert r.exit_code == 2 and field in r.output and "Traceback" not in r.output
+    assert not db.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_missing_scenario_file(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "none.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_shipped_scenarios_validate():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("scenarios/*.yaml")):
+        if "llama3" in path.name:  # needs the hub and the cluster's data folder
+            continue
+        if "counterfact" in path.name and not (path.parents[2] / "shared" / "data").exists():
+            continue
+        load_scenario(path)
