@@ -33,6 +33,18 @@ def _final_metrics(db):
     return dict(rows)
 
 
+def _when_unlocked(db, sql, seconds=120):
+    """Ray's worker processes notice their raylet is gone and exit; until then the file is locked."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return read_only_query(db, sql)[1]
+        except Exception as e:
+            if "lock" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_resume_after_kill_9(tmp_path, small_world):
     whole, broken = tmp_path / "a" / "whole.duckdb", tmp_path / "b" / "broken.duckdb"
     for db in (whole, broken):
@@ -54,7 +66,7 @@ def test_resume_after_kill_9(tmp_path, small_world):
         raise AssertionError(victim.communicate()[0])
     os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     victim.wait()
-    _, runs = read_only_query(broken, "select run_id, status from runs")
+    runs = _when_unlocked(broken, "select run_id, status from runs")
     (run_id, status), = runs
     assert status == "running"
     _, done = read_only_query(broken, "select count(*) from edits")
