@@ -25,7 +25,7 @@ from ..data import load_counterfact, load_zsre
 from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
-from ..stream import EditStream, Event, build_events
+from ..stream import EditStream, Event, SimClock, build_events
 from .ray_utils import init_ray, start_shards
 from .services import EditorService, Evaluator
 
@@ -59,7 +59,8 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     db = db or scn.db
     ray = init_ray(address)
     events = scenario_events(scn)
-    stream = EditStream(events, scn.stream.batch_size)
+    stream = ray.remote(EditStream).options(num_cpus=0).remote(events, scn.stream.batch_size)
+    clock = SimClock(scn.stream.speedup)
     logger = ray.remote(RunLogger).options(num_cpus=0).remote(db)
     run_id = resume or f"{scn.name}-{uuid.uuid4().hex[:8]}"
     ray.get(logger.start_run.remote(run_id, scn.name, str(scenario_path), scn.model_dump(mode="json"), scn.model,
@@ -77,12 +78,13 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     state = _RunState()
     if resume:
         state = _restore(ray, logger, run_id, editor, evaluators, stream)
-        console.print(f"resuming {run_id} after batch {state.batch_id} (stream position {stream.position})")
+        console.print(f"resuming {run_id} after batch {state.batch_id}")
     pending: list = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{scn.editor.method} on {scn.model}", total=len(events),
-                                 completed=stream.position)
-        while (item := stream.next_batch()) is not None:
+                                 completed=ray.get(stream.state_dict.remote())["position"])
+        while (item := ray.get(stream.next_batch.remote())) is not None:
+            clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
             if isinstance(item, Event):  # an eval checkpoint: score asynchronously
                 state.eval_id += 1
                 ev = evaluators[state.eval_id % len(evaluators)]
@@ -91,7 +93,7 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
             else:
                 _edit_batch(ray, scn, run_id, item, editor, evaluators, logger, stream, state, ckpt_dir)
             pending = _collect(ray, logger, run_id, pending, wait=False)
-            progress.update(task, completed=stream.position)
+            progress.update(task, completed=ray.get(stream.state_dict.remote())["position"])
     _collect(ray, logger, run_id, pending, wait=True)
     ray.get(logger.finish_run.remote(run_id))
     _print_summary(ray, logger, run_id, db, console)
@@ -123,7 +125,8 @@ def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, sta
     state.recent = (state.recent + [e.case for e in batch])[-scn.eval.retention_sample:]
     ckpt = ckpt_dir / f"batch-{state.batch_id:06d}.pt"
     tmp = ckpt.with_suffix(".tmp")
-    torch.save({"deltas": state.cum, "editor": ray.get(editor.state_dict.remote()), "stream": stream.state_dict(),
+    torch.save({"deltas": state.cum, "editor": ray.get(editor.state_dict.remote()),
+                "stream": ray.get(stream.state_dict.remote()),
                 "latest": state.latest, "recent": state.recent, "version": state.version, "eval_id": state.eval_id}, tmp)
     tmp.rename(ckpt)
     modules = sorted(result["deltas"])
@@ -175,7 +178,7 @@ def _restore(ray, logger, run_id, editor, evaluators, stream) -> _RunState:
     ray.get(editor.apply.remote(ckpt["deltas"]))
     ray.get(editor.load_state_dict.remote(ckpt["editor"]))
     ray.get([ev.apply.remote(ckpt["deltas"], ckpt["version"]) for ev in evaluators])
-    stream.load_state_dict(ckpt["stream"])
+    ray.get(stream.load_state_dict.remote(ckpt["stream"]))
     state.version, state.eval_id, state.cum = ckpt["version"], ckpt["eval_id"], ckpt["deltas"]
     state.latest, state.recent = ckpt["latest"], ckpt["recent"]
     # the evaluation of the last committed batch and any later one are redone (same eval ids)

@@ -27,12 +27,22 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots
     return ray
 
 
-def start_shards(model_name: str, n_shards: int, n_layers: int, use_gpus: bool = False) -> ShardedBackbone:
-    """One actor per contiguous layer range; one GPU each where ``use_gpus``, else an emulated slot."""
+def start_shards(model_name: str, n_shards: int, n_layers: int, use_gpus: bool = False,
+                 strategy: str = "PACK") -> ShardedBackbone:
+    """One actor per contiguous layer range, placed with a placement group of one bundle each:
+    a GPU where ``use_gpus``, else an emulated shard slot. ``strategy``: PACK, SPREAD,
+    STRICT_PACK or STRICT_SPREAD (one shard per node)."""
     import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    bundle = {"GPU": 1} if use_gpus else {SHARD_RESOURCE: 1}
+    pg = placement_group([bundle] * n_shards, strategy=strategy)
+    ray.get(pg.ready())
     actor = ray.remote(ModelShard)
-    opts = {"num_gpus": 1, "num_cpus": 0} if use_gpus else {"num_cpus": 0, "resources": {SHARD_RESOURCE: 1}}
-    handles = [actor.options(**opts).remote(model_name, r, "cuda" if use_gpus else "cpu")
-               for r in split_layers(n_layers, n_shards)]
+    handles = [actor.options(num_cpus=0, num_gpus=1 if use_gpus else 0,
+                             resources={} if use_gpus else {SHARD_RESOURCE: 1},
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+               .remote(model_name, r, "cuda" if use_gpus else "cpu")
+               for i, r in enumerate(split_layers(n_layers, n_shards))]
     return ShardedBackbone(handles)
