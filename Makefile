@@ -22,8 +22,8 @@ run: setup                      ## the quickstart on the embedded world
 test: setup                     ## the CI suite (no real-model tests)
 	$(PY) -m pytest -q
 
-test-slow: setup                ## tests on the real SmolLM2-135M (minutes on 2 CPU cores)
-	$(PY) -m pytest -q -m slow -s
+test-slow: setup                ## tests on the real SmolLM2-135M (minutes on 2 CPU cores); caches kept
+	LME_SIM_CACHE=$${LME_SIM_CACHE:-$$HOME/.cache/lme_sim} $(PY) -m pytest -q -m slow -s
 
 bench: setup                    ## batched vs one-at-a-time target optimization on SmolLM2-135M
 	$(PY) benchmarks/target_batching.py
