@@ -79,6 +79,11 @@ class Backbone:
     def edit_param_name(self, layer: int) -> str:
         raise NotImplementedError
 
+    def weight_stats(self, layer: int) -> dict[str, float]:
+        """Norms and condition number of W at ``layer``, and the norm of its change since the first
+        call for that layer (computed where the weight lives: no matrix is shipped)."""
+        raise NotImplementedError
+
     def transposed(self) -> bool:
         """Whether W is stored as (d_ff, d_model) (GPT-2 Conv1D)."""
         raise NotImplementedError
@@ -91,6 +96,7 @@ class LocalBackbone(Backbone):
         self.model = model
         self.config = model.config
         self.n_layers = n_layers(model)
+        self._base: dict[int, torch.Tensor] = {}
 
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
         return run_plan(self.model, input_ids, attention_mask, plan)[0]
@@ -106,8 +112,21 @@ class LocalBackbone(Backbone):
     def edit_param_name(self, layer):
         return f"{edit_module_path(self.model, layer)}.weight"
 
+    def weight_stats(self, layer):
+        return weight_health(self.model, layer, self._base)
+
     def transposed(self):
         return arch_of(self.model).transposed
+
+
+def weight_health(model: nn.Module, layer: int, base: dict[int, torch.Tensor]) -> dict[str, float]:
+    """:func:`~lme_sim.weights.matrix_stats` of W plus ``cum_delta_norm`` against ``base[layer]``
+    (recorded on the first call)."""
+    from .weights import matrix_stats
+
+    W = weight_view(model, layer).detach()
+    start = base.setdefault(layer, W.clone())
+    return {**matrix_stats(W), "cum_delta_norm": float((W - start).norm())}
 
 
 def as_backbone(model_or_backbone) -> Backbone:

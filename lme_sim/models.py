@@ -67,5 +67,14 @@ def load_tokenizer(name: str):
         if not (path / "stats.json").exists():
             load_world_model(cfg, progress=False)  # train and cache it once
         return PreTrainedTokenizerFast.from_pretrained(path), World(cfg)
-    lm = load_model(name, progress=False)
-    return lm.tok, None
+    if name == "smollm2-135m":
+        from .smollm2 import load_smollm2_tokenizer
+
+        return load_smollm2_tokenizer(), None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok, None

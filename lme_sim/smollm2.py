@@ -96,19 +96,38 @@ def load_smollm2(cache_dir: Path | None = None, dtype: torch.dtype = torch.float
     calls load the cached safetensors. The tokenizer prepends no BOS, pads on the right, and
     has a pad token (eos if the file defines none).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = smollm2_gguf_path()
-    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models" / "smollm2-135m"
-    dest = cache_dir / _cache_key(gguf)
+    dest = _cache_path(gguf, cache_dir)
     t0 = time.perf_counter()
     if (dest / "config.json").is_file():
         model = AutoModelForCausalLM.from_pretrained(dest, dtype=dtype)
         log.info("SmolLM2: loaded cache %s in %.1f s", dest, time.perf_counter() - t0)
     else:
         model = _build_cache(gguf, dest).to(dtype)
+    return model.eval(), _tokenizer(dest)
+
+
+def load_smollm2_tokenizer(cache_dir: Path | None = None):
+    """Only the tokenizer (building the cache first if needed), for processes that hold no model."""
+    gguf = smollm2_gguf_path()
+    dest = _cache_path(gguf, cache_dir)
+    if not (dest / "config.json").is_file():
+        _build_cache(gguf, dest)
+    return _tokenizer(dest)
+
+
+def _cache_path(gguf: Path, cache_dir: Path | None) -> Path:
+    cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "models" / "smollm2-135m"
+    return cache_dir / _cache_key(gguf)
+
+
+def _tokenizer(dest: Path):
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(dest)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return model.eval(), tok
+    return tok

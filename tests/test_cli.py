@@ -1,4 +1,3 @@
-import json
 
 from click.testing import CliRunner
 
@@ -9,27 +8,6 @@ def _write(tmp_path, text, name="scn.yaml"):
     path = tmp_path / name
     path.write_text(text)
     return str(path)
-
-
-def test_validate_names_file_and_field(tmp_path):
-    runner = CliRunner()
-    bad_field = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: alphaedit, lr: 3}\n")
-    r = runner.invoke(main, ["validate", bad_field])
-    assert r.exit_code == 2 and "scn.yaml" in r.output and "editor.lr" in r.output
-    bad_method = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: rome9}\n")
-    r = runner.invoke(main, ["validate", bad_method])
-    assert r.exit_code == 2 and "editor.method" in r.output
-    bad_hp = _write(tmp_path, "name: x\nmodel: world:small\neditor: {method: memit, hparams: {L2: 1}}\n")
-    r = runner.invoke(main, ["validate", bad_hp])
-    assert r.exit_code == 2 and "editor.hparams.L2" in r.output
-    bad_yaml = _write(tmp_path, "name: [unclosed\n")
-    r = runner.invoke(main, ["validate", bad_yaml])
-    assert r.exit_code == 2 and "not valid YAML" in r.output
-    no_path = _write(tmp_path, "name: x\nmodel: smollm2-135m\ndata: {kind: counterfact}\n")
-    r = runner.invoke(main, ["validate", no_path])
-    assert r.exit_code == 2 and "data.path" in r.output
-    r = runner.invoke(main, ["validate", str(tmp_path / "missing.yaml")])
-    assert r.exit_code == 2 and "not found" in r.output
 
 
 def test_run_on_ray_logs_to_duckdb(tmp_path, ray_session):

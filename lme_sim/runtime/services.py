@@ -17,7 +17,6 @@ from ..editors import make_editor
 from ..metrics import case_metrics, fluency, summarize
 from ..models import load_model, load_tokenizer
 from ..scoring import score_targets
-from ..weights import matrix_stats
 from .shards import ShardedBackbone
 
 
@@ -28,7 +27,7 @@ class EditorService:
         self.editor = make_editor(method, self.backbone, self.tok, model_name, hparams, world=self.world,
                                   progress=False)
         self.layers = list(self.editor.hp.layers)
-        self.base_weights = {l: self.backbone.edit_weight(l) for l in self.layers}
+        self.weight_stats()  # records the unedited weights where they live
 
     def edit(self, cases: list[EditCase]) -> dict:
         result = self.editor.edit(cases)
@@ -36,12 +35,7 @@ class EditorService:
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
-        rows = []
-        for l in self.layers:
-            W = self.backbone.edit_weight(l)
-            rows.append({"module": self.backbone.edit_param_name(l), **matrix_stats(W),
-                         "cum_delta_norm": float((W - self.base_weights[l]).norm())})
-        return rows
+        return [{"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
         """Bring the shards to a checkpointed state (resume)."""

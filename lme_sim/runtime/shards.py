@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
-from ..backbone import Backbone, Inject, Output, Plan, run_plan
+from ..backbone import Backbone, Inject, Output, Plan, run_plan, weight_health
 
 
 class PassThrough(nn.Module):
@@ -53,6 +53,7 @@ class ModelShard:
             p.requires_grad_(False)
         self.model = model.eval()
         self.version = 0
+        self._base: dict[int, torch.Tensor] = {}  # edited weights as first seen (weight health)
         self._graphs: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
 
     def info(self) -> dict[str, Any]:
@@ -104,6 +105,9 @@ class ModelShard:
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         return weight_view(self.model, layer).detach().cpu().clone()
+
+    def weight_stats(self, layer: int) -> dict[str, float]:
+        return weight_health(self.model, layer, self._base)
 
 
 def call(shard, method: str, *args):
@@ -166,6 +170,9 @@ class ShardedBackbone(Backbone):
 
     def edit_param_name(self, layer: int) -> str:
         return self._param_names[layer]
+
+    def weight_stats(self, layer: int) -> dict[str, float]:
+        return call(self.shards[self._owner(layer)], "weight_stats", layer)
 
     def transposed(self) -> bool:
         return self._transposed
