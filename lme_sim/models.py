@@ -65,7 +65,7 @@ def load_tokenizer(name: str):
         cfg = get_world_config(name.split(":", 1)[1])
         path = world_cache_dir(cfg, TrainConfig())
         if not (path / "stats.json").exists():
-            load_world_model(cfg, progress=False)  # train and cache it once
+            load_world_model(cfg, progress=True)  # train and cache it once
         return PreTrainedTokenizerFast.from_pretrained(path), World(cfg)
     if name == "smollm2-135m":
         from .smollm2 import load_smollm2_tokenizer

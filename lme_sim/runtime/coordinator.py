@@ -194,7 +194,7 @@ def _print_summary(ray, logger, run_id, db, console):
         f"select name, value from metrics where run_id = '{run_id}' and eval_id = "
         f"(select max(eval_id) from metrics where run_id = '{run_id}')"))
     n_edits = ray.get(logger.query.remote(f"select count(*) from edits where run_id = '{run_id}'"))[0][0]
-    table = Table(title=f"run {run_id}: {n_edits} edits")
+    table = Table(title=f"run {run_id}", caption=f"{n_edits} edits; final evaluation")
     table.add_column("metric")
     table.add_column("final", justify="right")
     for name, value in sorted(rows):
