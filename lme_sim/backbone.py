@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from .arch import arch_of, edit_module_path, layer_path, n_layers, weight_view
-from .hooks import _hidden
 
 
 @dataclass
@@ -209,6 +208,11 @@ def _replace_input(module: nn.Module, hidden: torch.Tensor, stack: ExitStack) ->
 
     handle = module.register_forward_pre_hook(pre, with_kwargs=True)
     stack.callback(handle.remove)
+
+
+def _hidden(out) -> torch.Tensor:
+    """A block's output hidden states (some blocks return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _gather(t: torch.Tensor, at: Positions) -> torch.Tensor:

@@ -27,6 +27,14 @@ class ModelError(ValueError):
     pass
 
 
+def prepare_tokenizer(tok):
+    """Right padding and a pad token (eos where the model defines none): what the scorer expects."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True) -> LoadedModel:
     """Load ``name`` in eval mode with a right-padding tokenizer that has a pad token."""
     world = None
@@ -47,9 +55,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         except OSError as e:
             raise ModelError(f"model {name!r}: not a registered name (world:<name>, smollm2-135m), "
                              f"a local folder, or a reachable hub id ({e})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
+    prepare_tokenizer(tok)
     arch_of(model)  # fail early on an architecture the table does not know
     return LoadedModel(name, model.to(device).eval(), tok, world)
 
@@ -73,8 +79,4 @@ def load_tokenizer(name: str):
         return load_smollm2_tokenizer(), None
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok, None
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(name)), None

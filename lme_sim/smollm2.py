@@ -126,8 +126,6 @@ def _cache_path(gguf: Path, cache_dir: Path | None) -> Path:
 def _tokenizer(dest: Path):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(dest)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
+    from .models import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(dest))

@@ -7,7 +7,7 @@ from lme_sim.arch import edit_module_path, weight_view
 from lme_sim.editors import apply_deltas, make_editor
 from lme_sim.editors.alphaedit import nullspace_projector
 from lme_sim.editors.hparams import HParamsError, load_hparams
-from lme_sim.hooks import capture_inputs
+from lme_sim.backbone import LocalBackbone, Plan, Positions
 from lme_sim.metrics import case_metrics, summarize
 
 MODEL = "world:small"
@@ -58,12 +58,13 @@ def test_alphaedit_specificity_above_memit(alphaedit_run, memit_run):
     assert alpha["specificity"] > memit["specificity"]
 
 
+@torch.no_grad()
 def _corpus_keys(model, tok, world, layer, n=300):
-    texts = world.corpus()[:n]
-    enc = tok(texts, return_tensors="pt", padding=True)
-    with capture_inputs({0: model.get_submodule(edit_module_path(model, layer))}) as seen, torch.no_grad():
-        model.base_model(**enc)
-    return seen[0][0][enc["attention_mask"].bool()].T  # (d_ff, tokens)
+    """W's input at every real token of the world's text: (d_ff, tokens)."""
+    enc = tok(world.corpus()[:n], return_tensors="pt", padding=True)
+    rows, pos = enc["attention_mask"].nonzero(as_tuple=True)
+    plan = Plan(keys={layer: Positions(rows, pos)})
+    return LocalBackbone(model).run(enc["input_ids"], enc["attention_mask"], plan).keys[layer].T
 
 
 def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):

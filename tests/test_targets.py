@@ -2,7 +2,6 @@ import torch
 
 from lme_sim.editors.hparams import load_hparams
 from lme_sim.editors.targets import compute_targets
-from lme_sim.scoring import score_targets
 
 
 def test_batched_targets_equal_one_at_a_time(small_world):
@@ -19,9 +18,9 @@ def test_batched_targets_equal_one_at_a_time(small_world):
 
 def test_targets_make_the_model_predict_the_new_object(small_world):
     """Injecting z at layer L (last subject token) makes the new object more likely than the old."""
-    from lme_sim.arch import layer_path
-    from lme_sim.hooks import edit_output
-    from lme_sim.tokens import subject_last_positions
+    from lme_sim.backbone import Inject, Positions
+    from lme_sim.scoring import logits_at
+    from lme_sim.tokens import encode_pairs, subject_last_positions
 
     model, tok, world = small_world
     cases = world.edit_cases(8, seed=6)
@@ -31,12 +30,12 @@ def test_targets_make_the_model_predict_the_new_object(small_world):
     prompts = [c.prompt for c in cases]
     pos = subject_last_positions(tok, prompts, [c.subject for c in cases])
     for i, c in enumerate(cases):
-        def put(h, i=i):
-            h = h.clone()
-            h[0, pos[i]] = t.z[i]
-            return h
-
-        with edit_output(model.get_submodule(layer_path(model, 2)), put):
-            new = score_targets(model, tok, [c.prompt], [c.target_new]).mean_logprob
-            old = score_targets(model, tok, [c.prompt], [c.target_true]).mean_logprob
-        assert new > old, c
+        at = Positions(torch.tensor([0]), pos[i:i + 1])
+        lp = {}
+        for which in ("target_new", "target_true"):
+            batch = encode_pairs(tok, [c.prompt], [getattr(c, which)])
+            # h_L at the subject becomes z: add z - h_init there
+            rows, p, labels = batch.target_positions()
+            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, p, Inject(2, at, t.delta[i:i + 1]))
+            lp[which] = torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean()
+        assert lp["target_new"] > lp["target_true"], c
