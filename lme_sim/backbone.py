@@ -2,14 +2,15 @@
 
 A plan says, for one batch of token ids, which activations to read (W's input "keys" or a
 block's output "hidden", at given (row, position) pairs, or the second moment of the keys over
-every real token), where to add a vector to a block's output (``inject``), and at which
-positions to return next-token logits. :class:`LocalBackbone` runs a plan on an in-process
+every real token), where to add a vector to a block's output (``inject``), which edited
+matrices to multiply on their input side by a block-diagonal matrix (``rotate``: W x becomes
+W M x, i.e. W' = W M, without forming W M), and at which positions to return next-token logits. :class:`LocalBackbone` runs a plan on an in-process
 Hugging Face model with forward hooks; the runtime's sharded backbone runs the same plan over
 layer-range shards (Ray actors), so every editor works unchanged on 1 or N shards.
 
-Gradients: if ``inject.values`` requires grad, the returned logits are differentiable with
-respect to it (locally by plain autograd; across shards by sending the gradient back through
-the shards).
+Gradients: if ``inject.values`` or a ``rotate`` matrix requires grad, the returned logits are
+differentiable with respect to it (locally by plain autograd; across shards by sending the
+gradient back through the shards).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class Plan:
     key_moments: list[int] = field(default_factory=list)  # layers: sum of k k^T over real tokens
     logits: Positions | None = None
     inject: Inject | None = None
+    # layer -> M (n_blocks, b, b), n_blocks * b = d_ff: W's input x becomes M x block by block
+    rotate: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def differentiable(self) -> bool:
+        return (self.inject is not None and self.inject.values.requires_grad) or \
+            any(m.requires_grad for m in self.rotate.values())
 
 
 @dataclass
@@ -165,6 +172,10 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                     k = args[0][mask.bool()].float()
                     out.key_moments[l] = (k.T @ k).double().cpu()
                 hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
+        for l, M in plan.rotate.items():
+            if l in layers:
+                hook(model.get_submodule(edit_module_path(model, l)),
+                     lambda _m, args, M=M: (rotate_input(args[0], M),) + tuple(args[1:]), pre=True)
         if plan.inject is not None and plan.inject.layer in layers:
             inj = plan.inject
 
@@ -192,6 +203,13 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         h = result.last_hidden_state[plan.logits.rows.to(dev), plan.logits.pos.to(dev)]
         out.logits = model.get_output_embeddings()(h).float()
     return out, (boundary[0] if boundary else None)
+
+
+def rotate_input(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """M x for every row x of ``x`` (..., d_ff), with M block-diagonal given as (n_blocks, b, b)."""
+    n, b, _ = M.shape
+    xb = x.reshape(*x.shape[:-1], n, b).to(M.dtype)
+    return torch.einsum("...nj,nij->...ni", xb, M.to(x.device)).reshape(x.shape).to(x.dtype)
 
 
 class _StopForward(Exception):

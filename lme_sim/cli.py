@@ -44,7 +44,8 @@ def world_build(name: str) -> None:
 def validate(scenario: str) -> None:
     """Check a scenario file without running it."""
     scn = _load_scenario_or_exit(scenario)
-    click.echo(f"{scenario}: ok ({scn.editor.method} on {scn.model}, {scn.data.n_edits} edits)")
+    methods = ", ".join(e.method for e in scn.editors)
+    click.echo(f"{scenario}: ok ({methods} on {scn.model}, {scn.data.n_edits} edits)")
 
 
 @main.command()
@@ -53,11 +54,25 @@ def validate(scenario: str) -> None:
 @click.option("--address", default=None, help="Ray cluster address (default: start Ray locally).")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
 def run(scenario: str, db: str | None, address: str | None, resume: str | None) -> None:
-    """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary."""
+    """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
+
+    A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
     from .runtime.coordinator import run_distributed
 
     scn = _load_scenario_or_exit(scenario)
-    run_distributed(scn, scenario, db=db, address=address, resume=resume)
+    specs = scn.editors
+    if resume and len(specs) > 1:
+        from .storage.logger import read_only_query
+
+        rows = read_only_query(db or scn.db, f"select method from runs where run_id = '{resume}'")[1]
+        specs = [s for s in specs if rows and s.method == rows[0][0]]
+        if not specs:
+            click.echo(f"error: run {resume!r} is not a run of {scenario} in {db or scn.db}", err=True)
+            sys.exit(2)
+    run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
+                               tag=spec.method if len(specs) > 1 else None) for spec in specs]
+    if len(run_ids) > 1:
+        click.echo("runs: " + " ".join(run_ids))
 
 
 @main.command()

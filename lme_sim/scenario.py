@@ -27,7 +27,7 @@ class DataSpec(_Strict):
 
 
 class EditorSpec(_Strict):
-    method: Literal["memit", "alphaedit", "ft"] = "alphaedit"
+    method: Literal["memit", "alphaedit", "mose", "ft"] = "alphaedit"
     hparams: dict[str, Any] = {}
 
 
@@ -56,12 +56,21 @@ class Scenario(_Strict):
     name: str
     model: str = "world:default"
     data: DataSpec = DataSpec()
-    editor: EditorSpec = EditorSpec()
+    # one editing method, or a list of them: each runs the same stream as its own run
+    editor: EditorSpec | list[EditorSpec] = EditorSpec()
     stream: StreamSpec = StreamSpec()
     eval: EvalSpec = EvalSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     output_dir: str = "runs"
     db: str = "runs/lme.duckdb"
+
+    @property
+    def editors(self) -> list[EditorSpec]:
+        return self.editor if isinstance(self.editor, list) else [self.editor]
+
+    def with_editor(self, spec: EditorSpec) -> "Scenario":
+        """This scenario with one editing method (how a list of methods is run, one run each)."""
+        return self.model_copy(update={"editor": spec})
 
     def timeline(self) -> Timeline:
         if self.stream.timeline is not None:
@@ -88,8 +97,8 @@ def load_scenario(path: str | Path) -> Scenario:
     try:
         scn = Scenario(**raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
+        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the most specific (a union tries each branch)
+        field = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
         raise ScenarioError(f"{path}: field '{field}': {err['msg']}") from None
     if scn.data.kind != "world" and not scn.data.path:
         raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
@@ -112,11 +121,20 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: field 'data.path': file {scn.data.path!r} not found")
     from .editors.hparams import HParamsError, load_hparams
 
-    try:
-        load_hparams(scn.editor.method, scn.model, scn.editor.hparams)
-    except HParamsError as e:
-        raise ScenarioError(f"{path}: field {e}") from None
+    if not scn.editors:
+        raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
+    for i, spec in enumerate(scn.editors):
+        where = f"editor.{i}.hparams" if isinstance(scn.editor, list) else "editor.hparams"
+        try:
+            load_hparams(spec.method, scn.model, spec.hparams, where=where)
+        except HParamsError as e:
+            raise ScenarioError(f"{path}: field {e}") from None
     return scn
+
+
+def _is_type_tag(part) -> bool:
+    """pydantic names the branch of a union in an error's location ('EditorSpec', 'list[EditorSpec]')."""
+    return isinstance(part, str) and (part[:1].isupper() or part.startswith("list["))
 
 
 def model_n_layers(name: str) -> int | None:

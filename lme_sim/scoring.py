@@ -26,16 +26,19 @@ class TargetScores:
 
 
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              pos: torch.Tensor, inject: Inject | None = None) -> torch.Tensor:
+              pos: torch.Tensor, inject: Inject | None = None,
+              rotate: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Next-token logits at (rows, pos) only: the backbone runs once, the head on M positions."""
-    plan = Plan(logits=Positions(rows, pos), inject=inject)
+    plan = Plan(logits=Positions(rows, pos), inject=inject, rotate=rotate or {})
     return as_backbone(model).run(input_ids, attention_mask, plan).logits
 
 
-def target_logprobs(model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per target token: (row, log P(label), label is argmax) for a batch of pairs."""
+def target_logprobs(model, batch: PairBatch, rotate: dict[int, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per target token: (row, log P(label), label is argmax) for a batch of pairs (``rotate``: see
+    :class:`~lme_sim.backbone.Plan`)."""
     rows, pos, labels = batch.target_positions()
-    logp = torch.log_softmax(logits_at(model, batch.input_ids, batch.attention_mask, rows, pos), -1)
+    logp = torch.log_softmax(logits_at(model, batch.input_ids, batch.attention_mask, rows, pos, rotate=rotate), -1)
     labels = labels.to(logp.device)
     return rows, logp.gather(1, labels[:, None])[:, 0], logp.argmax(-1) == labels
 

@@ -48,3 +48,31 @@ def test_world_build(small_world):
     assert "240 facts" in r.output and "accuracy" in r.output
     r = CliRunner().invoke(main, ["world", "build", "--name", "nope"])
     assert r.exit_code != 0 and "unknown world" in r.output
+
+
+def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session):
+    db = tmp_path / "cmp.duckdb"
+    scn = _write(tmp_path, f"""
+name: cmp
+model: world:small
+data: {{kind: world, n_edits: 20, seed: 5}}
+editor: [{{method: mose, hparams: {{num_steps: 10}}}}, {{method: memit}}]
+stream: {{batch_size: 10}}
+eval: {{every: 2, fluency_prompts: 0}}
+runtime: {{shards: 2}}
+db: {db}
+""")
+    r = CliRunner().invoke(main, ["run", scn])
+    assert r.exit_code == 0, r.output
+    from lme_sim.storage.logger import read_only_query
+
+    _, runs = read_only_query(db, "select method, run_id, status from runs order by method")
+    assert [m for m, *_ in runs] == ["memit", "mose"] and all(s == "finished" for *_, s in runs)
+    assert all(f"cmp-{m}-" in rid for m, rid, _ in runs)
+    _, streams = read_only_query(db, "select run_id, list(case_id order by edit_id) from edits group by run_id")
+    assert len(streams) == 2 and streams[0][1] == streams[1][1]  # the same stream for both
+    _, cond = read_only_query(db, "select r.method, w.module, max(w.condition) / min(w.condition) from weight_stats w "
+                                  "join runs r using (run_id) group by all")
+    ratios = {(m, mod): x for m, mod, x in cond}
+    assert all(x < 1 + 1e-5 for (m, _), x in ratios.items() if m == "mose")  # orthogonal: unchanged
+    assert len([1 for (m, _) in ratios if m == "mose"]) == 4

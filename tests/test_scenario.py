@@ -25,6 +25,9 @@ CASES = {
     "bad timeline": (GOOD + "stream: {timeline: {pattern: poisson, rate: -1}}\n", "stream.timeline"),
     "bad duration": (GOOD + "stream: {timeline: {pattern: fixed, interval: soon}}\n", "stream.timeline"),
     "missing name": ("model: world:small\n", "name"),
+    "bad method in a list": (GOOD + "editor: [{method: mose}, {method: rome9}]\n", "editor.1.method"),
+    "bad hparam in a list": (GOOD + "editor: [{method: mose, hparams: {lr: fast}}]\n", "editor.0.hparams.lr"),
+    "empty method list": (GOOD + "editor: []\n", "editor"),
 }
 
 

@@ -80,7 +80,7 @@ def register(cls: type[Editor]) -> type[Editor]:
 def make_editor(method: str, model, tok, model_name: str, overrides: dict | None = None, world=None,
                 progress: bool = True) -> Editor:
     """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
-    from . import alphaedit, ft, memit  # noqa: F401  (register the methods)
+    from . import alphaedit, ft, memit, mose  # noqa: F401  (register the methods)
 
     hp = load_hparams(method, model_name, overrides)
     return EDITORS[method](model, tok, hp, world=world, progress=progress)

@@ -8,7 +8,7 @@ A scenario's overrides go on top; an unknown or ill-typed field is an error nami
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,10 +70,22 @@ class FTHParams(HParams):
     loss_stop: float = 1e-2
 
 
+class MOSEHParams(HParams):
+    """Multiplicative orthogonal editing (arXiv 2601.07873): a block-diagonal Cayley rotation of W's input."""
+
+    n_blocks: int = Field(4, gt=0)  # diagonal blocks of Q (d_ff must be divisible by it)
+    optimizer: Literal["adam", "sgd"] = "adam"  # on the rotation parameters (published: Adam)
+    lr: float = 5e-4
+    num_steps: int = Field(25, gt=0)
+    loss_stop: float = 0.0  # stop a batch's fit once the mean NLL is below this (0: never, as published)
+    coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
+
+
 HPARAM_CLASSES: dict[str, type[HParams]] = {
     "memit": MEMITHParams,
     "alphaedit": AlphaEditHParams,
     "ft": FTHParams,
+    "mose": MOSEHParams,
 }
 
 

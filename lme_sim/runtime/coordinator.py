@@ -26,7 +26,7 @@ from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
 from ..stream import EditStream, Event, SimClock, build_events
-from .ray_utils import init_ray, start_shards
+from .ray_utils import init_ray, release, start_shards
 from .services import EditorService, Evaluator
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
@@ -53,8 +53,9 @@ def scenario_events(scn: Scenario) -> list[Event]:
 
 
 def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, address: str | None = None,
-                    resume: str | None = None, console: Console | None = None) -> str:
-    """Run ``scn`` on Ray; returns the run id. ``resume``: a run id to continue."""
+                    resume: str | None = None, console: Console | None = None, tag: str | None = None) -> str:
+    """Run ``scn`` (one editing method) on Ray; returns the run id (``<name>[-<tag>]-<hex>``).
+    ``resume``: a run id to continue."""
     console = console or Console()
     db = db or scn.db
     ray = init_ray(address)
@@ -62,7 +63,7 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     stream = ray.remote(EditStream).options(num_cpus=0).remote(events, scn.stream.batch_size)
     clock = SimClock(scn.stream.speedup)
     logger = ray.remote(RunLogger).options(num_cpus=0).remote(db)
-    run_id = resume or f"{scn.name}-{uuid.uuid4().hex[:8]}"
+    run_id = resume or "-".join([scn.name] + ([tag] if tag else []) + [uuid.uuid4().hex[:8]])
     ray.get(logger.start_run.remote(run_id, scn.name, str(scenario_path), scn.model_dump(mode="json"), scn.model,
                                     scn.editor.method, resume=resume is not None))
     from ..scenario import model_n_layers
@@ -98,6 +99,7 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     ray.get(logger.finish_run.remote(run_id))
     _print_summary(ray, logger, run_id, db, console)
     ray.get(logger.close.remote())
+    release([stream, logger, editor, *evaluators, *shards.shards], shards.placement_group)
     return run_id
 
 

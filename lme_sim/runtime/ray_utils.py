@@ -45,4 +45,16 @@ def start_shards(model_name: str, n_shards: int, n_layers: int, use_gpus: bool =
                              scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
                .remote(model_name, r, "cuda" if use_gpus else "cpu")
                for i, r in enumerate(split_layers(n_layers, n_shards))]
-    return ShardedBackbone(handles)
+    backbone = ShardedBackbone(handles)
+    backbone.placement_group = pg
+    return backbone
+
+
+def release(actors: list, placement_group=None) -> None:
+    """Stop a run's actors and free its placement group (so the next run in this Ray can use them)."""
+    import ray
+
+    for a in actors:
+        ray.kill(a)
+    if placement_group is not None:
+        ray.util.remove_placement_group(placement_group)

@@ -12,6 +12,7 @@ so the editors give the same results on 1 and N shards.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -66,31 +67,32 @@ class ModelShard:
 
         With ``grad`` the graph is kept under ``req`` for :meth:`backward`; tensors returned are detached.
         """
-        inject = plan.inject
+        leaves: dict = {}  # what this shard differentiates with respect to
         if grad:
-            hidden_in = hidden_in.detach().requires_grad_(True) if hidden_in is not None else None
+            leaves["hidden"] = hidden_in = hidden_in.detach().requires_grad_(True) if hidden_in is not None else None
+            inject, rotate = plan.inject, dict(plan.rotate)
             if inject is not None and inject.layer in self.layers:
                 inject = Inject(inject.layer, inject.at, inject.values.detach().requires_grad_(True))
-                plan = Plan(plan.keys, plan.hidden, plan.key_moments, plan.logits, inject)
+                leaves["inject"] = inject.values
+            for l in rotate:
+                if l in self.layers:
+                    rotate[l] = leaves[("rotate", l)] = rotate[l].detach().requires_grad_(True)
+            plan = replace(plan, inject=inject, rotate=rotate)
         with torch.set_grad_enabled(grad):
             out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
         if grad:
-            result = out.logits if boundary is None else boundary
-            own_inject = inject.values if inject is not None and inject.layer in self.layers else None
-            self._graphs[req] = (hidden_in, own_inject, result)
+            self._graphs[req] = (leaves, out.logits if boundary is None else boundary)
         if out.logits is not None:
             out.logits = out.logits.detach()
         return out, (boundary.detach() if boundary is not None else None)
 
-    def backward(self, req: int, grad_out: torch.Tensor):
-        """Gradients w.r.t. this shard's input hidden states and its injected vectors (or None)."""
-        hidden_in, injected, result = self._graphs.pop(req)
-        leaves = [t for t in (hidden_in, injected) if t is not None]
-        grads = torch.autograd.grad(result, leaves, grad_out.to(result.device), allow_unused=True)
-        it = iter(grads)
-        g_hidden = next(it) if hidden_in is not None else None
-        g_inject = next(it) if injected is not None else None
-        return (g_hidden.cpu() if g_hidden is not None else None, g_inject.cpu() if g_inject is not None else None)
+    def backward(self, req: int, grad_out: torch.Tensor) -> dict:
+        """Gradients of this shard's result w.r.t. its leaves: ``"hidden"`` (its input hidden states),
+        ``"inject"`` and ``("rotate", layer)`` where it owns them (None where unused)."""
+        leaves, result = self._graphs.pop(req)
+        leaves = {k: v for k, v in leaves.items() if v is not None}
+        grads = torch.autograd.grad(result, list(leaves.values()), grad_out.to(result.device), allow_unused=True)
+        return {k: (g.cpu() if g is not None else None) for k, g in zip(leaves, grads)}
 
     def drop(self, req: int) -> None:
         self._graphs.pop(req, None)
@@ -142,9 +144,12 @@ class ShardedBackbone(Backbone):
         return next(i for i, r in enumerate(self.ranges) if layer in r)
 
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
-        if plan.inject is not None and plan.inject.values.requires_grad:
+        if plan.differentiable():
             out = Output()
-            out.logits = _ShardedLogits.apply(plan.inject.values, self, input_ids, attention_mask, plan, out)
+            rot_layers = sorted(plan.rotate)
+            inj = plan.inject.values if plan.inject is not None else None
+            out.logits = _ShardedLogits.apply(self, input_ids, attention_mask, plan, out, rot_layers, inj,
+                                              *[plan.rotate[l] for l in rot_layers])
             return out
         return self._chain(next(self._requests), input_ids, attention_mask, plan, grad_from=None)
 
@@ -179,26 +184,31 @@ class ShardedBackbone(Backbone):
 
 
 class _ShardedLogits(torch.autograd.Function):
-    """Logits as a differentiable function of the injected vectors, across shards."""
+    """Logits as a differentiable function of the injected vectors and rotation matrices, across shards."""
 
     @staticmethod
-    def forward(ctx, values, backbone: ShardedBackbone, input_ids, attention_mask, plan: Plan, out: Output):
+    def forward(ctx, backbone: ShardedBackbone, input_ids, attention_mask, plan: Plan, out: Output,
+                rot_layers: list[int], values, *rotations):
         req = next(backbone._requests)
-        first = backbone._owner(plan.inject.layer)
-        detached = Plan(plan.keys, plan.hidden, plan.key_moments, plan.logits,
-                        Inject(plan.inject.layer, plan.inject.at, values.detach()))
+        layers = rot_layers + ([plan.inject.layer] if plan.inject is not None else [])
+        first = min(backbone._owner(l) for l in layers)
+        detached = replace(plan, rotate={l: m.detach() for l, m in zip(rot_layers, rotations)},
+                           inject=None if plan.inject is None else
+                           Inject(plan.inject.layer, plan.inject.at, values.detach()))
         merged = backbone._chain(req, input_ids, attention_mask, detached, grad_from=first)
         out.keys, out.hidden, out.key_moments, out.n_tokens = merged.keys, merged.hidden, merged.key_moments, merged.n_tokens
-        ctx.backbone, ctx.req, ctx.first = backbone, req, first
-        ctx.values_meta = (values.dtype, values.device)
+        ctx.backbone, ctx.req, ctx.first, ctx.rot_layers = backbone, req, first, rot_layers
+        ctx.meta = [(t.dtype, t.device) if t is not None else None for t in (values, *rotations)]
         return merged.logits
 
     @staticmethod
     def backward(ctx, grad_logits):
-        backbone, grad, g_inject = ctx.backbone, grad_logits.cpu(), None
+        backbone, grad, found = ctx.backbone, grad_logits.cpu(), {}
         for i in range(len(backbone.shards) - 1, ctx.first - 1, -1):
-            grad, inj = call(backbone.shards[i], "backward", ctx.req, grad)
-            g_inject = inj if inj is not None else g_inject
-        dtype, device = ctx.values_meta
-        return (g_inject.to(device=device, dtype=dtype) if g_inject is not None else None,
-                None, None, None, None, None)
+            grads = call(backbone.shards[i], "backward", ctx.req, grad)
+            grad = grads.pop("hidden", None)
+            found.update(grads)
+        keys = ["inject"] + [("rotate", l) for l in ctx.rot_layers]
+        out = [found[k].to(device=m[1], dtype=m[0]) if m is not None and found.get(k) is not None else None
+               for k, m in zip(keys, ctx.meta)]
+        return (None, None, None, None, None, None, *out)
