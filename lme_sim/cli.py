@@ -75,6 +75,49 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
         click.echo("runs: " + " ".join(run_ids))
 
 
+@main.command("train-editor")
+@click.option("--method", type=click.Choice(["rledit", "hiedit"]), required=True)
+@click.option("--model", "model_name", default="world:default", show_default=True,
+              help="world:<name>, smollm2-135m or a from_pretrained id/folder.")
+@click.option("--data", "data_path", default=None,
+              help="CounterFact/ZsRE file to train on (default for world models: the world's train split).")
+@click.option("--out", default=None, help="Checkpoint file (default: runs/editors/<method>-<model>.pt).")
+@click.option("--hparams", "overrides", default="{}", show_default=True,
+              help="YAML mapping of hyperparameters on top of lme_sim/editors/hparams/<method>.yaml, "
+                   "e.g. '{rollouts: 100, layers: [3, 4, 5]}'.")
+def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: str | None, overrides: str) -> None:
+    """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint."""
+    import yaml
+
+    from .editors.editor_training import save_checkpoint, train_editor
+    from .editors.hparams import HParamsError, load_hparams
+    from .models import load_model
+
+    try:
+        extra = yaml.safe_load(overrides) or {}
+        if not isinstance(extra, dict):
+            raise HParamsError("--hparams: a mapping of fields, e.g. '{rollouts: 100}'")
+        hp = load_hparams(method, model_name, extra, where="--hparams")
+    except (HParamsError, yaml.YAMLError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if data_path is not None and not Path(data_path).is_file():
+        click.echo(f"error: --data: file {data_path!r} not found", err=True)
+        sys.exit(2)
+    out = out or f"runs/editors/{method}-{model_name.replace(':', '_').replace('/', '_')}.pt"
+    lm = load_model(model_name)
+    try:
+        ckpt = train_editor(method, lm.model, lm.tok, model_name, hp, lm.world, data_path)
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    path = save_checkpoint(ckpt, out)
+    t = ckpt["train"]
+    click.echo(f"{method} for {model_name}: {hp.rollouts} rollouts over {t['n_facts']} training facts in "
+               f"{t['seconds']:.0f} s; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; saved {path}")
+    click.echo(f"use it with  editor: {{method: {method}, hparams: {{checkpoint: {path}}}}}")
+
+
 @main.command()
 @click.argument("sql")
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")

@@ -27,7 +27,7 @@ class DataSpec(_Strict):
 
 
 class EditorSpec(_Strict):
-    method: Literal["memit", "alphaedit", "mose", "ft"] = "alphaedit"
+    method: Literal["memit", "alphaedit", "mose", "rledit", "hiedit", "ft"] = "alphaedit"
     hparams: dict[str, Any] = {}
 
 
@@ -129,7 +129,26 @@ def load_scenario(path: str | Path) -> Scenario:
             load_hparams(spec.method, scn.model, spec.hparams, where=where)
         except HParamsError as e:
             raise ScenarioError(f"{path}: field {e}") from None
+        if spec.method in ("rledit", "hiedit"):
+            _check_editor_checkpoint(path, f"{where}.checkpoint", spec.method, scn.model, spec.hparams.get("checkpoint"))
     return scn
+
+
+def _check_editor_checkpoint(path: Path, field: str, method: str, model: str, ckpt: str | None) -> None:
+    """A learned editor needs networks trained for this model (world models train their own)."""
+    if ckpt is None:
+        if not model.startswith("world:"):
+            raise ScenarioError(f"{path}: field '{field}': {method} on {model!r} needs a checkpoint; make one with "
+                                f"`lme-sim train-editor --method {method} --model {model} --data <file> --out <path>`")
+        return
+    if not Path(ckpt).is_file():
+        raise ScenarioError(f"{path}: field '{field}': file {ckpt!r} not found")
+    import torch
+
+    meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+    if meta.get("method") != method or meta.get("model") != model:
+        raise ScenarioError(f"{path}: field '{field}': {ckpt!r} is a {meta.get('method')!r} checkpoint for model "
+                            f"{meta.get('model')!r}, not {method!r} for {model!r}")
 
 
 def _is_type_tag(part) -> bool:

@@ -160,12 +160,25 @@ class World:
             meta={"fact_id": fact.fact_id},
         )
 
-    def edit_cases(self, n: int, seed: int = 0) -> list[EditCase]:
-        """``n`` counterfactual edits of distinct facts, each toward another object of its relation."""
-        if n > len(self.facts):
-            raise ValueError(f"world {self.config.name!r} has {len(self.facts)} facts; asked for {n} edits")
+    def split_facts(self, split: str | None) -> list[Fact]:
+        """All facts (``None``), or those of one half of the subjects: ``"train"`` (odd subjects,
+        for training learned editors) or ``"eval"`` (even subjects, held out from that training)."""
+        if split is None:
+            return self.facts
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train', 'eval' or None, not {split!r}")
+        parity = 1 if split == "train" else 0
+        return [f for f in self.facts if f.fact_id // len(self.relations) % 2 == parity]
+
+    def edit_cases(self, n: int, seed: int = 0, split: str | None = None) -> list[EditCase]:
+        """``n`` counterfactual edits of distinct facts, each toward another object of its relation
+        (``split``: see :meth:`split_facts`)."""
+        pool = self.split_facts(split)
+        if n > len(pool):
+            raise ValueError(f"world {self.config.name!r} has {len(pool)} facts"
+                             f"{'' if split is None else ' in its ' + split + ' split'}; asked for {n} edits")
         rng = random.Random(seed)
-        facts = rng.sample(self.facts, n)
+        facts = rng.sample(pool, n)
         return [self.case(f, rng.choice([o for o in self.objects[f.relation] if o != f.obj])) for f in facts]
 
     def known_cases(self) -> list[EditCase]:

@@ -2,6 +2,7 @@
 from click.testing import CliRunner
 
 from lme_sim.cli import main
+from lme_sim.storage.logger import read_only_query
 
 
 def _write(tmp_path, text, name="scn.yaml"):
@@ -27,8 +28,6 @@ db: {db}
     assert "retention" in r.output and str(db) in r.output
     r = CliRunner().invoke(main, ["query", "select count(*) from edits", "--db", str(db)])
     assert r.exit_code == 0 and r.output.splitlines()[-1] == "20"
-    from lme_sim.storage.logger import read_only_query
-
     _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version), count(*) "
                                    "from probes group by eval_id order by eval_id")
     # eval k (after batch k) saw exactly model version k and probed every edit so far
@@ -50,13 +49,14 @@ def test_world_build(small_world):
     assert r.exit_code != 0 and "unknown world" in r.output
 
 
-def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session):
-    db = tmp_path / "cmp.duckdb"
+def _run_two_batches(tmp_path, name, editor, seed):
+    """Run 20 small-world edits in 2 batches over 2 shards (evaluated at the end); the DuckDB path."""
+    db = tmp_path / f"{name}.duckdb"
     scn = _write(tmp_path, f"""
-name: cmp
+name: {name}
 model: world:small
-data: {{kind: world, n_edits: 20, seed: 5}}
-editor: [{{method: mose, hparams: {{num_steps: 10}}}}, {{method: memit}}]
+data: {{kind: world, n_edits: 20, seed: {seed}}}
+editor: {editor}
 stream: {{batch_size: 10}}
 eval: {{every: 2, fluency_prompts: 0}}
 runtime: {{shards: 2}}
@@ -64,8 +64,11 @@ db: {db}
 """)
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
-    from lme_sim.storage.logger import read_only_query
+    return db
 
+
+def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session):
+    db = _run_two_batches(tmp_path, "cmp", "[{method: mose, hparams: {num_steps: 10}}, {method: memit}]", seed=5)
     _, runs = read_only_query(db, "select method, run_id, status from runs order by method")
     assert [m for m, *_ in runs] == ["memit", "mose"] and all(s == "finished" for *_, s in runs)
     assert all(f"cmp-{m}-" in rid for m, rid, _ in runs)
@@ -76,3 +79,13 @@ db: {db}
     ratios = {(m, mod): x for m, mod, x in cond}
     assert all(x < 1 + 1e-5 for (m, _), x in ratios.items() if m == "mose")  # orthogonal: unchanged
     assert len([1 for (m, _) in ratios if m == "mose"]) == 4
+
+
+def test_hiedit_run_trains_its_router_on_first_use_and_logs_modules_per_edit(tmp_path, ray_session):
+    db = _run_two_batches(tmp_path, "hi", "{method: hiedit, hparams: {rollouts: 4}}", seed=6)
+    _, rows = read_only_query(db, "select len(modules), len(delta_norms) from edits")
+    assert len(rows) == 20 and all(m == 2 and d == 2 for m, d in rows)  # 2 of 4 candidates per edit
+    _, usage = read_only_query(db, "select unnest(modules) as module, count(*) from edits group by 1")
+    assert sum(n for _, n in usage) == 40
+    _, ws = read_only_query(db, "select count(distinct module) from weight_stats")
+    assert ws[0][0] == 4

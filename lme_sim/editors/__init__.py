@@ -1,5 +1,5 @@
 """Editing methods behind one interface (:class:`~lme_sim.editors.base.Editor`)."""
 
-from .base import EDITORS, EditResult, Editor, apply_deltas, make_editor
+from .base import EDITORS, EditResult, Editor, apply_deltas, editor_class, make_editor
 
-__all__ = ["EDITORS", "EditResult", "Editor", "apply_deltas", "make_editor"]
+__all__ = ["EDITORS", "EditResult", "Editor", "apply_deltas", "editor_class", "make_editor"]

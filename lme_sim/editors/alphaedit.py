@@ -31,8 +31,8 @@ def nullspace_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
 class AlphaEdit(MEMIT):
     method = "alphaedit"
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True):
-        super().__init__(model, tok, hparams, world, progress)
+    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
+        super().__init__(model, tok, hparams, world, progress, model_name)
         self.P = {l: nullspace_projector(self.C0[l], hparams.nullspace_threshold) for l in hparams.layers}
         self.cache_c = {l: torch.zeros_like(self.P[l]) for l in hparams.layers}
 

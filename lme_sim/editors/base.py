@@ -20,6 +20,7 @@ class EditResult:
     deltas: dict[str, torch.Tensor]  # parameter name -> delta, shaped like the parameter
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
     stats: dict[str, float] = field(default_factory=dict)
+    touched: list[list[str]] | None = None  # per edit, the parameters it changed (None: all of ``deltas``)
 
 
 class PhaseTimer(dict):
@@ -36,15 +37,24 @@ class PhaseTimer(dict):
 
 class Editor(ABC):
     method: ClassVar[str]
+    in_process: ClassVar[bool] = False  # needs the model in this process (not shards): FT, RLEdit, HiEdit
 
-    def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True):
+    def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True,
+                 model_name: str | None = None):
         """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model."""
         self.model = as_backbone(model)
         self.tok, self.hp, self.world, self.progress = tok, hparams, world, progress
+        self.model_name = model_name
 
     @abstractmethod
     def edit(self, cases: list[EditCase]) -> EditResult:
         """Write ``cases`` into the model's weights; return the deltas that were added."""
+
+    @classmethod
+    def prepare(cls, model_name: str, hparams: dict, progress: bool = True) -> dict:
+        """Work to do once before a run, in the driver where progress can be shown (e.g. training a
+        learned editor's networks); returns the hparams the run's editor gets."""
+        return hparams
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that must survive a restart (empty for stateless methods)."""
@@ -77,10 +87,14 @@ def register(cls: type[Editor]) -> type[Editor]:
     return cls
 
 
+def editor_class(method: str) -> type[Editor]:
+    from . import alphaedit, ft, memit, mose, rledit  # noqa: F401  (register the methods)
+
+    return EDITORS[method]
+
+
 def make_editor(method: str, model, tok, model_name: str, overrides: dict | None = None, world=None,
                 progress: bool = True) -> Editor:
     """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
-    from . import alphaedit, ft, memit, mose  # noqa: F401  (register the methods)
-
     hp = load_hparams(method, model_name, overrides)
-    return EDITORS[method](model, tok, hp, world=world, progress=progress)
+    return editor_class(method)(model, tok, hp, world=world, progress=progress, model_name=model_name)

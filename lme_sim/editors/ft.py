@@ -17,6 +17,7 @@ from .targets import frozen
 @register
 class FT(Editor):
     method = "ft"
+    in_process = True
 
     def edit(self, cases: list[EditCase]) -> EditResult:
         hp, backbone = self.hp, self.model

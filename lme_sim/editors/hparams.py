@@ -81,7 +81,37 @@ class MOSEHParams(HParams):
     coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
 
 
+class RLEditHParams(HParams):
+    """A trained hypernetwork editor (RLEdit arXiv 2502.05759 on MALMEN's network); ``layers`` are the
+    candidate modules. Fields below ``checkpoint`` shape and train the networks (``lme-sim train-editor``)."""
+
+    checkpoint: str | None = None  # trained networks; null: for world:* models, train on first use and cache
+    rank: int = Field(64, gt=0)  # of the low-rank residual blocks
+    n_blocks: int = Field(2, gt=0)
+    init_lr: float = Field(1.0, gt=0)  # step size eta per module at the start of training
+    init_lambda: float = Field(1.0, gt=0)  # ridge term lambda per module at the start of training
+    train_lr: float = Field(1e-3, gt=0)  # Adam on the networks
+    rollouts: int = Field(300, gt=0)  # sequences of edit batches (one optimizer step each)
+    rollout_batches: int = Field(10, gt=0)  # batches per sequence
+    edits_per_batch: int = Field(10, gt=0)
+    lookback: int = Field(3, ge=0)  # reward counts the paraphrases of the last `lookback` earlier batches too
+    mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
+    locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
+    locality_prompts: int = Field(32, gt=0)
+    holdout: int = Field(2000, ge=0)  # dataset files: the first `holdout` records are left for evaluation
+    seed: int = 0
+
+
+class HiEditHParams(RLEditHParams):
+    """RLEdit plus a router that picks ``top_k`` of the candidate modules per edit (arXiv 2604.11214)."""
+
+    top_k: int | None = Field(None, gt=0)  # default: half of the candidates
+    explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
+
+
 HPARAM_CLASSES: dict[str, type[HParams]] = {
+    "rledit": RLEditHParams,
+    "hiedit": HiEditHParams,
     "memit": MEMITHParams,
     "alphaedit": AlphaEditHParams,
     "ft": FTHParams,

@@ -23,8 +23,8 @@ from .targets import compute_targets
 class MEMIT(Editor):
     method = "memit"
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True):
-        super().__init__(model, tok, hparams, world, progress)
+    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
+        super().__init__(model, tok, hparams, world, progress, model_name)
         self.contexts = context_templates(model, tok, hparams.context_templates)
         self.C0 = cached_second_moment(model, tok, hparams.layers, hparams.stats, world, progress)
 

@@ -55,8 +55,8 @@ def coft_project(theta: torch.Tensor, eps: float) -> torch.Tensor:
 class MOSE(Editor):
     method = "mose"
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True):
-        super().__init__(model, tok, hparams, world, progress)
+    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
+        super().__init__(model, tok, hparams, world, progress, model_name)
         self.theta: dict[int, torch.Tensor] = {}
         for layer in hparams.layers:
             d_ff = self.model.edit_weight(layer).shape[1]

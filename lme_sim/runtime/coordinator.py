@@ -58,6 +58,10 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     ``resume``: a run id to continue."""
     console = console or Console()
     db = db or scn.db
+    from ..editors import editor_class
+
+    spec = scn.editor
+    scn = scn.with_editor(spec.model_copy(update={"hparams": editor_class(spec.method).prepare(scn.model, spec.hparams)}))
     ray = init_ray(address)
     events = scenario_events(scn)
     stream = ray.remote(EditStream).options(num_cpus=0).remote(events, scn.stream.batch_size)
@@ -132,12 +136,13 @@ def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, sta
                 "latest": state.latest, "recent": state.recent, "version": state.version, "eval_id": state.eval_id}, tmp)
     tmp.rename(ckpt)
     modules = sorted(result["deltas"])
-    norms = [float(result["deltas"][m].norm()) for m in modules]
+    touched = result.get("touched") or [modules] * len(batch)
+    norm_of = {m: float(d.norm()) for m, d in result["deltas"].items()}
     edits = [{"edit_id": e.edit_id, "batch_id": state.batch_id, "step": state.batch_id, "sim_time": e.time,
               "kind": e.kind, "case_id": e.case.case_id, "fact_key": e.fact_key, "subject": e.case.subject,
               "relation": e.case.relation, "prompt": e.case.prompt, "target_new": e.case.target_new,
-              "target_old": e.case.target_true, "supersedes": e.supersedes, "modules": modules,
-              "delta_norms": norms} for e in batch]
+              "target_old": e.case.target_true, "supersedes": e.supersedes, "modules": sorted(mods),
+              "delta_norms": [norm_of.get(m, 0.0) for m in sorted(mods)]} for e, mods in zip(batch, touched)]
     ws = [{"batch_id": state.batch_id, "model_version": state.version, "delta_norm":
            float(result["deltas"][r["module"]].norm()) if r["module"] in result["deltas"] else 0.0, **r}
           for r in stats]

@@ -13,7 +13,7 @@ import torch
 
 from ..backbone import LocalBackbone
 from ..cases import EditCase
-from ..editors import make_editor
+from ..editors import editor_class, make_editor
 from ..metrics import case_metrics, fluency, summarize
 from ..models import load_model, load_tokenizer
 from ..scoring import score_targets
@@ -21,26 +21,39 @@ from .shards import ShardedBackbone
 
 
 class EditorService:
+    """Methods that work through shards edit them directly; methods that need the model in process
+    (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas."""
+
     def __init__(self, model_name: str, shards: list, method: str, hparams: dict):
-        self.tok, self.world = load_tokenizer(model_name)
         self.backbone = ShardedBackbone(shards)
-        self.editor = make_editor(method, self.backbone, self.tok, model_name, hparams, world=self.world,
-                                  progress=False)
+        self.local = None
+        if editor_class(method).in_process:
+            lm = load_model(model_name, progress=False)
+            self.tok, self.world, self.local = lm.tok, lm.world, LocalBackbone(lm.model)
+        else:
+            self.tok, self.world = load_tokenizer(model_name)
+        self.editor = make_editor(method, self.local or self.backbone, self.tok, model_name, hparams,
+                                  world=self.world, progress=False)
         self.layers = list(self.editor.hp.layers)
         self.weight_stats()  # records the unedited weights where they live
 
     def edit(self, cases: list[EditCase]) -> dict:
         result = self.editor.edit(cases)
-        return {"deltas": result.deltas, "timings": result.timings, "stats": result.stats}
+        if self.local is not None:
+            for name, d in result.deltas.items():
+                self.backbone.apply_delta(name, d)
+        return {"deltas": result.deltas, "timings": result.timings, "stats": result.stats, "touched": result.touched}
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
         return [{"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers]
 
     def apply(self, deltas: dict[str, torch.Tensor]) -> None:
-        """Bring the shards to a checkpointed state (resume)."""
+        """Bring the shards (and a local replica) to a checkpointed state (resume)."""
         for name, d in deltas.items():
             self.backbone.apply_delta(name, d)
+            if self.local is not None:
+                self.local.apply_delta(name, d)
 
     def state_dict(self) -> dict:
         return self.editor.state_dict()

@@ -1,0 +1,229 @@
+"""Training RLEdit / HiEdit networks over sequences of edits (RLEdit arXiv 2502.05759, sec. 3;
+HiEdit arXiv 2604.11214).
+
+A rollout is a sequence of ``rollout_batches`` edit batches drawn from a training split that is
+disjoint from evaluation. At step t the hypernetwork proposes deltas from the batch's keys and
+gradients on the current model W_{t-1}; the step's loss (the negative reward) is
+
+    sum_{i=0..lookback} mu^i * NLL(paraphrases and prompts of batch t-i | W_{t-1} + Delta_t)
+    + locality * KL(P_{W_{t-1}} || P_{W_{t-1} + Delta_t})   on unrelated prompts
+
+differentiated through the ridge solve into the networks; then Delta_t is written and the next
+step starts from it. Gradients of a rollout are summed and applied in one optimizer step.
+
+HiEdit's router picks ``top_k`` modules per edit (Gumbel top-k while training, to explore). It
+learns from two signals that really reach its parameters: the straight-through gradient of the
+step loss through the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens),
+and REINFORCE with the intrinsic reward A = L(edit all candidates) - L(selected subset).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..arch import add_delta, arch_of, weight_view
+from ..cases import EditCase
+from ..paths import cache_root
+from ..scoring import logits_at
+from ..backbone import LocalBackbone
+from ..tokens import encode_pairs, encode_texts
+from .edit_signals import keys_and_grads, per_row_nll, weight_offsets
+from .hparams import RLEditHParams
+from .hypernet import HyperNet, Router
+from .rledit import model_fingerprint, plan_deltas
+from .targets import frozen
+
+log = logging.getLogger(__name__)
+
+
+def training_cases(model_name: str, world, data_path: str | None, holdout: int
+                   ) -> tuple[list[list[EditCase]], list[str]]:
+    """(edit cases to train on, grouped by fact; unrelated prompts for the locality term), disjoint
+    from evaluation: the world's train split (its eval split is held out), each fact edited toward
+    every other object of its relation; or a dataset file after its first ``holdout`` records
+    (scenarios evaluate on the first records)."""
+    if data_path is None:
+        if world is None:
+            raise ValueError(f"model {model_name!r} has no embedded world: pass a dataset with --data")
+        facts = world.split_facts("train")
+        groups = [[world.case(f, o) for o in world.objects[f.relation] if o != f.obj] for f in facts]
+        return groups, [world.prompt(f) for f in facts]
+    from ..data import load_cases
+
+    cases = load_cases(data_path)[holdout:]
+    if len(cases) < 20:
+        raise ValueError(f"{data_path}: {len(cases)} records after the first {holdout} held out for evaluation; "
+                         "need at least 20 to train on (lower --holdout)")
+    return [[c] for c in cases], [p for c in cases for p, _ in c.neighborhood] or [c.prompt for c in cases]
+
+
+def _probe_batch(tok, cases: list[EditCase]):
+    """Every case's prompt and paraphrases with its new object; and the case of each row."""
+    prompts, targets, owner = [], [], []
+    for i, c in enumerate(cases):
+        for p in (c.prompt, *c.paraphrases):
+            prompts.append(p)
+            targets.append(c.target_new)
+            owner.append(i)
+    return encode_pairs(tok, prompts, targets), torch.tensor(owner)
+
+
+def _case_mean(nll: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    total = torch.zeros(n).index_add(0, owner, nll)
+    return (total / torch.bincount(owner, minlength=n).clamp_min(1)).mean()
+
+
+def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, world=None,
+                 data_path: str | None = None, progress: bool = True) -> dict:
+    """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
+    The model's weights are the same afterwards."""
+    torch.manual_seed(hp.seed)
+    rng = random.Random(hp.seed)
+    gen = torch.Generator().manual_seed(hp.seed)
+    layers = list(hp.layers)
+    groups, loc_prompts = training_cases(model_name, world, data_path, hp.holdout)
+    per_rollout = hp.rollout_batches * hp.edits_per_batch
+    if len(groups) < hp.edits_per_batch:
+        raise ValueError(f"{len(groups)} facts to train on; need at least edits_per_batch = {hp.edits_per_batch}")
+    d_model, d_ff = weight_view(model, layers[0]).shape
+    net_config = dict(d_ff=d_ff, d_model=d_model, n_modules=len(layers), rank=hp.rank, n_blocks=hp.n_blocks,
+                      init_lr=hp.init_lr, init_lambda=hp.init_lambda)
+    net = HyperNet(**net_config)
+    top_k = None
+    router = None
+    if method == "hiedit":
+        top_k = getattr(hp, "top_k", None) or max(1, len(layers) // 2)
+        router = Router(d_ff + d_model, len(layers))
+    params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
+    opt = torch.optim.Adam(params, lr=hp.train_lr)
+    original = {l: weight_view(model, l).detach().clone() for l in layers}
+    backbone = LocalBackbone(model)
+    # normalizer statistics from the unedited model over (a sample of) the training edits
+    warm = [rng.choice(g) for g in rng.sample(groups, min(len(groups), 200))]
+    sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in warm], [c.target_new for c in warm]), layers)
+    net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
+    net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
+    history = []
+    t0 = time.perf_counter()
+    bar = _progress(progress, hp.rollouts, f"training {method} on {model_name}")
+    router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
+    try:
+        with frozen(model):
+            for r in range(hp.rollouts):
+                seq = [rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))]  # distinct facts
+                batches = [seq[i:i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
+                probes = [_probe_batch(tok, b) for b in batches]
+                opt.zero_grad()
+                losses = []
+                for t, b in enumerate(batches):
+                    losses.append(_step(model, tok, backbone, net, router, top_k, layers, batches, probes, t,
+                                         rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))),
+                                         hp, gen))
+                opt.step()
+                for l in layers:  # the next rollout starts from the unedited model
+                    weight_view(model, l).data.copy_(original[l])
+                history.append(sum(losses) / len(losses))
+                bar(r, history[-1])
+    finally:
+        for l in layers:
+            weight_view(model, l).data.copy_(original[l])
+        bar(None, None)
+    seconds = time.perf_counter() - t0
+    changed = None
+    if router is not None:
+        changed = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(router.parameters(), router0))
+    log.info("trained %s in %.0f s; edit loss %.3f -> %.3f", method, seconds, history[0], history[-1])
+    return {
+        "method": method, "model": model_name, "fingerprint": model_fingerprint(model),
+        "arch": arch_of(model).layers + "/" + arch_of(model).edit_module, "layers": layers,
+        "module_names": [LocalBackbone(model).edit_param_name(l) for l in layers],
+        "net_config": net_config, "net": net.state_dict(),
+        "router": router.state_dict() if router is not None else None, "top_k": top_k,
+        "hparams": hp.model_dump(), "train": {"seconds": seconds, "edit_loss": history,
+                                               "router_param_change": changed, "n_facts": len(groups)},
+    }
+
+
+def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, loc_prompts, hp, gen):
+    """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
+    added to the networks'), then the deltas written. Returns the step's edit loss."""
+    b = batches[t]
+    sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers)
+    net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
+    net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
+    ids, mask = encode_texts(tok, loc_prompts)
+    at = (torch.arange(len(loc_prompts)), mask.sum(1) - 1)
+    with torch.no_grad():
+        before = torch.log_softmax(logits_at(backbone, ids, mask, *at), -1)
+
+    def step_loss(deltas):
+        with weight_offsets(model, deltas):
+            edit = sum(hp.mu ** i * _case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
+                       for i in range(min(hp.lookback, t) + 1))
+            after = torch.log_softmax(logits_at(backbone, ids, mask, *at), -1)
+        kl = (before.exp() * (before - after)).sum(-1).mean()
+        return edit + hp.locality * kl, edit
+
+    deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k, sample=getattr(hp, "explore", False),
+                                      generator=gen)
+    loss, edit = step_loss(deltas)
+    if router is not None:
+        with torch.no_grad():
+            all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
+            reference, _ = step_loss(all_deltas)
+        advantage = (reference - loss).detach()  # > 0: the chosen subset beats editing every candidate
+        loss = loss - advantage * log_pi.mean()
+    (loss / len(batches)).backward()
+    for l, d in deltas.items():
+        add_delta(model, l, d.detach())
+    return edit.item()
+
+
+def _progress(enabled: bool, total: int, label: str):
+    """A tqdm bar (or nothing): ``update(i, loss)``, ``update(None, None)`` closes it."""
+    if not enabled:
+        return lambda i, loss: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="rollout")
+
+    def update(i, loss):
+        if i is None:
+            bar.close()
+            return
+        bar.update(1)
+        bar.set_postfix(edit_loss=f"{loss:.3f}")
+    return update
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.rename(path)
+    return path
+
+
+def default_checkpoint(method: str, model_name: str | None, hp: RLEditHParams, model, tok, world,
+                       progress: bool) -> Path:
+    """The cached checkpoint for a ``world:*`` model (trained now if missing); other models must
+    name one in ``editor.hparams.checkpoint``."""
+    if not model_name or not model_name.startswith("world:"):
+        raise FileNotFoundError(f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
+                                f"`lme-sim train-editor --method {method} --model {model_name}`")
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(hp.model_dump(exclude={"checkpoint", "batch_size"}), sort_keys=True)
+                         .encode()).hexdigest()[:10]
+    path = cache_root() / "editors" / f"{method}-{model_name.replace(':', '_')}-{model_fingerprint(model)}-{key}.pt"
+    if not path.is_file():
+        log.info("training %s for %s (cached at %s)", method, model_name, path)
+        save_checkpoint(train_editor(method, model, tok, model_name, hp, world, progress=progress), path)
+    return path

@@ -1,0 +1,144 @@
+"""The learned editors' networks (RLEdit arXiv 2502.05759, on MALMEN's design arXiv 2311.04661;
+HiEdit arXiv 2604.11214 adds the router).
+
+Per edit token and edited module l the editor sees the module's input key k (d_ff) and the
+gradient g of the edit loss w.r.t. the module's output (d_model); W's plain gradient is sum g k^T.
+The hypernetwork maps the normalized pair [k, g] through low-rank residual blocks (with a
+scale and shift per module) to a pseudo key k~ and a pseudo gradient g~, the value shift of the
+token is v = -eta_l g~, and the module's delta is the ridge least-squares fit (MALMEN eq. 4)
+
+    Delta_l = argmin ||Delta K~^T - V^T||^2 + lambda_l ||Delta||^2 = V^T (K~ K~^T + lambda_l I)^-1 K~
+
+solved in the n x n token space, with a learned step eta_l and ridge term lambda_l per module.
+At initialization the residual blocks are zero, so k~ = k, g~ = g: a ridge-preconditioned
+gradient step. The HiEdit router scores every candidate module per edit from the same features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RunningNorm(nn.Module):
+    """Per-dimension mean and std of a feature, accumulated while training and frozen after."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Chan et al.'s parallel update of mean and sum of squared deviations."""
+        n = x.shape[0]
+        if n == 0:
+            return
+        mean, m2 = x.mean(0), ((x - x.mean(0)) ** 2).sum(0)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.count.fill_(total)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.m2 / self.count.clamp_min(1)).sqrt().clamp_min(1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class LowRankBlock(nn.Module):
+    """x + (U relu(V x)) * (1 + scale_l) + shift_l, U zero at start (MALMEN's residual block)."""
+
+    def __init__(self, dim: int, rank: int, n_modules: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = nn.Embedding(n_modules, dim)
+        self.shift = nn.Embedding(n_modules, dim)
+        nn.init.zeros_(self.scale.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, module: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.relu(self.down(x))) * (1 + self.scale(module)) + self.shift(module)
+
+
+def ridge_delta(pseudo_keys: torch.Tensor, values: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Delta = V^T (K K^T + lam I)^-1 K for K (n, d_in), V (n, d_out): (d_out, d_in)."""
+    n = pseudo_keys.shape[0]
+    A = pseudo_keys @ pseudo_keys.T + lam * torch.eye(n, dtype=pseudo_keys.dtype, device=pseudo_keys.device)
+    return values.T @ torch.linalg.solve(A, pseudo_keys)
+
+
+class HyperNet(nn.Module):
+    """Pseudo keys and value shifts for the modules of one weight shape (d_model x d_ff)."""
+
+    def __init__(self, d_ff: int, d_model: int, n_modules: int, rank: int = 64, n_blocks: int = 2,
+                 init_lr: float = 1.0, init_lambda: float = 1.0):
+        super().__init__()
+        self.d_ff, self.d_model = d_ff, d_model
+        self.key_norm, self.grad_norm = RunningNorm(d_ff), RunningNorm(d_model)
+        self.blocks = nn.ModuleList(LowRankBlock(d_ff + d_model, rank, n_modules) for _ in range(n_blocks))
+        self.log_lr = nn.Parameter(torch.full((n_modules,), math.log(init_lr)))
+        self.log_lambda = nn.Parameter(torch.full((n_modules,), math.log(init_lambda)))
+
+    def features(self, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.key_norm(keys), self.grad_norm(grads)], -1)
+
+    def forward(self, keys: torch.Tensor, grads: torch.Tensor, module: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pseudo keys, value shifts) for the tokens of one module; inputs (n, d_ff), (n, d_model)."""
+        x = self.features(keys, grads)
+        idx = torch.full((x.shape[0],), module, dtype=torch.long, device=x.device)
+        base = x
+        for block in self.blocks:
+            x = block(x, idx)
+        dk, dg = (x - base).split([self.d_ff, self.d_model], -1)
+        pk = keys + dk * self.key_norm.std  # residual in the raw scale: k~ = k at initialization
+        pg = grads + dg * self.grad_norm.std
+        return pk, -self.log_lr[module].exp() * pg
+
+    def delta(self, keys: torch.Tensor, grads: torch.Tensor, module: int,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Delta (d_model, d_ff) of one module; ``weight`` (n,) scales each token's row (HiEdit mask)."""
+        pk, v = self(keys, grads, module)
+        if weight is not None:
+            pk, v = pk * weight[:, None], v * weight[:, None]
+        return ridge_delta(pk, v, self.log_lambda[module].exp())
+
+
+class Router(nn.Module):
+    """HiEdit's high-level policy: a score per (edit, candidate module) from the edit's features."""
+
+    def __init__(self, dim: int, n_modules: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.module_bias = nn.Parameter(torch.zeros(n_modules))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features (n_edits, n_modules, dim) -> scores (n_edits, n_modules)."""
+        return self.net(features)[..., 0] + self.module_bias
+
+
+def top_k_mask(scores: torch.Tensor, k: int, sample: bool = False,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard top-``k`` mask per row with a straight-through gradient, and log pi(selection).
+
+    Forward: exactly 0/1. Backward: the gradient of k * softmax(scores). ``sample`` draws the
+    subset (Gumbel top-k, for exploration while training) instead of taking the best ``k``."""
+    probs = torch.softmax(scores, -1)
+    noisy = scores
+    if sample:
+        u = torch.rand(scores.shape, generator=generator).to(scores.device).clamp(1e-9, 1 - 1e-9)
+        noisy = scores - torch.log(-torch.log(u))
+    chosen = noisy.topk(k, -1).indices
+    hard = torch.zeros_like(scores).scatter(-1, chosen, 1.0)
+    soft = k * probs
+    log_pi = (torch.log_softmax(scores, -1) * hard).sum(-1)
+    return hard + (soft - soft.detach()), log_pi  # exactly 0/1 forward

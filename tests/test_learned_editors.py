@@ -1,0 +1,153 @@
+"""RLEdit and HiEdit: the networks' math, training over edit sequences on the small world's train
+split, and sequential editing of a held-out stream (the world's eval split)."""
+
+import copy
+
+import pytest
+import torch
+
+from lme_sim.arch import edit_module_path
+from lme_sim.editors import make_editor
+from lme_sim.editors.edit_signals import keys_and_grads, per_row_nll
+from lme_sim.editors.editor_training import save_checkpoint, train_editor
+from lme_sim.editors.hparams import load_hparams
+from lme_sim.editors.hypernet import RunningNorm, ridge_delta, top_k_mask
+from lme_sim.editors.rledit import CheckpointMismatch
+from lme_sim.metrics import case_metrics, summarize
+from lme_sim.tokens import encode_pairs
+
+MODEL = "world:small"
+TRAIN = {}  # the shipped world hyperparameters: 200 rollouts, ~3-4 min each on 2 CPU cores
+
+
+def test_ridge_delta_is_the_regularized_least_squares_fit():
+    K, V = torch.randn(6, 20, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    D = ridge_delta(K, V, torch.tensor(1e-9, dtype=torch.float64))
+    assert torch.allclose(D @ K.T, V.T, atol=1e-6)  # fewer tokens than inputs: an exact fit
+    lam = torch.tensor(0.7, dtype=torch.float64)
+    D = ridge_delta(K, V, lam)
+    normal = D @ (K.T @ K + lam * torch.eye(20, dtype=torch.float64)) - V.T @ K  # normal equations
+    assert normal.abs().max() < 1e-10
+
+
+def test_top_k_mask_is_hard_forward_and_passes_gradients():
+    scores = torch.randn(5, 4, requires_grad=True)
+    mask, log_pi = top_k_mask(scores, 2)
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0} and (mask.detach().sum(1) == 2).all()
+    assert torch.equal(mask.detach().argsort(1, descending=True)[:, :2].sort(1).values,
+                       scores.detach().topk(2, 1).indices.sort(1).values)
+    (mask * torch.arange(4.0)).sum().backward()
+    assert scores.grad.abs().sum() > 0
+    assert (log_pi < 0).all()
+
+
+def test_running_norm_matches_the_statistics_of_all_chunks():
+    x = torch.randn(300, 7) * 3 + 1
+    norm = RunningNorm(7)
+    for chunk in x.split(70):
+        norm.update(chunk)
+    assert torch.allclose(norm.mean, x.mean(0), atol=1e-5)
+    assert torch.allclose(norm.std, x.std(0, unbiased=False), atol=1e-5)
+
+
+def test_keys_and_grads_give_the_weight_gradient(fresh_small_world):
+    """sum_t g_t k_t^T over the edit tokens is exactly dL/dW of the edit loss."""
+    model, tok, world = fresh_small_world
+    cases = world.edit_cases(4, seed=3)
+    batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
+    sig = keys_and_grads(model, batch, [1, 3])
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.zero_grad()
+    per_row_nll(model, batch).sum().backward()
+    for l in (1, 3):
+        w_grad = model.get_submodule(edit_module_path(model, l)).weight.grad  # Conv1D: (d_ff, d_model)
+        assert torch.allclose(sig.keys[l].T @ sig.grads[l], w_grad, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(small_world, tmp_path_factory):
+    """RLEdit and HiEdit trained on the small world's train split (disjoint from its eval split)."""
+    model, tok, world = small_world
+    out = {}
+    for method in ("rledit", "hiedit"):
+        hp = load_hparams(method, MODEL, TRAIN)
+        ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False)
+        t = ckpt["train"]
+        print(f"{method}: trained {hp.rollouts} rollouts in {t['seconds']:.0f} s, edit loss "
+              f"{t['edit_loss'][0]:.3f} -> {sum(t['edit_loss'][-10:]) / 10:.3f}")
+        out[method] = (ckpt, save_checkpoint(ckpt, tmp_path_factory.mktemp("ckpt") / f"{method}.pt"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def held_out_runs(small_world, trained):
+    """Each method on the same held-out stream: 100 sequential edits in 10 batches."""
+    model, tok, world = small_world
+    stream = world.edit_cases(100, seed=0, split="eval")
+    runs = {}
+    for method, (_, path) in trained.items():
+        m = copy.deepcopy(model)
+        editor = make_editor(method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world, progress=False)
+        results = [editor.edit(stream[i:i + 10]) for i in range(0, 100, 10)]
+        runs[method] = (results, summarize(case_metrics(m, tok, stream)))
+        print(method, "after 100 held-out edits:", runs[method][1])
+    return stream, runs
+
+
+def test_the_training_split_is_disjoint_from_the_held_out_stream(small_world, held_out_runs):
+    world = small_world[2]
+    stream, _ = held_out_runs
+    train_subjects = {f.subject for f in world.split_facts("train")}
+    assert not train_subjects & {c.subject for c in stream}
+
+
+def test_rledit_edits_a_held_out_stream(small_world, held_out_runs):
+    stream, runs = held_out_runs
+    before = summarize(case_metrics(small_world[0], small_world[1], stream))
+    _, after = runs["rledit"]
+    assert before["efficacy"] == 0.0
+    assert after["efficacy"] >= 0.8
+
+
+def test_hiedit_touches_at_most_half_the_candidate_modules(held_out_runs):
+    _, runs = held_out_runs
+    (hi_results, hi), (_, rl) = runs["hiedit"], runs["rledit"]
+    per_edit = [len(t) for r in hi_results for t in r.touched]
+    print("HiEdit modules per edit", sum(per_edit) / len(per_edit), "of 4;", "HiEdit", hi, "RLEdit", rl)
+    assert sum(per_edit) / len(per_edit) <= 2.0
+    assert hi["efficacy"] >= 0.7  # it really edits with half the modules
+
+
+@pytest.mark.xfail(reason="not reached on the small world: measured HiEdit 0.80 efficacy / 0.31 specificity vs "
+                          "RLEdit 0.84 / 0.47 after 100 held-out edits (see the issue note)", strict=False)
+def test_hiedit_quality_matches_rledit(held_out_runs):
+    _, runs = held_out_runs
+    (_, hi), (_, rl) = runs["hiedit"], runs["rledit"]
+    assert hi["efficacy"] >= rl["efficacy"] - 0.02
+    assert hi["specificity"] >= rl["specificity"]
+
+
+def test_router_learns_and_its_choices_vary(trained, held_out_runs):
+    ckpt, _ = trained["hiedit"]
+    assert ckpt["train"]["router_param_change"] > 1e-3
+    _, runs = held_out_runs
+    choices = {tuple(t) for r in runs["hiedit"][0] for t in r.touched}
+    print("distinct module subsets chosen:", len(choices))
+    assert len(choices) >= 2
+
+
+def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_path):
+    from lme_sim.models import load_model
+
+    other = load_model("world:default", progress=False)
+    _, path = trained["rledit"]
+    with pytest.raises(CheckpointMismatch, match="trained for model 'world:small'"):
+        make_editor("rledit", other.model, other.tok, "world:default", {"checkpoint": str(path)},
+                    world=other.world, progress=False)
+    from lme_sim.scenario import ScenarioError, load_scenario
+
+    scn = tmp_path / "s.yaml"
+    scn.write_text(f"name: x\nmodel: world:default\neditor: {{method: rledit, hparams: {{checkpoint: {path}}}}}\n")
+    with pytest.raises(ScenarioError, match="editor.hparams.checkpoint"):
+        load_scenario(scn)
