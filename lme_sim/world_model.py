@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tqdm.auto import tqdm
 
 from .paths import atomic_dir, cache_root
@@ -30,6 +30,7 @@ SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    arch: str = "gpt2"  # gpt2 | llama (head_dim = n_embd / n_head; vLLM's CPU build wants 64)
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -78,12 +79,20 @@ def train_world_model(world: World, cfg: TrainConfig = TrainConfig(), progress: 
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer(world)
     ids, pos, obj = _fact_batch(world, tok)
-    config = GPT2Config(
-        vocab_size=len(tok), n_positions=max(32, ids.shape[1] + 16), n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    model = GPT2LMHeadModel(config)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if cfg.arch == "llama":
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
+                             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                             num_key_value_heads=cfg.n_head, max_position_embeddings=max(32, ids.shape[1] + 16),
+                             tie_word_embeddings=False, **special)
+        model = LlamaForCausalLM(config)
+    elif cfg.arch == "gpt2":
+        config = GPT2Config(vocab_size=len(tok), n_positions=max(32, ids.shape[1] + 16), n_embd=cfg.n_embd,
+                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            **special)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(f"TrainConfig.arch must be 'gpt2' or 'llama', not {cfg.arch!r}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     steps_per_epoch = -(-len(ids) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch,

@@ -59,3 +59,19 @@ def test_shipped_scenarios_validate():
         if "counterfact" in path.name and not (path.parents[2] / "shared" / "data").exists():
             continue
         load_scenario(path)
+
+
+def test_a_vllm_evaluator_without_vllm_stops_at_validation(tmp_path):
+    from lme_sim.vllm_scorer import vllm_available
+
+    if vllm_available():
+        pytest.skip("vLLM is installed here")
+    path = tmp_path / "v.yaml"
+    path.write_text(GOOD + "evaluator: {backend: vllm, tensor_parallel_size: 2, dtype: bfloat16}\n")
+    db = tmp_path / "out.duckdb"
+    r = CliRunner().invoke(main, ["run", str(path), "--db", str(db)])
+    assert r.exit_code == 2 and "evaluator.backend" in r.output and "vllm is not installed" in r.output
+    assert not db.exists()
+    ok = tmp_path / "hf.yaml"
+    ok.write_text(GOOD + "evaluator: {backend: hf}\n")
+    assert load_scenario(ok).evaluator.backend == "hf"

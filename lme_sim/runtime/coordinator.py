@@ -76,7 +76,11 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     opts = {"num_cpus": 0}
     editor = ray.remote(EditorService).options(**opts).remote(scn.model, shards.shards, scn.editor.method,
                                                                 scn.editor.hparams)
-    evaluators = [ray.remote(Evaluator).options(**opts).remote(scn.model, scn.eval.batch_size, scn.eval.fluency_prompts)
+    ev = scn.evaluator
+    ev_opts = {**opts, "num_gpus": ev.tensor_parallel_size if ev.backend == "vllm" else 1} if scn.runtime.gpus else opts
+    engine = ev.model_dump(exclude={"backend"})
+    evaluators = [ray.remote(Evaluator).options(**ev_opts).remote(scn.model, scn.eval.batch_size,
+                                                                  scn.eval.fluency_prompts, ev.backend, engine)
                   for _ in range(scn.runtime.evaluators)]
     ckpt_dir = Path(db).parent / "checkpoints" / run_id
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -63,15 +63,28 @@ class EditorService:
 
 
 class Evaluator:
-    def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0):
-        lm = load_model(model_name, progress=False)
-        self.backbone, self.tok, self.batch_size = LocalBackbone(lm.model), lm.tok, batch_size
-        self.fluency_prompts = fluency_prompts
+    """``backend``: "hf" (an in-process replica) or "vllm" (an engine; ``options``: VLLMOptions fields)."""
+
+    def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0, backend: str = "hf",
+                 options: dict | None = None):
+        if backend == "vllm":
+            from ..models import model_path
+            from ..vllm_scorer import VLLMOptions, VLLMScorer
+
+            self.tok = load_tokenizer(model_name)[0]
+            self.backbone = VLLMScorer(model_path(model_name), VLLMOptions(**(options or {})))
+        else:
+            lm = load_model(model_name, progress=False)
+            self.backbone, self.tok = LocalBackbone(lm.model), lm.tok
+        self.batch_size, self.fluency_prompts = batch_size, fluency_prompts
         self.version = 0
 
     def apply(self, deltas: dict[str, torch.Tensor], version: int) -> int:
-        for name, d in deltas.items():
-            self.backbone.apply_delta(name, d)
+        if isinstance(self.backbone, LocalBackbone):
+            for name, d in deltas.items():
+                self.backbone.apply_delta(name, d)
+        else:
+            self.backbone.apply(deltas, version)
         self.version = version
         return version
 

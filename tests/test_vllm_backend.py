@@ -1,0 +1,98 @@
+"""HF vs vLLM evaluator backends on a small Llama-architecture model, before and after edits.
+
+Runs with ``make test-vllm`` (its own venv with the CPU build of vLLM); skipped where vLLM is
+not installed (``make test`` deselects it by marker)."""
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.vllm
+pytest.importorskip("vllm")
+
+from lme_sim.backbone import LocalBackbone  # noqa: E402
+from lme_sim.editors import make_editor  # noqa: E402
+from lme_sim.metrics import case_metrics, summarize  # noqa: E402
+from lme_sim.scoring import greedy_generate, score_targets  # noqa: E402
+from lme_sim.vllm_scorer import VLLMOptions, VLLMScorer  # noqa: E402
+from lme_sim.world import World, get_world_config  # noqa: E402
+from lme_sim.world_model import TrainConfig, train_world_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama_world(tmp_path_factory):
+    """A 2-layer Llama (head_dim 64) trained on the small world, saved where vLLM can load it."""
+    world = World(get_world_config("small"))
+    model, tok, stats = train_world_model(world, TrainConfig(arch="llama", n_layer=2, n_head=2), progress=False)
+    print("tiny Llama on the small world:", stats)
+    path = tmp_path_factory.mktemp("llama-world")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model.eval(), tok, world, str(path)
+
+
+@pytest.fixture(scope="module")
+def engine(llama_world):
+    return VLLMScorer(llama_world[3], VLLMOptions(dtype="float32", max_model_len=32, gpu_memory_utilization=0.25))
+
+
+def _probes(cases):
+    prompts, targets = [], []
+    for c in cases:
+        for p in (c.prompt, *c.paraphrases):
+            prompts += [p, p]
+            targets += [c.target_new, c.target_true]
+        for p, answer in c.neighborhood:
+            prompts += [p, p]
+            targets += [answer, c.target_new]
+    return prompts, targets
+
+
+def _assert_same(hf, engine, tok, cases):
+    prompts, targets = _probes(cases)
+    a = score_targets(LocalBackbone(hf), tok, prompts, targets)
+    b = score_targets(engine, tok, prompts, targets)
+    gap = (a.mean_logprob - b.mean_logprob).abs().max().item()
+    print(f"{len(prompts)} probes: max |log P_hf - log P_vllm| = {gap:.2e}")
+    assert gap < 1e-3
+    assert torch.equal(a.token_acc, b.token_acc)
+    m_hf, m_vllm = summarize(case_metrics(LocalBackbone(hf), tok, cases)), summarize(case_metrics(engine, tok, cases))
+    assert m_hf == pytest.approx(m_vllm, abs=1e-9)
+    return m_hf
+
+
+def test_same_greedy_generations(llama_world, engine):
+    """(Runs before the engine is edited by the next test.)"""
+    model, tok, world, _ = llama_world
+    prompts = [c.prompt for c in world.edit_cases(6, seed=5)]
+    assert greedy_generate(engine, tok, prompts, max_new_tokens=5) == \
+        greedy_generate(LocalBackbone(model), tok, prompts, max_new_tokens=5)
+
+
+def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
+    model, tok, world, _ = llama_world
+    model = copy.deepcopy(model)
+    cases = world.edit_cases(20, seed=2)
+    before = _assert_same(model, engine, tok, cases)
+    editor = make_editor("memit", model, tok, "world:small", {"layers": [0, 1]}, world=world, progress=False)
+    for i in (0, 10):
+        result = editor.edit(cases[i:i + 10])
+        version = engine.apply(result.deltas)  # only the changed tensors travel
+    after = _assert_same(model, engine, tok, cases)
+    print("before", before, "after", after)
+    assert version == 2 and after["efficacy"] >= before["efficacy"] + 0.5  # the edits really took, in both
+
+
+def test_evaluator_service_with_the_vllm_backend(llama_world):
+    from lme_sim.runtime.services import Evaluator
+
+    model, tok, world, path = llama_world
+    cases = world.edit_cases(5, seed=7)
+    ev = Evaluator(path, fluency_prompts=2, backend="vllm", options={"dtype": "float32", "max_model_len": 32,
+                                                                 "gpu_memory_utilization": 0.45})
+    retention = [{"edit_id": i, "prompt": c.prompt, "value": c.target_true, "earlier": []} for i, c in enumerate(cases)]
+    out = ev.evaluate(1, 0, retention, cases)
+    names = {r["name"] for r in out["metrics"]}
+    assert {"efficacy", "specificity", "retention", "fluency"} <= names and len(out["probes"]) == 5
+    assert ev.apply({}, 3) == 3 and ev.evaluate(2, 1, retention, cases)["version"] == 3
