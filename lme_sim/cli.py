@@ -139,6 +139,58 @@ def query(sql: str, db: str) -> None:
 
 
 @main.command()
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
+def compare(run_ids: tuple[str, ...], db: str) -> None:
+    """Side-by-side table of finished runs (the papers' Table-1 columns)."""
+    from rich.console import Console
+
+    from .analysis import AnalysisError, comparison_table
+
+    try:
+        Console().print(comparison_table(db, list(run_ids)))
+    except AnalysisError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
+@click.option("--out", default="out/report", show_default=True, help="Folder for the PNGs and index.html.")
+def report(run_ids: tuple[str, ...], db: str, out: str) -> None:
+    """PNG plots (forgetting, metrics over steps, condition numbers, layer usage) and an HTML page."""
+    from .analysis import AnalysisError
+    from .report import write_report
+
+    try:
+        files = write_report(db, list(run_ids), out)
+    except AnalysisError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for f in files:
+        click.echo(str(f))
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
+@click.option("--out", default=None, help="Folder (default: out/export/<run_id>).")
+def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
+    """Every table's rows of one run as Parquet or CSV files."""
+    from .analysis import AnalysisError, export_run
+
+    try:
+        paths = export_run(db, run_id, out or f"out/export/{run_id}", fmt)
+    except AnalysisError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    for p in paths:
+        click.echo(str(p))
+
+
+@main.command()
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
     """List the runs in a results database."""

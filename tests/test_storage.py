@@ -23,7 +23,7 @@ def test_schema_idempotent(tmp_path):
     assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
     names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     assert {"runs", "batches", "edits", "probes", "metrics", "weight_stats",
-            "forgetting_curve", "edit_history"} <= names
+            "forgetting_curve", "edit_history", "method_summary", "layer_usage", "weight_health"} <= names
     con.close()
 
 
@@ -113,10 +113,14 @@ def test_resume(tmp_path):
 def test_views(tmp_path):
     lg = _logger(tmp_path)
     lg.start_run("other", "o", None, {}, "m", "memit")
-    e = lambda i, b, step, fact, sup=None: {"edit_id": i, "batch_id": b, "step": step,
-                                            "fact_key": fact, "supersedes": sup}
-    lg.commit_batch("r", {"batch_id": 0, "step": 0}, {"edits": [e(1, 0, 0, "A|r"), e(2, 0, 0, "B|r")]})
-    lg.commit_batch("r", {"batch_id": 1, "step": 2}, {"edits": [e(3, 1, 2, "A|r", sup=1)]})
+    e = lambda i, b, step, fact, sup=None, mods=("m0", "m1"): {"edit_id": i, "batch_id": b, "step": step,
+                                                               "fact_key": fact, "supersedes": sup,
+                                                               "modules": list(mods)}
+    w = lambda b, mod, cond: {"batch_id": b, "module": mod, "condition": cond, "frobenius": 1.0}
+    lg.commit_batch("r", {"batch_id": 0, "step": 0}, {"edits": [e(1, 0, 0, "A|r"), e(2, 0, 0, "B|r", mods=["m1"])],
+                                                      "weight_stats": [w(0, "m0", 2.0), w(0, "m1", 5.0)]})
+    lg.commit_batch("r", {"batch_id": 1, "step": 2}, {"edits": [e(3, 1, 2, "A|r", sup=1)],
+                                                      "weight_stats": [w(1, "m0", 3.0), w(1, "m1", 5.0)]})
     # another run reusing edit_id 1: must not leak into run r's joins
     lg.commit_batch("other", {"batch_id": 0, "step": 1}, {"edits": [e(1, 0, 1, "A|r")]})
     p = lambda step, edit, ok, kind="retention": {"run_id": "r", "step": step, "edit_id": edit,
@@ -126,13 +130,24 @@ def test_views(tmp_path):
         p(4, 1, False), p(4, 2, True), p(4, 3, True),                 # eval at step 4
         p(4, 3, False, "rewrite"), p(4, None, False, "known"),        # not retention: ignored
     ])
+    m = lambda ev, step, name, v: {"run_id": "r", "eval_id": ev, "step": step, "name": name, "value": v}
+    lg.append("metrics", [m(1, 2, "efficacy", 0.5), m(1, 2, "retention", 1.0),
+                          m(2, 4, "efficacy", 0.75), m(2, 4, "retention", 0.9), m(2, 4, "specificity", 0.6)])
     lg.flush()
     assert lg.query("SELECT eval_step, age, retention, n_probes FROM forgetting_curve "
                     "WHERE run_id = 'r'") == [
         (2, 0, 1.0, 1), (2, 2, 0.5, 2), (4, 2, 1.0, 1), (4, 4, 0.5, 2)]
-    assert lg.query("SELECT fact_key, step, edit_id, superseded_by FROM edit_history "
-                    "WHERE run_id = 'r'") == [
-        ("A|r", 0, 1, 3), ("A|r", 2, 3, None), ("B|r", 0, 2, None)]
+    assert lg.query("SELECT fact_key, step, edit_id, superseded_by, superseded_at_step, stopped_holding_at_step "
+                    "FROM edit_history WHERE run_id = 'r'") == [
+        ("A|r", 0, 1, 3, 2, 4), ("A|r", 2, 3, None, None, None), ("B|r", 0, 2, None, None, 2)]
+    assert lg.query("SELECT run_id, method, n_edits, final_step, efficacy, generalization, specificity, fluency, "
+                    "consistency, retention FROM method_summary ORDER BY run_id") == [
+        ("other", "memit", 1, None, None, None, None, None, None, None),
+        ("r", "memit", 3, 4, 0.75, None, 0.6, None, None, 0.9)]
+    assert lg.query("SELECT batch_id, module, n_edits FROM layer_usage WHERE run_id = 'r'") == [
+        (0, "m0", 1), (0, "m1", 2), (1, "m0", 1), (1, "m1", 1)]
+    assert lg.query("SELECT batch_id, module, condition, condition_growth FROM weight_health WHERE run_id = 'r'") == [
+        (0, "m0", 2.0, 1.0), (1, "m0", 3.0, 1.5), (0, "m1", 5.0, 1.0), (1, "m1", 5.0, 1.0)]
     lg.close()
 
 

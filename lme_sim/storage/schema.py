@@ -99,13 +99,49 @@ VIEWS = {
         WHERE p.probe = 'retention'
         GROUP BY p.run_id, p.step, p.step - e.step
         ORDER BY p.run_id, eval_step, age""",
-    # Every edit ordered by fact and step, with the edit that superseded it (if any).
+    # Every version of every fact: who superseded whom and when, and the first evaluation at which
+    # the edit no longer held (its retention probe failed while it was the fact's latest value).
     "edit_history": """
         SELECT e.run_id, e.fact_key, e.step, e.edit_id, e.batch_id, e.sim_time, e.kind,
                e.subject, e.relation, e.target_old, e.target_new, e.supersedes,
-               s.edit_id AS superseded_by, s.step AS superseded_at_step
+               s.edit_id AS superseded_by, s.step AS superseded_at_step,
+               (SELECT min(p.step) FROM probes p WHERE p.run_id = e.run_id AND p.edit_id = e.edit_id
+                  AND p.probe = 'retention' AND NOT p.correct) AS stopped_holding_at_step
         FROM edits e LEFT JOIN edits s ON s.run_id = e.run_id AND s.supersedes = e.edit_id
         ORDER BY e.run_id, e.fact_key, e.step, e.edit_id""",
+    # The papers' Table-1 columns per run, from its last evaluation (NULL: not measured in this run;
+    # consistency needs reference texts none of the shipped datasets has).
+    "method_summary": """
+        WITH last AS (
+            SELECT m.* FROM metrics m
+            WHERE m.eval_id = (SELECT max(eval_id) FROM metrics x WHERE x.run_id = m.run_id))
+        SELECT r.run_id, r.name, r.method, r.model,
+               (SELECT count(*) FROM edits e WHERE e.run_id = r.run_id) AS n_edits,
+               max(l.step) AS final_step,
+               max(l.value) FILTER (WHERE l.name = 'efficacy') AS efficacy,
+               max(l.value) FILTER (WHERE l.name = 'generalization') AS generalization,
+               max(l.value) FILTER (WHERE l.name = 'specificity') AS specificity,
+               max(l.value) FILTER (WHERE l.name = 'fluency') AS fluency,
+               max(l.value) FILTER (WHERE l.name = 'consistency') AS consistency,
+               max(l.value) FILTER (WHERE l.name = 'retention') AS retention,
+               max(l.value) FILTER (WHERE l.name = 'general_ability') AS general_ability
+        FROM runs r LEFT JOIN last l ON l.run_id = r.run_id
+        GROUP BY r.run_id, r.name, r.method, r.model, r.created_at
+        ORDER BY r.created_at""",
+    # Which modules the edits touched (all edited modules for most methods; HiEdit picks per edit).
+    "layer_usage": """
+        SELECT run_id, batch_id, module, count(*) AS n_edits
+        FROM (SELECT run_id, batch_id, unnest(modules) AS module FROM edits)
+        GROUP BY run_id, batch_id, module
+        ORDER BY run_id, batch_id, module""",
+    # Norms and condition number of every edited matrix per batch, and the growth since the first batch.
+    "weight_health": """
+        SELECT w.run_id, w.batch_id, w.module, w.frobenius, w.spectral, w.condition, w.delta_norm,
+               w.cum_delta_norm,
+               w.condition / first_value(w.condition) OVER (PARTITION BY w.run_id, w.module ORDER BY w.batch_id)
+                   AS condition_growth
+        FROM weight_stats w
+        ORDER BY w.run_id, w.module, w.batch_id""",
 }
 
 
@@ -136,7 +172,7 @@ def create_schema(con, path="<database>") -> None:
     for name, cols in TABLES.items():
         con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({cols})")
     for name, sql in VIEWS.items():
-        con.execute(f"CREATE VIEW IF NOT EXISTS {name} AS {sql}")
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     if stored_version(con) is None:
         con.execute(
             "INSERT INTO schema_info VALUES (?, now()::TIMESTAMP)", [SCHEMA_VERSION]

@@ -1,0 +1,141 @@
+"""``lme-sim report``: PNG plots of finished runs and one self-contained HTML page showing them.
+
+* forgetting.png: retention by edit age (the ``forgetting_curve`` view), one line per run;
+* metrics.png: efficacy / generalization / specificity / retention over edit steps, runs on one axis each;
+* condition.png: condition number of every edited matrix over batches (``weight_health``);
+* layer_usage.png: share of each batch's edits that touched each module (``layer_usage``), one
+  heatmap per run whose method picks modules per edit (HiEdit), else for the first run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from .analysis import _ids_sql, check_runs, comparison_table, summary_rows
+from .storage.logger import read_only_query
+
+CURVE_METRICS = ("efficacy", "generalization", "specificity", "retention")
+
+
+def _rows(db, sql: str) -> list[dict]:
+    cols, rows = read_only_query(db, sql)
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def _label(db, run_ids):
+    methods = {r["run_id"]: r["method"] for r in summary_rows(db, run_ids)}
+    return lambda rid: f"{methods[rid]} ({rid})"
+
+
+def plot_forgetting(db, run_ids, label, ax) -> None:
+    rows = _rows(db, f"select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
+                     f"from forgetting_curve where run_id in ({_ids_sql(run_ids)}) group by all order by age")
+    for rid in run_ids:
+        pts = [(r["age"], r["retention"]) for r in rows if r["run_id"] == rid]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=label(rid))
+    ax.set(title="Forgetting curve: is an edit still in force?", xlabel="edit age (batches since the edit)",
+           ylabel="retention (fraction of probes)", ylim=(-0.02, 1.02))
+
+
+def plot_metrics(db, run_ids, label, axes) -> None:
+    rows = _rows(db, f"select run_id, step, name, value from metrics where run_id in ({_ids_sql(run_ids)}) "
+                     f"and name in ({_ids_sql(list(CURVE_METRICS))}) order by step")
+    for ax, name in zip(axes, CURVE_METRICS):
+        for rid in run_ids:
+            pts = [(r["step"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=label(rid))
+        ax.set(title=name, xlabel="edit step (batch)", ylabel=name, ylim=(-0.02, 1.02))
+
+
+def plot_condition(db, run_ids, label, ax) -> None:
+    rows = _rows(db, f"select run_id, batch_id, module, condition from weight_health "
+                     f"where run_id in ({_ids_sql(run_ids)}) order by batch_id")
+    for rid in run_ids:
+        for module in sorted({r["module"] for r in rows if r["run_id"] == rid}):
+            pts = [(r["batch_id"], r["condition"]) for r in rows if r["run_id"] == rid and r["module"] == module]
+            short = ".".join(p for p in module.split(".") if p.isdigit() or p in ("c_proj", "down_proj", "fc_out"))
+            ax.plot(*zip(*pts), label=f"{label(rid)} {short}")
+    ax.set(title="Condition number of each edited matrix", xlabel="edit step (batch)",
+           ylabel="condition number (sigma_max / sigma_min)", yscale="log")
+
+
+def plot_layer_usage(db, run_id, label, ax) -> None:
+    import numpy as np
+
+    rows = _rows(db, f"select u.batch_id, u.module, u.n_edits / b.n_edits as share from layer_usage u "
+                     f"join batches b using (run_id, batch_id) where u.run_id = '{run_id}' order by 1, 2")
+    modules = sorted({r["module"] for r in rows})
+    batches = sorted({r["batch_id"] for r in rows})
+    grid = np.zeros((len(modules), max(len(batches), 1)))
+    for r in rows:
+        grid[modules.index(r["module"]), batches.index(r["batch_id"])] = r["share"]
+    im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(modules)), [m.replace(".weight", "") for m in modules], fontsize=7)
+    ax.set(title=f"Layer usage: {label(run_id)}", xlabel="edit step (batch)", ylabel="module")
+    ax.figure.colorbar(im, ax=ax, label="share of the batch's edits touching the module")
+
+
+def write_report(db, run_ids: list[str], out_dir) -> list[Path]:
+    """Write the PNGs and index.html into ``out_dir``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    check_runs(db, run_ids)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    label = _label(db, run_ids)
+    files = []
+
+    def save(fig, name):
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(out / name)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plot_forgetting(db, run_ids, label, ax)
+    save(fig, "forgetting.png")
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    plot_metrics(db, run_ids, label, axes.flat)
+    fig.suptitle("Editing metrics over the stream (evaluated on the most recent edits)")
+    save(fig, "metrics.png")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    plot_condition(db, run_ids, label, ax)
+    save(fig, "condition.png")
+    picks = [r["run_id"] for r in summary_rows(db, run_ids) if r["method"] == "hiedit"] or run_ids[:1]
+    fig, axes = plt.subplots(len(picks), 1, figsize=(8, 3 + 1.5 * len(picks)), squeeze=False)
+    for ax, rid in zip(axes[:, 0], picks):
+        plot_layer_usage(db, rid, label, ax)
+    save(fig, "layer_usage.png")
+    files.append(_write_html(db, run_ids, out, files))
+    return files
+
+
+def _write_html(db, run_ids, out: Path, images: list[Path]) -> Path:
+    import io
+
+    from rich.console import Console
+
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(comparison_table(db, run_ids))
+    table = console.export_text()
+    parts = [f"<h1>lme-sim report</h1><p>{html.escape(str(db))}: {html.escape(', '.join(run_ids))}</p>",
+             f"<pre>{html.escape(table)}</pre>"]
+    for img in images:
+        data = base64.b64encode(img.read_bytes()).decode()
+        parts.append(f'<h2>{html.escape(img.stem.replace("_", " "))}</h2>'
+                     f'<img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">')
+    page = out / "index.html"
+    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>lme-sim report</title>"
+                    "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}</style>"
+                    "</head><body>" + "\n".join(parts) + "</body></html>")
+    return page
