@@ -18,7 +18,7 @@ class AnalysisError(ValueError):
     pass
 
 
-def _ids_sql(run_ids: list[str]) -> str:
+def sql_list(run_ids: list[str]) -> str:
     return ", ".join("'" + r.replace("'", "''") + "'" for r in run_ids)
 
 
@@ -35,7 +35,7 @@ def check_runs(db, run_ids: list[str]) -> None:
 def summary_rows(db, run_ids: list[str]) -> list[dict]:
     """One ``method_summary`` row per run, in the order asked."""
     check_runs(db, run_ids)
-    cols, rows = read_only_query(db, f"select * from method_summary where run_id in ({_ids_sql(run_ids)})")
+    cols, rows = read_only_query(db, f"select * from method_summary where run_id in ({sql_list(run_ids)})")
     by_id = {r[0]: dict(zip(cols, r)) for r in rows}
     return [by_id[r] for r in run_ids]
 

@@ -145,13 +145,9 @@ def compare(run_ids: tuple[str, ...], db: str) -> None:
     """Side-by-side table of finished runs (the papers' Table-1 columns)."""
     from rich.console import Console
 
-    from .analysis import AnalysisError, comparison_table
+    from .analysis import comparison_table
 
-    try:
-        Console().print(comparison_table(db, list(run_ids)))
-    except AnalysisError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    Console().print(_analysis_or_exit(comparison_table, db, list(run_ids)))
 
 
 @main.command()
@@ -160,15 +156,9 @@ def compare(run_ids: tuple[str, ...], db: str) -> None:
 @click.option("--out", default="out/report", show_default=True, help="Folder for the PNGs and index.html.")
 def report(run_ids: tuple[str, ...], db: str, out: str) -> None:
     """PNG plots (forgetting, metrics over steps, condition numbers, layer usage) and an HTML page."""
-    from .analysis import AnalysisError
     from .report import write_report
 
-    try:
-        files = write_report(db, list(run_ids), out)
-    except AnalysisError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    for f in files:
+    for f in _analysis_or_exit(write_report, db, list(run_ids), out):
         click.echo(str(f))
 
 
@@ -179,14 +169,9 @@ def report(run_ids: tuple[str, ...], db: str, out: str) -> None:
 @click.option("--out", default=None, help="Folder (default: out/export/<run_id>).")
 def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
     """Every table's rows of one run as Parquet or CSV files."""
-    from .analysis import AnalysisError, export_run
+    from .analysis import export_run
 
-    try:
-        paths = export_run(db, run_id, out or f"out/export/{run_id}", fmt)
-    except AnalysisError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    for p in paths:
+    for p in _analysis_or_exit(export_run, db, run_id, out or f"out/export/{run_id}", fmt):
         click.echo(str(p))
 
 
@@ -205,6 +190,17 @@ def runs(db: str) -> None:
     click.echo("\t".join(cols))
     for r in rows:
         click.echo("\t".join(str(v) for v in r))
+
+
+def _analysis_or_exit(fn, *args):
+    """``fn(*args)``, or its AnalysisError (an unknown run or database) as one line and exit code 2."""
+    from .analysis import AnalysisError
+
+    try:
+        return fn(*args)
+    except AnalysisError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 def _load_scenario_or_exit(path: str):

@@ -13,7 +13,7 @@ import base64
 import html
 from pathlib import Path
 
-from .analysis import _ids_sql, check_runs, comparison_table, summary_rows
+from .analysis import sql_list, check_runs, comparison_table, summary_rows
 from .storage.logger import read_only_query
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity", "retention")
@@ -31,7 +31,7 @@ def _label(db, run_ids):
 
 def plot_forgetting(db, run_ids, label, ax) -> None:
     rows = _rows(db, f"select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
-                     f"from forgetting_curve where run_id in ({_ids_sql(run_ids)}) group by all order by age")
+                     f"from forgetting_curve where run_id in ({sql_list(run_ids)}) group by all order by age")
     for rid in run_ids:
         pts = [(r["age"], r["retention"]) for r in rows if r["run_id"] == rid]
         if pts:
@@ -41,8 +41,8 @@ def plot_forgetting(db, run_ids, label, ax) -> None:
 
 
 def plot_metrics(db, run_ids, label, axes) -> None:
-    rows = _rows(db, f"select run_id, step, name, value from metrics where run_id in ({_ids_sql(run_ids)}) "
-                     f"and name in ({_ids_sql(list(CURVE_METRICS))}) order by step")
+    rows = _rows(db, f"select run_id, step, name, value from metrics where run_id in ({sql_list(run_ids)}) "
+                     f"and name in ({sql_list(list(CURVE_METRICS))}) order by step")
     for ax, name in zip(axes, CURVE_METRICS):
         for rid in run_ids:
             pts = [(r["step"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
@@ -53,7 +53,7 @@ def plot_metrics(db, run_ids, label, axes) -> None:
 
 def plot_condition(db, run_ids, label, ax) -> None:
     rows = _rows(db, f"select run_id, batch_id, module, condition from weight_health "
-                     f"where run_id in ({_ids_sql(run_ids)}) order by batch_id")
+                     f"where run_id in ({sql_list(run_ids)}) order by batch_id")
     for rid in run_ids:
         for module in sorted({r["module"] for r in rows if r["run_id"] == rid}):
             pts = [(r["batch_id"], r["condition"]) for r in rows if r["run_id"] == rid and r["module"] == module]
