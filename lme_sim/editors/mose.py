@@ -74,7 +74,8 @@ class MOSE(Editor):
         hp, model = self.hp, self.model
         timer = PhaseTimer()
         batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
-        q_old_t = {l: self.rotation(l).transpose(-1, -2).float() for l in hp.layers}
+        q_old_t64 = {l: self.rotation(l).transpose(-1, -2) for l in hp.layers}  # Q_old^T, once per batch
+        q_old_t = {l: q.float() for l, q in q_old_t64.items()}
         params = {l: self.theta[l].clone().requires_grad_(True) for l in hp.layers}
         opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=hp.lr)
         loss_value, steps = float("nan"), 0
@@ -98,12 +99,11 @@ class MOSE(Editor):
         deltas, stats = {}, {"loss": loss_value, "steps": steps}
         with timer("apply"):
             for l, p in params.items():
-                q_old_t64 = self.rotation(l).transpose(-1, -2)
                 self.theta[l] = p.detach().clone()
                 Q = self.rotation(l)
                 eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
                 W = model.edit_weight(l).double()
-                delta = times_blocks(W, q_old_t64 @ Q - eye).float()
+                delta = times_blocks(W, q_old_t64[l] @ Q - eye).float()
                 name, stored = apply_layer_delta(model, l, delta)
                 deltas[name] = stored
                 stats[f"delta_norm_l{l}"] = delta.norm().item()
