@@ -55,11 +55,20 @@ class EvaluatorSpec(_Strict):
     max_model_len: int | None = Field(None, gt=0)  # vllm: longest prompt + generation
 
 
+class GeneralAbilitySpec(_Strict):
+    """Multiple-choice probes of what the model knows beyond the edits (:mod:`lme_sim.general_ability`)."""
+
+    n: int = Field(64, ge=0)  # items scored per evaluation (0: off)
+    # JSON(L) of {question, choices, answer}; default: unedited world facts (world:*) or the built-in set
+    path: str | None = None
+
+
 class EvalSpec(_Strict):
     every: int = Field(1, gt=0)  # evaluate after every N batches (and after the last)
     retention_sample: int = Field(500, gt=0)  # at most this many earlier edits probed per eval
     fluency_prompts: int = Field(16, ge=0)  # recent prompts whose greedy generations measure fluency
     batch_size: int = Field(64, gt=0)  # probes per forward pass
+    general_ability: GeneralAbilitySpec = GeneralAbilitySpec()
 
 
 class Scenario(_Strict):
@@ -130,6 +139,13 @@ def load_scenario(path: str | Path) -> Scenario:
                             f"{n_layers} layers (at most one shard per layer)")
     if scn.data.kind != "world" and scn.data.path and "/" in scn.data.path and not Path(scn.data.path).exists():
         raise ScenarioError(f"{path}: field 'data.path': file {scn.data.path!r} not found")
+    if scn.eval.general_ability.path:
+        from .general_ability import ProbeSetError, load_items
+
+        try:
+            load_items(scn.eval.general_ability.path)
+        except ProbeSetError as e:
+            raise ScenarioError(f"{path}: field 'eval.general_ability.path': {e}") from None
     from .editors.hparams import HParamsError, load_hparams
 
     if scn.evaluator.backend == "vllm":

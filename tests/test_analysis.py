@@ -31,6 +31,11 @@ def test_compare_prints_the_papers_columns(quickstart_db):
         assert col in r.output
     eff = read_only_query(db, f"select efficacy from method_summary where run_id = '{run_id}'")[1][0][0]
     assert f"{eff:.3f}" in r.output
+    ga = read_only_query(db, "select step, name, value from metrics where name like 'general_ability%' order by step")[1]
+    assert {n for _, n, _ in ga} == {"general_ability", "general_ability_retention"}
+    assert len({s for s, _, _ in ga}) >= 4  # measured at every evaluation of the run
+    acc, kept = read_only_query(db, "select general_ability, general_ability_retention from method_summary")[1][0]
+    assert 0.5 <= acc <= 1 and 0 < kept <= 1.5 and "general_ability" in r.output
     r = CliRunner().invoke(main, ["compare", "no-such-run", "--db", str(db)])
     assert r.exit_code == 2 and "no run no-such-run" in r.output
 

@@ -22,6 +22,7 @@ from rich.progress import Progress
 
 from ..cases import EditCase
 from ..data import load_counterfact, load_zsre
+from ..general_ability import MCItem, probe_items
 from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
@@ -52,6 +53,19 @@ def scenario_events(scn: Scenario) -> list[Event]:
     return build_events(scn.timeline(), cases, world, start, seed=scn.data.seed)
 
 
+def general_ability_items(scn: Scenario, events: list[Event]) -> list[MCItem]:
+    """The run's multiple-choice set (fixed for the whole run): a file, the world's facts that no
+    event of the stream edits, or the built-in set."""
+    spec = scn.eval.general_ability
+    if spec.n == 0:
+        return []
+    from ..models import load_tokenizer
+
+    world = load_tokenizer(scn.model)[1]
+    edited = {(e.case.subject, e.case.relation) for e in events if e.case is not None}
+    return probe_items(spec.n, spec.path, world, edited, seed=scn.data.seed)
+
+
 def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, address: str | None = None,
                     resume: str | None = None, console: Console | None = None, tag: str | None = None) -> str:
     """Run ``scn`` (one editing method) on Ray; returns the run id (``<name>[-<tag>]-<hex>``).
@@ -79,8 +93,10 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     ev = scn.evaluator
     ev_opts = {**opts, "num_gpus": ev.tensor_parallel_size if ev.backend == "vllm" else 1} if scn.runtime.gpus else opts
     engine = ev.model_dump(exclude={"backend"})
+    general = general_ability_items(scn, events)
     evaluators = [ray.remote(Evaluator).options(**ev_opts).remote(scn.model, scn.eval.batch_size,
-                                                                  scn.eval.fluency_prompts, ev.backend, engine)
+                                                                  scn.eval.fluency_prompts, ev.backend, engine,
+                                                                  general)
                   for _ in range(scn.runtime.evaluators)]
     ckpt_dir = Path(db).parent / "checkpoints" / run_id
     ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import torch
 from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..editors import editor_class, make_editor
+from ..general_ability import MCItem, mc_accuracy
 from ..metrics import case_metrics, fluency, summarize
 from ..models import load_model, load_tokenizer
 from ..scoring import score_targets
@@ -63,10 +64,12 @@ class EditorService:
 
 
 class Evaluator:
-    """``backend``: "hf" (an in-process replica) or "vllm" (an engine; ``options``: VLLMOptions fields)."""
+    """``backend``: "hf" (an in-process replica) or "vllm" (an engine; ``options``: VLLMOptions fields).
+    ``general_items``: the run's multiple-choice set; its accuracy on the unedited model is the
+    reference for ``general_ability_retention``."""
 
     def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0, backend: str = "hf",
-                 options: dict | None = None):
+                 options: dict | None = None, general_items: list[MCItem] | None = None):
         if backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer
@@ -78,6 +81,9 @@ class Evaluator:
             self.backbone, self.tok = LocalBackbone(lm.model), lm.tok
         self.batch_size, self.fluency_prompts = batch_size, fluency_prompts
         self.version = 0
+        self.general_items = list(general_items or [])
+        self.general_before = (mc_accuracy(self.backbone, self.tok, self.general_items, batch_size)
+                               if self.general_items else None)
 
     def apply(self, deltas: dict[str, torch.Tensor], version: int) -> int:
         if isinstance(self.backbone, LocalBackbone):
@@ -118,6 +124,10 @@ class Evaluator:
             metrics["retention"] = sum(p["correct"] for p in probes) / len(probes)
         if recent and self.fluency_prompts:
             metrics["fluency"] = fluency(self.backbone, self.tok, [c.prompt for c in recent[: self.fluency_prompts]])
+        if self.general_items:
+            metrics["general_ability"] = mc_accuracy(self.backbone, self.tok, self.general_items, self.batch_size)
+            if self.general_before:
+                metrics["general_ability_retention"] = metrics["general_ability"] / self.general_before
         rows = [{"eval_id": eval_id, "model_version": version, "step": step, "name": k, "value": float(v)}
                 for k, v in metrics.items()]
         return {"probes": probes, "metrics": rows, "version": version}

@@ -110,7 +110,8 @@ VIEWS = {
         FROM edits e LEFT JOIN edits s ON s.run_id = e.run_id AND s.supersedes = e.edit_id
         ORDER BY e.run_id, e.fact_key, e.step, e.edit_id""",
     # The papers' Table-1 columns per run, from its last evaluation (NULL: not measured in this run;
-    # consistency needs reference texts none of the shipped datasets has).
+    # consistency needs reference texts none of the shipped datasets has; general_ability is the
+    # multiple-choice accuracy, general_ability_retention that accuracy over the unedited model's).
     "method_summary": """
         WITH last AS (
             SELECT m.* FROM metrics m
@@ -124,7 +125,8 @@ VIEWS = {
                max(l.value) FILTER (WHERE l.name = 'fluency') AS fluency,
                max(l.value) FILTER (WHERE l.name = 'consistency') AS consistency,
                max(l.value) FILTER (WHERE l.name = 'retention') AS retention,
-               max(l.value) FILTER (WHERE l.name = 'general_ability') AS general_ability
+               max(l.value) FILTER (WHERE l.name = 'general_ability') AS general_ability,
+               max(l.value) FILTER (WHERE l.name = 'general_ability_retention') AS general_ability_retention
         FROM runs r LEFT JOIN last l ON l.run_id = r.run_id
         GROUP BY r.run_id, r.name, r.method, r.model, r.created_at
         ORDER BY r.created_at""",
