@@ -11,8 +11,9 @@ gradients on the current model W_{t-1}; the step's loss (the negative reward) is
 differentiated through the ridge solve into the networks; then Delta_t is written and the next
 step starts from it. Gradients of a rollout are summed and applied in one optimizer step.
 
-HiEdit's router picks ``top_k`` modules per edit (Gumbel top-k while training, to explore). It
-learns from two signals that really reach its parameters: the straight-through gradient of the
+HiEdit's router picks ``top_k`` modules per edit (Gumbel top-k while training, to explore), with
+an optional penalty on uneven module usage (``balance``) that keeps it from settling on one subset
+for every edit. It learns from two signals that really reach its parameters: the straight-through gradient of the
 step loss through the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens),
 and REINFORCE with the intrinsic reward A = L(edit all candidates) - L(selected subset).
 """
@@ -178,6 +179,9 @@ def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, 
             reference, _ = step_loss(all_deltas)
         advantage = (reference - loss).detach()  # > 0: the chosen subset beats editing every candidate
         loss = loss - advantage * log_pi.mean()
+        if hp.balance:  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
+            share = sel.mean(0) * len(layers) / top_k
+            loss = loss + hp.balance * (share ** 2).mean()
     (loss / len(batches)).backward()
     for l, d in deltas.items():
         add_delta(model, l, d.detach())

