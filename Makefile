@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lme-sim-installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lme-sim-installed
 
-.PHONY: setup run test test-slow test-vllm bench clean
+.PHONY: setup run test test-slow test-vllm bench bench-smollm2 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,7 +43,10 @@ $(VLLM_STAMP): pyproject.toml Makefile
 test-vllm: $(VLLM_STAMP)        ## HF vs vLLM evaluator parity on vLLM's CPU build (separate from make test)
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_backend.py -s
 
-bench: setup                    ## batched vs one-at-a-time target optimization on SmolLM2-135M
+bench: setup                    ## edits/s per method and phase, probes/s, history and shard scaling (a few minutes)
+	$(VENV)/bin/lme-sim bench --quick
+
+bench-smollm2: setup            ## batched vs one-at-a-time target optimization on SmolLM2-135M
 	$(PY) benchmarks/target_batching.py
 
 clean:

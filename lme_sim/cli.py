@@ -119,6 +119,34 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
 
 
 @main.command()
+@click.option("--quick", is_flag=True, help="The small world and short streams (a few minutes on 2 CPU cores); "
+                                           "learned editors train on a small budget.")
+@click.option("--methods", default=None, help="Comma-separated editors (default: memit,alphaedit,mose,ft,rledit,hiedit).")
+@click.option("--batch-sizes", default=None, help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).")
+@click.option("--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one).")
+@click.option("--out", default="runs/bench.json", show_default=True, help="JSON result file.")
+@click.option("--db", default="runs/bench.duckdb", show_default=True,
+              help="DuckDB file: rows go to its bench_results table (the shard runs to its runs tables).")
+def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: str | None, device: str, out: str,
+          db: str) -> None:
+    """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
+    and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows."""
+    from .bench import BenchError, bench_config, print_result, run_bench
+
+    try:
+        cfg = bench_config(quick, methods, batch_sizes, sections, device)
+    except BenchError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    result = run_bench(cfg, out, db)
+    print_result(result)
+    click.echo(f"wrote {out}; rows in table bench_results of {db}, e.g.  lme-sim query "
+               f"\"select section, method, batch_size, rate from bench_results where bench_id = "
+               f"'{result['bench_id']}'\" --db {db}")
+
+
+@main.command()
 @click.argument("sql")
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def query(sql: str, db: str) -> None:

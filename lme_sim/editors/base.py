@@ -15,10 +15,22 @@ from ..cases import EditCase
 from .hparams import HParams, load_hparams
 
 
+# The phases an edit's time is split into (EditResult.timings; the batches table; ``lme-sim bench``):
+#   keys     reading W's inputs: MEMIT/AlphaEdit keys (and AlphaEdit's keys for its covariance after
+#            the batch), RLEdit/HiEdit per-token keys and output gradients
+#   targets  target-vector optimization (MEMIT, AlphaEdit)
+#   solve    computing the update: MEMIT/AlphaEdit's linear solve, MOSE's rotation fit and FT's weight
+#            fit (gradient steps straight on the weights, no target vectors), RLEdit/HiEdit's
+#            hypernetwork and ridge solve
+#   apply    adding the deltas to the editor's model (on shards: sending them to the owning actor)
+#   sync     bringing other copies up to date: shards following an in-process editor, evaluator replicas
+PHASES = ("keys", "targets", "solve", "apply", "sync")
+
+
 @dataclass
 class EditResult:
     deltas: dict[str, torch.Tensor]  # parameter name -> delta, shaped like the parameter
-    timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds
+    timings: dict[str, float] = field(default_factory=dict)  # phase (one of PHASES) -> seconds
     stats: dict[str, float] = field(default_factory=dict)
     touched: list[list[str]] | None = None  # per edit, the parameters it changed (None: all of ``deltas``)
 

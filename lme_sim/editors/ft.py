@@ -32,7 +32,7 @@ class FT(Editor):
         batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
         opt = torch.optim.Adam(params, lr=hp.lr)
         loss_value, steps = float("nan"), 0
-        with timer("optimize"), frozen(model):
+        with timer("solve"), frozen(model):
             for p in params:
                 p.requires_grad_(True)
             for steps in range(hp.num_steps):

@@ -79,7 +79,7 @@ class MOSE(Editor):
         params = {l: self.theta[l].clone().requires_grad_(True) for l in hp.layers}
         opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=hp.lr)
         loss_value, steps = float("nan"), 0
-        with timer("optimize"), frozen(model):
+        with timer("solve"), frozen(model):
             for steps in range(1, hp.num_steps + 1):
                 rotate = {l: q_old_t[l] @ cayley(p) for l, p in params.items()}
                 rows, lp, _ = target_logprobs(model, batch, rotate=rotate)

@@ -119,10 +119,10 @@ class RLEdit(Editor):
         timer = PhaseTimer()
         layers = list(self.hp.layers)
         model = self.model.model
-        with timer("signals"):
+        with timer("keys"):
             batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
             signals = keys_and_grads(model, batch, layers)
-        with timer("hypernet"):
+        with timer("solve"):
             deltas, mask, _ = plan_deltas(self.net, signals, layers, len(cases), self.router, self.top_k)
         names = {l: self.model.edit_param_name(l) for l in layers}
         touched = [[names[l] for i, l in enumerate(layers) if mask is None or mask[e, i] > 0]

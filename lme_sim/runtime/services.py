@@ -14,6 +14,7 @@ import torch
 from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..editors import editor_class, make_editor
+from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
 from ..metrics import case_metrics, fluency, summarize
 from ..models import load_model, load_tokenizer
@@ -40,10 +41,12 @@ class EditorService:
 
     def edit(self, cases: list[EditCase]) -> dict:
         result = self.editor.edit(cases)
+        timer = PhaseTimer(result.timings)
         if self.local is not None:
-            for name, d in result.deltas.items():
-                self.backbone.apply_delta(name, d)
-        return {"deltas": result.deltas, "timings": result.timings, "stats": result.stats, "touched": result.touched}
+            with timer("sync"):  # the shards follow the local replica
+                for name, d in result.deltas.items():
+                    self.backbone.apply_delta(name, d)
+        return {"deltas": result.deltas, "timings": dict(timer), "stats": result.stats, "touched": result.touched}
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
@@ -64,12 +67,12 @@ class EditorService:
 
 
 class Evaluator:
-    """``backend``: "hf" (an in-process replica) or "vllm" (an engine; ``options``: VLLMOptions fields).
-    ``general_items``: the run's multiple-choice set; its accuracy on the unedited model is the
-    reference for ``general_ability_retention``."""
+    """``backend``: "hf" (an in-process replica on ``device``) or "vllm" (an engine; ``options``:
+    VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy on the
+    unedited model is the reference for ``general_ability_retention``."""
 
     def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0, backend: str = "hf",
-                 options: dict | None = None, general_items: list[MCItem] | None = None):
+                 options: dict | None = None, general_items: list[MCItem] | None = None, device: str = "cpu"):
         if backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer
@@ -77,7 +80,7 @@ class Evaluator:
             self.tok = load_tokenizer(model_name)[0]
             self.backbone = VLLMScorer(model_path(model_name), VLLMOptions(**(options or {})))
         else:
-            lm = load_model(model_name, progress=False)
+            lm = load_model(model_name, device=device, progress=False)
             self.backbone, self.tok = LocalBackbone(lm.model), lm.tok
         self.batch_size, self.fluency_prompts = batch_size, fluency_prompts
         self.version = 0

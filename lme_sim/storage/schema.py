@@ -1,7 +1,7 @@
 """DuckDB schema of the run database: tables, views and the schema version.
 
-Every row carries ``run_id``.  ``create_schema`` is idempotent and refuses a file written by
-another schema version (``SchemaError``) instead of silently mixing layouts.
+Every row carries ``run_id`` (``bench_results`` rows: ``bench_id``).  ``create_schema`` is idempotent
+and refuses a file written by another schema version (``SchemaError``) instead of silently mixing layouts.
 """
 
 from __future__ import annotations
@@ -88,6 +88,34 @@ TABLES = {
         condition DOUBLE,
         delta_norm DOUBLE,
         cum_delta_norm DOUBLE""",
+    # ``lme-sim bench`` results (lme_sim.bench): one row per measurement, with the machine and versions
+    "bench_results": """
+        bench_id VARCHAR,          -- one bench invocation
+        preset VARCHAR,            -- quick | full
+        created_at TIMESTAMP,
+        section VARCHAR,           -- edits | probes | history | shards
+        status VARCHAR,            -- ok | unavailable | failed
+        model VARCHAR,
+        device VARCHAR,
+        method VARCHAR,
+        backend VARCHAR,           -- probes: hf | vllm
+        batch_size INTEGER,
+        shards INTEGER,
+        step INTEGER,              -- history: the batch's number in the stream
+        n INTEGER,                 -- edits or probes timed
+        seconds DOUBLE,
+        rate DOUBLE,
+        unit VARCHAR,              -- edits/s | probes/s
+        cpu_seconds DOUBLE,        -- CPU time of the measuring process (all threads)
+        phases JSON,               -- phase -> seconds (keys, targets, solve, apply, sync)
+        setup_seconds DOUBLE,
+        peak_rss_mb DOUBLE,
+        cuda_peak_mb DOUBLE,
+        state_mb DOUBLE,           -- the editor's checkpointed state
+        run_id VARCHAR,            -- shards: the run it timed (in the runs table)
+        note VARCHAR,
+        machine JSON,
+        versions JSON""",
 }
 
 VIEWS = {

@@ -1,0 +1,477 @@
+"""``lme-sim bench``: how fast lme-sim edits and evaluates, measured on the embedded world models.
+
+Sections, each a list of result rows (written to a JSON file and to the ``bench_results`` table of a
+DuckDB file, every row with the machine and the versions it ran on):
+
+* ``edits``: edits/s per method and batch size, split into the editors' phases (keys, targets,
+  solve, apply; see :data:`lme_sim.editors.base.PHASES`) plus ``sync``, the deltas applied to an
+  evaluator's replica; editor set-up (learned editors: training their networks) is timed apart.
+* ``probes``: probes/s per evaluator backend (HF; vLLM where it is installed) and the time an
+  evaluator takes to follow one batch's deltas.
+* ``history``: one long AlphaEdit stream with every batch timed: the cost per batch stays flat
+  because its state is a fixed-size key covariance, not a list of earlier keys (``state_mb``).
+* ``shards``: the same small scenario through the real Ray runtime (shard actors, editor,
+  evaluator, logger) on 1, 2, 4 shards; those runs land in the same DuckDB file.
+
+Peak memory is this process's resident high-water mark during the timed work (and CUDA's max
+allocated on a GPU); Ray actors of the ``shards`` section are other processes and not in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import statistics
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cases import EditCase
+from .sysinfo import Measure, machine_info, versions
+
+SECTIONS = ("edits", "probes", "history", "shards")
+METHODS = ("memit", "alphaedit", "mose", "ft", "rledit", "hiedit")
+LEARNED = ("rledit", "hiedit")
+BACKENDS = ("hf", "vllm")
+HISTORY_METHOD = "alphaedit"
+SHARDS_METHOD = "alphaedit"
+# --quick trains the learned editors' networks on this budget (the shipped one takes minutes): the same
+# networks, so the same edit speed, but edit quality is not representative.
+QUICK_TRAINING = {"rollouts": 2, "rollout_batches": 2}
+
+
+class BenchError(ValueError):
+    """A bad benchmark setting; the message names the option."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    preset: str = "full"
+    model: str = "world:default"
+    methods: tuple[str, ...] = METHODS
+    batch_sizes: tuple[int, ...] = (1, 10, 100)
+    batches: int = 3  # timed batches per method and batch size
+    warmup: int = 1  # untimed batches before them
+    learned_hparams: dict = field(default_factory=dict)  # overrides for rledit / hiedit
+    probes: int = 5000
+    probe_batch_size: int = 64
+    backends: tuple[str, ...] = BACKENDS
+    history_batch_size: int = 10
+    history_marks: tuple[int, ...] = (1, 20, 100)  # batches reported; the stream runs to the last one
+    shard_counts: tuple[int, ...] = (1, 2, 4)
+    shard_edits: int = 100
+    shard_batch_size: int = 10
+    sections: tuple[str, ...] = SECTIONS
+    device: str = "cpu"
+
+
+FULL = BenchConfig()
+QUICK = dataclasses.replace(FULL, preset="quick", model="world:small", batch_sizes=(1, 10), batches=1, warmup=0,
+                            learned_hparams=QUICK_TRAINING, probes=1000, history_batch_size=5,
+                            history_marks=(1, 10, 30), shard_edits=20)
+
+
+def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: str | None = None,
+                 sections: str | None = None, device: str = "auto") -> BenchConfig:
+    """The preset (quick or full) with the command line's choices on top; a bad one is a BenchError."""
+    cfg = QUICK if quick else FULL
+    changes: dict = {"device": _device(device)}
+    if methods:
+        changes["methods"] = _choices("--methods", methods, METHODS)
+    if sections:
+        changes["sections"] = _choices("--sections", sections, SECTIONS)
+    if batch_sizes:
+        try:
+            sizes = tuple(int(b) for b in batch_sizes.split(","))
+        except ValueError:
+            raise BenchError(f"--batch-sizes: comma-separated whole numbers, e.g. 1,10; got {batch_sizes!r}") from None
+        changes["batch_sizes"] = sizes
+    cfg = dataclasses.replace(cfg, **changes)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: BenchConfig) -> None:
+    from .scenario import model_n_layers
+
+    if any(b <= 0 for b in cfg.batch_sizes):
+        raise BenchError(f"--batch-sizes: edits per batch must be positive, got {list(cfg.batch_sizes)}")
+    if list(cfg.history_marks) != sorted(set(cfg.history_marks)) or cfg.history_marks[0] < 1:
+        raise BenchError(f"history_marks: increasing batch numbers from 1, got {list(cfg.history_marks)}")
+    n_layers = model_n_layers(cfg.model)
+    if "shards" in cfg.sections and max(cfg.shard_counts) > n_layers:
+        raise BenchError(f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
+                         "(at most one shard per layer)")
+
+
+def _choices(option: str, value: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    picked = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in picked if v not in known]
+    if bad or not picked:
+        raise BenchError(f"{option}: unknown {', '.join(map(repr, bad)) or 'empty list'} "
+                         f"(choose from {','.join(known)})")
+    return picked
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device: cuda asked for, but torch sees no CUDA device here (torch "
+                         f"{torch.__version__}); use --device cpu")
+    if device not in ("cpu", "cuda"):
+        raise BenchError(f"--device: auto, cpu or cuda, not {device!r}")
+    return device
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -> dict:
+    """Run the configured sections; write the result as JSON to ``out`` and as rows of the
+    ``bench_results`` table into ``db``; return it."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .models import load_model
+
+    from transformers.utils import logging as hf_logging
+
+    check_config(cfg)
+    console = console or Console()
+    hf_logging.disable_progress_bar()  # a model load per measured configuration; the bench shows its own
+    bench_id = f"bench-{uuid.uuid4().hex[:8]}"
+    created = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    machine, vers = machine_info(), versions()
+    with Measure() as total:
+        lm = load_model(cfg.model, device=cfg.device)  # the world model trains (and is cached) on first use
+        units = {"edits": len(cfg.methods) * len(cfg.batch_sizes), "probes": len(cfg.backends),
+                 "history": cfg.history_marks[-1], "shards": len(cfg.shard_counts)}
+        rows: list[dict] = []
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("bench", total=sum(units[s] for s in cfg.sections))
+
+            def step(what: str, done: int = 0) -> None:
+                bar.update(task, description=what, advance=done)
+
+            for section in cfg.sections:
+                found = SECTION_RUNNERS[section](cfg, lm, str(db), step)
+                rows += [{"section": section, "model": cfg.model, "device": cfg.device, "status": "ok", **r}
+                         for r in found]
+    machine["load_avg_1m_end"] = machine_info()["load_avg_1m"]
+    result = {"bench_id": bench_id, "preset": cfg.preset, "created_at": created.isoformat(),
+              "wall_seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "config": dataclasses.asdict(cfg), "machine": machine,
+              "versions": vers, "results": rows}
+    write_result(result, out, db)
+    return result
+
+
+def stream_cases(world, n: int) -> list[EditCase]:
+    """``n`` edit cases of a world; past its number of facts the facts are edited again (each pass
+    toward other random objects), so a stream can be as long as a benchmark needs."""
+    cases: list[EditCase] = []
+    seed = 0
+    while len(cases) < n:
+        cases += world.edit_cases(min(n - len(cases), len(world.facts)), seed=seed)
+        seed += 1
+    return cases
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _state_mb(editor) -> float:
+    """Size of the editor's checkpointed state (AlphaEdit: its key covariance per layer)."""
+    def size(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(size(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(size(v) for v in x)
+        return 0
+    return size(editor.state_dict()) / 2**20
+
+
+def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
+    """edits/s per method and batch size; phases summed over the timed batches."""
+    from .backbone import LocalBackbone
+    from .editors import editor_class, make_editor
+    from .editors.base import PhaseTimer
+
+    rows = []
+    for method in cfg.methods:
+        overrides = dict(cfg.learned_hparams) if method in LEARNED else {}
+        for bs in cfg.batch_sizes:
+            step(f"edits: {method}, batches of {bs}" + (" (training its networks)" if method in LEARNED else ""))
+            model = copy.deepcopy(lm.model)
+            replica = LocalBackbone(copy.deepcopy(lm.model))  # an evaluator's copy, following by deltas
+            cases = stream_cases(lm.world, (cfg.warmup + cfg.batches) * bs)
+            batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
+            with Measure(cfg.device) as setup:
+                hp = editor_class(method).prepare(cfg.model, overrides, progress=False)
+                editor = make_editor(method, model, lm.tok, cfg.model, hp, world=lm.world, progress=False)
+            phases = PhaseTimer()
+            for batch in batches[:cfg.warmup]:
+                _edit_and_sync(editor, replica, batch, PhaseTimer(), cfg.device)
+            with Measure(cfg.device) as m:
+                for batch in batches[cfg.warmup:]:
+                    _edit_and_sync(editor, replica, batch, phases, cfg.device)
+            n = cfg.batches * bs
+            note = "set-up: editor construction"
+            if method in LEARNED:
+                note += " and its networks (trained on first use, then cached)"
+                if overrides:
+                    note += f"; trained on a quick budget {overrides}: speed as shipped, quality not"
+            rows.append({"method": method, "batch_size": bs, "n": n, "seconds": m.seconds, "rate": n / m.seconds,
+                         "cpu_seconds": m.cpu_seconds, "unit": "edits/s", "phases": dict(phases), "setup_seconds": setup.seconds,
+                         "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb,
+                         "state_mb": _state_mb(editor), "note": note})
+            del model, replica, editor
+            step("", 1)
+    return rows
+
+
+def _edit_and_sync(editor, replica, batch: list[EditCase], phases, device: str) -> None:
+    from .editors.base import apply_deltas
+
+    result = editor.edit(batch)
+    for phase, seconds in result.timings.items():
+        phases[phase] = phases.get(phase, 0.0) + seconds
+    with phases("sync"):
+        apply_deltas(replica, result.deltas)
+        _synchronize(device)
+
+
+def probe_set(world, n: int) -> tuple[list[str], list[str]]:
+    """``n`` (prompt, target) probes: every fact in every phrasing, repeated as needed."""
+    pairs = [(p, c.target_true) for c in world.known_cases() for p in (c.prompt, *c.paraphrases)]
+    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
+    """probes/s of each evaluator backend, and the time it takes to follow one batch's deltas."""
+    from .backbone import LocalBackbone
+    from .editors.hparams import load_hparams
+    from .runtime.services import Evaluator
+    from .scoring import score_targets
+    from .vllm_scorer import vllm_available
+
+    prompts, targets = probe_set(lm.world, cfg.probes)
+    local = LocalBackbone(lm.model)
+    names = [local.edit_param_name(l) for l in load_hparams(HISTORY_METHOD, cfg.model).layers]
+    params = dict(lm.model.named_parameters())
+    deltas = {n: 1e-6 * torch.randn(params[n].shape) for n in names}  # a batch's deltas, on the CPU as sent
+    rows = []
+    for backend in cfg.backends:
+        step(f"probes: {backend} backend")
+        row = {"backend": backend, "n": len(prompts), "unit": "probes/s"}
+        if backend == "vllm" and not vllm_available():
+            rows.append({**row, "status": "unavailable", "note": "vllm is not installed here (README: vLLM evaluators)"})
+            step("", 1)
+            continue
+        try:
+            with Measure(cfg.device) as setup:
+                ev = Evaluator(cfg.model, cfg.probe_batch_size, backend=backend, device=cfg.device)
+        except Exception as e:  # vLLM installed but unable to serve this model here: report it, go on
+            rows.append({**row, "status": "failed", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            step("", 1)
+            continue
+        score_targets(ev.backbone, ev.tok, prompts[:cfg.probe_batch_size], targets[:cfg.probe_batch_size],
+                      cfg.probe_batch_size)  # warm-up
+        with Measure(cfg.device) as m:
+            score_targets(ev.backbone, ev.tok, prompts, targets, cfg.probe_batch_size)
+        with Measure(cfg.device) as sync:
+            ev.apply(deltas, 1)
+        rows.append({**row, "batch_size": cfg.probe_batch_size, "seconds": m.seconds, "rate": len(prompts) / m.seconds,
+                     "cpu_seconds": m.cpu_seconds,
+                     "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds, "peak_rss_mb": m.peak_rss_mb,
+                     "cuda_peak_mb": m.cuda_peak_mb,
+                     "note": f"{cfg.probe_batch_size} probes per pass; sync: one batch's deltas on {len(deltas)} matrices"})
+        del ev
+        step("", 1)
+    return rows
+
+
+def bench_history(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
+    """One AlphaEdit stream of ``history_marks[-1]`` batches, every batch timed (one row each)."""
+    from .editors import make_editor
+
+    bs, n_batches = cfg.history_batch_size, cfg.history_marks[-1]
+    editor = make_editor(HISTORY_METHOD, copy.deepcopy(lm.model), lm.tok, cfg.model, world=lm.world, progress=False)
+    cases = stream_cases(lm.world, n_batches * bs)
+    rows = []
+    for i in range(n_batches):
+        step(f"history: {HISTORY_METHOD} batch {i + 1}/{n_batches}")
+        with Measure(cfg.device) as m:
+            result = editor.edit(cases[i * bs:(i + 1) * bs])
+        rows.append({"method": HISTORY_METHOD, "batch_size": bs, "step": i + 1, "n": bs, "seconds": m.seconds,
+                     "rate": bs / m.seconds, "cpu_seconds": m.cpu_seconds, "unit": "edits/s", "phases": result.timings,
+                     "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb, "state_mb": _state_mb(editor)})
+        step("", 1)
+    return rows
+
+
+def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
+    """The same scenario through the Ray runtime on each shard count; its runs go into ``db``."""
+    from rich.console import Console
+
+    from .runtime.coordinator import run_distributed
+    from .runtime.ray_utils import init_ray
+    from .scenario import DataSpec, EditorSpec, EvalSpec, RuntimeSpec, Scenario, StreamSpec
+    from .storage.logger import read_only_query
+
+    import ray
+
+    started = not ray.is_initialized()
+    step("shards: starting Ray")
+    init_ray()
+    rows = []
+    try:
+        for n in cfg.shard_counts:
+            step(f"shards: {SHARDS_METHOD} on {n} shard actor(s)")
+            gpus = cfg.device == "cuda" and torch.cuda.device_count() >= n + 1  # a GPU per shard and evaluator
+            scn = Scenario(name=f"bench-shards{n}", model=cfg.model, data=DataSpec(n_edits=cfg.shard_edits),
+                           editor=EditorSpec(method=SHARDS_METHOD), stream=StreamSpec(batch_size=cfg.shard_batch_size),
+                           eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0), runtime=RuntimeSpec(shards=n, gpus=gpus),
+                           db=db)
+            with Measure() as m:
+                run_id = run_distributed(scn, "lme-sim bench", db=db, console=Console(quiet=True))
+            _, batches = read_only_query(db, f"select seconds, timings from batches where run_id = '{run_id}'")
+            editing = sum(s for s, _ in batches)
+            phases: dict[str, float] = {}
+            for _, timings in batches:
+                for k, v in _json(timings).items():
+                    phases[k] = phases.get(k, 0.0) + v
+            note = "set-up: Ray actors started and models loaded, one evaluation, logging"
+            if cfg.device == "cuda" and not gpus:
+                note += f"; shards on the CPU ({n + 1} GPUs needed, {torch.cuda.device_count()} here)"
+            rows.append({"method": SHARDS_METHOD, "batch_size": cfg.shard_batch_size, "shards": n, "n": cfg.shard_edits,
+                         "device": "cuda" if gpus else "cpu", "seconds": editing, "rate": cfg.shard_edits / editing,
+                         "unit": "edits/s", "phases": phases, "setup_seconds": m.seconds - editing,
+                         "peak_rss_mb": m.peak_rss_mb, "run_id": run_id, "note": note})
+            step("", 1)
+    finally:
+        if started:
+            ray.shutdown()
+    return rows
+
+
+def _json(value) -> dict:
+    import json
+
+    return json.loads(value) if isinstance(value, str) else (value or {})
+
+
+SECTION_RUNNERS = {"edits": bench_edits, "probes": bench_probes, "history": bench_history, "shards": bench_shards}
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def write_result(result: dict, out: str | Path, db: str | Path) -> None:
+    """The JSON file, and one ``bench_results`` row per result (each with the machine and versions)."""
+    import json
+
+    from .storage.logger import RunLogger
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    common = {k: result[k] for k in ("bench_id", "preset", "created_at", "machine", "versions")}
+    with RunLogger(db) as logger:
+        logger.append("bench_results", [{**common, **r} for r in result["results"]])
+
+
+def history_marks(rows: list[dict], marks) -> list[tuple[int, float, dict]]:
+    """(mark, median seconds of batches mark-1..mark+1, the mark's own row) for each reported batch."""
+    by_step = {r["step"]: r for r in rows}
+    out = []
+    for k in marks:
+        near = [by_step[s]["seconds"] for s in (k - 1, k, k + 1) if s in by_step]
+        out.append((k, statistics.median(near), by_step[k]))
+    return out
+
+
+def print_result(result: dict, console=None) -> None:
+    """The result as rich tables, one per section."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    m, v = result["machine"], result["versions"]
+    gpus = ", ".join(m["gpus"]) or "no GPU"
+    console.print(f"[bold]lme-sim bench[/] {result['bench_id']} ({result['preset']}): {result['wall_seconds']:.0f} s "
+                  f"wall, {result['cpu_seconds']:.0f} s CPU in this process; {m['cpu_model']}, {m['cpu_cores']} cores "
+                  f"({m['torch_threads']} torch threads), {m['ram_gb']} GiB, {gpus}; load average {m['load_avg_1m']} "
+                  f"at start, {m['load_avg_1m_end']} at end")
+    console.print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    rows = result["results"]
+    phases = ("keys", "targets", "solve", "apply", "sync")
+
+    def ms_per(r, phase):
+        t = (r.get("phases") or {}).get(phase)
+        return "" if t is None else f"{1000 * t / r['n']:.1f}"
+
+    def mb(x):
+        return "" if x is None else f"{x:.0f}"
+
+    edits = [r for r in rows if r["section"] == "edits"]
+    if edits:
+        t = Table(title="editing throughput (in process)", caption="phases: ms per edit; sync: deltas applied to "
+                  "an evaluator replica; peak: resident memory high-water mark while timed")
+        for c in ("method", "batch", "edits", "edits/s", *phases, "set-up s", "peak MB", "state MB"):
+            t.add_column(c, justify="left" if c == "method" else "right")
+        for r in edits:
+            t.add_row(r["method"], str(r["batch_size"]), str(r["n"]), f"{r['rate']:.2f}",
+                      *[ms_per(r, p) for p in phases], f"{r['setup_seconds']:.1f}", mb(r["peak_rss_mb"]),
+                      f"{r['state_mb']:.2f}")
+        console.print(t)
+        if any(r.get("cuda_peak_mb") for r in edits):
+            console.print("CUDA max allocated (MB): " + ", ".join(f"{r['method']}/{r['batch_size']} "
+                                                               f"{mb(r['cuda_peak_mb'])}" for r in edits))
+        notes = sorted({r["note"] for r in edits if r["method"] in LEARNED})
+        for n in notes:
+            console.print(f"rledit/hiedit: {n}")
+    probes = [r for r in rows if r["section"] == "probes"]
+    if probes:
+        t = Table(title="evaluator throughput")
+        for c in ("backend", "status", "probes", "probes/s", "sync ms", "peak MB", "note"):
+            t.add_column(c, justify="left" if c in ("backend", "status", "note") else "right")
+        for r in probes:
+            ok = r["status"] == "ok"
+            t.add_row(r["backend"], r["status"], str(r["n"]), f"{r['rate']:.0f}" if ok else "",
+                      f"{1000 * r['phases']['sync']:.1f}" if ok else "", mb(r.get("peak_rss_mb")), r.get("note") or "")
+        console.print(t)
+    history = [r for r in rows if r["section"] == "history"]
+    if history:
+        marks = [k for k in result["config"]["history_marks"] if any(r["step"] == k for r in history)]
+        found = history_marks(history, marks)
+        t = Table(title=f"history scaling: one {HISTORY_METHOD} stream of {len(history)} batches of "
+                        f"{history[0]['batch_size']}",
+                  caption="s per batch: median of batches k-1..k+1; phases: ms per edit at batch k")
+        for c in ("batch k", "s per batch", "ms per edit", *phases[:4], "state MB", "peak MB"):
+            t.add_column(c, justify="right")
+        for k, med, r in found:
+            t.add_row(str(k), f"{med:.3f}", f"{1000 * med / r['n']:.1f}", *[ms_per(r, p) for p in phases[:4]],
+                      f"{r['state_mb']:.2f}", mb(r["peak_rss_mb"]))
+        console.print(t)
+        console.print(f"history: s per batch at batch {found[-1][0]} / at batch {found[0][0]} = "
+                      f"{found[-1][1] / found[0][1]:.2f}; editor state {found[0][2]['state_mb']:.2f} MB -> "
+                      f"{found[-1][2]['state_mb']:.2f} MB")
+    shards = [r for r in rows if r["section"] == "shards"]
+    if shards:
+        t = Table(title=f"shard scaling: {shards[0]['n']} {SHARDS_METHOD} edits through the Ray runtime",
+                  caption="edits/s over the editing of the batches; set-up: the rest of the run's wall time")
+        for c in ("shards", "device", "edits/s", *phases, "set-up s", "run"):
+            t.add_column(c, justify="right")
+        for r in shards:
+            t.add_row(str(r["shards"]), r["device"], f"{r['rate']:.2f}", *[ms_per(r, p) for p in phases],
+                      f"{r['setup_seconds']:.1f}", r["run_id"])
+        console.print(t)

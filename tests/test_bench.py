@@ -1,0 +1,104 @@
+"""``lme-sim bench`` on a tiny configuration: every section's rows reach the JSON file and the
+``bench_results`` table, each with the machine and the versions. No timing is asserted."""
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from lme_sim.bench import QUICK, BenchError, bench_config, print_result, run_bench
+from lme_sim.cli import main
+from lme_sim.editors.base import PHASES
+from lme_sim.storage.logger import read_only_query
+from lme_sim.vllm_scorer import vllm_available
+
+TINY = dataclasses.replace(QUICK, methods=("memit", "rledit"), batch_sizes=(2,), probes=40, probe_batch_size=16,
+                           history_batch_size=2, history_marks=(1, 2, 4), shard_counts=(1, 2), shard_edits=4,
+                           shard_batch_size=2)
+
+
+def test_bench_writes_every_section(tmp_path, ray_session):
+    out, db = tmp_path / "bench.json", tmp_path / "bench.duckdb"
+    result = run_bench(TINY, out, db, console=Console(quiet=True))
+    saved = json.loads(out.read_text())
+    assert saved["bench_id"] == result["bench_id"] and saved["preset"] == "quick"
+    m, v = saved["machine"], saved["versions"]
+    assert m["cpu_cores"] >= 1 and m["ram_gb"] > 0 and m["cpu_model"] and "gpus" in m and "load_avg_1m_end" in m
+    assert v["torch"] and v["transformers"] and v["ray"] and v["duckdb"] and v["python"]
+    assert "lme_sim_commit" in v and "vllm" in v
+    rows = saved["results"]
+    by = {s: [r for r in rows if r["section"] == s] for s in ("edits", "probes", "history", "shards")}
+
+    edits = {r["method"]: r for r in by["edits"]}
+    assert set(edits) == {"memit", "rledit"}
+    for r in edits.values():
+        assert r["status"] == "ok" and r["n"] == 2 and r["batch_size"] == 2 and r["rate"] > 0
+        assert set(r["phases"]) <= set(PHASES) and "sync" in r["phases"] and r["peak_rss_mb"] > 0
+    assert set(edits["memit"]["phases"]) == {"keys", "targets", "solve", "apply", "sync"}
+    assert "quick budget" in edits["rledit"]["note"]
+
+    probes = {r["backend"]: r for r in by["probes"]}
+    assert probes["hf"]["status"] == "ok" and probes["hf"]["n"] == 40 and probes["hf"]["rate"] > 0
+    assert probes["hf"]["phases"]["sync"] > 0
+    assert probes["vllm"]["status"] in (("ok", "failed") if vllm_available() else ("unavailable",))
+
+    history = by["history"]
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert all(r["method"] == "alphaedit" and r["seconds"] > 0 for r in history)
+    # AlphaEdit's state is a fixed-size covariance: the same size after every batch
+    assert history[0]["state_mb"] > 0 and len({r["state_mb"] for r in history}) == 1
+
+    shards = by["shards"]
+    assert [r["shards"] for r in shards] == [1, 2]
+    for r in shards:
+        _, runs = read_only_query(db, f"select status, (select count(*) from batches b where b.run_id = r.run_id) "
+                                      f"from runs r where run_id = '{r['run_id']}'")
+        assert runs == [("finished", 2)]
+        assert r["n"] == 4 and r["rate"] > 0 and {"keys", "targets", "solve", "apply"} <= set(r["phases"])
+
+    cols, stored = read_only_query(db, f"select section, status, json_extract(machine, '$.cpu_cores'), "
+                                       f"json_extract_string(versions, '$.torch') from bench_results "
+                                       f"where bench_id = '{result['bench_id']}'")
+    assert len(stored) == len(rows) == 2 + 2 + 4 + 2
+    assert all(int(c) == m["cpu_cores"] and t == v["torch"] for _, _, c, t in stored)
+    _, n_history = read_only_query(db, "select count(*) from bench_results where section = 'history'")
+    assert n_history == [(4,)]
+
+    console = Console(record=True, width=160)
+    print_result(saved, console)
+    text = console.export_text()
+    for title in ("editing throughput", "evaluator throughput", "history scaling", "shard scaling"):
+        assert title in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "memit,rome"], "--methods: unknown 'rome'"),
+    (["--batch-sizes", "1,x"], "--batch-sizes: comma-separated whole numbers"),
+    (["--batch-sizes", "0"], "--batch-sizes: edits per batch must be positive"),
+    (["--sections", "edits,speed"], "--sections: unknown 'speed'"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bench_rejects_bad_options(args, message):
+    r = CliRunner().invoke(main, ["bench", "--quick", *args])
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_bench_config_presets():
+    cfg = bench_config(quick=True, methods="ft, mose", device="cpu")
+    assert cfg.model == "world:small" and cfg.methods == ("ft", "mose") and cfg.learned_hparams
+    assert bench_config(device="cpu").model == "world:default"
+    with pytest.raises(BenchError, match="shard_counts"):
+        from lme_sim.bench import check_config
+
+        check_config(dataclasses.replace(cfg, shard_counts=(1, 8)))
+
+
+def test_bench_command_prints_the_table(tmp_path, small_world):
+    out, db = tmp_path / "b.json", tmp_path / "b.duckdb"
+    r = CliRunner().invoke(main, ["bench", "--quick", "--sections", "probes", "--device", "cpu", "--out", str(out),
+                                  "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    assert "evaluator throughput" in r.output and "bench_results" in r.output
+    assert [x["backend"] for x in json.loads(out.read_text())["results"]] == ["hf", "vllm"]
