@@ -60,7 +60,8 @@ class Plan:
 class Output:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_ff) float32, on CPU
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_model)
-    key_moments: dict[int, torch.Tensor] = field(default_factory=dict)  # (d_ff, d_ff) float64 sums, on the model's device
+    # (d_ff, d_ff) float64 sums, on the model's device (Backbone.key_moment_sums hands them over on the CPU)
+    key_moments: dict[int, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     logits: torch.Tensor | None = None  # (M, vocab) float32
 

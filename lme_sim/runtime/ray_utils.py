@@ -52,8 +52,8 @@ def worker_env() -> dict[str, str]:
 def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
                  strategy: str = "PACK", dtype: str | None = None, timeout_s: float | None = None) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
-    ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot. ``strategy``: PACK, SPREAD,
-    STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its layers from
+    ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
+    ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its layers from
     ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
     hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`)."""
     import ray
@@ -68,7 +68,7 @@ def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
         (res,) = bundle
         offered = {n["NodeID"][:8]: n["Resources"].get(res, 0) for n in ray.nodes() if n["Alive"]}
         raise PlacementError(
-            f"runtime.shards / runtime.placement: {n_shards} shards need one {res} each, placed {strategy}"
+            f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, placed {strategy}"
             f"{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; after {timeout_s:.0f} s the "
             f"cluster offers {res} per node: {offered}" + ("" if gpus else
             f". Nodes of a CPU cluster need --resources '{{\"{SHARD_RESOURCE}\": N}}' in ray start"))
