@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lme-sim-installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lme-sim-installed
 
-.PHONY: setup run test test-slow test-vllm bench bench-smollm2 clean
+.PHONY: setup run test test-slow test-vllm test-gpu bench bench-smollm2 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ $(VLLM_STAMP): pyproject.toml Makefile
 
 test-vllm: $(VLLM_STAMP)        ## HF vs vLLM evaluator parity on vLLM's CPU build (separate from make test)
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_backend.py -s
+
+test-gpu: setup                 ## shards and an evaluator sharing one CUDA GPU, bf16 shards (cluster/README.md)
+	$(PY) -m pytest -q -m gpu tests/test_gpu.py -s
 
 bench: setup                    ## edits/s per method and phase, probes/s, history and shard scaling (a few minutes)
 	$(VENV)/bin/lme-sim bench --quick

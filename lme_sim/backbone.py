@@ -60,7 +60,8 @@ class Plan:
 class Output:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_ff) float32, on CPU
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # (N, d_model)
-    key_moments: dict[int, torch.Tensor] = field(default_factory=dict)  # (d_ff, d_ff) float64 sums
+    # (d_ff, d_ff) float64 sums, on the model's device (Backbone.key_moment_sums hands them over on the CPU)
+    key_moments: dict[int, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     logits: torch.Tensor | None = None  # (M, vocab) float32
 
@@ -94,6 +95,25 @@ class Backbone:
         """Whether W is stored as (d_ff, d_model) (GPT-2 Conv1D)."""
         raise NotImplementedError
 
+    def key_moment_sums(self, batches, layers: list[int]) -> tuple[dict[int, torch.Tensor], int]:
+        """Sum of k k^T over the real tokens of ``batches`` ((input_ids, attention_mask) pairs) per
+        layer (float64, on CPU), and the number of tokens. Shards keep the sums where the layer lives."""
+        sums: dict[int, torch.Tensor] = {}
+        n = 0
+        for input_ids, attention_mask in batches:
+            out = self.run(input_ids, attention_mask, Plan(key_moments=list(layers)))
+            n += out.n_tokens
+            for l, kk in out.key_moments.items():
+                sums[l] = sums[l] + kk if l in sums else kk
+        return {l: v.cpu() for l, v in sums.items()}, n
+
+    def nullspace_projector(self, layer: int, C0: torch.Tensor, threshold: float) -> torch.Tensor:
+        """AlphaEdit's projector for ``layer`` from its key statistics ``C0`` (shards compute it on the
+        device holding the layer)."""
+        from .editors.covariance import nullspace_projector
+
+        return nullspace_projector(C0, threshold)
+
 
 class LocalBackbone(Backbone):
     """A plan run on an in-process Hugging Face causal LM (hooks on the blocks and on W)."""
@@ -103,14 +123,13 @@ class LocalBackbone(Backbone):
         self.config = model.config
         self.n_layers = n_layers(model)
         self._base: dict[int, torch.Tensor] = {}
+        self._master: dict[str, torch.Tensor] = {}
 
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
         return run_plan(self.model, input_ids, attention_mask, plan)[0]
 
     def apply_delta(self, name, delta):
-        param = dict(self.model.named_parameters())[name]
-        with torch.no_grad():
-            param.add_(delta.to(dtype=param.dtype, device=param.device))
+        add_to_param(self.model, name, delta, self._master)
 
     def edit_weight(self, layer):
         return weight_view(self.model, layer).detach().clone()
@@ -125,12 +144,26 @@ class LocalBackbone(Backbone):
         return arch_of(self.model).transposed
 
 
+def add_to_param(model: nn.Module, name: str, delta: torch.Tensor, master: dict[str, torch.Tensor]) -> None:
+    """Parameter ``name`` += ``delta``. A parameter held in 16 bits gets a float32 master copy in
+    ``master`` that takes the exact sum and is rounded once per write, so a long stream of small
+    deltas does not vanish in bf16/fp16 rounding."""
+    param = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        if param.dtype.itemsize >= 4:
+            param.add_(delta.to(dtype=param.dtype, device=param.device))
+            return
+        exact = master.setdefault(name, param.float())
+        exact.add_(delta.to(dtype=torch.float32, device=exact.device))
+        param.copy_(exact)
+
+
 def weight_health(model: nn.Module, layer: int, base: dict[int, torch.Tensor]) -> dict[str, float]:
     """:func:`~lme_sim.weights.matrix_stats` of W plus ``cum_delta_norm`` against ``base[layer]``
     (recorded on the first call)."""
     from .weights import matrix_stats
 
-    W = weight_view(model, layer).detach()
+    W = weight_view(model, layer).detach().float()
     start = base.setdefault(layer, W.clone())
     return {**matrix_stats(W), "cum_delta_norm": float((W - start).norm())}
 
@@ -170,7 +203,7 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             if l in layers:
                 def moment(_m, args, l=l):
                     k = args[0][mask.bool()].float()
-                    out.key_moments[l] = (k.T @ k).double().cpu()
+                    out.key_moments[l] = (k.T @ k).double()
                 hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
         for l, M in plan.rotate.items():
             if l in layers:

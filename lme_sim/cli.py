@@ -51,7 +51,8 @@ def validate(scenario: str) -> None:
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
 @click.option("--db", default=None, help="DuckDB file (default: the scenario's db field).")
-@click.option("--address", default=None, help="Ray cluster address (default: start Ray locally).")
+@click.option("--address", default=None,
+              help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).")
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
 def run(scenario: str, db: str | None, address: str | None, resume: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
@@ -69,8 +70,14 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
         if not specs:
             click.echo(f"error: run {resume!r} is not a run of {scenario} in {db or scn.db}", err=True)
             sys.exit(2)
-    run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
-                               tag=spec.method if len(specs) > 1 else None) for spec in specs]
+    from .runtime.ray_utils import PlacementError
+
+    try:
+        run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
+                                   tag=spec.method if len(specs) > 1 else None) for spec in specs]
+    except PlacementError as e:
+        click.echo(f"error: {scenario}: {e}", err=True)
+        sys.exit(2)
     if len(run_ids) > 1:
         click.echo("runs: " + " ".join(run_ids))
 

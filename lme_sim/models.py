@@ -57,7 +57,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                              f"a local folder, or a reachable hub id ({e})") from None
     prepare_tokenizer(tok)
     arch_of(model)  # fail early on an architecture the table does not know
-    return LoadedModel(name, model.to(device).eval(), tok, world)
+    return LoadedModel(name, model.to(device=device, dtype=dtype).eval(), tok, world)
 
 
 def load_tokenizer(name: str):

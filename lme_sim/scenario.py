@@ -42,7 +42,12 @@ class StreamSpec(_Strict):
 class RuntimeSpec(_Strict):
     shards: int = Field(1, gt=0)  # contiguous layer ranges, one Ray actor each
     evaluators: int = Field(1, gt=0)
-    gpus: bool = False  # one GPU per shard and evaluator (else emulated with a custom resource)
+    # GPUs per shard and per evaluator: true (one each), a share such as 0.3 (several on one GPU), or
+    # false (CPU; shards ask for an emulated resource instead)
+    gpus: float = Field(0, ge=0, le=1)
+    # how the shards' placement group spreads over nodes (STRICT_SPREAD: one shard per node)
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # shards load their layers in it
 
 
 class EvaluatorSpec(_Strict):

@@ -6,6 +6,7 @@ import torch
 from lme_sim.arch import edit_module_path, weight_view
 from lme_sim.editors import apply_deltas, make_editor
 from lme_sim.editors.alphaedit import nullspace_projector
+from lme_sim.editors.covariance import cached_second_moment
 from lme_sim.editors.hparams import HParamsError, load_hparams
 from lme_sim.backbone import LocalBackbone, Plan, Positions
 from lme_sim.metrics import case_metrics, summarize
@@ -81,7 +82,8 @@ def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):
     for method in ("alphaedit", "memit"):
         editor = make_editor(method, model, tok, MODEL, world=world, progress=False)
         if method == "alphaedit":
-            eigvals, eigvecs = torch.linalg.eigh(editor.C0[layer])
+            C0 = cached_second_moment(model, tok, editor.hp.layers, editor.hp.stats, world, progress=False)[layer]
+            eigvals, eigvecs = torch.linalg.eigh(C0)
             keep = eigvals >= editor.hp.nullspace_threshold
             principal = (eigvecs[:, keep] * eigvals[keep].sqrt()).float()
             P = editor.P[layer].float()

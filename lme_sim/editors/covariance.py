@@ -1,8 +1,10 @@
-"""Second moment of preserved keys, C0 = E[k k^T] over the tokens of generic text (MEMIT eq. 14).
+"""Second moment of preserved keys, C0 = E[k k^T] over the tokens of generic text (MEMIT eq. 14),
+and AlphaEdit's null-space projector derived from it.
 
 Streamed in batches over a corpus (no key list is kept; each shard sums k k^T for its own
-layers in float32 per batch, float64 across batches), and cached on
-disk per model, layer and corpus so that each is computed once.
+layers in float32 per batch, float64 across batches, on its own device, and hands over the sums
+once at the end). C0 and the projectors are cached on disk (``$LME_SIM_CACHE``: shared storage
+on a cluster) per model weights, layer and corpus, so that each is computed once.
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..backbone import Plan, as_backbone
+from ..backbone import as_backbone
 from ..paths import cache_root
 from .hparams import StatsHParams
 
@@ -47,16 +50,21 @@ def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
 def second_moment(model, tok, layers: list[int], texts: list[str], max_length: int = 128,
                   batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
     """E[k k^T] of W's input over every non-padding token of ``texts``, per layer (float64)."""
-    backbone = as_backbone(model)
-    sums: dict[int, torch.Tensor] = {}
-    count = 0
-    for s in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress, unit="batch"):
-        enc = tok(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        res = backbone.run(enc["input_ids"], enc["attention_mask"], Plan(key_moments=list(layers)))
-        count += res.n_tokens
-        for l, kk in res.key_moments.items():
-            sums[l] = sums[l] + kk if l in sums else kk
+    def batches():
+        for s in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress, unit="batch"):
+            enc = tok(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length)
+            yield enc["input_ids"], enc["attention_mask"]
+
+    sums, count = as_backbone(model).key_moment_sums(batches(), list(layers))
     return {l: v / count for l, v in sums.items()}
+
+
+def nullspace_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U_hat U_hat^T over the eigenvectors of C0 whose eigenvalues are < threshold (AlphaEdit)."""
+    eigvals, eigvecs = torch.linalg.eigh(C0.double())
+    U = eigvecs[:, eigvals < threshold]
+    return U @ U.T
 
 
 def weights_fingerprint(model, layers: list[int]) -> str:
@@ -70,11 +78,15 @@ def weights_fingerprint(model, layers: list[int]) -> str:
     return h.hexdigest()[:16]
 
 
+def stats_folder(model, layers: list[int], stats: StatsHParams) -> Path:
+    """Where C0 and the projectors of these weights and this corpus are cached."""
+    return cache_root() / "stats" / f"{weights_fingerprint(model, layers)}-{_corpus_key(stats)}"
+
+
 def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, world=None,
-                         progress: bool = True) -> dict[int, torch.Tensor]:
+                         progress: bool = True, folder: Path | None = None) -> dict[int, torch.Tensor]:
     """C0 per layer, from the disk cache where present, else computed and cached."""
-    corpus_key = _corpus_key(stats)
-    folder = cache_root() / "stats" / f"{weights_fingerprint(model, layers)}-{corpus_key}"
+    folder = folder or stats_folder(model, layers, stats)
     paths = {l: folder / f"layer{l}.pt" for l in layers}
     missing = [l for l in layers if not paths[l].exists()]
     out = {l: torch.load(paths[l]) for l in layers if l not in missing}
@@ -82,13 +94,35 @@ def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, wor
         texts = corpus_texts(stats, world)
         log.info("computing key statistics for layers %s over %d texts", missing, len(texts))
         fresh = second_moment(model, tok, missing, texts, stats.max_length, progress=progress)
-        folder.mkdir(parents=True, exist_ok=True)
         for l, c in fresh.items():
-            tmp = paths[l].with_suffix(".tmp")
-            torch.save(c, tmp)
-            tmp.rename(paths[l])
+            _save(c, paths[l])
         out.update(fresh)
     return out
+
+
+def cached_projectors(model, tok, layers: list[int], stats: StatsHParams, threshold: float, world=None,
+                      progress: bool = True) -> dict[int, torch.Tensor]:
+    """AlphaEdit's null-space projector per layer, from the disk cache where present, else computed
+    from C0 by whoever holds the layer (the shard, on its GPU) and cached beside C0."""
+    backbone = as_backbone(model)
+    folder = stats_folder(backbone, layers, stats)
+    paths = {l: folder / f"layer{l}-nullspace-{threshold:g}.pt" for l in layers}
+    missing = [l for l in layers if not paths[l].exists()]
+    out = {l: torch.load(paths[l]) for l in layers if l not in missing}
+    if missing:
+        C0 = cached_second_moment(backbone, tok, layers, stats, world, progress, folder)
+        for l in tqdm(missing, desc="null-space projectors", disable=not progress, unit="layer"):
+            out[l] = backbone.nullspace_projector(l, C0.pop(l), threshold)
+            _save(out[l], paths[l])
+    return out
+
+
+def _save(tensor: torch.Tensor, path: Path) -> None:
+    """Write atomically (a reader on another node never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(tensor, tmp)
+    tmp.rename(path)
 
 
 def _corpus_key(stats: StatsHParams) -> str:

@@ -26,7 +26,11 @@ class MEMIT(Editor):
     def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
         super().__init__(model, tok, hparams, world, progress, model_name)
         self.contexts = context_templates(model, tok, hparams.context_templates)
-        self.C0 = cached_second_moment(model, tok, hparams.layers, hparams.stats, world, progress)
+        self.load_statistics()
+
+    def load_statistics(self) -> None:
+        """C0 of every edited layer (cached on disk; computed through the shards on first use)."""
+        self.C0 = cached_second_moment(self.model, self.tok, self.hp.layers, self.hp.stats, self.world, self.progress)
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """MEMIT eq. 14: Delta = R K^T (lambda C0 + K K^T)^-1 (K: d_ff x n, R: d x n)."""

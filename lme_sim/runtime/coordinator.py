@@ -27,7 +27,7 @@ from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
 from ..stream import EditStream, Event, SimClock, build_events
-from .ray_utils import init_ray, release, start_shards
+from .ray_utils import evaluator_options, init_ray, on_this_node, placement_summary, release, start_shards
 from .services import EditorService, Evaluator
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
@@ -77,27 +77,28 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
     spec = scn.editor
     scn = scn.with_editor(spec.model_copy(update={"hparams": editor_class(spec.method).prepare(scn.model, spec.hparams)}))
     ray = init_ray(address)
-    events = scenario_events(scn)
+    events = scenario_events(scn)  # (trains and caches a world model here, before the shards load it)
+    from ..scenario import model_n_layers
+
+    rt = scn.runtime  # a cluster that cannot hold the shards fails before anything is written
+    shards = start_shards(scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype)
+    console.print(f"placement {rt.placement}: {placement_summary(shards)}")
     stream = ray.remote(EditStream).options(num_cpus=0).remote(events, scn.stream.batch_size)
     clock = SimClock(scn.stream.speedup)
-    logger = ray.remote(RunLogger).options(num_cpus=0).remote(db)
+    logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)  # the db path is the driver's
     run_id = resume or "-".join([scn.name] + ([tag] if tag else []) + [uuid.uuid4().hex[:8]])
     ray.get(logger.start_run.remote(run_id, scn.name, str(scenario_path), scn.model_dump(mode="json"), scn.model,
                                     scn.editor.method, resume=resume is not None))
-    from ..scenario import model_n_layers
-
-    shards = start_shards(scn.model, scn.runtime.shards, model_n_layers(scn.model), scn.runtime.gpus)
     opts = {"num_cpus": 0}
     editor = ray.remote(EditorService).options(**opts).remote(scn.model, shards.shards, scn.editor.method,
                                                                 scn.editor.hparams)
     ev = scn.evaluator
-    ev_opts = {**opts, "num_gpus": ev.tensor_parallel_size if ev.backend == "vllm" else 1} if scn.runtime.gpus else opts
     engine = ev.model_dump(exclude={"backend"})
     general = general_ability_items(scn, events)
-    evaluators = [ray.remote(Evaluator).options(**ev_opts).remote(scn.model, scn.eval.batch_size,
-                                                                  scn.eval.fluency_prompts, ev.backend, engine,
-                                                                  general)
-                  for _ in range(scn.runtime.evaluators)]
+    evaluators = [ray.remote(Evaluator).options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus))
+                  .remote(scn.model, scn.eval.batch_size, scn.eval.fluency_prompts, ev.backend, engine,
+                          general_items=general, device="cuda" if rt.gpus else "cpu", dtype=rt.dtype)
+                  for _ in range(rt.evaluators)]
     ckpt_dir = Path(db).parent / "checkpoints" / run_id
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = _RunState()

@@ -1,23 +1,34 @@
-"""Starting Ray and placing shard actors (thin shells around :class:`ModelShard`)."""
+"""Starting Ray and placing actors: shards (thin shells around :class:`ModelShard`) in a placement
+group, evaluators on GPUs where asked, the logger on the driver's node."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from .shards import ModelShard, ShardedBackbone, split_layers
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 SHARD_RESOURCE = "lme_shard_slot"  # what a shard asks for where there is no GPU
+# how long shards wait for their resources: a cluster's autoscaler may need minutes to add GPU nodes
+PLACEMENT_TIMEOUT_S = {"local": 60, "cluster": 900}
+_started = {"local": False}
+
+
+class PlacementError(RuntimeError):
+    pass
 
 
 def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots: int = 16):
-    """Connect to ``address`` or start a local Ray with capped memory and emulated shard slots."""
+    """Connect to ``address`` (default: ``$RAY_ADDRESS``, set where Ray job submission runs the
+    command) or start a local Ray with capped memory and emulated shard slots."""
     os.environ.update(RAY_ENV)
     import ray
 
     if ray.is_initialized():
         return ray
-    env = {"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("LME_SIM_", "RAY_", "HF_"))}}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    env = {"env_vars": worker_env()}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
@@ -25,30 +36,80 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots
         ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=object_store_mb << 20,
                  resources={SHARD_RESOURCE: shard_slots}, include_dashboard=False, runtime_env=env,
                  log_to_driver=False)
+    _started["local"] = not address
     return ray
 
 
-def start_shards(model_name: str, n_shards: int, n_layers: int, use_gpus: bool = False,
-                 strategy: str = "PACK") -> ShardedBackbone:
+def worker_env() -> dict[str, str]:
+    """What the actors need from the driver's environment (cache folder, hub token, Ray flags).
+    Under Ray job submission the job's own runtime env already carries its variables: those are
+    left out, since Ray refuses a driver that sets the same variable again."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    taken |= {"RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"}
+    return {k: v for k, v in os.environ.items() if k.startswith(("LME_SIM_", "RAY_", "HF_")) and k not in taken}
+
+
+def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
+                 strategy: str = "PACK", dtype: str | None = None, timeout_s: float | None = None) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
-    a GPU where ``use_gpus``, else an emulated shard slot. ``strategy``: PACK, SPREAD,
-    STRICT_PACK or STRICT_SPREAD (one shard per node)."""
+    ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
+    ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its layers from
+    ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
+    hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {"GPU": 1} if use_gpus else {SHARD_RESOURCE: 1}
+    bundle = {"GPU": float(gpus)} if gpus else {SHARD_RESOURCE: 1}
     pg = placement_group([bundle] * n_shards, strategy=strategy)
-    ray.get(pg.ready())
+    timeout_s = timeout_s or PLACEMENT_TIMEOUT_S["local" if _started["local"] else "cluster"]
+    if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
+        ray.util.remove_placement_group(pg)
+        (res,) = bundle
+        offered = {n["NodeID"][:8]: n["Resources"].get(res, 0) for n in ray.nodes() if n["Alive"]}
+        raise PlacementError(
+            f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, placed {strategy}"
+            f"{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; after {timeout_s:.0f} s the "
+            f"cluster offers {res} per node: {offered}" + ("" if gpus else
+            f". Nodes of a CPU cluster need --resources '{{\"{SHARD_RESOURCE}\": N}}' in ray start"))
+    where = {"num_gpus": float(gpus)} if gpus else {"num_gpus": 0, "resources": {SHARD_RESOURCE: 1}}
     actor = ray.remote(ModelShard)
-    handles = [actor.options(num_cpus=0, num_gpus=1 if use_gpus else 0,
-                             resources={} if use_gpus else {SHARD_RESOURCE: 1},
+    handles = [actor.options(num_cpus=0, **where,
                              scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-               .remote(model_name, r, "cuda" if use_gpus else "cpu")
+               .remote(model_name, r, "cuda" if gpus else "cpu", dtype)
                for i, r in enumerate(split_layers(n_layers, n_shards))]
     backbone = ShardedBackbone(handles)
     backbone.placement_group = pg
     return backbone
+
+
+def placement_summary(backbone: ShardedBackbone) -> str:
+    """Which node holds which shard, e.g. ``layers 0-1 on node 1a2b3c4d (10.0.0.5); ...``."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    nodes = placement_group_table(backbone.placement_group)["bundles_to_node_id"]
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return "; ".join(f"layers {r.start}-{r.stop - 1} on node {nodes[i][:8]} ({ips.get(nodes[i], '?')})"
+                     for i, r in enumerate(backbone.ranges))
+
+
+def on_this_node() -> dict:
+    """Actor options that pin an actor to the driver's node: the logger, so that the DuckDB file is
+    written where the driver (and the user who named the path) is."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+def evaluator_options(backend: str, tensor_parallel_size: int, gpus: float) -> dict:
+    """An evaluator takes ``gpus`` of a GPU where > 0 (vLLM: that per tensor-parallel rank), from
+    what the shards' placement group left free; otherwise it needs no resources."""
+    if not gpus:
+        return {"num_cpus": 0}
+    return {"num_cpus": 0, "num_gpus": float(gpus) * (tensor_parallel_size if backend == "vllm" else 1)}
 
 
 def release(actors: list, placement_group=None) -> None:

@@ -67,12 +67,13 @@ class EditorService:
 
 
 class Evaluator:
-    """``backend``: "hf" (an in-process replica on ``device``) or "vllm" (an engine; ``options``:
-    VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy on the
-    unedited model is the reference for ``general_ability_retention``."""
+    """``backend``: "hf" (an in-process replica on ``device`` in ``dtype``) or "vllm" (an engine;
+    ``options``: VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy
+    on the unedited model is the reference for ``general_ability_retention``."""
 
     def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0, backend: str = "hf",
-                 options: dict | None = None, general_items: list[MCItem] | None = None, device: str = "cpu"):
+                 options: dict | None = None, general_items: list[MCItem] | None = None, device: str = "cpu",
+                 dtype: str = "float32"):
         if backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer
@@ -80,7 +81,7 @@ class Evaluator:
             self.tok = load_tokenizer(model_name)[0]
             self.backbone = VLLMScorer(model_path(model_name), VLLMOptions(**(options or {})))
         else:
-            lm = load_model(model_name, device=device, progress=False)
+            lm = load_model(model_name, dtype=getattr(torch, dtype), device=device, progress=False)
             self.backbone, self.tok = LocalBackbone(lm.model), lm.tok
         self.batch_size, self.fluency_prompts = batch_size, fluency_prompts
         self.version = 0

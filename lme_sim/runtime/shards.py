@@ -7,6 +7,11 @@ shard's hidden states as the input of its first block; the last one applies the 
 the output head. :class:`ShardedBackbone` runs a probe plan (:mod:`lme_sim.backbone`) across them,
 forwarding gradients back through the shards when the plan injects a vector that requires grad,
 so the editors give the same results on 1 and N shards.
+
+A shard given a model name loads the weights itself (nothing is shipped through the driver), in
+its ``dtype``, drops the blocks it does not own while still on the CPU, and moves only the rest to
+its device. Everything it returns is on the CPU; key statistics and projectors of its layers are
+computed on its device.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
-from ..backbone import Backbone, Inject, Output, Plan, run_plan, weight_health
+from ..backbone import Backbone, Inject, Output, Plan, add_to_param, run_plan, weight_health
 
 
 class PassThrough(nn.Module):
@@ -40,11 +45,13 @@ def split_layers(n: int, n_shards: int) -> list[range]:
 class ModelShard:
     """Blocks ``layers`` of a model, with versioned deltas and autograd across shard boundaries."""
 
-    def __init__(self, model: nn.Module | str, layers: range, device: str = "cpu"):
+    def __init__(self, model: nn.Module | str, layers: range, device: str = "cpu", dtype: str | None = None):
+        """``model``: a model or its name (loaded here, on the CPU in ``dtype``); ``dtype``: e.g.
+        "bfloat16" (None: as loaded / float32)."""
         if isinstance(model, str):
             from ..models import load_model
 
-            model = load_model(model, device=device, progress=False).model
+            model = load_model(model, dtype=getattr(torch, dtype or "float32"), progress=False).model
         self.layers = layers
         blocks = layers_of(model)
         for i in range(len(blocks)):
@@ -52,13 +59,16 @@ class ModelShard:
                 blocks[i] = PassThrough()
         for p in model.parameters():
             p.requires_grad_(False)
-        self.model = model.eval()
+        self.model = model.to(device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
         self.version = 0
         self._base: dict[int, torch.Tensor] = {}  # edited weights as first seen (weight health)
+        self._master: dict[str, torch.Tensor] = {}  # float32 copies of edited 16-bit weights
+        self._moments: dict[int, torch.Tensor] = {}  # running key statistics (on the device)
         self._graphs: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
 
     def info(self) -> dict[str, Any]:
         return {"layers": (self.layers.start, self.layers.stop), "n_layers": n_layers(self.model),
+                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
                 "config": self.model.config, "transposed": arch_of(self.model).transposed,
                 "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers}}
 
@@ -82,9 +92,28 @@ class ModelShard:
             out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
         if grad:
             self._graphs[req] = (leaves, out.logits if boundary is None else boundary)
-        if out.logits is not None:
-            out.logits = out.logits.detach()
-        return out, (boundary.detach() if boundary is not None else None)
+        return _on_cpu(out), (boundary.detach().cpu() if boundary is not None else None)
+
+    @torch.no_grad()
+    def accumulate_moments(self, input_ids, attention_mask, layers: list[int], hidden_in=None):
+        """Add k k^T over the real tokens to this shard's running sums for the ``layers`` it owns
+        (kept on its device: no d_ff x d_ff matrix travels per batch); returns the hidden states for
+        the next shard. :meth:`take_moments` hands the sums over."""
+        plan = Plan(key_moments=[l for l in layers if l in self.layers])
+        out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
+        for l, kk in out.key_moments.items():
+            self._moments[l] = self._moments[l] + kk if l in self._moments else kk
+        return boundary.cpu() if boundary is not None else None
+
+    def take_moments(self) -> dict[int, torch.Tensor]:
+        sums, self._moments = self._moments, {}
+        return {l: v.cpu() for l, v in sums.items()}
+
+    def nullspace_projector(self, C0: torch.Tensor, threshold: float) -> torch.Tensor:
+        """AlphaEdit's projector from C0, computed on this shard's device (a GPU's eigh)."""
+        from ..editors.covariance import nullspace_projector
+
+        return nullspace_projector(C0.to(self.model.device), threshold).cpu()
 
     def backward(self, req: int, grad_out: torch.Tensor) -> dict:
         """Gradients of this shard's result w.r.t. its leaves: ``"hidden"`` (its input hidden states),
@@ -99,9 +128,7 @@ class ModelShard:
 
     def apply_delta(self, name: str, delta: torch.Tensor, version: int | None = None) -> int:
         """W += delta for a parameter this shard owns; returns the shard's new version."""
-        param = dict(self.model.named_parameters())[name]
-        with torch.no_grad():
-            param.add_(delta.to(dtype=param.dtype, device=param.device))
+        add_to_param(self.model, name, delta, self._master)
         self.version = version if version is not None else self.version + 1
         return self.version
 
@@ -110,6 +137,15 @@ class ModelShard:
 
     def weight_stats(self, layer: int) -> dict[str, float]:
         return weight_health(self.model, layer, self._base)
+
+
+def _on_cpu(out: Output) -> Output:
+    """``out`` with every tensor detached and on the CPU (what a shard hands to other processes)."""
+    def cpu(d):
+        return {k: v.detach().cpu() for k, v in d.items()}
+    out.keys, out.hidden, out.key_moments = cpu(out.keys), cpu(out.hidden), cpu(out.key_moments)
+    out.logits = out.logits.detach().cpu() if out.logits is not None else None
+    return out
 
 
 def call(shard, method: str, *args):
@@ -164,6 +200,21 @@ class ShardedBackbone(Backbone):
             merged.n_tokens = out.n_tokens
             merged.logits = out.logits if out.logits is not None else merged.logits
         return merged
+
+    def key_moment_sums(self, batches, layers: list[int]) -> tuple[dict[int, torch.Tensor], int]:
+        """The sums stay on the shard owning each layer until the end; shards after the last one
+        owning a requested layer are not run."""
+        owners = self.shards[: max(self._owner(l) for l in layers) + 1]
+        n = 0
+        for input_ids, attention_mask in batches:
+            hidden = None
+            for shard in owners:
+                hidden = call(shard, "accumulate_moments", input_ids, attention_mask, list(layers), hidden)
+            n += int(attention_mask.sum())
+        return {l: v for shard in owners for l, v in call(shard, "take_moments").items()}, n
+
+    def nullspace_projector(self, layer: int, C0: torch.Tensor, threshold: float) -> torch.Tensor:
+        return call(self.shards[self._owner(layer)], "nullspace_projector", C0, threshold)
 
     def apply_delta(self, name: str, delta: torch.Tensor) -> None:
         layer = next(l for l, n in self._param_names.items() if n == name)
