@@ -58,6 +58,7 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
 
     A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
     from .runtime.coordinator import run_distributed
+    from .runtime.failures import RunFailed
 
     scn = _load_scenario_or_exit(scenario)
     specs = scn.editors
@@ -69,8 +70,12 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
         if not specs:
             click.echo(f"error: run {resume!r} is not a run of {scenario} in {db or scn.db}", err=True)
             sys.exit(2)
-    run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
-                               tag=spec.method if len(specs) > 1 else None) for spec in specs]
+    try:
+        run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
+                                   tag=spec.method if len(specs) > 1 else None) for spec in specs]
+    except RunFailed as e:  # an actor the run cannot do without died: one line, exit code 1
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     if len(run_ids) > 1:
         click.echo("runs: " + " ".join(run_ids))
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .runtime.delta_guard import DEFAULT_MAX_DELTA_NORM
 from .stream import Timeline
 
 
@@ -29,6 +30,8 @@ class DataSpec(_Strict):
 class EditorSpec(_Strict):
     method: Literal["memit", "alphaedit", "mose", "rledit", "hiedit", "ft"] = "alphaedit"
     hparams: dict[str, Any] = {}
+    # a batch whose delta of some matrix has ||delta|| > max_delta_norm * ||W|| (or NaN/Inf) is rejected
+    max_delta_norm: float = Field(DEFAULT_MAX_DELTA_NORM, gt=0)
 
 
 class StreamSpec(_Strict):

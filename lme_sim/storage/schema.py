@@ -6,7 +6,7 @@ another schema version (``SchemaError``) instead of silently mixing layouts.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rejected_batches
 
 
 class SchemaError(RuntimeError):
@@ -88,6 +88,16 @@ TABLES = {
         condition DOUBLE,
         delta_norm DOUBLE,
         cum_delta_norm DOUBLE""",
+    # batches the delta guard refused (NaN/Inf or exploding deltas): no model copy kept them, their
+    # edits are not in ``edits``; written with the next committed batch (or at the end of the run)
+    "rejected_batches": """
+        run_id VARCHAR,
+        after_batch INTEGER,       -- batch_id of the last committed batch before it (-1: none)
+        sim_time TIMESTAMP,
+        n_edits INTEGER,
+        edit_ids INTEGER[],
+        reason VARCHAR,            -- the module and what was wrong with its delta
+        rejected_at TIMESTAMP""",
 }
 
 VIEWS = {
