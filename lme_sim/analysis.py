@@ -11,7 +11,7 @@ from .storage.logger import read_only_query
 
 SUMMARY_COLUMNS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "retention",
                    "general_ability", "general_ability_retention")
-EXPORT_TABLES = ("runs", "batches", "edits", "probes", "metrics", "weight_stats")
+EXPORT_TABLES = ("runs", "batches", "edits", "probes", "metrics", "weight_stats", "rejected_batches")
 
 
 class AnalysisError(ValueError):

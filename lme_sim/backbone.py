@@ -114,6 +114,15 @@ class Backbone:
 
         return nullspace_projector(C0, threshold)
 
+    def save_weights(self, layers: list[int]) -> dict[str, float]:
+        """Keep a copy of W at ``layers`` where it lives (for :meth:`restore_weights`); returns
+        ``{parameter name: ||W||_F}``."""
+        raise NotImplementedError
+
+    def restore_weights(self) -> None:
+        """Put back, bit for bit, the weights kept by the last :meth:`save_weights`."""
+        raise NotImplementedError
+
 
 class LocalBackbone(Backbone):
     """A plan run on an in-process Hugging Face causal LM (hooks on the blocks and on W)."""
@@ -124,6 +133,7 @@ class LocalBackbone(Backbone):
         self.n_layers = n_layers(model)
         self._base: dict[int, torch.Tensor] = {}
         self._master: dict[str, torch.Tensor] = {}
+        self._saved: dict[str, torch.Tensor] = {}
 
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
         return run_plan(self.model, input_ids, attention_mask, plan)[0]
@@ -142,6 +152,30 @@ class LocalBackbone(Backbone):
 
     def transposed(self):
         return arch_of(self.model).transposed
+
+    def save_weights(self, layers):
+        return save_weights(self.model, layers, self._saved)
+
+    def restore_weights(self):
+        restore_weights(self.model, self._saved)
+
+
+def save_weights(model: nn.Module, layers, saved: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Copies of W at ``layers`` into ``saved`` (replacing what it held); returns their Frobenius norms."""
+    params = dict(model.named_parameters())
+    saved.clear()
+    for layer in layers:
+        name = f"{edit_module_path(model, layer)}.weight"
+        saved[name] = params[name].detach().clone()
+    return {name: float(w.double().norm()) for name, w in saved.items()}
+
+
+def restore_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy the tensors kept by :func:`save_weights` back into ``model``."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, w in saved.items():
+            params[name].copy_(w)
 
 
 def add_to_param(model: nn.Module, name: str, delta: torch.Tensor, master: dict[str, torch.Tensor]) -> None:

@@ -59,6 +59,7 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
 
     A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
     from .runtime.coordinator import run_distributed
+    from .runtime.failures import RunFailed
 
     scn = _load_scenario_or_exit(scenario)
     specs = scn.editors
@@ -78,6 +79,9 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
     except PlacementError as e:
         click.echo(f"error: {scenario}: {e}", err=True)
         sys.exit(2)
+    except RunFailed as e:  # an actor the run cannot do without died: one line, exit code 1
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     if len(run_ids) > 1:
         click.echo("runs: " + " ".join(run_ids))
 

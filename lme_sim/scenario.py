@@ -5,12 +5,14 @@ Validated with pydantic; any error is a :class:`ScenarioError` naming the file a
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .runtime.delta_guard import DEFAULT_MAX_DELTA_NORM
 from .stream import Timeline
 
 
@@ -29,6 +31,8 @@ class DataSpec(_Strict):
 class EditorSpec(_Strict):
     method: Literal["memit", "alphaedit", "mose", "rledit", "hiedit", "ft"] = "alphaedit"
     hparams: dict[str, Any] = {}
+    # a batch whose delta of some matrix has ||delta|| > max_delta_norm * ||W|| (or NaN/Inf) is rejected
+    max_delta_norm: float = Field(DEFAULT_MAX_DELTA_NORM, gt=0)
 
 
 class StreamSpec(_Strict):
@@ -36,7 +40,19 @@ class StreamSpec(_Strict):
     # arrival pattern; default: fixed batches covering data.n_edits, evaluated every eval.every batches
     timeline: Timeline | None = None
     speedup: float | None = Field(None, gt=0)  # simulated seconds per wall second; None: as fast as possible
-    start: str = "2024-01-01"
+    start: str = "2024-01-01"  # simulated date (and time) of the first event, ISO 8601
+
+    @field_validator("start", mode="before")
+    @classmethod
+    def _iso_start(cls, v):
+        if isinstance(v, dt.date):  # YAML reads an unquoted 2024-01-01 as a date
+            return v.isoformat()
+        if isinstance(v, str):
+            try:
+                dt.datetime.fromisoformat(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not an ISO date or time, e.g. 2024-01-01 or 2024-01-01T09:00") from None
+        return v
 
 
 class RuntimeSpec(_Strict):
@@ -106,7 +122,7 @@ class Scenario(_Strict):
 
 
 class ScenarioError(ValueError):
-    pass
+    """One line: the file, the field and what is wrong with it."""
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -114,16 +130,21 @@ def load_scenario(path: str | Path) -> Scenario:
     if not path.is_file():
         raise ScenarioError(f"{path}: scenario file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ScenarioError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
     except yaml.YAMLError as e:
-        raise ScenarioError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ScenarioError(f"{path}: not valid YAML: {where}{what}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(f"{path}: a scenario is a mapping of fields, got {type(raw).__name__}")
     try:
-        scn = Scenario(**raw)
+        scn = Scenario.model_validate(raw)
     except ValidationError as e:
         err = max(e.errors(), key=lambda x: len(x["loc"]))  # the most specific (a union tries each branch)
-        field = ".".join(str(p) for p in err["loc"] if not _is_type_tag(p))
+        field = field_path(p for p in err["loc"] if not _is_type_tag(p))
         raise ScenarioError(f"{path}: field '{field}': {err['msg']}") from None
     if scn.data.kind != "world" and not scn.data.path:
         raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
@@ -135,6 +156,7 @@ def load_scenario(path: str | Path) -> Scenario:
         if scn.model.split(":", 1)[1] not in WORLDS:
             raise ScenarioError(f"{path}: field 'model': unknown world {scn.model!r} (known: "
                                 f"{', '.join('world:' + w for w in WORLDS)})")
+        _check_world_edits(path, scn)
     n_layers = model_n_layers(scn.model)
     if n_layers is None:
         raise ScenarioError(f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
@@ -164,9 +186,12 @@ def load_scenario(path: str | Path) -> Scenario:
     for i, spec in enumerate(scn.editors):
         where = f"editor.{i}.hparams" if isinstance(scn.editor, list) else "editor.hparams"
         try:
-            load_hparams(spec.method, scn.model, spec.hparams, where=where)
+            hp = load_hparams(spec.method, scn.model, spec.hparams, where=where)
         except HParamsError as e:
             raise ScenarioError(f"{path}: field {e}") from None
+        if missing := [l for l in hp.layers if not 0 <= l < n_layers]:
+            raise ScenarioError(f"{path}: field '{where}.layers': no layer {missing[0]} in {scn.model!r} "
+                                f"(layers 0..{n_layers - 1})")
         if spec.method in ("rledit", "hiedit"):
             _check_editor_checkpoint(path, f"{where}.checkpoint", spec.method, scn.model, spec.hparams.get("checkpoint"))
     return scn
@@ -183,15 +208,40 @@ def _check_editor_checkpoint(path: Path, field: str, method: str, model: str, ck
         raise ScenarioError(f"{path}: field '{field}': file {ckpt!r} not found")
     import torch
 
-    meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+    try:
+        meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001  (any file can be named here)
+        raise ScenarioError(f"{path}: field '{field}': {ckpt!r} is not an editor checkpoint ({type(e).__name__})") \
+            from None
+    if not isinstance(meta, dict):
+        raise ScenarioError(f"{path}: field '{field}': {ckpt!r} is not an editor checkpoint")
     if meta.get("method") != method or meta.get("model") != model:
         raise ScenarioError(f"{path}: field '{field}': {ckpt!r} is a {meta.get('method')!r} checkpoint for model "
                             f"{meta.get('model')!r}, not {method!r} for {model!r}")
 
 
+def _check_world_edits(path: Path, scn: Scenario) -> None:
+    """World data: no more edits than the world has facts (a history timeline replays its changes instead)."""
+    if scn.data.kind != "world" or (scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"):
+        return
+    from .world import World, get_world_config
+
+    n_facts = len(World(get_world_config(scn.model.split(":", 1)[1])).facts)
+    if scn.data.n_edits > n_facts:
+        raise ScenarioError(f"{path}: field 'data.n_edits': {scn.data.n_edits} edits, but {scn.model!r} has "
+                            f"{n_facts} facts (one edit per fact)")
+
+
 def _is_type_tag(part) -> bool:
     """pydantic names the branch of a union in an error's location ('EditorSpec', 'list[EditorSpec]')."""
-    return isinstance(part, str) and (part[:1].isupper() or part.startswith("list["))
+    return isinstance(part, str) and (part in {"EditorSpec", "Timeline"} or part.startswith("list["))
+
+
+def field_path(loc) -> str:
+    """``editor.0.method`` from an error location; a key that is not a plain name is quoted
+    (``stream.'\\r'``), so a message stays one readable line."""
+    return ".".join(p if isinstance(p, str) and p.isidentifier() else str(p) if isinstance(p, int) else repr(p)
+                    for p in loc)
 
 
 def model_n_layers(name: str) -> int | None:

@@ -46,14 +46,15 @@ def parse_duration(value: str | float | int | dt.timedelta) -> dt.timedelta:
 
     Negative values and unknown units are rejected (ValueError).
     """
-    if isinstance(value, dt.timedelta):
-        td = value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        td = dt.timedelta(days=value)
-    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
-        td = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
+    if not (isinstance(value, dt.timedelta) or number or m):
         raise ValueError(f"bad duration {value!r}: use a number and a unit s/m/h/d/w, e.g. '6h' or '1d'")
+    try:
+        td = value if isinstance(value, dt.timedelta) else dt.timedelta(days=value) if number else \
+            float(m.group(1)) * _UNITS[m.group(2)]
+    except (OverflowError, ValueError):  # NaN, or beyond timedelta's range
+        raise ValueError(f"bad duration {value!r}: not a finite time span of at most 999999999 days") from None
     if td < dt.timedelta(0):
         raise ValueError(f"bad duration {value!r}: must not be negative")
     return td

@@ -1,5 +1,10 @@
-"""kill -9 mid-run, then ``lme-sim run --resume``: no lost and no duplicated edits, and the same
-final metrics as an uninterrupted run."""
+"""Runs that lose processes, through the ``lme-sim`` command as a user runs it. Each ends with the same
+final metrics as an uninterrupted run (the ``reference`` below):
+
+* kill -9 of the whole run, then ``lme-sim run --resume``: no lost and no duplicated edits;
+* a killed evaluator actor: Ray restarts it, it is re-synced, every evaluation is scored once;
+* a killed shard, then a killed editor: each run stops with one clear error line, marked failed,
+  with only whole batches committed, and ``--resume`` finishes it."""
 
 import os
 import signal
@@ -7,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from lme_sim.storage.logger import read_only_query
 
@@ -24,7 +31,15 @@ db: {db}
 
 def _lme_sim(*args, **kw):
     exe = Path(sys.executable).with_name("lme-sim")
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def _scenario(tmp_path, name):
+    db = tmp_path / name / f"{name}.duckdb"
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SCENARIO.format(db=db))
+    return path, db
 
 
 def _final_metrics(db):
@@ -45,25 +60,66 @@ def _when_unlocked(db, sql, seconds=120):
             time.sleep(1)
 
 
-def test_resume_after_kill_9(tmp_path, small_world):
-    whole, broken = tmp_path / "a" / "whole.duckdb", tmp_path / "b" / "broken.duckdb"
-    for db in (whole, broken):
-        (tmp_path / f"{db.stem}.yaml").write_text(SCENARIO.format(db=db))
-
-    ref = _lme_sim("run", str(tmp_path / "whole.yaml"))
-    out, _ = ref.communicate(timeout=900)
-    assert ref.returncode == 0, out
-
-    victim = _lme_sim("run", str(tmp_path / "broken.yaml"), start_new_session=True)
-    ckpts = broken.parent / "checkpoints"
+def _wait_for_checkpoint(proc, db, batch: int, newer_than: float = 0.0):
+    """Until the run has written the checkpoint of ``batch`` (after ``newer_than``)."""
     deadline = time.time() + 600
-    while time.time() < deadline:  # batch 2's checkpoint exists: batches 0 and 1 are committed
-        if len(list(ckpts.glob("*/batch-000002.pt"))) > 0:
-            break
-        time.sleep(0.5)
-    else:
-        victim.kill()
-        raise AssertionError(victim.communicate()[0])
+    while time.time() < deadline:
+        found = [p for p in (db.parent / "checkpoints").glob(f"*/batch-{batch:06d}.pt")
+                 if p.stat().st_mtime > newer_than]
+        if found:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended first:\n{proc.communicate()[0]}")
+        time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(proc.communicate()[0])
+
+
+def _actor_pids(proc, actor: str) -> list[int]:
+    """PIDs of the Ray worker processes running ``actor`` (a class name) for this run: the driver
+    leads a session that holds every Ray process it started."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and os.getsid(int(d.name)) == proc.pid:
+                title = (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                if title == f"ray::{actor}" or title.startswith(f"ray::{actor}."):
+                    pids.append(int(d.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return pids
+
+
+def _kill_actor(proc, actor: str) -> None:
+    pids = _actor_pids(proc, actor)
+    assert pids, f"no {actor} process in the run's process group"
+    os.kill(pids[0], signal.SIGKILL)
+
+
+def _finish(proc, timeout=900):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_world):
+    """Final metrics of the scenario run without interruption."""
+    tmp = tmp_path_factory.mktemp("reference")
+    path, db = _scenario(tmp, "whole")
+    ref = _lme_sim("run", str(path))
+    out = _finish(ref)
+    assert ref.returncode == 0, out
+    return _final_metrics(db)
+
+
+def test_resume_after_kill_9(tmp_path, reference):
+    path, broken = _scenario(tmp_path, "broken")
+    victim = _lme_sim("run", str(path))
+    _wait_for_checkpoint(victim, broken, 2)  # batches 0 and 1 are committed
     os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     victim.wait()
     runs = _when_unlocked(broken, "select run_id, status from runs")
@@ -72,11 +128,73 @@ def test_resume_after_kill_9(tmp_path, small_world):
     _, done = read_only_query(broken, "select count(*) from edits")
     assert 20 <= done[0][0] < 50
 
-    again = _lme_sim("run", str(tmp_path / "broken.yaml"), "--resume", run_id)
-    out, _ = again.communicate(timeout=900)
+    again = _lme_sim("run", str(path), "--resume", run_id)
+    out = _finish(again)
     assert again.returncode == 0, out
     _, edits = read_only_query(broken, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
     assert edits == [(50, 50, 0, 49)]
     _, status = read_only_query(broken, "select status from runs")
     assert status == [("finished",)]
-    assert _final_metrics(broken) == _final_metrics(whole)
+    assert _final_metrics(broken) == reference
+
+
+def test_a_killed_evaluator_is_restarted_and_every_evaluation_scored_once(tmp_path, reference):
+    path, db = _scenario(tmp_path, "evaluator")
+    run = _lme_sim("run", str(path))
+    _wait_for_checkpoint(run, db, 1)  # evaluations 2..5 are still to come
+    _kill_actor(run, "Evaluator")
+    out = _finish(run)
+    assert run.returncode == 0, out
+    said = " ".join(out.split())  # the console wraps long lines
+    assert "evaluator 0 was restarted" in said and "re-synced to version" in said, out
+    # eval k follows batch k: exactly one set of rows per eval id, each scored on its own version
+    _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version), count(*), "
+                                   "count(distinct edit_id) from probes group by 1 order by 1")
+    assert evals == [(k, k, k, 10 * k, 10 * k) for k in range(1, 6)]
+    _, metrics = read_only_query(db, "select eval_id, count(*), count(distinct name), min(model_version), "
+                                     "max(model_version) from metrics group by 1 order by 1")
+    assert [m[0] for m in metrics] == [1, 2, 3, 4, 5] and all(n == d and v == w == e for e, n, d, v, w in metrics)
+    assert _final_metrics(db) == reference
+
+
+def _stops_cleanly(proc, db, role: str) -> tuple[str, int]:
+    """The run ended with one error line naming the dead actor and the resume command, no traceback,
+    status 'failed', and only whole batches committed. Returns (run id, last committed batch)."""
+    out = _finish(proc)
+    assert proc.returncode == 1, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"the {role}" in errors[0] and "--resume" in errors[0], out
+    assert "Traceback" not in out, out
+    (run_id, status), = _when_unlocked(db, "select run_id, status from runs")
+    assert status == "failed" and run_id in errors[0]
+    _, rows = read_only_query(db, "select count(*), count(distinct batch_id), max(batch_id), "
+                                  "(select count(*) from edits) from batches")
+    n_batches, distinct, last, n_edits = rows[0]
+    assert n_batches == distinct == last + 1 and n_edits == 10 * n_batches and 1 <= n_batches < 5
+    return run_id, last
+
+
+def test_a_killed_shard_or_editor_stops_the_run_and_resume_finishes_it(tmp_path, reference):
+    path, db = _scenario(tmp_path, "actors")
+    run = _lme_sim("run", str(path))
+    _wait_for_checkpoint(run, db, 1)
+    _kill_actor(run, "ModelShard")
+    run_id, last = _stops_cleanly(run, db, "shard")
+
+    started = time.time()
+    again = _lme_sim("run", str(path), "--resume", run_id)
+    _wait_for_checkpoint(again, db, last + 1, newer_than=started)  # one more batch, then the editor dies
+    _kill_actor(again, "EditorService")
+    assert _stops_cleanly(again, db, "editor")[0] == run_id
+
+    last_try = _lme_sim("run", str(path), "--resume", run_id)
+    out = _finish(last_try)
+    assert last_try.returncode == 0, out
+    _, edits = read_only_query(db, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
+    assert edits == [(50, 50, 0, 49)]
+    _, status = read_only_query(db, "select status from runs")
+    assert status == [("finished",)]
+    _, evals = read_only_query(db, "select eval_id, count(*) from metrics group by 1 having count(*) "
+                                   "<> count(distinct name)")
+    assert evals == []  # redone evaluations replaced, not duplicated
+    assert _final_metrics(db) == reference

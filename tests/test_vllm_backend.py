@@ -95,4 +95,4 @@ def test_evaluator_service_with_the_vllm_backend(llama_world):
     out = ev.evaluate(1, 0, retention, cases)
     names = {r["name"] for r in out["metrics"]}
     assert {"efficacy", "specificity", "retention", "fluency"} <= names and len(out["probes"]) == 5
-    assert ev.apply({}, 3) == 3 and ev.evaluate(2, 1, retention, cases)["version"] == 3
+    assert ev.load({}, 3) == 3 and ev.evaluate(2, 1, retention, cases, version=3)["version"] == 3

@@ -142,11 +142,12 @@ def load_hparams(method: str, model_name: str, overrides: dict[str, Any] | None 
             f"set the layers to edit (known models: {sorted(k for k in table if k != 'default')})"
         )
     try:
-        return HPARAM_CLASSES[method](**merged)
+        return HPARAM_CLASSES[method].model_validate(merged)
     except ValidationError as e:
+        from ..scenario import field_path
+
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise HParamsError(f"{where}.{field}: {err['msg']}") from None
+        raise HParamsError(f"{where}.{field_path(err['loc'])}: {err['msg']}") from None
 
 
 def _merge(base: dict, top: dict) -> dict:

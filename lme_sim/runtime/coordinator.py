@@ -6,6 +6,10 @@ the weight health of every edited matrix are committed to DuckDB in one transact
 row names the checkpoint). Evaluators receive only the changed tensors with the new version and
 score eval checkpoints asynchronously; each probe row carries the version it was scored on.
 ``resume`` restarts from the last committed batch: no edit is lost or written twice.
+
+Faults: a batch whose deltas fail the delta guard is undone and logged in ``rejected_batches``;
+a dead evaluator is restarted and re-synced (:mod:`.evaluation`); a dead shard, editor, stream or
+logger stops the run cleanly (:mod:`.failures`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
 from ..stream import EditStream, Event, SimClock, build_events
+from .evaluation import RESTARTABLE, EvalPool
+from .failures import actor_roles, stop_run
 from .ray_utils import evaluator_options, init_ray, on_this_node, placement_summary, release, start_shards
 from .services import EditorService, Evaluator
 
@@ -91,40 +97,49 @@ def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, ad
                                     scn.editor.method, resume=resume is not None))
     opts = {"num_cpus": 0}
     editor = ray.remote(EditorService).options(**opts).remote(scn.model, shards.shards, scn.editor.method,
-                                                                scn.editor.hparams)
+                                                                scn.editor.hparams, scn.editor.max_delta_norm)
     ev = scn.evaluator
     engine = ev.model_dump(exclude={"backend"})
     general = general_ability_items(scn, events)
-    evaluators = [ray.remote(Evaluator).options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus))
+    evaluators = [ray.remote(Evaluator)
+                  .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
                   .remote(scn.model, scn.eval.batch_size, scn.eval.fluency_prompts, ev.backend, engine,
                           general_items=general, device="cuda" if rt.gpus else "cpu", dtype=rt.dtype)
                   for _ in range(rt.evaluators)]
+    pool = EvalPool(ray, evaluators, console)
     ckpt_dir = Path(db).parent / "checkpoints" / run_id
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     state = _RunState()
-    if resume:
-        state = _restore(ray, logger, run_id, editor, evaluators, stream)
-        console.print(f"resuming {run_id} after batch {state.batch_id}")
-    pending: list = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task(f"{scn.editor.method} on {scn.model}", total=len(events),
-                                 completed=ray.get(stream.state_dict.remote())["position"])
-        while (item := ray.get(stream.next_batch.remote())) is not None:
-            clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
-            if isinstance(item, Event):  # an eval checkpoint: score asynchronously
-                state.eval_id += 1
-                ev = evaluators[state.eval_id % len(evaluators)]
-                pending.append(ev.evaluate.remote(state.eval_id, state.batch_id, _retention_probes(state, scn),
-                                                  state.recent))
-            else:
-                _edit_batch(ray, scn, run_id, item, editor, evaluators, logger, stream, state, ckpt_dir)
-            pending = _collect(ray, logger, run_id, pending, wait=False)
-            progress.update(task, completed=ray.get(stream.state_dict.remote())["position"])
-    _collect(ray, logger, run_id, pending, wait=True)
-    ray.get(logger.finish_run.remote(run_id))
-    _print_summary(ray, logger, run_id, db, console)
-    ray.get(logger.close.remote())
-    release([stream, logger, editor, *evaluators, *shards.shards], shards.placement_group)
+    roles = actor_roles({"stream": stream, "logger": logger, "editor": editor,
+                         **{f"evaluator {i}": h for i, h in enumerate(evaluators)},
+                         **{f"shard {i} (layers {r.start}-{r.stop - 1})": h
+                            for i, (h, r) in enumerate(zip(shards.shards, shards.ranges))}})
+    actors = [stream, logger, editor, *evaluators, *shards.shards]
+    try:
+        if resume:
+            state = _restore(ray, logger, run_id, editor, pool, stream)
+            console.print(f"resuming {run_id} after batch {state.batch_id}")
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task(f"{scn.editor.method} on {scn.model}", total=len(events),
+                                     completed=ray.get(stream.state_dict.remote())["position"])
+            while (item := ray.get(stream.next_batch.remote())) is not None:
+                clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
+                if isinstance(item, Event):  # an eval checkpoint: score asynchronously
+                    state.eval_id += 1
+                    pool.submit(state.eval_id, state.batch_id, _retention_probes(state, scn), state.recent)
+                else:
+                    _edit_batch(ray, scn, run_id, item, editor, pool, logger, stream, state, ckpt_dir, console)
+                _log_evaluations(ray, logger, run_id, pool.collect(wait=False))
+                progress.update(task, completed=ray.get(stream.state_dict.remote())["position"])
+        _log_evaluations(ray, logger, run_id, pool.collect(wait=True))
+        ray.get(logger.finish_run.remote(run_id))
+        _print_summary(ray, logger, run_id, db, console)
+        ray.get(logger.close.remote())
+    except BaseException as e:  # noqa: BLE001  (a dead actor, or Ctrl-C: the run is marked failed)
+        hint = f"lme-sim run {scenario_path} --resume {run_id}" + (f" --db {db}" if db != scn.db else "")
+        raise stop_run(ray, e, logger, run_id, roles, hint,
+                       lambda: release(actors, shards.placement_group)) from None
+    release(actors, shards.placement_group)
     return run_id
 
 
@@ -136,9 +151,17 @@ class _RunState:
         self.recent: list = []  # the last retention_sample edited cases: the papers metrics are taken on them
 
 
-def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, state, ckpt_dir):
+def _edit_batch(ray, scn, run_id, batch, editor, pool, logger, stream, state, ckpt_dir, console):
     t0 = time.perf_counter()
     result = ray.get(editor.edit.remote([e.case for e in batch]))
+    if "rejected" in result:  # the editor undid it: no model copy has it; logged with the next commit
+        ids = [e.edit_id for e in batch]
+        ray.get(logger.append.remote("rejected_batches", [{
+            "run_id": run_id, "after_batch": state.batch_id, "sim_time": batch[-1].time, "n_edits": len(batch),
+            "edit_ids": ids, "reason": result["rejected"], "rejected_at": dt.datetime.now(dt.timezone.utc)}]))
+        console.print(f"[yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result['rejected']}; "
+                      "the model is unchanged")
+        return
     stats = ray.get(editor.weight_stats.remote())
     state.batch_id += 1
     state.version += 1
@@ -173,8 +196,7 @@ def _edit_batch(ray, scn, run_id, batch, editor, evaluators, logger, stream, sta
     ray.get(logger.commit_batch.remote(run_id, row, {"edits": edits, "weight_stats": ws}))
     for old in sorted(ckpt_dir.glob("batch-*.pt"))[:-2]:  # keep the last two
         old.unlink()
-    for ev in evaluators:  # queued behind any evaluation in flight: versions stay ordered
-        ev.apply.remote(result["deltas"], state.version)
+    pool.apply(result["deltas"], state.version, state.cum)
 
 
 def _retention_probes(state: _RunState, scn: Scenario) -> list[dict]:
@@ -184,18 +206,13 @@ def _retention_probes(state: _RunState, scn: Scenario) -> list[dict]:
     return items
 
 
-def _collect(ray, logger, run_id, pending, wait: bool):
-    if not pending:
-        return pending
-    done, rest = ray.wait(pending, num_returns=len(pending), timeout=None if wait else 0)
-    for ref in done:
-        out = ray.get(ref)
+def _log_evaluations(ray, logger, run_id, results: list[dict]) -> None:
+    for out in results:
         for table in ("probes", "metrics"):
             ray.get(logger.append.remote(table, [{"run_id": run_id, **r} for r in out[table]]))
-    return rest
 
 
-def _restore(ray, logger, run_id, editor, evaluators, stream) -> _RunState:
+def _restore(ray, logger, run_id, editor, pool, stream) -> _RunState:
     rows = ray.get(logger.query.remote(
         f"select batch_id, checkpoint from batches where run_id = '{run_id}' order by batch_id desc limit 1"))
     state = _RunState()
@@ -205,7 +222,7 @@ def _restore(ray, logger, run_id, editor, evaluators, stream) -> _RunState:
     ckpt = torch.load(path, weights_only=False)
     ray.get(editor.apply.remote(ckpt["deltas"]))
     ray.get(editor.load_state_dict.remote(ckpt["editor"]))
-    ray.get([ev.apply.remote(ckpt["deltas"], ckpt["version"]) for ev in evaluators])
+    pool.load(ckpt["deltas"], ckpt["version"])
     ray.get(stream.load_state_dict.remote(ckpt["stream"]))
     state.version, state.eval_id, state.cum = ckpt["version"], ckpt["eval_id"], ckpt["deltas"]
     state.latest, state.recent = ckpt["latest"], ckpt["recent"]

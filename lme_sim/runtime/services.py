@@ -1,7 +1,9 @@
 """The plain classes behind the runtime's Ray actors: the editor and the evaluator.
 
 * :class:`EditorService` runs an editor over the shard actors and reports, per batch, the deltas
-  (only changed tensors), timings, and the weight health of every edited matrix.
+  (only changed tensors), timings, and the weight health of every edited matrix. A batch whose
+  deltas fail the :mod:`~lme_sim.runtime.delta_guard` is undone (weights and editor state) and
+  reported as rejected.
 * :class:`Evaluator` keeps its own replica of the model, follows the editor through versioned
   deltas (never a full model copy after start-up) and scores probe sets in batched passes; every
   probe row records the model version it was scored on.
@@ -19,6 +21,7 @@ from ..general_ability import MCItem, mc_accuracy
 from ..metrics import case_metrics, fluency, summarize
 from ..models import load_model, load_tokenizer
 from ..scoring import score_targets
+from .delta_guard import DEFAULT_MAX_DELTA_NORM, delta_problem
 from .shards import ShardedBackbone
 
 
@@ -26,7 +29,9 @@ class EditorService:
     """Methods that work through shards edit them directly; methods that need the model in process
     (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas."""
 
-    def __init__(self, model_name: str, shards: list, method: str, hparams: dict):
+    def __init__(self, model_name: str, shards: list, method: str, hparams: dict,
+                 max_delta_norm: float = DEFAULT_MAX_DELTA_NORM):
+        self.max_delta_norm = max_delta_norm
         self.backbone = ShardedBackbone(shards)
         self.local = None
         if editor_class(method).in_process:
@@ -40,7 +45,17 @@ class EditorService:
         self.weight_stats()  # records the unedited weights where they live
 
     def edit(self, cases: list[EditCase]) -> dict:
+        """Edit a batch; ``{"rejected": reason}`` if its deltas fail the guard: then the weights the
+        editor wrote to during the batch and its state are put back as they were."""
+        written = self.local or self.backbone  # where the editor writes while it edits
+        norms = written.save_weights(self.layers)
+        state = self.editor.state_dict()
         result = self.editor.edit(cases)
+        problem = delta_problem(result.deltas, norms, self.max_delta_norm)
+        if problem is not None:
+            written.restore_weights()
+            self.editor.load_state_dict(state)
+            return {"rejected": problem, "timings": result.timings}
         timer = PhaseTimer(result.timings)
         if self.local is not None:
             with timer("sync"):  # the shards follow the local replica
@@ -88,20 +103,45 @@ class Evaluator:
         self.general_items = list(general_items or [])
         self.general_before = (mc_accuracy(self.backbone, self.tok, self.general_items, batch_size)
                                if self.general_items else None)
+        self.cum: dict[str, torch.Tensor] = {}  # the sum of the deltas applied so far
 
     def apply(self, deltas: dict[str, torch.Tensor], version: int) -> int:
+        """Take the replica from ``version - 1`` to ``version``: W += delta for the changed tensors.
+        A replica at another version (a restarted actor is back at 0) leaves them: it stays behind
+        until :meth:`load`, and its evaluations say so. Returns the replica's version."""
+        if version != self.version + 1:
+            return self.version
+        self._add(deltas)
+        self.version = version
+        return version
+
+    def load(self, cum: dict[str, torch.Tensor], version: int) -> int:
+        """Bring the replica to an absolute state, whatever it held: the unedited weights plus
+        ``cum``, the sum of every delta up to ``version`` (resume, re-sync after a restart)."""
+        diff = {name: d - self.cum[name] if name in self.cum else d for name, d in cum.items()}
+        diff.update({name: -d for name, d in self.cum.items() if name not in cum})
+        self._add(diff)
+        self.version = version
+        return version
+
+    def _add(self, deltas: dict[str, torch.Tensor]) -> None:
         if isinstance(self.backbone, LocalBackbone):
             for name, d in deltas.items():
                 self.backbone.apply_delta(name, d)
         else:
-            self.backbone.apply(deltas, version)
-        self.version = version
-        return version
+            self.backbone.apply(deltas)
+        for name, d in deltas.items():
+            self.cum[name] = self.cum[name] + d if name in self.cum else d.clone()
 
     @torch.no_grad()
-    def evaluate(self, eval_id: int, step: int, retention: list[dict], recent: list[EditCase]) -> dict:
+    def evaluate(self, eval_id: int, step: int, retention: list[dict], recent: list[EditCase],
+                 version: int | None = None) -> dict:
         """Retention probes (is each fact's latest value in force?) and the papers' metrics on the
-        most recent edits. ``retention`` items: edit_id, prompt, value, earlier (values it replaced)."""
+        most recent edits. ``retention`` items: edit_id, prompt, value, earlier (values it replaced).
+        ``version``: the model version this evaluation is for; a replica at another one scores
+        nothing and answers ``{"behind": its version}``."""
+        if version is not None and version != self.version:
+            return {"behind": self.version}
         version = self.version
         prompts, targets, owner = [], [], []
         for i, r in enumerate(retention):

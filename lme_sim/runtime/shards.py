@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
-from ..backbone import Backbone, Inject, Output, Plan, add_to_param, run_plan, weight_health
+from ..backbone import (Backbone, Inject, Output, Plan, add_to_param, restore_weights, run_plan, save_weights,
+                        weight_health)
 
 
 class PassThrough(nn.Module):
@@ -64,6 +65,7 @@ class ModelShard:
         self._base: dict[int, torch.Tensor] = {}  # edited weights as first seen (weight health)
         self._master: dict[str, torch.Tensor] = {}  # float32 copies of edited 16-bit weights
         self._moments: dict[int, torch.Tensor] = {}  # running key statistics (on the device)
+        self._saved: dict[str, torch.Tensor] = {}  # weights kept by save_weights (a rejected batch)
         self._graphs: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
 
     def info(self) -> dict[str, Any]:
@@ -137,6 +139,13 @@ class ModelShard:
 
     def weight_stats(self, layer: int) -> dict[str, float]:
         return weight_health(self.model, layer, self._base)
+
+    def save_weights(self, layers: list[int]) -> dict[str, float]:
+        """Keep a copy of W at those of ``layers`` this shard owns; returns their norms."""
+        return save_weights(self.model, [l for l in layers if l in self.layers], self._saved)
+
+    def restore_weights(self) -> None:
+        restore_weights(self.model, self._saved)
 
 
 def _on_cpu(out: Output) -> Output:
@@ -229,6 +238,14 @@ class ShardedBackbone(Backbone):
 
     def weight_stats(self, layer: int) -> dict[str, float]:
         return call(self.shards[self._owner(layer)], "weight_stats", layer)
+
+    def save_weights(self, layers: list[int]) -> dict[str, float]:
+        # every shard: one that owns none of ``layers`` drops what it kept before
+        return {n: w for s in self.shards for n, w in call(s, "save_weights", list(layers)).items()}
+
+    def restore_weights(self) -> None:
+        for shard in self.shards:
+            call(shard, "restore_weights")
 
     def transposed(self) -> bool:
         return self._transposed

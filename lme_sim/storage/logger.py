@@ -29,6 +29,7 @@ _ARROW_TYPES = {
     "JSON": pa.string(),
     "TIMESTAMP": pa.timestamp("us"),
     "VARCHAR[]": pa.list_(pa.string()),
+    "INTEGER[]": pa.list_(pa.int32()),
     "DOUBLE[]": pa.list_(pa.float64()),
 }
 

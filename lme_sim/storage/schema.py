@@ -6,7 +6,7 @@ and refuses a file written by another schema version (``SchemaError``) instead o
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rejected_batches, bench_results
 
 
 class SchemaError(RuntimeError):
@@ -116,6 +116,16 @@ TABLES = {
         note VARCHAR,
         machine JSON,
         versions JSON""",
+    # batches the delta guard refused (NaN/Inf or exploding deltas): no model copy kept them, their
+    # edits are not in ``edits``; written with the next committed batch (or at the end of the run)
+    "rejected_batches": """
+        run_id VARCHAR,
+        after_batch INTEGER,       -- batch_id of the last committed batch before it (-1: none)
+        sim_time TIMESTAMP,
+        n_edits INTEGER,
+        edit_ids INTEGER[],
+        reason VARCHAR,            -- the module and what was wrong with its delta
+        rejected_at TIMESTAMP""",
 }
 
 VIEWS = {
