@@ -21,7 +21,8 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=os.cpu_count() or 2, object_store_memory=object_store_mb << 20,
+        # address="local": a new Ray even where another one runs (a `ray start` cluster would be joined)
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=object_store_mb << 20,
                  resources={SHARD_RESOURCE: shard_slots}, include_dashboard=False, runtime_env=env,
                  log_to_driver=False)
     return ray
