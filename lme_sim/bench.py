@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import statistics
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,96 +410,3 @@ def write_result(result: dict, out: str | Path, db: str | Path) -> None:
     common = {k: result[k] for k in ("bench_id", "preset", "created_at", "machine", "versions")}
     with RunLogger(db) as logger:
         logger.append("bench_results", [{**common, **r} for r in result["results"]])
-
-
-def history_marks(rows: list[dict], marks) -> list[tuple[int, float, float, dict]]:
-    """(mark, median wall and CPU seconds of batches mark-1..mark+1, the mark's own row) per reported batch."""
-    by_step = {r["step"]: r for r in rows}
-    out = []
-    for k in marks:
-        near = [by_step[s] for s in (k - 1, k, k + 1) if s in by_step]
-        out.append((k, statistics.median(r["seconds"] for r in near), statistics.median(r["cpu_seconds"] for r in near),
-                    by_step[k]))
-    return out
-
-
-def print_result(result: dict, console=None) -> None:
-    """The result as rich tables, one per section."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=None if sys.stdout.isatty() else 150)
-    m, v = result["machine"], result["versions"]
-    gpus = ", ".join(m["gpus"]) or "no GPU"
-    console.print(f"[bold]lme-sim bench[/] {result['bench_id']} ({result['preset']}): {result['wall_seconds']:.0f} s "
-                  f"wall, {result['cpu_seconds']:.0f} s CPU in this process; {m['cpu_model']}, {m['cpu_cores']} cores "
-                  f"({m['torch_threads']} torch threads), {m['ram_gb']} GiB, {gpus}; load average {m['load_avg_1m']} "
-                  f"at start, {m['load_avg_1m_end']} at end")
-    console.print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
-    rows = result["results"]
-    phases = ("keys", "targets", "solve", "apply", "sync")
-
-    def ms_per(r, phase):
-        t = (r.get("phases") or {}).get(phase)
-        return "" if t is None else f"{1000 * t / r['n']:.1f}"
-
-    def mb(x):
-        return "" if x is None else f"{x:.0f}"
-
-    edits = [r for r in rows if r["section"] == "edits"]
-    if edits:
-        t = Table(title="editing throughput (in process)", caption="phases: ms per edit; sync: deltas applied to "
-                  "an evaluator replica; peak: resident memory high-water mark while timed")
-        for c in ("method", "batch", "edits", "edits/s", *phases, "set-up s", "peak MB", "state MB"):
-            t.add_column(c, justify="left" if c == "method" else "right")
-        for r in edits:
-            t.add_row(r["method"], str(r["batch_size"]), str(r["n"]), f"{r['rate']:.2f}",
-                      *[ms_per(r, p) for p in phases], f"{r['setup_seconds']:.1f}", mb(r["peak_rss_mb"]),
-                      f"{r['state_mb']:.2f}")
-        console.print(t)
-        if any(r.get("cuda_peak_mb") for r in edits):
-            console.print("CUDA max allocated (MB): " + ", ".join(f"{r['method']}/{r['batch_size']} "
-                                                               f"{mb(r['cuda_peak_mb'])}" for r in edits))
-        notes = sorted({r["note"] for r in edits if r["method"] in LEARNED})
-        for n in notes:
-            console.print(f"rledit/hiedit: {n}")
-    probes = [r for r in rows if r["section"] == "probes"]
-    if probes:
-        t = Table(title="evaluator throughput")
-        for c in ("backend", "status", "probes", "probes/s", "sync ms", "peak MB", "note"):
-            t.add_column(c, justify="left" if c in ("backend", "status", "note") else "right")
-        for r in probes:
-            ok = r["status"] == "ok"
-            t.add_row(r["backend"], r["status"], str(r["n"]), f"{r['rate']:.0f}" if ok else "",
-                      f"{1000 * r['phases']['sync']:.1f}" if ok else "", mb(r.get("peak_rss_mb")), r.get("note") or "")
-        console.print(t)
-    history = [r for r in rows if r["section"] == "history"]
-    if history:
-        marks = [k for k in result["config"]["history_marks"] if any(r["step"] == k for r in history)]
-        found = history_marks(history, marks)
-        t = Table(title=f"history scaling: one {HISTORY_METHOD} stream of {len(history)} batches of "
-                        f"{history[0]['batch_size']}",
-                  caption="s per batch (wall and CPU of this process): median of batches k-1..k+1; "
-                          "phases: ms per edit at batch k")
-        for c in ("batch k", "s per batch", "CPU s", "ms per edit", *phases[:4], "state MB", "peak MB"):
-            t.add_column(c, justify="right")
-        for k, med, cpu, r in found:
-            t.add_row(str(k), f"{med:.3f}", f"{cpu:.3f}", f"{1000 * med / r['n']:.1f}",
-                      *[ms_per(r, p) for p in phases[:4]], f"{r['state_mb']:.2f}", mb(r["peak_rss_mb"]))
-        console.print(t)
-        (k0, s0, c0, r0), (k1, s1, c1, r1) = found[0], found[-1]
-        console.print(f"history: batch {k1} / batch {k0}: wall {s1 / s0:.2f}x, CPU {c1 / c0:.2f}x; editor state "
-                      f"{r0['state_mb']:.2f} MB -> {r1['state_mb']:.2f} MB")
-    shards = [r for r in rows if r["section"] == "shards"]
-    if shards:
-        t = Table(title=f"shard scaling: {SHARDS_METHOD} through the Ray runtime, batches of {shards[0]['batch_size']}",
-                  caption="edits/s and phases (ms per edit) over batches 2.. (the first waits for the actors to "
-                          "start); set-up: the rest of the run's wall time")
-        for c in ("shards", "device", "edits timed", "edits/s", *phases, "set-up s", "run"):
-            t.add_column(c, justify="right")
-        for r in shards:
-            t.add_row(str(r["shards"]), r["device"], str(r["n"]), f"{r['rate']:.2f}", *[ms_per(r, p) for p in phases],
-                      f"{r['setup_seconds']:.1f}", r["run_id"])
-        console.print(t)

@@ -134,7 +134,8 @@ def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: s
           threads: int, out: str, db: str) -> None:
     """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
     and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows."""
-    from .bench import BenchError, bench_config, print_result, run_bench
+    from .bench import BenchError, bench_config, run_bench
+    from .bench_tables import print_result
 
     try:
         cfg = bench_config(quick, methods, batch_sizes, sections, device, threads)

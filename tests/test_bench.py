@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from lme_sim.bench import QUICK, BenchError, bench_config, print_result, run_bench
+from lme_sim.bench import QUICK, BenchError, bench_config, run_bench
+from lme_sim.bench_tables import print_result
 from lme_sim.cli import main
 from lme_sim.editors.base import PHASES
 from lme_sim.storage.logger import read_only_query
