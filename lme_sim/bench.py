@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import gc
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,10 +314,14 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             score_targets(ev.backbone, ev.tok, prompts, targets, cfg.probe_batch_size)
         with Measure(cfg.device) as sync:
             ev.apply(deltas, 1)
+        passes = "all probes in one generate call" if backend == "vllm" else f"{cfg.probe_batch_size} probes per pass"
         rows.append({**row, **_measured(m, len(prompts)), "batch_size": cfg.probe_batch_size,
                      "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds,
-                     "note": f"{cfg.probe_batch_size} probes per pass; sync: deltas on {len(deltas)} matrices"})
+                     "note": f"{passes}; sync: deltas on {len(deltas)} matrices"})
         del ev
+        gc.collect()  # a vLLM engine holds its memory (GPU: gpu_memory_utilization) until collected
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
         step("", 1)
     return rows
 
