@@ -13,6 +13,11 @@ DuckDB file, every row with the machine and the versions it ran on):
 * ``shards``: the same small scenario through the real Ray runtime (shard actors, editor,
   evaluator, logger) on 1, 2, 4 shards; those runs land in the same DuckDB file.
 
+Work in this process runs on ``threads`` torch threads (default 1, what the runtime's Ray actors
+get: Ray sets OMP_NUM_THREADS=1 for them), so in-process and Ray figures compare. The world models'
+matrices are small, and on a busy machine two torch threads that wait for each other were many
+times slower than one (README, Performance).
+
 Peak memory is this process's resident high-water mark during the timed work (and CUDA's max
 allocated on a GPU); Ray actors of the ``shards`` section are other processes and not in it.
 """
@@ -22,7 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
-import statistics
+import gc
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,19 +71,20 @@ class BenchConfig:
     shard_batch_size: int = 10
     sections: tuple[str, ...] = SECTIONS
     device: str = "cpu"
+    threads: int = 1  # torch threads of this process
 
 
 FULL = BenchConfig()
 QUICK = dataclasses.replace(FULL, preset="quick", model="world:small", batch_sizes=(1, 10), batches=1, warmup=0,
                             learned_hparams=QUICK_TRAINING, probes=1000, history_batch_size=5,
-                            history_marks=(1, 10, 30), shard_edits=20)
+                            history_marks=(1, 10, 30), shard_edits=30)
 
 
 def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: str | None = None,
-                 sections: str | None = None, device: str = "auto") -> BenchConfig:
+                 sections: str | None = None, device: str = "auto", threads: int = 1) -> BenchConfig:
     """The preset (quick or full) with the command line's choices on top; a bad one is a BenchError."""
     cfg = QUICK if quick else FULL
-    changes: dict = {"device": _device(device)}
+    changes: dict = {"device": _device(device), "threads": threads}
     if methods:
         changes["methods"] = _choices("--methods", methods, METHODS)
     if sections:
@@ -97,10 +103,15 @@ def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: s
 def check_config(cfg: BenchConfig) -> None:
     from .scenario import model_n_layers
 
+    if cfg.threads < 1:
+        raise BenchError(f"--threads: at least 1, got {cfg.threads}")
     if any(b <= 0 for b in cfg.batch_sizes):
         raise BenchError(f"--batch-sizes: edits per batch must be positive, got {list(cfg.batch_sizes)}")
     if list(cfg.history_marks) != sorted(set(cfg.history_marks)) or cfg.history_marks[0] < 1:
         raise BenchError(f"history_marks: increasing batch numbers from 1, got {list(cfg.history_marks)}")
+    if cfg.shard_edits < 2 * cfg.shard_batch_size:
+        raise BenchError(f"shard_edits: at least two batches of {cfg.shard_batch_size} (the first one waits for the "
+                         f"actors to start and is not timed), got {cfg.shard_edits}")
     n_layers = model_n_layers(cfg.model)
     if "shards" in cfg.sections and max(cfg.shard_counts) > n_layers:
         raise BenchError(f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
@@ -111,8 +122,8 @@ def _choices(option: str, value: str, known: tuple[str, ...]) -> tuple[str, ...]
     picked = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [v for v in picked if v not in known]
     if bad or not picked:
-        raise BenchError(f"{option}: unknown {', '.join(map(repr, bad)) or 'empty list'} "
-                         f"(choose from {','.join(known)})")
+        what = f"unknown {', '.join(map(repr, bad))}" if bad else "name at least one"
+        raise BenchError(f"{option}: {what} (choose from {','.join(known)})")
     return picked
 
 
@@ -133,10 +144,6 @@ def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -
     """Run the configured sections; write the result as JSON to ``out`` and as rows of the
     ``bench_results`` table into ``db``; return it."""
     from rich.console import Console
-    from rich.progress import Progress
-
-    from .models import load_model
-
     from transformers.utils import logging as hf_logging
 
     check_config(cfg)
@@ -144,7 +151,26 @@ def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -
     hf_logging.disable_progress_bar()  # a model load per measured configuration; the bench shows its own
     bench_id = f"bench-{uuid.uuid4().hex[:8]}"
     created = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
     machine, vers = machine_info(), versions()
+    try:
+        rows, total = _run_sections(cfg, db, console)
+    finally:
+        torch.set_num_threads(threads_before)
+    machine["load_avg_1m_end"] = machine_info()["load_avg_1m"]
+    result = {"bench_id": bench_id, "preset": cfg.preset, "created_at": created.isoformat(),
+              "wall_seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "config": dataclasses.asdict(cfg),
+              "machine": machine, "versions": vers, "results": rows}
+    write_result(result, out, db)
+    return result
+
+
+def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict], Measure]:
+    from rich.progress import Progress
+
+    from .models import load_model
+
     with Measure() as total:
         lm = load_model(cfg.model, device=cfg.device)  # the world model trains (and is cached) on first use
         units = {"edits": len(cfg.methods) * len(cfg.batch_sizes), "probes": len(cfg.backends),
@@ -160,12 +186,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -
                 found = SECTION_RUNNERS[section](cfg, lm, str(db), step)
                 rows += [{"section": section, "model": cfg.model, "device": cfg.device, "status": "ok", **r}
                          for r in found]
-    machine["load_avg_1m_end"] = machine_info()["load_avg_1m"]
-    result = {"bench_id": bench_id, "preset": cfg.preset, "created_at": created.isoformat(),
-              "wall_seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "config": dataclasses.asdict(cfg), "machine": machine,
-              "versions": vers, "results": rows}
-    write_result(result, out, db)
-    return result
+    return rows, total
 
 
 def stream_cases(world, n: int) -> list[EditCase]:
@@ -182,6 +203,12 @@ def stream_cases(world, n: int) -> list[EditCase]:
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _measured(m: Measure, n: int) -> dict:
+    """A row's timing fields for ``n`` edits or probes done inside ``m``."""
+    return {"n": n, "seconds": m.seconds, "rate": n / m.seconds, "cpu_seconds": m.cpu_seconds,
+            "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb}
 
 
 def _state_mb(editor) -> float:
@@ -221,16 +248,14 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             with Measure(cfg.device) as m:
                 for batch in batches[cfg.warmup:]:
                     _edit_and_sync(editor, replica, batch, phases, cfg.device)
-            n = cfg.batches * bs
             note = "set-up: editor construction"
             if method in LEARNED:
                 note += " and its networks (trained on first use, then cached)"
                 if overrides:
                     note += f"; trained on a quick budget {overrides}: speed as shipped, quality not"
-            rows.append({"method": method, "batch_size": bs, "n": n, "seconds": m.seconds, "rate": n / m.seconds,
-                         "cpu_seconds": m.cpu_seconds, "unit": "edits/s", "phases": dict(phases), "setup_seconds": setup.seconds,
-                         "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb,
-                         "state_mb": _state_mb(editor), "note": note})
+            rows.append({"method": method, "batch_size": bs, **_measured(m, cfg.batches * bs), "unit": "edits/s",
+                         "phases": dict(phases), "setup_seconds": setup.seconds, "state_mb": _state_mb(editor),
+                         "note": note})
             del model, replica, editor
             step("", 1)
     return rows
@@ -272,7 +297,8 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
         step(f"probes: {backend} backend")
         row = {"backend": backend, "n": len(prompts), "unit": "probes/s"}
         if backend == "vllm" and not vllm_available():
-            rows.append({**row, "status": "unavailable", "note": "vllm is not installed here (README: vLLM evaluators)"})
+            rows.append({**row, "status": "unavailable", "note": "vllm is not installed here (README: vLLM "
+                                                                    "evaluators)"})
             step("", 1)
             continue
         try:
@@ -288,12 +314,14 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             score_targets(ev.backbone, ev.tok, prompts, targets, cfg.probe_batch_size)
         with Measure(cfg.device) as sync:
             ev.apply(deltas, 1)
-        rows.append({**row, "batch_size": cfg.probe_batch_size, "seconds": m.seconds, "rate": len(prompts) / m.seconds,
-                     "cpu_seconds": m.cpu_seconds,
-                     "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds, "peak_rss_mb": m.peak_rss_mb,
-                     "cuda_peak_mb": m.cuda_peak_mb,
-                     "note": f"{cfg.probe_batch_size} probes per pass; sync: one batch's deltas on {len(deltas)} matrices"})
+        passes = "all probes in one generate call" if backend == "vllm" else f"{cfg.probe_batch_size} probes per pass"
+        rows.append({**row, **_measured(m, len(prompts)), "batch_size": cfg.probe_batch_size,
+                     "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds,
+                     "note": f"{passes}; sync: deltas on {len(deltas)} matrices"})
         del ev
+        gc.collect()  # a vLLM engine holds its memory (GPU: gpu_memory_utilization) until collected
+        if cfg.device == "cuda":
+            torch.cuda.empty_cache()
         step("", 1)
     return rows
 
@@ -310,9 +338,8 @@ def bench_history(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
         step(f"history: {HISTORY_METHOD} batch {i + 1}/{n_batches}")
         with Measure(cfg.device) as m:
             result = editor.edit(cases[i * bs:(i + 1) * bs])
-        rows.append({"method": HISTORY_METHOD, "batch_size": bs, "step": i + 1, "n": bs, "seconds": m.seconds,
-                     "rate": bs / m.seconds, "cpu_seconds": m.cpu_seconds, "unit": "edits/s", "phases": result.timings,
-                     "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb, "state_mb": _state_mb(editor)})
+        rows.append({"method": HISTORY_METHOD, "batch_size": bs, "step": i + 1, **_measured(m, bs), "unit": "edits/s",
+                     "phases": result.timings, "state_mb": _state_mb(editor)})
         step("", 1)
     return rows
 
@@ -338,21 +365,24 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             gpus = cfg.device == "cuda" and torch.cuda.device_count() >= n + 1  # a GPU per shard and evaluator
             scn = Scenario(name=f"bench-shards{n}", model=cfg.model, data=DataSpec(n_edits=cfg.shard_edits),
                            editor=EditorSpec(method=SHARDS_METHOD), stream=StreamSpec(batch_size=cfg.shard_batch_size),
-                           eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0), runtime=RuntimeSpec(shards=n, gpus=gpus),
-                           db=db)
+                           eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0),  # one evaluation, at the end
+                           runtime=RuntimeSpec(shards=n, gpus=int(gpus)), db=db)
             with Measure() as m:
                 run_id = run_distributed(scn, "lme-sim bench", db=db, console=Console(quiet=True))
-            _, batches = read_only_query(db, f"select seconds, timings from batches where run_id = '{run_id}'")
-            editing = sum(s for s, _ in batches)
+            _, batches = read_only_query(db, "select n_edits, seconds, timings from batches where run_id = "
+                                             f"'{run_id}' order by batch_id")
+            timed = batches[1:]  # the first batch waits for the actors to start (models, key statistics)
+            edits, editing = sum(b[0] for b in timed), sum(b[1] for b in timed)
             phases: dict[str, float] = {}
-            for _, timings in batches:
+            for _, _, timings in timed:
                 for k, v in _json(timings).items():
                     phases[k] = phases.get(k, 0.0) + v
-            note = "set-up: Ray actors started and models loaded, one evaluation, logging"
+            note = ("batches 2.. timed (the first waits for the actors to start); set-up: the rest of the "
+                    "run's wall time (actors, first batch, one evaluation, logging)")
             if cfg.device == "cuda" and not gpus:
                 note += f"; shards on the CPU ({n + 1} GPUs needed, {torch.cuda.device_count()} here)"
-            rows.append({"method": SHARDS_METHOD, "batch_size": cfg.shard_batch_size, "shards": n, "n": cfg.shard_edits,
-                         "device": "cuda" if gpus else "cpu", "seconds": editing, "rate": cfg.shard_edits / editing,
+            rows.append({"method": SHARDS_METHOD, "batch_size": cfg.shard_batch_size, "shards": n, "n": edits,
+                         "device": "cuda" if gpus else "cpu", "seconds": editing, "rate": edits / editing,
                          "unit": "edits/s", "phases": phases, "setup_seconds": m.seconds - editing,
                          "peak_rss_mb": m.peak_rss_mb, "run_id": run_id, "note": note})
             step("", 1)
@@ -385,93 +415,3 @@ def write_result(result: dict, out: str | Path, db: str | Path) -> None:
     common = {k: result[k] for k in ("bench_id", "preset", "created_at", "machine", "versions")}
     with RunLogger(db) as logger:
         logger.append("bench_results", [{**common, **r} for r in result["results"]])
-
-
-def history_marks(rows: list[dict], marks) -> list[tuple[int, float, dict]]:
-    """(mark, median seconds of batches mark-1..mark+1, the mark's own row) for each reported batch."""
-    by_step = {r["step"]: r for r in rows}
-    out = []
-    for k in marks:
-        near = [by_step[s]["seconds"] for s in (k - 1, k, k + 1) if s in by_step]
-        out.append((k, statistics.median(near), by_step[k]))
-    return out
-
-
-def print_result(result: dict, console=None) -> None:
-    """The result as rich tables, one per section."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=None if sys.stdout.isatty() else 150)
-    m, v = result["machine"], result["versions"]
-    gpus = ", ".join(m["gpus"]) or "no GPU"
-    console.print(f"[bold]lme-sim bench[/] {result['bench_id']} ({result['preset']}): {result['wall_seconds']:.0f} s "
-                  f"wall, {result['cpu_seconds']:.0f} s CPU in this process; {m['cpu_model']}, {m['cpu_cores']} cores "
-                  f"({m['torch_threads']} torch threads), {m['ram_gb']} GiB, {gpus}; load average {m['load_avg_1m']} "
-                  f"at start, {m['load_avg_1m_end']} at end")
-    console.print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items()))
-    rows = result["results"]
-    phases = ("keys", "targets", "solve", "apply", "sync")
-
-    def ms_per(r, phase):
-        t = (r.get("phases") or {}).get(phase)
-        return "" if t is None else f"{1000 * t / r['n']:.1f}"
-
-    def mb(x):
-        return "" if x is None else f"{x:.0f}"
-
-    edits = [r for r in rows if r["section"] == "edits"]
-    if edits:
-        t = Table(title="editing throughput (in process)", caption="phases: ms per edit; sync: deltas applied to "
-                  "an evaluator replica; peak: resident memory high-water mark while timed")
-        for c in ("method", "batch", "edits", "edits/s", *phases, "set-up s", "peak MB", "state MB"):
-            t.add_column(c, justify="left" if c == "method" else "right")
-        for r in edits:
-            t.add_row(r["method"], str(r["batch_size"]), str(r["n"]), f"{r['rate']:.2f}",
-                      *[ms_per(r, p) for p in phases], f"{r['setup_seconds']:.1f}", mb(r["peak_rss_mb"]),
-                      f"{r['state_mb']:.2f}")
-        console.print(t)
-        if any(r.get("cuda_peak_mb") for r in edits):
-            console.print("CUDA max allocated (MB): " + ", ".join(f"{r['method']}/{r['batch_size']} "
-                                                               f"{mb(r['cuda_peak_mb'])}" for r in edits))
-        notes = sorted({r["note"] for r in edits if r["method"] in LEARNED})
-        for n in notes:
-            console.print(f"rledit/hiedit: {n}")
-    probes = [r for r in rows if r["section"] == "probes"]
-    if probes:
-        t = Table(title="evaluator throughput")
-        for c in ("backend", "status", "probes", "probes/s", "sync ms", "peak MB", "note"):
-            t.add_column(c, justify="left" if c in ("backend", "status", "note") else "right")
-        for r in probes:
-            ok = r["status"] == "ok"
-            t.add_row(r["backend"], r["status"], str(r["n"]), f"{r['rate']:.0f}" if ok else "",
-                      f"{1000 * r['phases']['sync']:.1f}" if ok else "", mb(r.get("peak_rss_mb")), r.get("note") or "")
-        console.print(t)
-    history = [r for r in rows if r["section"] == "history"]
-    if history:
-        marks = [k for k in result["config"]["history_marks"] if any(r["step"] == k for r in history)]
-        found = history_marks(history, marks)
-        t = Table(title=f"history scaling: one {HISTORY_METHOD} stream of {len(history)} batches of "
-                        f"{history[0]['batch_size']}",
-                  caption="s per batch: median of batches k-1..k+1; phases: ms per edit at batch k")
-        for c in ("batch k", "s per batch", "ms per edit", *phases[:4], "state MB", "peak MB"):
-            t.add_column(c, justify="right")
-        for k, med, r in found:
-            t.add_row(str(k), f"{med:.3f}", f"{1000 * med / r['n']:.1f}", *[ms_per(r, p) for p in phases[:4]],
-                      f"{r['state_mb']:.2f}", mb(r["peak_rss_mb"]))
-        console.print(t)
-        console.print(f"history: s per batch at batch {found[-1][0]} / at batch {found[0][0]} = "
-                      f"{found[-1][1] / found[0][1]:.2f}; editor state {found[0][2]['state_mb']:.2f} MB -> "
-                      f"{found[-1][2]['state_mb']:.2f} MB")
-    shards = [r for r in rows if r["section"] == "shards"]
-    if shards:
-        t = Table(title=f"shard scaling: {shards[0]['n']} {SHARDS_METHOD} edits through the Ray runtime",
-                  caption="edits/s over the editing of the batches; set-up: the rest of the run's wall time")
-        for c in ("shards", "device", "edits/s", *phases, "set-up s", "run"):
-            t.add_column(c, justify="right")
-        for r in shards:
-            t.add_row(str(r["shards"]), r["device"], f"{r['rate']:.2f}", *[ms_per(r, p) for p in phases],
-                      f"{r['setup_seconds']:.1f}", r["run_id"])
-        console.print(t)

@@ -136,17 +136,20 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
 @click.option("--batch-sizes", default=None, help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).")
 @click.option("--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one).")
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="torch threads of the in-process work (1: what the runtime's Ray actors get).")
 @click.option("--out", default="runs/bench.json", show_default=True, help="JSON result file.")
 @click.option("--db", default="runs/bench.duckdb", show_default=True,
               help="DuckDB file: rows go to its bench_results table (the shard runs to its runs tables).")
-def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: str | None, device: str, out: str,
-          db: str) -> None:
+def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: str | None, device: str,
+          threads: int, out: str, db: str) -> None:
     """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
     and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows."""
-    from .bench import BenchError, bench_config, print_result, run_bench
+    from .bench import BenchError, bench_config, run_bench
+    from .bench_tables import print_result
 
     try:
-        cfg = bench_config(quick, methods, batch_sizes, sections, device)
+        cfg = bench_config(quick, methods, batch_sizes, sections, device, threads)
     except BenchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

