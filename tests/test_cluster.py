@@ -72,7 +72,7 @@ def _ray_start(args: list[str], ports: dict[str, int], log: Path, env: dict) -> 
 def _stop(procs: list[subprocess.Popen]) -> None:
     """SIGTERM the sessions, SIGKILL what is left after a grace period, and check none survives."""
     sids = {p.pid for p in procs}
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 20)):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):
         for pid in sids:
             try:
                 os.killpg(pid, sig)

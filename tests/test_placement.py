@@ -49,8 +49,11 @@ def test_worker_env_under_ray_job_submission(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     monkeypatch.setenv("LME_SIM_CACHE", "/shared/lme-cache")  # the job's runtime env set it here too
     monkeypatch.setenv("HF_TOKEN", "t")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # init_ray sets it
+    monkeypatch.setenv("RAY_RAYLET_PID", "4242")  # the head's raylet: meaningless on other nodes
     env = worker_env()
-    assert "LME_SIM_CACHE" not in env and "RAY_ADDRESS" not in env and env["HF_TOKEN"] == "t"
+    assert "LME_SIM_CACHE" not in env and env["HF_TOKEN"] == "t" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert not {"RAY_ADDRESS", "RAY_RAYLET_PID", "RAY_JOB_CONFIG_JSON_ENV_VAR"} & set(env)
     assert _merge_runtime_env(job_env, {"env_vars": env}) is not None  # what ray.init does in a job driver
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
     assert worker_env()["LME_SIM_CACHE"] == "/shared/lme-cache"  # outside a job: passed on

@@ -41,13 +41,15 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots
 
 
 def worker_env() -> dict[str, str]:
-    """What the actors need from the driver's environment (cache folder, hub token, Ray flags).
-    Under Ray job submission the job's own runtime env already carries its variables: those are
-    left out, since Ray refuses a driver that sets the same variable again."""
+    """What the actors need from the driver's environment: ``LME_SIM_*`` (cache folder), ``HF_*``
+    (hub token, cache) and :data:`RAY_ENV`; no other ``RAY_*`` variable (a driver started by Ray
+    job submission carries its node's internal ones, e.g. the raylet's pid). Under job submission
+    the job's own runtime env already carries its variables: those are left out, since Ray refuses
+    a driver that sets the same variable again."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    taken = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
-    taken |= {"RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"}
-    return {k: v for k, v in os.environ.items() if k.startswith(("LME_SIM_", "RAY_", "HF_")) and k not in taken}
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in os.environ.items()
+            if (k.startswith(("LME_SIM_", "HF_")) or k in RAY_ENV) and k not in taken}
 
 
 def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
