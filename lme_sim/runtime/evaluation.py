@@ -12,7 +12,7 @@ eval id is scored exactly once, on its own version. An evaluator that dies more 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,7 @@ class _Pending:
     args: tuple  # eval_id, step, retention probes, recent cases
     version: int
     cum: dict[str, torch.Tensor]  # the accumulated deltas of ``version``
-    resyncs: int = field(default=0)
+    resyncs: int = 0
 
 
 class EvalPool:
