@@ -105,6 +105,17 @@ def _finish(proc, timeout=900):
     return out
 
 
+def _resume_to_the_end(path, run_id, db) -> None:
+    """``lme-sim run --resume``: it finishes, with each of the 50 edits written exactly once."""
+    proc = _lme_sim("run", str(path), "--resume", run_id)
+    out = _finish(proc)
+    assert proc.returncode == 0, out
+    _, edits = read_only_query(db, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
+    assert edits == [(50, 50, 0, 49)]
+    _, status = read_only_query(db, "select status from runs")
+    assert status == [("finished",)]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, small_world):
     """Final metrics of the scenario run without interruption."""
@@ -128,13 +139,7 @@ def test_resume_after_kill_9(tmp_path, reference):
     _, done = read_only_query(broken, "select count(*) from edits")
     assert 20 <= done[0][0] < 50
 
-    again = _lme_sim("run", str(path), "--resume", run_id)
-    out = _finish(again)
-    assert again.returncode == 0, out
-    _, edits = read_only_query(broken, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
-    assert edits == [(50, 50, 0, 49)]
-    _, status = read_only_query(broken, "select status from runs")
-    assert status == [("finished",)]
+    _resume_to_the_end(path, run_id, broken)
     assert _final_metrics(broken) == reference
 
 
@@ -187,13 +192,7 @@ def test_a_killed_shard_or_editor_stops_the_run_and_resume_finishes_it(tmp_path,
     _kill_actor(again, "EditorService")
     assert _stops_cleanly(again, db, "editor")[0] == run_id
 
-    last_try = _lme_sim("run", str(path), "--resume", run_id)
-    out = _finish(last_try)
-    assert last_try.returncode == 0, out
-    _, edits = read_only_query(db, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
-    assert edits == [(50, 50, 0, 49)]
-    _, status = read_only_query(db, "select status from runs")
-    assert status == [("finished",)]
+    _resume_to_the_end(path, run_id, db)
     _, evals = read_only_query(db, "select eval_id, count(*) from metrics group by 1 having count(*) "
                                    "<> count(distinct name)")
     assert evals == []  # redone evaluations replaced, not duplicated
