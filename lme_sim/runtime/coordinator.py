@@ -67,7 +67,7 @@ def general_ability_items(scn: Scenario, events: list[Event]) -> list[MCItem]:
         return []
     from ..models import load_tokenizer
 
-    world = load_tokenizer(scn.model)[1]
+    world = load_tokenizer(scn.model)[1] if scn.model.startswith("world:") and not spec.path else None
     edited = {(e.case.subject, e.case.relation) for e in events if e.case is not None}
     return probe_items(spec.n, spec.path, world, edited, seed=scn.data.seed)
 
