@@ -96,8 +96,14 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
 @click.option("--hparams", "overrides", default="{}", show_default=True,
               help="YAML mapping of hyperparameters on top of lme_sim/editors/hparams/<method>.yaml, "
                    "e.g. '{rollouts: 100, layers: [3, 4, 5]}'.")
-def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: str | None, overrides: str) -> None:
-    """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint."""
+@click.option("--init-from", "init_from", default=None,
+              help="hiedit: the RLEdit checkpoint (same model and layers) whose network HiEdit starts from "
+                   "(default: train one first).")
+def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: str | None, overrides: str,
+                     init_from: str | None) -> None:
+    """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint.
+
+    HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or it is trained first."""
     import yaml
 
     from .editors.editor_training import save_checkpoint, train_editor
@@ -115,10 +121,22 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
     if data_path is not None and not Path(data_path).is_file():
         click.echo(f"error: --data: file {data_path!r} not found", err=True)
         sys.exit(2)
+    if init_from is not None and method != "hiedit":
+        click.echo("error: --init-from: only HiEdit starts from another network (an RLEdit checkpoint)", err=True)
+        sys.exit(2)
     out = out or f"runs/editors/{method}-{model_name.replace(':', '_').replace('/', '_')}.pt"
     lm = load_model(model_name)
+    init = None
+    if init_from is not None:
+        from .editors.rledit import load_checkpoint
+
+        try:
+            init = load_checkpoint(init_from, "rledit")
+        except (ValueError, FileNotFoundError) as e:
+            click.echo(f"error: --init-from: {e}", err=True)
+            sys.exit(2)
     try:
-        ckpt = train_editor(method, lm.model, lm.tok, model_name, hp, lm.world, data_path)
+        ckpt = train_editor(method, lm.model, lm.tok, model_name, hp, lm.world, data_path, init=init)
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

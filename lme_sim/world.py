@@ -139,11 +139,12 @@ class World:
 
     # --- edit cases -----------------------------------------------------------------------
     def case(self, fact: Fact, new: str, old: str | None = None, n_neighbors: int = 3,
-             case_id: str | None = None) -> EditCase:
-        """An edit of ``fact`` to object ``new`` with paraphrase and neighborhood probes."""
+             case_id: str | None = None, among: list[Fact] | None = None) -> EditCase:
+        """An edit of ``fact`` to object ``new`` with paraphrase and neighborhood probes (neighbors
+        drawn from ``among``, default every fact)."""
         templates = self.templates(fact.relation)
-        neighbors = [f for f in self.facts if f.relation == fact.relation and f.subject != fact.subject
-                     and f.obj != new]
+        neighbors = [f for f in (self.facts if among is None else among)
+                     if f.relation == fact.relation and f.subject != fact.subject and f.obj != new]
         rng = random.Random(f"{self.config.seed}-{fact.fact_id}-{new}")
         same_obj = [f for f in neighbors if f.obj == (old or fact.obj)]
         chosen = (same_obj + rng.sample(neighbors, min(len(neighbors), n_neighbors)))[:n_neighbors]

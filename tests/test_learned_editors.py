@@ -86,12 +86,14 @@ def test_keys_and_grads_give_the_weight_gradient(fresh_small_world):
 
 @pytest.fixture(scope="module")
 def trained(small_world, tmp_path_factory):
-    """RLEdit and HiEdit trained on the small world's train split (disjoint from its eval split)."""
+    """RLEdit and HiEdit trained on the small world's train split (disjoint from its eval split);
+    HiEdit starts from the RLEdit network, as `lme-sim train-editor --method hiedit --init-from` does."""
     model, tok, world = small_world
     out = {}
     for method in ("rledit", "hiedit"):
         hp = load_hparams(method, MODEL, TRAIN)
-        ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False)
+        init = out["rledit"][0] if method == "hiedit" else None
+        ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False, init=init)
         t = ckpt["train"]
         print(f"{method}: trained {hp.rollouts} rollouts in {t['seconds']:.0f} s, edit loss "
               f"{t['edit_loss'][0]:.3f} -> {sum(t['edit_loss'][-10:]) / 10:.3f}")
@@ -99,51 +101,61 @@ def trained(small_world, tmp_path_factory):
     return out
 
 
+STREAMS = (0, 1, 2)  # held-out streams of 100 edits (the eval split's facts toward different new objects)
+
+
 @pytest.fixture(scope="module")
 def held_out_runs(small_world, trained):
-    """Each method on the same held-out stream: 100 sequential edits in 10 batches."""
+    """Each method on the same held-out streams: 100 sequential edits in 10 batches, three times
+    (one stream's figures move by ~0.04 from stream to stream, so the comparison uses the mean)."""
     model, tok, world = small_world
-    stream = world.edit_cases(100, seed=0, split="eval")
     runs = {}
     for method, (_, path) in trained.items():
-        m = copy.deepcopy(model)
-        editor = make_editor(method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world, progress=False)
-        results = [editor.edit(stream[i:i + 10]) for i in range(0, 100, 10)]
-        runs[method] = (results, summarize(case_metrics(m, tok, stream)))
-        print(method, "after 100 held-out edits:", runs[method][1])
-    return stream, runs
+        for seed in STREAMS:
+            stream = world.edit_cases(100, seed=seed, split="eval")
+            m = copy.deepcopy(model)
+            editor = make_editor(method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world,
+                                 progress=False)
+            results = [editor.edit(stream[i:i + 10]) for i in range(0, 100, 10)]
+            runs[method, seed] = (stream, results, summarize(case_metrics(m, tok, stream)))
+            print(method, f"stream {seed}: after 100 held-out edits", runs[method, seed][2])
+    return runs
+
+
+def mean_metrics(runs, method: str) -> dict:
+    return {k: sum(runs[method, s][2][k] for s in STREAMS) / len(STREAMS) for k in ("efficacy", "specificity")}
 
 
 def test_the_training_split_is_disjoint_from_the_held_out_stream(small_world, held_out_runs):
     world = small_world[2]
-    stream, _ = held_out_runs
     train_subjects = {f.subject for f in world.split_facts("train")}
-    assert not train_subjects & {c.subject for c in stream}
+    for seed in STREAMS:
+        stream = held_out_runs["rledit", seed][0]
+        assert not train_subjects & {c.subject for c in stream}
 
 
 def test_rledit_edits_a_held_out_stream(small_world, held_out_runs):
-    stream, runs = held_out_runs
+    stream, _, after = held_out_runs["rledit", 0]
     before = summarize(case_metrics(small_world[0], small_world[1], stream))
-    _, after = runs["rledit"]
     assert before["efficacy"] == 0.0
     assert after["efficacy"] >= 0.8
 
 
 def test_hiedit_touches_at_most_half_the_candidate_modules(held_out_runs):
-    _, runs = held_out_runs
-    (hi_results, hi), (_, rl) = runs["hiedit"], runs["rledit"]
-    per_edit = [len(t) for r in hi_results for t in r.touched]
-    print("HiEdit modules per edit", sum(per_edit) / len(per_edit), "of 4;", "HiEdit", hi, "RLEdit", rl)
+    per_edit = [len(t) for s in STREAMS for r in held_out_runs["hiedit", s][1] for t in r.touched]
+    print("HiEdit modules per edit", sum(per_edit) / len(per_edit), "of 4")
     assert sum(per_edit) / len(per_edit) <= 2.0
-    assert hi["efficacy"] >= 0.7  # it really edits with half the modules
+    assert mean_metrics(held_out_runs, "hiedit")["efficacy"] >= 0.7  # it really edits with half the modules
 
 
-@pytest.mark.xfail(reason="not reached on the small world: HiEdit 0.81 efficacy / 0.43 specificity against "
-                          "RLEdit's 0.87 / 0.45 (seed 1: 0.88 / 0.42); README: RLEdit and HiEdit",
-                   strict=False)
+@pytest.mark.xfail(reason="borderline on the small world: over 5 held-out streams, HiEdit seed 0 0.824 / 0.502 "
+                          "against RLEdit's 0.830 / 0.475 (passes), seed 1 0.802 / 0.468 (misses); README: "
+                          "RLEdit and HiEdit", strict=False)
 def test_hiedit_quality_matches_rledit(held_out_runs):
-    _, runs = held_out_runs
-    (_, hi), (_, rl) = runs["hiedit"], runs["rledit"]
+    """Acceptance: efficacy within 0.02 of RLEdit's or better, specificity at least RLEdit's (means
+    over the three streams)."""
+    hi, rl = mean_metrics(held_out_runs, "hiedit"), mean_metrics(held_out_runs, "rledit")
+    print("mean over streams: HiEdit", hi, "RLEdit", rl)
     assert hi["efficacy"] >= rl["efficacy"] - 0.02
     assert hi["specificity"] >= rl["specificity"]
 
@@ -151,8 +163,7 @@ def test_hiedit_quality_matches_rledit(held_out_runs):
 def test_router_learns_and_its_choices_vary(trained, held_out_runs):
     ckpt, _ = trained["hiedit"]
     assert ckpt["train"]["router_param_change"] > 1e-3
-    _, runs = held_out_runs
-    choices = {tuple(t) for r in runs["hiedit"][0] for t in r.touched}
+    choices = {tuple(t) for s in STREAMS for r in held_out_runs["hiedit", s][1] for t in r.touched}
     print("distinct module subsets chosen:", len(choices))
     assert len(choices) >= 2
 
@@ -171,3 +182,27 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_pat
     scn.write_text(f"name: x\nmodel: world:default\neditor: {{method: rledit, hparams: {{checkpoint: {path}}}}}\n")
     with pytest.raises(ScenarioError, match="editor.hparams.checkpoint"):
         load_scenario(scn)
+
+
+def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_world, trained):
+    model, tok, world = small_world
+    rledit, _ = trained["rledit"]
+    hiedit, _ = trained["hiedit"]
+    assert hiedit["init"]["hparams"] == rledit["hparams"]
+    with pytest.raises(CheckpointMismatch, match="layers"):
+        train_editor("hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL, {"layers": [2, 3]}), world,
+                     progress=False, init=rledit)
+    with pytest.raises(CheckpointMismatch, match="RLEdit checkpoint"):
+        train_editor("hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL), world, progress=False, init=hiedit)
+
+
+def test_training_neighborhoods_stay_in_the_training_split(small_world):
+    """The router's locality reward reads each training edit's neighborhood prompts: they must not
+    be facts of held-out subjects."""
+    from lme_sim.editors.editor_training import training_cases
+
+    world = small_world[2]
+    groups, _ = training_cases(MODEL, world, None, 0)
+    train_prompts = {world.prompt(f) for f in world.split_facts("train")}
+    neighbors = {p for g in groups for c in g for p, _ in c.neighborhood}
+    assert neighbors and neighbors <= train_prompts

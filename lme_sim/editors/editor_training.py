@@ -11,16 +11,23 @@ gradients on the current model W_{t-1}; the step's loss (the negative reward) is
 differentiated through the ridge solve into the networks; then Delta_t is written and the next
 step starts from it. Gradients of a rollout are summed and applied in one optimizer step.
 
-HiEdit's router picks ``top_k`` modules per edit (Gumbel top-k while training, to explore), with
-an optional penalty on uneven module usage (``balance``) that keeps it from settling on one subset
-for every edit. It learns from two signals that really reach its parameters: the straight-through gradient of the
-step loss through the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens),
-and REINFORCE with the intrinsic reward A = L(edit all candidates) - L(selected subset).
+HiEdit (hierarchical: a high-level router over a low-level hypernetwork) starts from a trained
+RLEdit network for the same model and modules: the low-level policy first learns to edit with
+every candidate, then router and hypernetwork train together with the mask. At the hand-over each
+module's step size is multiplied by n_candidates / top_k, since every edit's value shift is now
+written into top_k modules instead of all of them. The router picks ``top_k`` modules per edit
+(Gumbel top-k while training, to explore), with an optional penalty on uneven module usage
+(``balance``) that keeps it from settling on one subset for every edit. It learns from two
+signals that really reach its parameters: the straight-through gradient of the step loss through
+the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens), and REINFORCE with
+each edit's intrinsic reward A_e = NLL_e(edit all candidates) - NLL_e(selected subset) on the
+edit's own prompt and paraphrases.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -36,7 +43,7 @@ from ..tokens import encode_pairs, encode_texts
 from .edit_signals import keys_and_grads, per_row_nll, weight_offsets
 from .hparams import RLEditHParams
 from .hypernet import HyperNet, Router
-from .rledit import model_fingerprint, plan_deltas
+from .rledit import CheckpointMismatch, load_checkpoint, model_fingerprint, plan_deltas
 from .targets import frozen
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,7 @@ def training_cases(model_name: str, world, data_path: str | None, holdout: int
         if world is None:
             raise ValueError(f"model {model_name!r} has no embedded world: pass a dataset with --data")
         facts = world.split_facts("train")
-        groups = [[world.case(f, o) for o in world.objects[f.relation] if o != f.obj] for f in facts]
+        groups = [[world.case(f, o, among=facts) for o in world.objects[f.relation] if o != f.obj] for f in facts]
         return groups, [world.prompt(f) for f in facts]
     from ..data import load_cases
 
@@ -74,15 +81,25 @@ def _probe_batch(tok, cases: list[EditCase]):
     return encode_pairs(tok, prompts, targets), torch.tensor(owner)
 
 
-def _case_mean(nll: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+def _case_nll(nll: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) mean NLL of each case's rows."""
     total = torch.zeros(n).index_add(0, owner, nll)
-    return (total / torch.bincount(owner, minlength=n).clamp_min(1)).mean()
+    return total / torch.bincount(owner, minlength=n).clamp_min(1)
+
+
+def init_hparams(hp: RLEditHParams) -> RLEditHParams:
+    """The hyperparameters of the RLEdit network that HiEdit with ``hp`` starts from: its own RLEdit
+    fields (for world models the same as rledit.yaml's, so the cached RLEdit network is shared)."""
+    return RLEditHParams(**hp.model_dump(include=set(RLEditHParams.model_fields) - {"checkpoint"}))
 
 
 def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, world=None,
-                 data_path: str | None = None, progress: bool = True) -> dict:
+                 data_path: str | None = None, progress: bool = True, init: dict | None = None) -> dict:
     """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
-    The model's weights are the same afterwards."""
+    The model's weights are the same afterwards. HiEdit starts from ``init``, an RLEdit checkpoint
+    for this model and these layers (trained here first when None)."""
+    if method == "hiedit" and init is None:
+        init = train_editor("rledit", model, tok, model_name, init_hparams(hp), world, data_path, progress)
     torch.manual_seed(hp.seed)
     rng = random.Random(hp.seed)
     gen = torch.Generator().manual_seed(hp.seed)
@@ -98,8 +115,12 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
     top_k = None
     router = None
     if method == "hiedit":
-        top_k = getattr(hp, "top_k", None) or max(1, len(layers) // 2)
+        top_k = hp.top_k or max(1, len(layers) // 2)
         router = Router(d_ff + d_model, len(layers))
+        _check_init(init, model, layers, net_config)
+        net.load_state_dict(init["net"])
+        with torch.no_grad():  # each edit now writes into top_k modules, not all of them
+            net.log_lr += math.log(len(layers) / top_k)
     params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
     opt = torch.optim.Adam(params, lr=hp.train_lr)
     original = {l: weight_view(model, l).detach().clone() for l in layers}
@@ -147,7 +168,39 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
         "router": router.state_dict() if router is not None else None, "top_k": top_k,
         "hparams": hp.model_dump(), "train": {"seconds": seconds, "edit_loss": history,
                                                "router_param_change": changed, "n_facts": len(groups)},
+        "init": None if init is None else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
     }
+
+
+def _check_init(init: dict, model, layers: list[int], net_config: dict) -> None:
+    """HiEdit's starting network must be an RLEdit one for this model, these modules, this shape."""
+    if init.get("method") != "rledit":
+        raise CheckpointMismatch(f"HiEdit starts from an RLEdit checkpoint, not a {init.get('method')!r} one")
+    if init["fingerprint"] != model_fingerprint(model):
+        raise CheckpointMismatch(f"the RLEdit checkpoint to start from was trained for model {init['model']!r} "
+                                 f"(fingerprint {init['fingerprint']}), not for this one ({model_fingerprint(model)})")
+    if list(init["layers"]) != layers or init["net_config"] != net_config:
+        raise CheckpointMismatch(f"the RLEdit checkpoint to start from has layers {init['layers']} and network "
+                                 f"{init['net_config']}; HiEdit here needs layers {layers} and {net_config}")
+
+
+class _NextToken:
+    """Next-token log-probabilities at the last position of fixed prompts, and their KL divergence
+    from the values when this was made (the locality terms)."""
+
+    def __init__(self, backbone, tok, prompts: list[str]):
+        self.backbone = backbone
+        self.ids, self.mask = encode_texts(tok, prompts)
+        self.at = (torch.arange(len(prompts)), self.mask.sum(1) - 1)
+        with torch.no_grad():
+            self.before = self.logprobs()
+
+    def logprobs(self) -> torch.Tensor:
+        return torch.log_softmax(logits_at(self.backbone, self.ids, self.mask, *self.at), -1)
+
+    def kl(self) -> torch.Tensor:
+        """(n_prompts,) KL(before || now)."""
+        return (self.before.exp() * (self.before - self.logprobs())).sum(-1)
 
 
 def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, loc_prompts, hp, gen):
@@ -157,28 +210,36 @@ def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, 
     sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers)
     net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
     net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
-    ids, mask = encode_texts(tok, loc_prompts)
-    at = (torch.arange(len(loc_prompts)), mask.sum(1) - 1)
-    with torch.no_grad():
-        before = torch.log_softmax(logits_at(backbone, ids, mask, *at), -1)
+    unrelated = _NextToken(backbone, tok, loc_prompts)
 
     def step_loss(deltas):
+        """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
         with weight_offsets(model, deltas):
-            edit = sum(hp.mu ** i * _case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
-                       for i in range(min(hp.lookback, t) + 1))
-            after = torch.log_softmax(logits_at(backbone, ids, mask, *at), -1)
-        kl = (before.exp() * (before - after)).sum(-1).mean()
-        return edit + hp.locality * kl, edit
+            per_case = [_case_nll(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
+                        for i in range(min(hp.lookback, t) + 1)]
+            kl = unrelated.kl().mean()
+        edit = sum(hp.mu ** i * c.mean() for i, c in enumerate(per_case))
+        return edit + hp.locality * kl, edit, per_case[0]
 
-    deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k, sample=getattr(hp, "explore", False),
-                                      generator=gen)
-    loss, edit = step_loss(deltas)
+    deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k,
+                                      sample=router is not None and hp.explore, generator=gen)
+    loss, edit, own = step_loss(deltas)
     if router is not None:
+        owner = torch.tensor([i for i, c in enumerate(b) for _ in c.neighborhood], dtype=torch.long)
+        neighbors = (_NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
+                     if len(owner) and hp.router_locality else None)
+
+        def cost(deltas, own_loss):
+            """Per edit: its own edit loss + router_locality x the mean KL on its neighborhood prompts."""
+            if neighbors is None:
+                return own_loss
+            with weight_offsets(model, deltas):
+                return own_loss + hp.router_locality * _case_nll(neighbors.kl(), owner, len(b))
+
         with torch.no_grad():
             all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
-            reference, _ = step_loss(all_deltas)
-        advantage = (reference - loss).detach()  # > 0: the chosen subset beats editing every candidate
-        loss = loss - advantage * log_pi.mean()
+            advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(deltas, own)  # > 0: the subset is better
+        loss = loss - (advantage * log_pi).mean()
         if hp.balance:  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
             share = sel.mean(0) * len(layers) / top_k
             loss = loss + hp.balance * (share ** 2).mean()
@@ -216,8 +277,8 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
 
 def default_checkpoint(method: str, model_name: str | None, hp: RLEditHParams, model, tok, world,
                        progress: bool) -> Path:
-    """The cached checkpoint for a ``world:*`` model (trained now if missing); other models must
-    name one in ``editor.hparams.checkpoint``."""
+    """The cached checkpoint for a ``world:*`` model (trained now if missing; HiEdit's starts from the
+    cached RLEdit one); other models must name one in ``editor.hparams.checkpoint``."""
     if not model_name or not model_name.startswith("world:"):
         raise FileNotFoundError(f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
                                 f"`lme-sim train-editor --method {method} --model {model_name}`")
@@ -228,6 +289,10 @@ def default_checkpoint(method: str, model_name: str | None, hp: RLEditHParams, m
                          .encode()).hexdigest()[:10]
     path = cache_root() / "editors" / f"{method}-{model_name.replace(':', '_')}-{model_fingerprint(model)}-{key}.pt"
     if not path.is_file():
+        init = None
+        if method == "hiedit":
+            init = load_checkpoint(default_checkpoint("rledit", model_name, init_hparams(hp), model, tok,
+                                                      world, progress), "rledit")
         log.info("training %s for %s (cached at %s)", method, model_name, path)
-        save_checkpoint(train_editor(method, model, tok, model_name, hp, world, progress=progress), path)
+        save_checkpoint(train_editor(method, model, tok, model_name, hp, world, progress=progress, init=init), path)
     return path
