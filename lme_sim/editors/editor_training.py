@@ -13,7 +13,8 @@ step starts from it. Gradients of a rollout are summed and applied in one optimi
 
 HiEdit (hierarchical: a high-level router over a low-level hypernetwork) starts from a trained
 RLEdit network for the same model and modules: the low-level policy first learns to edit with
-every candidate, then router and hypernetwork train together with the mask. At the hand-over each
+every candidate, then router and hypernetwork train together with the mask (at the lower
+``router_phase_lr``, so the hypernetwork stays near the RLEdit one while the router learns). At the hand-over each
 module's step size is multiplied by n_candidates / top_k, since every edit's value shift is now
 written into top_k modules instead of all of them. The router picks ``top_k`` modules per edit
 (Gumbel top-k while training, to explore), with an optional penalty on uneven module usage
@@ -89,7 +90,8 @@ def _case_nll(nll: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
 
 def init_hparams(hp: RLEditHParams) -> RLEditHParams:
     """The hyperparameters of the RLEdit network that HiEdit with ``hp`` starts from: its own RLEdit
-    fields (for world models the same as rledit.yaml's, so the cached RLEdit network is shared)."""
+    fields (for world models the same as rledit.yaml's, so the cached RLEdit network is shared);
+    the router phase after it trains at ``router_phase_lr``."""
     return RLEditHParams(**hp.model_dump(include=set(RLEditHParams.model_fields) - {"checkpoint"}))
 
 
@@ -122,7 +124,7 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
         with torch.no_grad():  # each edit now writes into top_k modules, not all of them
             net.log_lr += math.log(len(layers) / top_k)
     params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
-    opt = torch.optim.Adam(params, lr=hp.train_lr)
+    opt = torch.optim.Adam(params, lr=hp.router_phase_lr if method == "hiedit" else hp.train_lr)
     original = {l: weight_view(model, l).detach().clone() for l in layers}
     backbone = LocalBackbone(model)
     # normalizer statistics from the unedited model over (a sample of) the training edits
