@@ -142,8 +142,10 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
         sys.exit(2)
     path = save_checkpoint(ckpt, out)
     t = ckpt["train"]
+    start = f" after an RLEdit start of {ckpt['init']['seconds']:.0f} s" if ckpt.get("init") else ""
     click.echo(f"{method} for {model_name}: {hp.rollouts} rollouts over {t['n_facts']} training facts in "
-               f"{t['seconds']:.0f} s; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; saved {path}")
+               f"{t['seconds']:.0f} s{start}; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; "
+               f"saved {path}")
     click.echo(f"use it with  editor: {{method: {method}, hparams: {{checkpoint: {path}}}}}")
 
 

@@ -13,16 +13,17 @@ step starts from it. Gradients of a rollout are summed and applied in one optimi
 
 HiEdit (hierarchical: a high-level router over a low-level hypernetwork) starts from a trained
 RLEdit network for the same model and modules: the low-level policy first learns to edit with
-every candidate, then router and hypernetwork train together with the mask (at the lower
-``router_phase_lr``, so the hypernetwork stays near the RLEdit one while the router learns). At the hand-over each
-module's step size is multiplied by n_candidates / top_k, since every edit's value shift is now
-written into top_k modules instead of all of them. The router picks ``top_k`` modules per edit
-(Gumbel top-k while training, to explore), with an optional penalty on uneven module usage
-(``balance``) that keeps it from settling on one subset for every edit. It learns from two
-signals that really reach its parameters: the straight-through gradient of the step loss through
-the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens), and REINFORCE with
-each edit's intrinsic reward A_e = NLL_e(edit all candidates) - NLL_e(selected subset) on the
-edit's own prompt and paraphrases.
+every candidate, then router and hypernetwork train together with the mask, at the lower
+``router_phase_lr`` so that the hypernetwork stays near the RLEdit one while the router learns.
+At the hand-over each module's step size is multiplied by n_candidates / top_k, since every
+edit's value shift is now written into top_k modules instead of all of them. The router picks
+``top_k`` modules per edit (Gumbel top-k while training, to explore), with an optional penalty on
+uneven module usage (``balance``) that keeps it from settling on one subset for every edit. It
+learns from two signals that really reach its parameters: the straight-through gradient of the
+step loss through the 0/1 mask (dL/dmask_l = <grad_W L, Delta_l> summed over the edit's tokens),
+and REINFORCE with each edit's intrinsic reward A_e = c_e(edit all candidates) - c_e(selected
+subset), where c_e is the edit's own NLL on its prompt and paraphrases plus ``router_locality``
+times the mean KL(before || after) on its neighborhood prompts.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ pseudo keys and value shifts, and one ridge solve per module gives its delta
 
 HiEdit's router picks, per edit, ``top_k`` of the candidate modules (default half); a module
 changes only through the tokens of the edits that picked it, and each edit's row in the
-``edits`` table lists the modules it touched.
+``edits`` table lists the modules it touched. Its hypernetwork starts as a trained RLEdit one
+(:func:`.editor_training.train_editor`).
 
 The networks come from a checkpoint made by ``lme-sim train-editor`` (:mod:`.editor_training`);
 a checkpoint made for another model is refused. For ``world:*`` models without an explicit
