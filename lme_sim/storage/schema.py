@@ -55,7 +55,8 @@ TABLES = {
         prompt VARCHAR,
         target_new VARCHAR,
         target_old VARCHAR,
-        supersedes INTEGER,        -- edit_id this one replaces, NULL if none
+        supersedes INTEGER,        -- edit_id this one replaces, NULL if none (an edit of a rejected batch
+                                   -- has no row here: see rejected_batches.edit_ids)
         modules VARCHAR[],
         delta_norms DOUBLE[],
         PRIMARY KEY (run_id, edit_id)""",
