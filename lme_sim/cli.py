@@ -124,10 +124,8 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
     if init_from is not None and method != "hiedit":
         click.echo("error: --init-from: only HiEdit starts from another network (an RLEdit checkpoint)", err=True)
         sys.exit(2)
-    out = out or f"runs/editors/{method}-{model_name.replace(':', '_').replace('/', '_')}.pt"
-    lm = load_model(model_name)
     init = None
-    if init_from is not None:
+    if init_from is not None:  # checked before the model loads
         from .editors.rledit import load_checkpoint
 
         try:
@@ -135,6 +133,8 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
         except (ValueError, FileNotFoundError) as e:
             click.echo(f"error: --init-from: {e}", err=True)
             sys.exit(2)
+    out = out or f"runs/editors/{method}-{model_name.replace(':', '_').replace('/', '_')}.pt"
+    lm = load_model(model_name)
     try:
         ckpt = train_editor(method, lm.model, lm.tok, model_name, hp, lm.world, data_path, init=init)
     except ValueError as e:

@@ -83,9 +83,9 @@ def _probe_batch(tok, cases: list[EditCase]):
     return encode_pairs(tok, prompts, targets), torch.tensor(owner)
 
 
-def _case_nll(nll: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) mean NLL of each case's rows."""
-    total = torch.zeros(n).index_add(0, owner, nll)
+def _per_case_mean(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) mean of each case's rows (NLLs, KLs)."""
+    total = torch.zeros(n).index_add(0, owner, rows)
     return total / torch.bincount(owner, minlength=n).clamp_min(1)
 
 
@@ -218,7 +218,7 @@ def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, 
     def step_loss(deltas):
         """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
         with weight_offsets(model, deltas):
-            per_case = [_case_nll(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
+            per_case = [_per_case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
                         for i in range(min(hp.lookback, t) + 1)]
             kl = unrelated.kl().mean()
         edit = sum(hp.mu ** i * c.mean() for i, c in enumerate(per_case))
@@ -237,7 +237,7 @@ def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, 
             if neighbors is None:
                 return own_loss
             with weight_offsets(model, deltas):
-                return own_loss + hp.router_locality * _case_nll(neighbors.kl(), owner, len(b))
+                return own_loss + hp.router_locality * _per_case_mean(neighbors.kl(), owner, len(b))
 
         with torch.no_grad():
             all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))

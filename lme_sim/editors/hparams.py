@@ -108,7 +108,7 @@ class HiEditHParams(RLEditHParams):
     top_k: int | None = Field(None, gt=0)  # default: half of the candidates
     explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
     balance: float = Field(0.0, ge=0)  # weight of a penalty on uneven module usage while training
-    router_phase_lr: float = Field(1e-3, gt=0)  # Adam on router + hypernetwork after the RLEdit start (train_lr: that start)
+    router_phase_lr: float = Field(1e-3, gt=0)  # Adam after the RLEdit start (train_lr trains that start)
     router_locality: float = Field(0.0, ge=0)  # router reward: weight of the KL on each edit's neighborhood prompts
 
 
