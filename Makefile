@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lme-sim-installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lme-sim-installed
 
-.PHONY: setup run test test-slow test-vllm test-gpu bench bench-smollm2 clean
+.PHONY: setup run test lint format test-slow test-vllm test-gpu bench bench-smollm2 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,8 +22,16 @@ setup: $(STAMP)
 run: setup                      ## the quickstart on the embedded world
 	$(VENV)/bin/lme-sim run scenarios/quickstart.yaml
 
-test: setup                     ## the CI suite (no real-model tests)
+test: setup lint                ## ruff, then the CI suite (no real-model tests)
 	$(PY) -m pytest -q
+
+lint: setup                     ## ruff: lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup                   ## ruff: fix what it can and format the tree
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-slow: setup                ## tests on the real SmolLM2-135M (minutes on 2 CPU cores); caches kept
 	LME_SIM_CACHE=$${LME_SIM_CACHE:-$$HOME/.cache/lme_sim} $(PY) -m pytest -q -m slow -s

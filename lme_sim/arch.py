@@ -3,8 +3,8 @@
 W (the *edit module*) is the MLP output projection: its input is the key k (size d_ff), its
 output is added to the residual stream. GPT-2 stores it as a ``Conv1D`` whose weight is
 (d_ff, d_model); every other architecture uses ``nn.Linear`` with weight (d_model, d_ff).
-All editing math here works on W in (d_model, d_ff) orientation; :func:`weight_view` and
-:func:`add_delta` hide the difference.
+All editing math here works on W in (d_model, d_ff) orientation; :func:`weight_view` hides
+the difference.
 """
 
 from __future__ import annotations
@@ -66,10 +66,3 @@ def weight_view(model: nn.Module, layer: int) -> torch.Tensor:
     """W of ``layer`` as a (d_model, d_ff) tensor (a view: no copy)."""
     w = get_module(model, edit_module_path(model, layer)).weight
     return w.T if arch_of(model).transposed else w
-
-
-def add_delta(model: nn.Module, layer: int, delta: torch.Tensor) -> None:
-    """W <- W + delta, with delta in (d_model, d_ff) orientation."""
-    with torch.no_grad():
-        w = weight_view(model, layer)
-        w.add_(delta.to(dtype=w.dtype, device=w.device))

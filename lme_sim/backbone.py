@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from .arch import arch_of, edit_module_path, layer_path, n_layers, weight_view
+from .linalg import nullspace_projector
+from .weights import add_delta, matrix_stats
 
 
 @dataclass
@@ -75,8 +77,9 @@ class Backbone:
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan) -> Output:
         raise NotImplementedError
 
-    def apply_delta(self, name: str, delta: torch.Tensor) -> None:
-        """W += delta for a parameter given by name (delta in the parameter's own layout)."""
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """W += delta for each parameter named in ``deltas`` (each delta in its parameter's own layout),
+        through :func:`lme_sim.weights.add_delta` wherever the parameter lives."""
         raise NotImplementedError
 
     def edit_weight(self, layer: int) -> torch.Tensor:
@@ -110,8 +113,6 @@ class Backbone:
     def nullspace_projector(self, layer: int, C0: torch.Tensor, threshold: float) -> torch.Tensor:
         """AlphaEdit's projector for ``layer`` from its key statistics ``C0`` (shards compute it on the
         device holding the layer)."""
-        from .editors.covariance import nullspace_projector
-
         return nullspace_projector(C0, threshold)
 
     def save_weights(self, layers: list[int]) -> dict[str, float]:
@@ -138,8 +139,8 @@ class LocalBackbone(Backbone):
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
         return run_plan(self.model, input_ids, attention_mask, plan)[0]
 
-    def apply_delta(self, name, delta):
-        add_to_param(self.model, name, delta, self._master)
+    def apply_deltas(self, deltas):
+        add_deltas(self.model, deltas, self._master)
 
     def edit_weight(self, layer):
         return weight_view(self.model, layer).detach().clone()
@@ -178,25 +179,16 @@ def restore_weights(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
             params[name].copy_(w)
 
 
-def add_to_param(model: nn.Module, name: str, delta: torch.Tensor, master: dict[str, torch.Tensor]) -> None:
-    """Parameter ``name`` += ``delta``. A parameter held in 16 bits gets a float32 master copy in
-    ``master`` that takes the exact sum and is rounded once per write, so a long stream of small
-    deltas does not vanish in bf16/fp16 rounding."""
-    param = dict(model.named_parameters())[name]
-    with torch.no_grad():
-        if param.dtype.itemsize >= 4:
-            param.add_(delta.to(dtype=param.dtype, device=param.device))
-            return
-        exact = master.setdefault(name, param.float())
-        exact.add_(delta.to(dtype=torch.float32, device=exact.device))
-        param.copy_(exact)
+def add_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], masters: dict[str, torch.Tensor]) -> None:
+    """:func:`lme_sim.weights.add_delta` for every named parameter of ``model`` in ``deltas``."""
+    params = dict(model.named_parameters())
+    for name, delta in deltas.items():
+        add_delta(params[name], delta, masters, name)
 
 
 def weight_health(model: nn.Module, layer: int, base: dict[int, torch.Tensor]) -> dict[str, float]:
     """:func:`~lme_sim.weights.matrix_stats` of W plus ``cum_delta_norm`` against ``base[layer]``
     (recorded on the first call)."""
-    from .weights import matrix_stats
-
     W = weight_view(model, layer).detach().float()
     start = base.setdefault(layer, W.clone())
     return {**matrix_stats(W), "cum_delta_norm": float((W - start).norm())}

@@ -38,8 +38,6 @@ from .cases import EditCase
 from .sysinfo import Measure, machine_info, versions
 
 SECTIONS = ("edits", "probes", "history", "shards")
-METHODS = ("memit", "alphaedit", "mose", "ft", "rledit", "hiedit")
-LEARNED = ("rledit", "hiedit")
 BACKENDS = ("hf", "vllm")
 HISTORY_METHOD = "alphaedit"
 SHARDS_METHOD = "alphaedit"
@@ -56,7 +54,7 @@ class BenchError(ValueError):
 class BenchConfig:
     preset: str = "full"
     model: str = "world:default"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = ()  # () : every registered editor
     batch_sizes: tuple[int, ...] = (1, 10, 100)
     batches: int = 3  # timed batches per method and batch size
     warmup: int = 1  # untimed batches before them
@@ -86,7 +84,9 @@ def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: s
     cfg = QUICK if quick else FULL
     changes: dict = {"device": _device(device), "threads": threads}
     if methods:
-        changes["methods"] = _choices("--methods", methods, METHODS)
+        from .editors.registry import known_methods
+
+        changes["methods"] = _choices("--methods", methods, tuple(known_methods()))
     if sections:
         changes["sections"] = _choices("--sections", sections, SECTIONS)
     if batch_sizes:
@@ -101,7 +101,7 @@ def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: s
 
 
 def check_config(cfg: BenchConfig) -> None:
-    from .scenario import model_n_layers
+    from .models import model_n_layers
 
     if cfg.threads < 1:
         raise BenchError(f"--threads: at least 1, got {cfg.threads}")
@@ -173,7 +173,9 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
 
     with Measure() as total:
         lm = load_model(cfg.model, device=cfg.device)  # the world model trains (and is cached) on first use
-        units = {"edits": len(cfg.methods) * len(cfg.batch_sizes), "probes": len(cfg.backends),
+        from .editors.registry import known_methods
+
+        units = {"edits": len(cfg.methods or known_methods()) * len(cfg.batch_sizes), "probes": len(cfg.backends),
                  "history": cfg.history_marks[-1], "shards": len(cfg.shard_counts)}
         rows: list[dict] = []
         with Progress(console=console, transient=True) as bar:
@@ -227,21 +229,23 @@ def _state_mb(editor) -> float:
 def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     """edits/s per method and batch size; phases summed over the timed batches."""
     from .backbone import LocalBackbone
-    from .editors import editor_class, make_editor
+    from .editors import make_editor
     from .editors.base import PhaseTimer
 
+    from .editors.registry import editor_class, known_methods
+
     rows = []
-    for method in cfg.methods:
-        overrides = dict(cfg.learned_hparams) if method in LEARNED else {}
+    for method in cfg.methods or known_methods():
+        learned = editor_class(method).trained
+        overrides = dict(cfg.learned_hparams) if learned else {}
         for bs in cfg.batch_sizes:
-            step(f"edits: {method}, batches of {bs}" + (" (training its networks)" if method in LEARNED else ""))
+            step(f"edits: {method}, batches of {bs}" + (" (training its networks)" if learned else ""))
             model = copy.deepcopy(lm.model)
             replica = LocalBackbone(copy.deepcopy(lm.model))  # an evaluator's copy, following by deltas
             cases = stream_cases(lm.world, (cfg.warmup + cfg.batches) * bs)
             batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
             with Measure(cfg.device) as setup:
-                hp = editor_class(method).prepare(cfg.model, overrides, progress=False)
-                editor = make_editor(method, model, lm.tok, cfg.model, hp, world=lm.world, progress=False)
+                editor = make_editor(method, model, lm.tok, cfg.model, overrides, world=lm.world, progress=False)
             phases = PhaseTimer()
             for batch in batches[:cfg.warmup]:
                 _edit_and_sync(editor, replica, batch, PhaseTimer(), cfg.device)
@@ -249,7 +253,7 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
                 for batch in batches[cfg.warmup:]:
                     _edit_and_sync(editor, replica, batch, phases, cfg.device)
             note = "set-up: editor construction"
-            if method in LEARNED:
+            if learned:
                 note += " and its networks (trained on first use, then cached)"
                 if overrides:
                     note += f"; trained on a quick budget {overrides}: speed as shipped, quality not"
@@ -262,13 +266,11 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
 
 
 def _edit_and_sync(editor, replica, batch: list[EditCase], phases, device: str) -> None:
-    from .editors.base import apply_deltas
-
     result = editor.edit(batch)
     for phase, seconds in result.timings.items():
         phases[phase] = phases.get(phase, 0.0) + seconds
     with phases("sync"):
-        apply_deltas(replica, result.deltas)
+        replica.apply_deltas(result.deltas)
         _synchronize(device)
 
 
@@ -313,7 +315,7 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
         with Measure(cfg.device) as m:
             score_targets(ev.backbone, ev.tok, prompts, targets, cfg.probe_batch_size)
         with Measure(cfg.device) as sync:
-            ev.apply(deltas, 1)
+            ev.follow(deltas, 1)
         passes = "all probes in one generate call" if backend == "vllm" else f"{cfg.probe_batch_size} probes per pass"
         rows.append({**row, **_measured(m, len(prompts)), "batch_size": cfg.probe_batch_size,
                      "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds,
@@ -369,8 +371,8 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
                            runtime=RuntimeSpec(shards=n, gpus=int(gpus)), db=db)
             with Measure() as m:
                 run_id = run_distributed(scn, "lme-sim bench", db=db, console=Console(quiet=True))
-            _, batches = read_only_query(db, "select n_edits, seconds, timings from batches where run_id = "
-                                             f"'{run_id}' order by batch_id")
+            _, batches = read_only_query(db, "select n_edits, seconds, timings from batches where run_id = ? "
+                                             "order by batch_id", [run_id])
             timed = batches[1:]  # the first batch waits for the actors to start (models, key statistics)
             edits, editing = sum(b[0] for b in timed), sum(b[1] for b in timed)
             phases: dict[str, float] = {}

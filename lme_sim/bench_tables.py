@@ -56,8 +56,8 @@ def edits_table(rows: list[dict], result: dict, console: Console) -> None:
                   f"{r['setup_seconds']:.1f}", _mb(r["peak_rss_mb"]), f"{r['state_mb']:.2f}",
                   *((_mb(r["cuda_peak_mb"]),) if cuda else ()))
     console.print(t)
-    for note in sorted({r["note"] for r in rows if r["method"] in ("rledit", "hiedit")}):
-        console.print(f"rledit/hiedit: {note}")
+    for method, note in sorted({(r["method"], r["note"]) for r in rows if "networks" in (r.get("note") or "")}):
+        console.print(f"{method}: {note}")
 
 
 def probes_table(rows: list[dict], result: dict, console: Console) -> None:

@@ -66,7 +66,7 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
     if resume and len(specs) > 1:
         from .storage.logger import read_only_query
 
-        rows = read_only_query(db or scn.db, f"select method from runs where run_id = '{resume}'")[1]
+        rows = read_only_query(db or scn.db, "select method from runs where run_id = ?", [resume])[1]
         specs = [s for s in specs if rows and s.method == rows[0][0]]
         if not specs:
             click.echo(f"error: run {resume!r} is not a run of {scenario} in {db or scn.db}", err=True)
@@ -86,8 +86,18 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
         click.echo("runs: " + " ".join(run_ids))
 
 
+def _trained_method(ctx, param, value: str) -> str:
+    """A registered editor whose networks are trained (RLEdit, HiEdit): ``Editor.trained``."""
+    from .editors.registry import editor_class, known_methods
+
+    trained = [m for m in known_methods() if editor_class(m).trained]
+    if value not in trained:
+        raise click.BadParameter(f"{value!r} is not a trained editor (choose from {', '.join(trained)})")
+    return value
+
+
 @main.command("train-editor")
-@click.option("--method", type=click.Choice(["rledit", "hiedit"]), required=True)
+@click.option("--method", required=True, callback=_trained_method, help="A trained editor: rledit or hiedit.")
 @click.option("--model", "model_name", default="world:default", show_default=True,
               help="world:<name>, smollm2-135m or a from_pretrained id/folder.")
 @click.option("--data", "data_path", default=None,
@@ -106,7 +116,8 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
     HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or it is trained first."""
     import yaml
 
-    from .editors.editor_training import save_checkpoint, train_editor
+    from .editors.checkpoints import save_checkpoint
+    from .editors.editor_training import train_editor
     from .editors.hparams import HParamsError, load_hparams
     from .models import load_model
 
@@ -126,7 +137,7 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
         sys.exit(2)
     init = None
     if init_from is not None:  # checked before the model loads
-        from .editors.rledit import load_checkpoint
+        from .editors.checkpoints import load_checkpoint
 
         try:
             init = load_checkpoint(init_from, "rledit")
@@ -152,7 +163,7 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
 @main.command()
 @click.option("--quick", is_flag=True, help="The small world and short streams (a few minutes on 2 CPU cores); "
                                            "learned editors train on a small budget.")
-@click.option("--methods", default=None, help="Comma-separated editors (default: memit,alphaedit,mose,ft,rledit,hiedit).")
+@click.option("--methods", default=None, help="Comma-separated editors (default: every registered one).")
 @click.option("--batch-sizes", default=None, help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).")
 @click.option("--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one).")
@@ -267,10 +278,11 @@ def _analysis_or_exit(fn, *args):
 
 def _load_scenario_or_exit(path: str):
     """The validated scenario, or one line naming the file and field and exit code 2."""
-    from .scenario import ScenarioError, load_scenario
+    from .preflight import load_checked
+    from .scenario import ScenarioError
 
     try:
-        return load_scenario(path)
+        return load_checked(path)
     except ScenarioError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

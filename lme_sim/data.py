@@ -41,7 +41,7 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------- reading records
 
 
-def _looks_local(path_or_id: str | Path) -> bool:
+def looks_local(path_or_id: str | Path) -> bool:
     """True where the argument can only be meant as a local file (never tried as a hub id)."""
     if isinstance(path_or_id, Path):
         return True
@@ -79,16 +79,23 @@ def _parse_jsonl(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     return iter(rows)
 
 
-def _read_hub(kind: str, hub_id: str, split: str) -> Iterator[tuple[str, Any]]:
-    """(label, record) pairs from a ``datasets`` hub id (imported lazily)."""
+def _read_datasets(kind: str, source: str, split: str) -> Iterator[tuple[str, Any]]:
+    """(label, record) pairs through ``datasets`` (imported lazily): a hub id (``name`` or
+    ``owner/name``), a local folder of data files, or a folder written by ``save_to_disk``."""
+    folder = Path(source).expanduser()
     try:
         import datasets
 
-        ds = datasets.load_dataset(hub_id, split=split)
+        if folder.is_dir() and any((folder / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(str(folder))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - any failure means "could not load"
+        where = "the local datasets folder" if folder.is_dir() else "a datasets hub id"
         raise DataError(
-            f"{kind}: file '{hub_id}' not found locally, and '{hub_id}' could not be loaded "
-            f"as a datasets hub id (split {split!r}): {type(e).__name__}: {e}"
+            f"{kind}: '{source}' is not a local file, and could not be loaded as {where} "
+            f"(split {split!r}): {type(e).__name__}: {e}"
         ) from e
     return ((f"record {i}", r) for i, r in enumerate(ds))
 
@@ -98,11 +105,11 @@ def _read_raw(kind: str, path_or_id: str | Path, split: str) -> tuple[str, Itera
     path = Path(path_or_id).expanduser()
     if path.is_file():
         return str(path_or_id), _read_json_file(kind, path)
-    if path.exists():
+    if path.exists() and not path.is_dir():
         raise DataError(f"{kind}: '{path_or_id}' is not a file")
-    if _looks_local(path_or_id):
+    if not path.exists() and looks_local(path_or_id):
         raise DataError(f"{kind}: file '{path_or_id}' not found")
-    return f"{path_or_id}[{split}]", _read_hub(kind, str(path_or_id), split)
+    return f"{path_or_id}[{split}]", _read_datasets(kind, str(path_or_id), split)
 
 
 def _type_name(t: type | tuple[type, ...]) -> str:

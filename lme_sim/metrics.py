@@ -6,7 +6,9 @@ Every probe of every case is scored in one batched call (:func:`lme_sim.scoring.
 * ZsRE style: teacher-forced token accuracy of the new target on the rewrite prompt
   (rewrite_acc) and paraphrases (paraphrase_acc); locality_acc on the neighborhood answers.
 * fluency: n-gram entropy of generations (ROME: (2/3) H2 + (4/3) H3 in bits, x100).
-* retention: an edit is in force when its latest value beats every value the fact had before.
+* retention: an edit is in force when its latest value scores above every value the fact had
+  before; an edit with no earlier value (a ZsRE case without a prediction) when every token of its
+  value is the model's top choice under teacher forcing (:func:`retained`), never vacuously.
 * consistency needs reference text of the new object, which none of the shipped datasets has:
   it is reported as unavailable, never as a number.
 """
@@ -77,6 +79,14 @@ def summarize(rows: list[dict]) -> dict[str, float]:
     return {k: mean(r[k] for r in rows if k in r) for k in keys if any(k in r for r in rows)}
 
 
+def retained(logprobs: torch.Tensor, token_acc: torch.Tensor) -> bool:
+    """Whether a fact's latest value is in force: ``logprobs[0]`` (its mean log-prob) above every earlier
+    value's ``logprobs[1:]``; with no earlier value, ``token_acc[0] == 1`` (all its tokens are the argmax)."""
+    if len(logprobs) > 1:
+        return bool(logprobs[0] > logprobs[1:].max())
+    return bool(token_acc[0] >= 1.0)
+
+
 def retention(model, tok, prompts: list[str], current: list[str], history: list[list[str]],
               batch_size: int = 64) -> torch.Tensor:
     """1.0 where ``current[i]`` scores above every earlier value ``history[i]`` of that fact."""
@@ -86,17 +96,10 @@ def retention(model, tok, prompts: list[str], current: list[str], history: list[
             flat_p.append(p)
             flat_t.append(value)
             owner.append(i)
-    s = score_targets(model, tok, flat_p, flat_t, batch_size).mean_logprob
-    out = torch.ones(len(prompts))
-    start = 0
-    for i in range(len(prompts)):
-        end = start + 1
-        while end < len(owner) and owner[end] == i:
-            end += 1
-        if end - start > 1:
-            out[i] = float(s[start] > s[start + 1:end].max())
-        start = end
-    return out
+    s = score_targets(model, tok, flat_p, flat_t, batch_size)
+    owner_t = torch.tensor(owner)
+    return torch.tensor([float(retained(s.mean_logprob[owner_t == i], s.token_acc[owner_t == i]))
+                         for i in range(len(prompts))])
 
 
 def n_gram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:

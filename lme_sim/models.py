@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import arch_of
+from .tokens import prepare_tokenizer
 from .world import World
 
 
@@ -25,14 +26,6 @@ class LoadedModel:
 
 class ModelError(ValueError):
     pass
-
-
-def prepare_tokenizer(tok):
-    """Right padding and a pad token (eos where the model defines none): what the scorer expects."""
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True) -> LoadedModel:
@@ -96,3 +89,21 @@ def model_path(name: str) -> str:
 
         return str(smollm2_folder())
     return name
+
+
+def model_n_layers(name: str) -> int | None:
+    """Layer count from the model's config, without loading weights (None where the name is neither
+    registered here, a local folder, nor a hub id reachable from here)."""
+    if name.startswith("world:"):
+        from .world_model import TrainConfig
+
+        return TrainConfig().n_layer
+    if name == "smollm2-135m":
+        return 30
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError):  # not a folder with a config, and not reachable on the hub
+        return None
+    return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .paths import atomic_dir, cache_root
+from .tokens import prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,5 @@ def _cache_path(gguf: Path, cache_dir: Path | None) -> Path:
 
 def _tokenizer(dest: Path):
     from transformers import AutoTokenizer
-
-    from .models import prepare_tokenizer
 
     return prepare_tokenizer(AutoTokenizer.from_pretrained(dest))

@@ -73,7 +73,7 @@ Duration = Annotated[dt.timedelta, BeforeValidator(parse_duration), PlainSeriali
 
 # --- timeline spec --------------------------------------------------------------------------
 _PATTERN_FIELDS = {
-    "fixed": {"n_batches", "batch_size", "interval"},
+    "fixed": {"n_batches", "batch_size", "interval", "n_edits"},
     "poisson": {"rate", "duration"},
     "bursts": {"n_bursts", "burst_size", "interval", "within"},
     "history": set(),
@@ -88,9 +88,11 @@ class Timeline(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pattern: Literal["fixed", "poisson", "bursts", "history"] = "fixed"
-    # fixed: n_batches batches of batch_size edits, one batch per interval
+    # fixed: n_batches batches of batch_size edits, one batch per interval; n_edits caps the arrivals
+    # (the last batch is then smaller)
     n_batches: int = Field(20, gt=0)
     batch_size: int = Field(100, gt=0)
+    n_edits: int | None = Field(None, gt=0)
     interval: Duration = dt.timedelta(days=1)  # also: between bursts
     # poisson: exponential inter-arrival times, `rate` edits per day for `duration`
     rate: float = Field(100.0, gt=0)
@@ -126,7 +128,7 @@ def arrival_offsets(timeline: Timeline, rng: random.Random) -> list[dt.timedelta
     """Sorted arrival times (offsets from the start) of a non-history timeline."""
     t = timeline
     if t.pattern == "fixed":
-        return [b * t.interval for b in range(t.n_batches) for _ in range(t.batch_size)]
+        return [b * t.interval for b in range(t.n_batches) for _ in range(t.batch_size)][: t.n_edits]
     if t.pattern == "bursts":
         return sorted(b * t.interval + i * t.within for b in range(t.n_bursts) for i in range(t.burst_size))
     if t.pattern == "poisson":
@@ -297,28 +299,32 @@ def latest_values(events: list[Event]) -> dict[str, str]:
 
 
 # --- batching -------------------------------------------------------------------------------
-def _group_end(events: list[Event], i: int, batch_size: int) -> int:
+def _group_end(events: list[Event], i: int, batch_size: int, window: dt.timedelta | None = None) -> int:
     """End index of the group starting at ``i``: an eval alone, or up to ``batch_size`` consecutive
-    edit-like events that stops before an eval and before a second event of the same fact."""
+    edit-like events that stops before an eval, before a second event of the same fact and, with a
+    ``window``, before the first event that arrived more than ``window`` after the group's first."""
     if not events[i].is_edit:
         return i + 1
     seen: set[str | None] = set()
     j = i
     while j < len(events) and j - i < batch_size and events[j].is_edit and events[j].fact_key not in seen:
+        if window is not None and events[j].time - events[i].time > window:
+            break
         seen.add(events[j].fact_key)
         j += 1
     return j
 
 
-def batch_events(events: list[Event], batch_size: int) -> list[list[Event]]:
-    """Consecutive edit-like events in batches of at most ``batch_size``, never across an eval and
-    never with two events of one fact. Each eval is its own one-element group, so the groups,
-    concatenated, are ``events``."""
+def batch_events(events: list[Event], batch_size: int, window: dt.timedelta | None = None) -> list[list[Event]]:
+    """Consecutive edit-like events in batches of at most ``batch_size`` (and, with a ``window``, of
+    events that arrived within ``window`` of the batch's first), never across an eval and never with
+    two events of one fact. Each eval is its own one-element group, so the groups, concatenated, are
+    ``events``."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     groups, i = [], 0
     while i < len(events):
-        j = _group_end(events, i, batch_size)
+        j = _group_end(events, i, batch_size, window)
         groups.append(events[i:j])
         i = j
     return groups
@@ -378,11 +384,11 @@ class EditStream:
     None at the end. ``state_dict()`` / ``load_state_dict()`` (or ``seek``) resume a stream.
     """
 
-    def __init__(self, events: list[Event], batch_size: int):
+    def __init__(self, events: list[Event], batch_size: int, window: dt.timedelta | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.events = list(events)
-        self.batch_size = batch_size
+        self.batch_size, self.window = batch_size, window
         self._pos = 0
         self._fp = _fingerprint(self.events)
 
@@ -406,7 +412,7 @@ class EditStream:
     def next_batch(self) -> list[Event] | Event | None:
         if self.done:
             return None
-        end = _group_end(self.events, self._pos, self.batch_size)
+        end = _group_end(self.events, self._pos, self.batch_size, self.window)
         group, self._pos = self.events[self._pos:end], end
         return group if group[0].is_edit else group[0]
 

@@ -35,6 +35,14 @@ class PairBatch:
         return rows_t, pos_t, self.input_ids[rows_t, pos_t + 1]
 
 
+def prepare_tokenizer(tok):
+    """Right padding and a pad token (eos where the model defines none): what every scorer here expects."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
 def encode_pairs(tok, prompts: list[str], targets: list[str]) -> PairBatch:
     """Tokenize ``prompt`` and ``prompt + " " + target`` and split the latter at the prompt.
 

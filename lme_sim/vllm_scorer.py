@@ -26,6 +26,7 @@ import torch
 
 from .scoring import PairScorer, TargetScores
 from .tokens import PairBatch
+from .weights import add_delta
 
 
 @dataclass
@@ -88,7 +89,7 @@ class VLLMScorer(PairScorer):
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    def apply(self, deltas: dict[str, torch.Tensor], version: int | None = None) -> int:
+    def apply_deltas(self, deltas: dict[str, torch.Tensor], version: int | None = None) -> int:
         """W += delta in the engine for every changed tensor; returns the new version."""
         if self._packed is None:
             self._packed = set().union(*self.llm.apply_model(_packed_parameters))
@@ -113,6 +114,9 @@ def _packed_parameters(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.numel() == 0}
 
 
+_MASTERS: dict[str, torch.Tensor] = {}  # float32 copies of 16-bit weights, in each worker process
+
+
 def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
     """A function run on each worker's model: p += delta (``adds``); packed layers get their full
     new weight (``sets``) and repack it."""
@@ -129,7 +133,7 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
                 raise KeyError(f"vLLM model has no parameter {name!r} to apply a delta to")
         for name, d in adds.items():
             p = params[name]
-            p.data.add_(_local_shard(d, tuple(p.shape), rank, world).to(p.device, p.dtype))
+            add_delta(p.data, _local_shard(d, tuple(p.shape), rank, world), _MASTERS, name)
         for name, w in sets.items():
             layer = model.get_submodule(name.rsplit(".", 1)[0])
             shape = (layer.output_size_per_partition, layer.input_size_per_partition)

@@ -192,19 +192,39 @@ def test_load_cases_dispatch(tmp_path):
         load_cases("counterfact")
 
 
-def test_hub_id(monkeypatch):
-    calls = []
+def test_datasets_folders_load_for_real(tmp_path):
+    """The ``datasets`` path with real local datasets: a folder written by ``save_to_disk`` and a
+    folder of data files (what ``load_dataset`` reads as it would a hub id's files)."""
+    import datasets
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        if name == "someone/counterfact":
-            return [nested_record(5)]
-        raise FileNotFoundError(f"no dataset {name}")
+    records = [nested_record(5), nested_record(6)]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(records).save_to_disk(str(saved))
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    for folder in (saved, files):
+        cases = load_counterfact(str(folder))
+        assert [c.case_id for c in cases] == ["5", "6"] and cases[0].subject == records[0]["requested_rewrite"]["subject"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="could not be loaded as the local datasets folder"):
+        load_counterfact(str(tmp_path / "empty"))  # a folder with no data files
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
-    (c,) = load_counterfact("someone/counterfact")
-    assert c.case_id == "5" and calls == [("someone/counterfact", "train")]
-    with pytest.raises(DataError, match="not found locally.*'someone/missing'.*hub id"):
+
+def test_namespaced_hub_id_passes_validation(tmp_path, monkeypatch):
+    """``owner/name`` that is not a local file is a hub id: validation accepts it (it used to call it a
+    missing file); loading it offline fails with one clear DataError."""
+    from lme_sim.preflight import load_checked
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nmodel: world:small\ndata: {kind: counterfact, path: someone/counterfact, n_edits: 5}\n")
+    assert load_checked(path).data.path == "someone/counterfact"
+    path.write_text("name: s\nmodel: world:small\ndata: {kind: counterfact, path: ./missing.json, n_edits: 5}\n")
+    with pytest.raises(Exception, match="field 'data.path': file './missing.json' not found"):
+        load_checked(path)
+    with pytest.raises(DataError, match="'someone/missing' is not a local file.*hub id"):
         load_counterfact("someone/missing")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lme_sim.runtime.delta_guard import delta_problem
-from lme_sim.runtime.services import EditorService
+from lme_sim.runtime.services import Edited, EditorService, Rejected
 from lme_sim.runtime.shards import ModelShard
 from lme_sim.storage.logger import read_only_query
 
@@ -57,16 +57,16 @@ def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(sm
     shards = [ModelShard("world:small", range(0, 2)), ModelShard("world:small", range(2, 4))]
     svc = EditorService("world:small", shards, "alphaedit", {})
     cases = small_world[2].edit_cases(20, seed=11)
-    assert "deltas" in svc.edit(cases[:10])  # some history: non-zero editor state (AlphaEdit's key cache)
+    assert isinstance(svc.edit(cases[:10]), Edited)  # some history: non-zero editor state (AlphaEdit's key cache)
     before = _everything(svc)
     _poison_second_solve(svc.editor, float("nan") if poison == "nan" else 1e4)
     out = svc.edit(cases[10:])
-    assert out["rejected"].startswith("transformer.h.2.mlp.c_proj.weight: ")
-    assert ("NaN/Inf" if poison == "nan" else "the weight's norm") in out["rejected"]
+    assert isinstance(out, Rejected) and out.reason.startswith("transformer.h.2.mlp.c_proj.weight: ")
+    assert ("NaN/Inf" if poison == "nan" else "the weight's norm") in out.reason
     _assert_same(before, _everything(svc))
     del svc.editor.solve  # the editor is sound again: the same batch now goes through
     out = svc.edit(cases[10:])
-    assert set(out["deltas"]) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"}
+    assert set(out.deltas) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"}
     assert not torch.equal(before["shard1.transformer.h.2.mlp.c_proj.weight"],
                            shards[1].model.state_dict()["transformer.h.2.mlp.c_proj.weight"])
 
@@ -81,16 +81,16 @@ def test_ft_in_process_rejected_batch_leaves_replica_and_shards_unchanged(small_
     before = _everything(svc)
     sound = svc.editor.hp.model_copy(update={"num_steps": 5})  # short: the test is about what is kept
     svc.editor.hp = sound.model_copy(update=hparams)  # a diverging configuration
-    assert reason in svc.edit(cases)["rejected"]
+    assert reason in svc.edit(cases).reason
     _assert_same(before, _everything(svc))
     svc.editor.hp = sound
-    assert "deltas" in svc.edit(cases)
+    assert isinstance(svc.edit(cases), Edited)
 
 
 def test_a_tight_limit_rejects_ordinary_deltas(small_world):
     svc = EditorService("world:small", [ModelShard("world:small", range(0, 4))], "memit", {}, max_delta_norm=1e-6)
     before = _everything(svc)
-    assert "max_delta_norm = 1e-06" in svc.edit(small_world[2].edit_cases(5, seed=13))["rejected"]
+    assert "max_delta_norm = 1e-06" in svc.edit(small_world[2].edit_cases(5, seed=13)).reason
     _assert_same(before, _everything(svc))
 
 

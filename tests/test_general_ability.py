@@ -91,7 +91,8 @@ def test_builtin_items_are_well_formed():
 
 
 def test_scenario_names_a_bad_probe_file(tmp_path):
-    from lme_sim.scenario import ScenarioError, load_scenario
+    from lme_sim.preflight import load_checked as load_scenario
+    from lme_sim.scenario import ScenarioError
 
     bad = tmp_path / "mc.jsonl"
     bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}')

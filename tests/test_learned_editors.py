@@ -178,7 +178,8 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_pat
     with pytest.raises(CheckpointMismatch, match="trained for model 'world:small'"):
         make_editor("rledit", other.model, other.tok, "world:default", {"checkpoint": str(path)},
                     world=other.world, progress=False)
-    from lme_sim.scenario import ScenarioError, load_scenario
+    from lme_sim.preflight import load_checked as load_scenario
+    from lme_sim.scenario import ScenarioError
 
     scn = tmp_path / "s.yaml"
     scn.write_text(f"name: x\nmodel: world:default\neditor: {{method: rledit, hparams: {{checkpoint: {path}}}}}\n")

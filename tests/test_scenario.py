@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from lme_sim.cli import main
-from lme_sim.scenario import ScenarioError, load_scenario
+from lme_sim.preflight import load_checked as load_scenario
+from lme_sim.scenario import ScenarioError
 
 GOOD = "name: x\nmodel: world:small\n"
 CASES = {

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lme_sim.cli import main
-from lme_sim.scenario import Scenario, ScenarioError, load_scenario
+from lme_sim.preflight import load_checked as load_scenario
+from lme_sim.scenario import Scenario, ScenarioError
 
 VALID = {
     "name": "fuzz",
@@ -21,7 +22,7 @@ VALID = {
     "editor": {"method": "alphaedit", "hparams": {"layers": [1, 2], "L2": 0.1}, "max_delta_norm": 50.0},
     "stream": {"batch_size": 10, "speedup": 1000.0, "start": "2024-01-01",
                "timeline": {"pattern": "fixed", "n_batches": 2, "batch_size": 10, "interval": "1d"}},
-    "eval": {"every": 1, "retention_sample": 50, "fluency_prompts": 0, "batch_size": 16},
+    "eval": {"every": 1, "retention_sample": 50, "fluency_prompts": 0, "rows_per_pass": 16},
     "evaluator": {"backend": "hf"},
     "runtime": {"shards": 2, "evaluators": 1, "gpus": False},
     "output_dir": "runs",

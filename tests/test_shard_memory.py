@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lme_sim.backbone import LocalBackbone, Plan, Positions
-from lme_sim.editors.covariance import (cached_projectors, corpus_texts, nullspace_projector, second_moment,
+from lme_sim.linalg import nullspace_projector
+from lme_sim.editors.covariance import (cached_projectors, corpus_texts, second_moment,
                                        stats_folder)
 from lme_sim.editors.hparams import load_hparams
 from lme_sim.runtime.shards import ModelShard, PassThrough, ShardedBackbone, split_layers
@@ -44,7 +45,7 @@ def test_many_small_deltas_survive_in_bf16(small_world):
     step = 1e-3 * w0.abs().clamp(min=1e-2)  # ~1/8 of a bf16 step at each entry
     naive = w0.to(torch.bfloat16)
     for _ in range(100):
-        shard.apply_delta(name, step)
+        shard.apply_deltas({name: step})
         naive = naive + step.to(torch.bfloat16)
     want = w0 + 100 * step
     got = dict(shard.model.named_parameters())[name].detach().float()

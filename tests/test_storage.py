@@ -179,3 +179,17 @@ def test_inserts_independent_of_row_count(tmp_path, n):
     assert lg.query("SELECT count(*) FROM edits") == [(n,)]
     lg.con = spy._con
     lg.close()
+
+
+def test_every_record_has_exactly_its_tables_columns(tmp_path):
+    """Rows are built from the typed records of storage/records.py; each names its table's columns."""
+    import dataclasses
+
+    from lme_sim.storage.records import RECORDS
+
+    con = duckdb.connect(str(tmp_path / "c.duckdb"))
+    create_schema(con)
+    for record in RECORDS:
+        cols = [r[0] for r in con.execute("select column_name from information_schema.columns where table_name = ? "
+                                          "order by ordinal_position", [record.TABLE]).fetchall()]
+        assert [f.name for f in dataclasses.fields(record)] == [c for c in cols if c != "run_id"], record.TABLE

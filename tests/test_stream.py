@@ -287,3 +287,32 @@ def test_edit_stream_batches_and_resumes(world):
         EditStream(events[:-1], 4).load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="position"):
         s.seek(len(events) + 1)
+
+
+def test_a_window_cuts_batches_by_arrival_time():
+    """stream.window: a batch holds what arrived within the window of its first edit, or batch_size edits,
+    whichever comes first; Poisson arrivals then give batches of uneven size."""
+    import datetime as dt
+
+    t0 = dt.datetime(2024, 1, 1)
+    cases = [EditCase(str(i), f"S{i}", f"S{i} is in", "x", "y") for i in range(8)]
+    times = [0, 1, 2, 10, 11, 30, 31, 32]  # hours
+    events = [Event("edit", t0 + dt.timedelta(hours=h), i, c, fact_key(c)) for i, (h, c) in enumerate(zip(times, cases))]
+    sizes = [len(g) for g in batch_events(events, 10, window=dt.timedelta(hours=6))]
+    assert sizes == [3, 2, 3]
+    assert [len(g) for g in batch_events(events, 2, window=dt.timedelta(hours=6))] == [2, 1, 2, 2, 1]
+    stream = EditStream(events, 10, window=dt.timedelta(hours=6))
+    assert [len(stream.next_batch()) for _ in range(3)] == [3, 2, 3] and stream.next_batch() is None
+    poisson = build_events(Timeline(pattern="poisson", rate=24, duration="2d"), cases * 20, seed=1)
+    assert len({len(g) for g in batch_events(poisson, 100, window=dt.timedelta(hours=3))}) > 1
+
+
+def test_n_edits_need_not_fill_the_last_batch():
+    """15 edits in batches of 10: two batches, the last one smaller (it used to crash after Ray started)."""
+    from lme_sim.scenario import Scenario
+
+    scn = Scenario.model_validate({"name": "x", "model": "world:small", "data": {"n_edits": 15},
+                                   "stream": {"batch_size": 10}})
+    cases = [EditCase(str(i), f"S{i}", f"S{i} is in", "x", "y") for i in range(15)]
+    events = build_events(scn.timeline(), cases)
+    assert [len(g) for g in batch_events(events, 10) if g[0].is_edit] == [10, 5]

@@ -6,13 +6,15 @@ import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..backbone import Backbone, as_backbone
 from ..cases import EditCase
-from .hparams import HParams, load_hparams
+from .hparams import HPARAMS_DIR, HParams, load_hparams
+from .registry import editor_class
 
 
 # The phases an edit's time is split into (EditResult.timings; the batches table; ``lme-sim bench``):
@@ -49,24 +51,44 @@ class PhaseTimer(dict):
 
 class Editor(ABC):
     method: ClassVar[str]
+    hparams_class: ClassVar[type[HParams]] = HParams  # validates hparams/<method>.yaml and overrides
     in_process: ClassVar[bool] = False  # needs the model in this process (not shards): FT, RLEdit, HiEdit
+    trained: ClassVar[bool] = False  # edits with networks trained by `lme-sim train-editor` (RLEdit, HiEdit)
 
     def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True,
-                 model_name: str | None = None):
-        """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model."""
+                 model_name: str | None = None, device: str = "cpu"):
+        """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model;
+        ``device``: where the editor's own tensors and solves live (the model's weights stay where
+        the backbone holds them)."""
         self.model = as_backbone(model)
         self.tok, self.hp, self.world, self.progress = tok, hparams, world, progress
-        self.model_name = model_name
+        self.model_name, self.device = model_name, device
 
     @abstractmethod
     def edit(self, cases: list[EditCase]) -> EditResult:
-        """Write ``cases`` into the model's weights; return the deltas that were added."""
+        """Write ``cases`` into the model's weights; return the deltas that were added.
+
+        Two-phase: state the batch computes (AlphaEdit's key covariance, MOSE's rotation) is pending
+        until :meth:`commit`; the runtime commits once the delta guard accepts the batch, or calls
+        :meth:`discard`. A stateful editor commits what is still pending at the start of its next
+        ``edit`` and in ``state_dict``, so a plain loop of ``edit`` calls needs no ``commit``."""
+
+    def commit(self) -> None:
+        """Adopt the state the last :meth:`edit` computed (the delta guard accepted its batch)."""
+
+    def discard(self) -> None:
+        """Forget the state the last :meth:`edit` computed (its batch was rejected and its weights put
+        back): the editor is as if the batch never came, with no copy of its state ever made."""
 
     @classmethod
-    def prepare(cls, model_name: str, hparams: dict, progress: bool = True) -> dict:
-        """Work to do once before a run, in the driver where progress can be shown (e.g. training a
-        learned editor's networks); returns the hparams the run's editor gets."""
-        return hparams
+    def check_hparams(cls, model_name: str, hp: HParams, where: str) -> None:
+        """Checks before a run that need more than the hyperparameters' own types (e.g. a checkpoint
+        file); raise :class:`~.hparams.HParamsError` ``"<where>.<field>: ..."``."""
+
+    @classmethod
+    def hparams_file(cls) -> Path:
+        """The method's defaults: a ``default`` section and one per model family."""
+        return HPARAMS_DIR / f"{cls.method}.yaml"
 
     def state_dict(self) -> dict[str, Any]:
         """Method state that must survive a restart (empty for stateless methods)."""
@@ -80,33 +102,13 @@ def apply_layer_delta(backbone: Backbone, layer: int, delta: torch.Tensor) -> tu
     """W_layer += delta (d_model, d_ff); returns (parameter name, delta in the parameter's layout)."""
     name = backbone.edit_param_name(layer)
     stored = delta.T.contiguous() if backbone.transposed() else delta
-    backbone.apply_delta(name, stored)
+    backbone.apply_deltas({name: stored})
     return name, stored
 
 
-def apply_deltas(model, deltas: dict[str, torch.Tensor]) -> None:
-    """W += delta for every named parameter (how replicas follow an editor)."""
-    backbone = as_backbone(model)
-    for name, d in deltas.items():
-        backbone.apply_delta(name, d)
-
-
-EDITORS: dict[str, type[Editor]] = {}
-
-
-def register(cls: type[Editor]) -> type[Editor]:
-    EDITORS[cls.method] = cls
-    return cls
-
-
-def editor_class(method: str) -> type[Editor]:
-    from . import alphaedit, ft, memit, mose, rledit  # noqa: F401  (register the methods)
-
-    return EDITORS[method]
-
-
 def make_editor(method: str, model, tok, model_name: str, overrides: dict | None = None, world=None,
-                progress: bool = True) -> Editor:
+                progress: bool = True, device: str = "cpu") -> Editor:
     """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
     hp = load_hparams(method, model_name, overrides)
-    return editor_class(method)(model, tok, hp, world=world, progress=progress, model_name=model_name)
+    return editor_class(method)(model, tok, hp, world=world, progress=progress, model_name=model_name,
+                                device=device)

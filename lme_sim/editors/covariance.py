@@ -60,13 +60,6 @@ def second_moment(model, tok, layers: list[int], texts: list[str], max_length: i
     return {l: v / count for l, v in sums.items()}
 
 
-def nullspace_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U_hat U_hat^T over the eigenvectors of C0 whose eigenvalues are < threshold (AlphaEdit)."""
-    eigvals, eigvecs = torch.linalg.eigh(C0.double())
-    U = eigvecs[:, eigvals < threshold]
-    return U @ U.T
-
-
 def weights_fingerprint(model, layers: list[int]) -> str:
     """Identifies the (unedited) weights the statistics were computed on (not the config, whose
     bookkeeping fields differ between a converted model and its saved copy)."""

@@ -36,16 +36,16 @@ from pathlib import Path
 
 import torch
 
-from ..arch import add_delta, arch_of, weight_view
+from ..arch import arch_of, weight_view
+from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..paths import cache_root
 from ..scoring import logits_at
-from ..backbone import LocalBackbone
 from ..tokens import encode_pairs, encode_texts
+from .base import apply_layer_delta
+from .checkpoints import CheckpointMismatch, load_checkpoint, model_fingerprint, save_checkpoint
 from .edit_signals import keys_and_grads, per_row_nll, weight_offsets
-from .hparams import RLEditHParams
-from .hypernet import HyperNet, Router
-from .rledit import CheckpointMismatch, load_checkpoint, model_fingerprint, plan_deltas
+from .hypernet import HyperNet, RLEditHParams, Router, plan_deltas
 from .targets import frozen
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, 
             loss = loss + hp.balance * (share ** 2).mean()
     (loss / len(batches)).backward()
     for l, d in deltas.items():
-        add_delta(model, l, d.detach())
+        apply_layer_delta(backbone, l, d.detach())
     return edit.item()
 
 
@@ -267,15 +267,6 @@ def _progress(enabled: bool, total: int, label: str):
         bar.update(1)
         bar.set_postfix(edit_loss=f"{loss:.3f}")
     return update
-
-
-def save_checkpoint(ckpt: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.rename(path)
-    return path
 
 
 def default_checkpoint(method: str, model_name: str | None, hp: RLEditHParams, model, tok, world,

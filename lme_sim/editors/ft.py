@@ -10,13 +10,25 @@ from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, register
+from .base import EditResult, Editor, PhaseTimer
+from .hparams import HParams
+from .registry import register
 from .targets import frozen
+
+
+class FTHParams(HParams):
+    """Constrained fine-tuning of W (Zhu et al. 2020, as the FT-L baseline in ROME)."""
+
+    lr: float = 5e-4
+    num_steps: int = 25
+    norm_constraint: float = 5e-4  # |W - W0|_inf after every step
+    loss_stop: float = 1e-2
 
 
 @register
 class FT(Editor):
     method = "ft"
+    hparams_class = FTHParams
     in_process = True
 
     def edit(self, cases: list[EditCase]) -> EditResult:

@@ -8,10 +8,12 @@ A scenario's overrides go on top; an unknown or ill-typed field is an error nami
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import field_path
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -52,76 +54,6 @@ class TargetHParams(HParams):
     stats: StatsHParams = StatsHParams()
 
 
-class MEMITHParams(TargetHParams):
-    mom2_update_weight: float = 15000.0  # lambda in  Delta = R K^T (lambda C0 + K K^T)^-1
-
-
-class AlphaEditHParams(TargetHParams):
-    nullspace_threshold: float = 2e-2  # eigenvalues of C0 below this span the null space
-    L2: float = 10.0
-
-
-class FTHParams(HParams):
-    """Constrained fine-tuning of W (Zhu et al. 2020, as the FT-L baseline in ROME)."""
-
-    lr: float = 5e-4
-    num_steps: int = 25
-    norm_constraint: float = 5e-4  # |W - W0|_inf after every step
-    loss_stop: float = 1e-2
-
-
-class MOSEHParams(HParams):
-    """Multiplicative orthogonal editing (arXiv 2601.07873): a block-diagonal Cayley rotation of W's input."""
-
-    n_blocks: int = Field(4, gt=0)  # diagonal blocks of Q (d_ff must be divisible by it)
-    optimizer: Literal["adam", "sgd"] = "adam"  # on the rotation parameters (published: Adam)
-    lr: float = 5e-4
-    num_steps: int = Field(25, gt=0)
-    loss_stop: float = 0.0  # stop a batch's fit once the mean NLL is below this (0: never, as published)
-    coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
-
-
-class RLEditHParams(HParams):
-    """A trained hypernetwork editor (RLEdit arXiv 2502.05759 on MALMEN's network); ``layers`` are the
-    candidate modules. Fields below ``checkpoint`` shape and train the networks (``lme-sim train-editor``)."""
-
-    checkpoint: str | None = None  # trained networks; null: for world:* models, train on first use and cache
-    rank: int = Field(64, gt=0)  # of the low-rank residual blocks
-    n_blocks: int = Field(2, gt=0)
-    init_lr: float = Field(1.0, gt=0)  # step size eta per module at the start of training
-    init_lambda: float = Field(1.0, gt=0)  # ridge term lambda per module at the start of training
-    train_lr: float = Field(1e-3, gt=0)  # Adam on the networks
-    rollouts: int = Field(300, gt=0)  # sequences of edit batches (one optimizer step each)
-    rollout_batches: int = Field(10, gt=0)  # batches per sequence
-    edits_per_batch: int = Field(10, gt=0)
-    lookback: int = Field(3, ge=0)  # reward counts the paraphrases of the last `lookback` earlier batches too
-    mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
-    locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
-    locality_prompts: int = Field(32, gt=0)
-    holdout: int = Field(2000, ge=0)  # dataset files: the first `holdout` records are left for evaluation
-    seed: int = 0
-
-
-class HiEditHParams(RLEditHParams):
-    """RLEdit plus a router that picks ``top_k`` of the candidate modules per edit (arXiv 2604.11214)."""
-
-    top_k: int | None = Field(None, gt=0)  # default: half of the candidates
-    explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
-    balance: float = Field(0.0, ge=0)  # weight of a penalty on uneven module usage while training
-    router_phase_lr: float = Field(1e-3, gt=0)  # Adam after the RLEdit start (train_lr trains that start)
-    router_locality: float = Field(0.0, ge=0)  # router reward: weight of the KL on each edit's neighborhood prompts
-
-
-HPARAM_CLASSES: dict[str, type[HParams]] = {
-    "rledit": RLEditHParams,
-    "hiedit": HiEditHParams,
-    "memit": MEMITHParams,
-    "alphaedit": AlphaEditHParams,
-    "ft": FTHParams,
-    "mose": MOSEHParams,
-}
-
-
 class HParamsError(ValueError):
     pass
 
@@ -132,10 +64,15 @@ def model_family(model_name: str) -> str:
 
 def load_hparams(method: str, model_name: str, overrides: dict[str, Any] | None = None,
                  where: str = "editor.hparams") -> HParams:
-    """Defaults for ``method`` on ``model_name``, with ``overrides`` on top, validated."""
-    if method not in HPARAM_CLASSES:
-        raise HParamsError(f"unknown editing method {method!r}; known: {sorted(HPARAM_CLASSES)}")
-    table = yaml.safe_load((HPARAMS_DIR / f"{method}.yaml").read_text()) or {}
+    """Defaults for ``method`` on ``model_name`` (its ``hparams/<method>.yaml``), with ``overrides`` on
+    top, validated by the method's ``hparams_class``."""
+    from .registry import editor_class  # the registry's lazy import
+
+    try:
+        cls = editor_class(method)
+    except KeyError as e:
+        raise HParamsError(e.args[0]) from None
+    table = yaml.safe_load(cls.hparams_file().read_text()) or {}
     merged = _merge(table.get("default", {}), table.get(model_family(model_name), {}))
     merged = _merge(merged, overrides or {})
     if "layers" not in merged:
@@ -144,10 +81,8 @@ def load_hparams(method: str, model_name: str, overrides: dict[str, Any] | None 
             f"set the layers to edit (known models: {sorted(k for k in table if k != 'default')})"
         )
     try:
-        return HPARAM_CLASSES[method].model_validate(merged)
+        return cls.hparams_class.model_validate(merged)
     except ValidationError as e:
-        from ..scenario import field_path
-
         err = e.errors()[0]
         raise HParamsError(f"{where}.{field_path(err['loc'])}: {err['msg']}") from None
 

@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
+
+from .hparams import HParams
 
 
 class RunningNorm(nn.Module):
@@ -145,3 +148,65 @@ def top_k_mask(scores: torch.Tensor, k: int, sample: bool = False,
     soft = k * probs
     log_pi = (torch.log_softmax(scores, -1) * hard).sum(-1)
     return hard + (soft - soft.detach()), log_pi  # exactly 0/1 forward
+
+
+class RLEditHParams(HParams):
+    """A trained hypernetwork editor (RLEdit arXiv 2502.05759 on MALMEN's network); ``layers`` are the
+    candidate modules. Fields below ``checkpoint`` shape and train the networks (``lme-sim train-editor``)."""
+
+    checkpoint: str | None = None  # trained networks; null: for world:* models, train on first use and cache
+    rank: int = Field(64, gt=0)  # of the low-rank residual blocks
+    n_blocks: int = Field(2, gt=0)
+    init_lr: float = Field(1.0, gt=0)  # step size eta per module at the start of training
+    init_lambda: float = Field(1.0, gt=0)  # ridge term lambda per module at the start of training
+    train_lr: float = Field(1e-3, gt=0)  # Adam on the networks
+    rollouts: int = Field(300, gt=0)  # sequences of edit batches (one optimizer step each)
+    rollout_batches: int = Field(10, gt=0)  # batches per sequence
+    edits_per_batch: int = Field(10, gt=0)
+    lookback: int = Field(3, ge=0)  # reward counts the paraphrases of the last `lookback` earlier batches too
+    mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
+    locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
+    locality_prompts: int = Field(32, gt=0)
+    holdout: int = Field(2000, ge=0)  # dataset files: the first `holdout` records are left for evaluation
+    seed: int = 0
+
+
+class HiEditHParams(RLEditHParams):
+    """RLEdit plus a router that picks ``top_k`` of the candidate modules per edit (arXiv 2604.11214)."""
+
+    top_k: int | None = Field(None, gt=0)  # default: half of the candidates
+    explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
+    balance: float = Field(0.0, ge=0)  # weight of a penalty on uneven module usage while training
+    router_phase_lr: float = Field(1e-3, gt=0)  # Adam after the RLEdit start (train_lr trains that start)
+    router_locality: float = Field(0.0, ge=0)  # router reward: weight of the KL on each edit's neighborhood prompts
+
+
+def plan_deltas(net: HyperNet, signals, layers: list[int], n_edits: int,
+                router: Router | None = None, top_k: int | None = None, sample: bool = False,
+                generator: torch.Generator | None = None):
+    """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
+    chosen modules (straight-through) and log pi of each edit's choice."""
+    mask = log_pi = None
+    if router is not None:
+        feats = []
+        for l in layers:
+            f = net.features(signals.keys[l], signals.grads[l])
+            summed = torch.zeros(n_edits, f.shape[1]).index_add(0, signals.owner, f)
+            counts = torch.bincount(signals.owner, minlength=n_edits).clamp_min(1)[:, None]
+            feats.append(summed / counts)
+        mask, log_pi = top_k_mask(router(torch.stack(feats, 1)), top_k, sample, generator)
+    deltas = {}
+    for i, l in enumerate(layers):
+        weight = mask[signals.owner, i] if mask is not None else None
+        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight)
+    return deltas, mask, log_pi
+
+
+def build_networks(ckpt: dict) -> tuple[HyperNet, Router | None]:
+    net = HyperNet(**ckpt["net_config"])
+    net.load_state_dict(ckpt["net"])
+    router = None
+    if ckpt.get("router") is not None:
+        router = Router(net.d_ff + net.d_model, ckpt["net_config"]["n_modules"])
+        router.load_state_dict(ckpt["router"])
+    return net.eval(), router

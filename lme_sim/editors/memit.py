@@ -14,17 +14,24 @@ import torch
 
 from ..cases import EditCase
 from .activations import activations_at, compute_keys, context_templates
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta, register
+from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
 from .covariance import cached_second_moment
+from .hparams import TargetHParams
+from .registry import register
 from .targets import compute_targets
+
+
+class MEMITHParams(TargetHParams):
+    mom2_update_weight: float = 15000.0  # lambda in  Delta = R K^T (lambda C0 + K K^T)^-1
 
 
 @register
 class MEMIT(Editor):
     method = "memit"
+    hparams_class = MEMITHParams
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
-        super().__init__(model, tok, hparams, world, progress, model_name)
+    def __init__(self, model, tok, hparams, **kw):
+        super().__init__(model, tok, hparams, **kw)
         self.contexts = context_templates(model, tok, hparams.context_templates)
         self.load_statistics()
 
@@ -41,6 +48,7 @@ class MEMIT(Editor):
         """Hook for state updates once the whole batch is written."""
 
     def edit(self, cases: list[EditCase]) -> EditResult:
+        self.commit()  # the previous batch's pending state, where nobody committed it
         hp, model, tok = self.hp, self.model, self.tok
         timer = PhaseTimer()
         z_layer = hp.layers[-1]

@@ -19,13 +19,29 @@ end is W_cur (M - I).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 
 from ..cases import EditCase
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta, register
+from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .hparams import HParams
+from .registry import register
 from .targets import frozen
+
+
+class MOSEHParams(HParams):
+    """Multiplicative orthogonal editing (arXiv 2601.07873): a block-diagonal Cayley rotation of W's input."""
+
+    n_blocks: int = Field(4, gt=0)  # diagonal blocks of Q (d_ff must be divisible by it)
+    optimizer: Literal["adam", "sgd"] = "adam"  # on the rotation parameters (published: Adam)
+    lr: float = 5e-4
+    num_steps: int = Field(25, gt=0)
+    loss_stop: float = 0.0  # stop a batch's fit once the mean NLL is below this (0: never, as published)
+    coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
 
 
 def cayley(theta: torch.Tensor) -> torch.Tensor:
@@ -54,9 +70,10 @@ def coft_project(theta: torch.Tensor, eps: float) -> torch.Tensor:
 @register
 class MOSE(Editor):
     method = "mose"
+    hparams_class = MOSEHParams
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
-        super().__init__(model, tok, hparams, world, progress, model_name)
+    def __init__(self, model, tok, hparams, **kw):
+        super().__init__(model, tok, hparams, **kw)
         self.theta: dict[int, torch.Tensor] = {}
         for layer in hparams.layers:
             d_ff = self.model.edit_weight(layer).shape[1]
@@ -65,12 +82,14 @@ class MOSE(Editor):
                                  f"{hparams.n_blocks}")
             b = d_ff // hparams.n_blocks
             self.theta[layer] = torch.zeros(hparams.n_blocks, b, b)
+        self._pending: dict[int, torch.Tensor] = {}  # theta after the last edit, until commit
 
     def rotation(self, layer: int) -> torch.Tensor:
         """The accumulated Q of ``layer`` as (n_blocks, b, b) blocks."""
         return cayley(self.theta[layer].double())
 
     def edit(self, cases: list[EditCase]) -> EditResult:
+        self.commit()  # the previous batch's rotation, where nobody committed it
         hp, model = self.hp, self.model
         timer = PhaseTimer()
         batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
@@ -97,10 +116,10 @@ class MOSE(Editor):
                         for p in params.values():
                             p.copy_(coft_project(p, hp.coft_eps))
         deltas, stats = {}, {"loss": loss_value, "steps": steps}
+        self._pending = {l: p.detach().clone() for l, p in params.items()}
         with timer("apply"):
-            for l, p in params.items():
-                self.theta[l] = p.detach().clone()
-                Q = self.rotation(l)
+            for l in params:
+                Q = cayley(self._pending[l].double())
                 eye = torch.eye(Q.shape[-1], dtype=Q.dtype)
                 W = model.edit_weight(l).double()
                 delta = times_blocks(W, q_old_t64[l] @ Q - eye).float()
@@ -110,7 +129,15 @@ class MOSE(Editor):
                 stats[f"rotation_l{l}"] = (Q - eye).flatten(1).norm(dim=1).square().sum().sqrt().item()
         return EditResult(deltas, dict(timer), stats)
 
+    def commit(self) -> None:
+        self.theta.update(self._pending)
+        self._pending = {}
+
+    def discard(self) -> None:
+        self._pending = {}
+
     def state_dict(self):
+        self.commit()
         return {"theta": {l: t.clone() for l, t in self.theta.items()}}
 
     def load_state_dict(self, state):

@@ -22,77 +22,31 @@ from pathlib import Path
 
 import torch
 
-from ..arch import arch_of
 from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta, register
-from .edit_signals import EditSignals, keys_and_grads
-from .hypernet import HyperNet, Router, top_k_mask
-
-
-class CheckpointMismatch(ValueError):
-    pass
-
-
-def model_fingerprint(model) -> str:
-    """A short hash of the model's configuration and its (never edited) token embeddings."""
-    import hashlib
-    import json
-
-    h = hashlib.sha256()
-    cfg = model.config.to_dict()
-    h.update(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version",)},
-                        sort_keys=True, default=str).encode())
-    emb = model.get_input_embeddings().weight.detach().float().flatten()[: 1 << 16].cpu()
-    h.update(emb.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def plan_deltas(net: HyperNet, signals: EditSignals, layers: list[int], n_edits: int,
-                router: Router | None = None, top_k: int | None = None, sample: bool = False,
-                generator: torch.Generator | None = None):
-    """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
-    chosen modules (straight-through) and log pi of each edit's choice."""
-    mask = log_pi = None
-    if router is not None:
-        feats = []
-        for l in layers:
-            f = net.features(signals.keys[l], signals.grads[l])
-            summed = torch.zeros(n_edits, f.shape[1]).index_add(0, signals.owner, f)
-            counts = torch.bincount(signals.owner, minlength=n_edits).clamp_min(1)[:, None]
-            feats.append(summed / counts)
-        mask, log_pi = top_k_mask(router(torch.stack(feats, 1)), top_k, sample, generator)
-    deltas = {}
-    for i, l in enumerate(layers):
-        weight = mask[signals.owner, i] if mask is not None else None
-        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight)
-    return deltas, mask, log_pi
-
-
-def build_networks(ckpt: dict) -> tuple[HyperNet, Router | None]:
-    net = HyperNet(**ckpt["net_config"])
-    net.load_state_dict(ckpt["net"])
-    router = None
-    if ckpt.get("router") is not None:
-        router = Router(net.d_ff + net.d_model, ckpt["net_config"]["n_modules"])
-        router.load_state_dict(ckpt["router"])
-    return net.eval(), router
+from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .checkpoints import CheckpointMismatch, check_model, load_checkpoint
+from .edit_signals import keys_and_grads
+from .editor_training import default_checkpoint
+from .hparams import HParamsError
+from .hypernet import HiEditHParams, RLEditHParams, build_networks, plan_deltas
+from .registry import register
 
 
 @register
 class RLEdit(Editor):
     method = "rledit"
+    hparams_class = RLEditHParams
     in_process = True
+    trained = True
 
-    def __init__(self, model, tok, hparams, world=None, progress: bool = True, model_name: str | None = None):
-        super().__init__(model, tok, hparams, world, progress, model_name)
+    def __init__(self, model, tok, hparams, **kw):
+        super().__init__(model, tok, hparams, **kw)
         if not isinstance(self.model, LocalBackbone):
             raise NotImplementedError(f"{self.method} reads per-token gradients and needs an in-process model")
-        from .editor_training import default_checkpoint
-
-        path = hparams.checkpoint or default_checkpoint(self.method, model_name, hparams, self.model.model, tok,
-                                                       world, progress)
+        path = hparams.checkpoint or default_checkpoint(self.method, self.model_name, hparams, self.model.model,
+                                                       tok, self.world, self.progress)
         self.checkpoint = str(path)
         ckpt = load_checkpoint(path, self.method)
         check_model(ckpt, self.model.model, path)
@@ -102,18 +56,26 @@ class RLEdit(Editor):
         self.top_k = ckpt.get("top_k")
 
     @classmethod
-    def prepare(cls, model_name: str, hparams: dict, progress: bool = True) -> dict:
-        """Point a ``world:*`` run without a checkpoint at the cached one (trained here if missing)."""
-        if hparams.get("checkpoint"):
-            return hparams
-        from ..models import load_model
-        from .editor_training import default_checkpoint
-        from .hparams import load_hparams
-
-        lm = load_model(model_name, progress=progress)
-        hp = load_hparams(cls.method, model_name, hparams)
-        path = default_checkpoint(cls.method, model_name, hp, lm.model, lm.tok, lm.world, progress)
-        return {**hparams, "checkpoint": str(path)}
+    def check_hparams(cls, model_name: str, hp: RLEditHParams, where: str) -> None:
+        """The networks must be trained for this model (``world:*`` models train their own on first use)."""
+        field, ckpt = f"{where}.checkpoint", hp.checkpoint
+        if ckpt is None:
+            if not model_name.startswith("world:"):
+                raise HParamsError(f"{field}: {cls.method} on {model_name!r} needs a checkpoint; make one with "
+                                   f"`lme-sim train-editor --method {cls.method} --model {model_name} --data <file> "
+                                   "--out <path>`")
+            return
+        if not Path(ckpt).is_file():
+            raise HParamsError(f"{field}: file {ckpt!r} not found")
+        try:
+            meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+        except Exception as e:  # noqa: BLE001  (any file can be named here)
+            raise HParamsError(f"{field}: {ckpt!r} is not an editor checkpoint ({type(e).__name__})") from None
+        if not isinstance(meta, dict):
+            raise HParamsError(f"{field}: {ckpt!r} is not an editor checkpoint")
+        if meta.get("method") != cls.method or meta.get("model") != model_name:
+            raise HParamsError(f"{field}: {ckpt!r} is a {meta.get('method')!r} checkpoint for model "
+                               f"{meta.get('model')!r}, not {cls.method!r} for {model_name!r}")
 
     @torch.no_grad()
     def edit(self, cases: list[EditCase]) -> EditResult:
@@ -143,23 +105,4 @@ class RLEdit(Editor):
 @register
 class HiEdit(RLEdit):
     method = "hiedit"
-
-
-def load_checkpoint(path, method: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no editor checkpoint here; make one with "
-                                f"`lme-sim train-editor --method {method} --model <model> --out {path}`")
-    ckpt = torch.load(path, weights_only=False, map_location="cpu")
-    if ckpt.get("method") != method:
-        raise CheckpointMismatch(f"{path}: a {ckpt.get('method')!r} checkpoint, not {method!r}")
-    return ckpt
-
-
-def check_model(ckpt: dict, model, path) -> None:
-    fp = model_fingerprint(model)
-    if ckpt["fingerprint"] != fp or ckpt["arch"] != arch_of(model).layers + "/" + arch_of(model).edit_module:
-        raise CheckpointMismatch(
-            f"{path}: this {ckpt['method']} checkpoint was trained for model {ckpt['model']!r} "
-            f"(fingerprint {ckpt['fingerprint']}), not for this model (fingerprint {fp}); "
-            f"train one for it with `lme-sim train-editor --method {ckpt['method']} --model <model>`")
+    hparams_class = HiEditHParams

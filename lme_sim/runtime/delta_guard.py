@@ -10,24 +10,15 @@ evaluators never see the batch, and the coordinator logs it in ``rejected_batche
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
-if TYPE_CHECKING:  # scenario validation imports this module: no torch import for that
-    import torch
-
-# ||delta||_F / ||W||_F above this rejects a batch. Measured (max over a matrix, per batch): on the tiny
-# world models a first batch reaches 23 (MEMIT, 10 edits) and 65 (MEMIT, 50 edits), later ones ~1;
-# a diverging solve or optimizer gives orders of magnitude more. Real models edit with far smaller
-# ratios: set a tighter limit in the scenario (editor.max_delta_norm) to catch milder blow-ups.
-DEFAULT_MAX_DELTA_NORM = 1000.0
+from ..scenario import DEFAULT_MAX_DELTA_NORM
 
 
 def delta_problem(deltas: dict[str, torch.Tensor], weight_norms: dict[str, float],
                   max_delta_norm: float = DEFAULT_MAX_DELTA_NORM) -> str | None:
     """Why ``deltas`` must not be applied (NaN/Inf values, or ``||delta|| > max_delta_norm * ||W||``
     with ``weight_norms[name]`` = ||W|| before the batch); None if they may."""
-    import torch
-
     for name, d in sorted(deltas.items()):
         bad = int((~torch.isfinite(d)).sum())
         if bad:

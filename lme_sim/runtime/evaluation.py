@@ -3,11 +3,14 @@
 Evaluator actors are restartable: Ray re-runs the constructor (a fresh replica at version 0) and
 sends the calls that were in flight again. A replica only applies a delta on top of the version
 before it, and every evaluation names the version it is for, so a restarted replica answers
-"behind" instead of scoring the wrong model. :class:`EvalPool` then loads into it the model
-state that evaluation was for (the accumulated deltas, kept while the evaluation is pending),
-submits it again under the same eval id, and brings the replica to the current version: every
-eval id is scored exactly once, on its own version. An evaluator that dies more often than
-``EVALUATOR_RESTARTS`` times fails the run (see :mod:`lme_sim.runtime.failures`).
+:class:`~.services.Behind` instead of scoring the wrong model. :class:`EvalPool` then loads into it
+the model state that evaluation was for, submits it again under the same eval id, and brings the
+replica to the current version: every eval id is scored exactly once, on its own version. An
+evaluator that dies more often than ``EVALUATOR_RESTARTS`` times fails the run.
+
+The pool keeps the accumulated deltas of the current version only, plus the batch deltas since the
+oldest pending evaluation (``cum`` of an older version is the current one minus those): a pending
+evaluation pins no copy of the model state of its own, and at most ``max_pending`` are pending.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .services import Behind, EvalRequest, Evaluation
 
 EVALUATOR_RESTARTS = 3  # per evaluator and run
 # what the evaluator actors are created with: restart them, and retry calls that were in flight
@@ -25,40 +30,45 @@ RESTARTABLE = {"max_restarts": EVALUATOR_RESTARTS, "max_task_retries": -1}
 class _Pending:
     ref: object
     evaluator: int
-    args: tuple  # eval_id, step, retention probes, recent cases
+    request: EvalRequest
     version: int
-    cum: dict[str, torch.Tensor]  # the accumulated deltas of ``version``
     resyncs: int = 0
 
 
 class EvalPool:
     """Submits evaluations round-robin, forwards deltas, and collects results in any order."""
 
-    def __init__(self, ray, evaluators: list, console=None):
+    def __init__(self, ray, evaluators: list, console=None, max_pending: int = 4):
         self.ray, self.evaluators, self.console = ray, evaluators, console
+        self.max_pending = max_pending
         self.pending: list[_Pending] = []
         self.version, self.cum = 0, {}
+        self._log: dict[int, dict[str, torch.Tensor]] = {}  # version -> its batch's deltas, while needed
 
-    def submit(self, eval_id: int, step: int, retention: list[dict], recent: list) -> None:
-        """Score the current version (the one of the last :meth:`apply` or :meth:`load`)."""
-        i = eval_id % len(self.evaluators)
-        args = (eval_id, step, retention, recent)
-        ref = self.evaluators[i].evaluate.remote(*args, version=self.version)
-        self.pending.append(_Pending(ref, i, args, self.version, self.cum))
+    def submit(self, req: EvalRequest) -> None:
+        """Score the current version (the one of the last :meth:`follow` or :meth:`load`)."""
+        i = req.eval_id % len(self.evaluators)
+        ref = self.evaluators[i].evaluate.remote(req, version=self.version)
+        self.pending.append(_Pending(ref, i, req, self.version))
 
-    def apply(self, deltas: dict[str, torch.Tensor], version: int, cum: dict[str, torch.Tensor]) -> None:
+    def full(self) -> bool:
+        return len(self.pending) >= self.max_pending
+
+    def follow(self, deltas: dict[str, torch.Tensor], version: int, cum: dict[str, torch.Tensor]) -> None:
         """Send a batch's deltas to every evaluator (queued behind any evaluation in flight, so
         versions stay ordered); ``cum``: the accumulated deltas of ``version``."""
         for ev in self.evaluators:
-            ev.apply.remote(deltas, version)
-        self.version, self.cum = version, dict(cum)
+            ev.follow.remote(deltas, version)
+        if self.pending:
+            self._log[version] = deltas
+        self.version, self.cum = version, cum
 
     def load(self, cum: dict[str, torch.Tensor], version: int) -> None:
         """Put every evaluator at an absolute state (resuming a run) and wait for it."""
         self.ray.get([ev.load.remote(cum, version) for ev in self.evaluators])
-        self.version, self.cum = version, dict(cum)
+        self.version, self.cum, self._log = version, cum, {}
 
-    def collect(self, wait: bool) -> list[dict]:
+    def collect(self, wait: bool) -> list[Evaluation]:
         """Results of the finished evaluations (all of them with ``wait``); an evaluator found
         behind is re-synced and its evaluation submitted again."""
         results = []
@@ -68,23 +78,42 @@ class EvalPool:
             done = set(done)
             for p in [p for p in self.pending if p.ref in done]:
                 out = self.ray.get(p.ref)  # an evaluator dead for good raises here: the run fails
-                if "behind" in out:
-                    self._resync(p, out["behind"])
+                if isinstance(out, Behind):
+                    self._resync(p, out.version)
                 else:
                     self.pending.remove(p)
                     results.append(out)
             if not wait:
                 break
+        oldest = min((p.version for p in self.pending), default=self.version)
+        self._log = {v: d for v, d in self._log.items() if v > oldest}
         return results
+
+    def wait_for_room(self) -> list[Evaluation]:
+        """Block while ``max_pending`` evaluations are in flight; returns those that finished."""
+        results = self.collect(wait=False)
+        while self.full():
+            self.ray.wait([p.ref for p in self.pending], num_returns=1)
+            results += self.collect(wait=False)
+        return results
+
+    def cum_at(self, version: int) -> dict[str, torch.Tensor]:
+        """The accumulated deltas of an earlier ``version``: the current ones minus the batches since."""
+        cum = dict(self.cum)
+        for v, deltas in self._log.items():
+            if v > version:
+                for name, d in deltas.items():
+                    cum[name] = cum[name] - d
+        return cum
 
     def _resync(self, p: _Pending, at: int) -> None:
         p.resyncs += 1
         if p.resyncs > EVALUATOR_RESTARTS + 1:
-            raise RuntimeError(f"evaluator {p.evaluator} keeps losing its replica (evaluation {p.args[0]})")
+            raise RuntimeError(f"evaluator {p.evaluator} keeps losing its replica (evaluation {p.request.eval_id})")
         ev = self.evaluators[p.evaluator]
         if self.console is not None:
-            self.console.print(f"evaluation {p.args[0]}: evaluator {p.evaluator} was restarted (its replica was "
-                               f"at version {at}); re-synced to version {p.version} and submitted again")
-        ev.load.remote(p.cum, p.version)
-        p.ref = ev.evaluate.remote(*p.args, version=p.version)
+            self.console.print(f"evaluation {p.request.eval_id}: evaluator {p.evaluator} was restarted (its replica "
+                               f"was at version {at}); re-synced to version {p.version} and submitted again")
+        ev.load.remote(self.cum_at(p.version), p.version)
+        p.ref = ev.evaluate.remote(p.request, version=p.version)
         ev.load.remote(self.cum, self.version)  # back to the current version for what follows

@@ -1,18 +1,26 @@
-"""A run that loses an actor it cannot do without stops cleanly, ready for ``--resume``.
+"""A run that cannot go on stops cleanly, ready for ``--resume``.
 
 The shards and the editor hold the run's model state (edited weights, editor state), the stream
 its position, the logger its database: when one of them dies, going on would edit or log from a
 wrong state. So the run stops: the batch in progress is not committed (a batch is committed in one
 DuckDB transaction, after its checkpoint), the run is marked ``failed``, its actors are released,
-and :class:`RunFailed` says in one line which actor died and how to resume from the last committed
-batch. Evaluators are restarted instead (:mod:`lme_sim.runtime.evaluation`).
+and :class:`RunFailed` says in one line which actor died and how to resume from the last
+checkpoint. Any other error once the run has started ends the same way (its traceback goes to a
+file beside the database, named in the line), never as a traceback on the console. Evaluators are
+restarted instead (:mod:`lme_sim.runtime.evaluation`).
 """
 
 from __future__ import annotations
 
+import logging
+import traceback
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
 
 class RunFailed(RuntimeError):
-    """A run stopped because one of its actors died; the message is one line."""
+    """A run stopped; the message is one line."""
 
 
 def dead_actor(exc: BaseException):
@@ -31,24 +39,33 @@ def actor_roles(handles: dict[str, object]) -> dict[str, str]:
 
 
 def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str], resume_hint: str,
-             release) -> BaseException:
-    """Mark the run failed and release its actors (``release()``); returns what to raise: a
-    :class:`RunFailed` if an actor died, else ``exc`` itself (a bug keeps its traceback)."""
-    marked = True
-    try:
-        ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
-        ray.get(logger.close.remote(), timeout=60)
-    except Exception:  # the logger itself is gone
-        marked = False
-    try:
-        release()
-    except Exception:
-        pass
-    died = dead_actor(exc)
-    if died is None:
-        return exc
-    role = roles.get(getattr(died, "actor_id", None), "an actor")
-    why = (str(died).strip().splitlines() or ["died"])[0].rstrip(".")
-    status = "marked failed" if marked else "left as 'running' (its logger died)"
-    return RunFailed(f"run {run_id} stopped: the {role} actor died ({why}); the run is {status}, "
-                     f"its committed batches are kept; continue it with: {resume_hint}")
+             log_dir: Path) -> RunFailed:
+    """Mark the run failed (where it was started) and say why in one line: the actor that died, an
+    interruption, or the error (its traceback written to ``log_dir/<run_id>.error.txt``)."""
+    status = "marked failed"
+    if logger is None:
+        status = "not started"
+    else:
+        try:
+            ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
+            ray.get(logger.close.remote(), timeout=60)
+        except Exception as e:  # the logger itself is gone
+            log.warning("run %s: could not mark it failed (%s: %s)", run_id, type(e).__name__, e)
+            status = "left as 'running' (its logger is gone)"
+    died = dead_actor(exc) if ray is not None else None
+    if died is not None:
+        role = roles.get(getattr(died, "actor_id", None), "an actor")
+        why = (str(died).strip().splitlines() or ["died"])[0].rstrip(".")
+        what = f"the {role} actor died ({why})"
+    elif isinstance(exc, KeyboardInterrupt):
+        what = "interrupted"
+    else:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        trace = log_dir / f"{run_id}.error.txt"
+        trace.write_text("".join(traceback.format_exception(exc)))
+        first = (str(exc).strip().splitlines() or [""])[0]
+        what = f"{type(exc).__name__}: {first} (traceback in {trace})"
+    if logger is None:
+        return RunFailed(f"run {run_id} could not start: {what}")
+    return RunFailed(f"run {run_id} stopped: {what}; the run is {status}, its committed batches are kept; "
+                     f"continue it with: {resume_hint}")

@@ -1,15 +1,19 @@
-"""The plain classes behind the runtime's Ray actors: the editor and the evaluator.
+"""The plain classes behind the runtime's Ray actors: the editor and the evaluator, and the typed
+results they send back.
 
-* :class:`EditorService` runs an editor over the shard actors and reports, per batch, the deltas
-  (only changed tensors), timings, and the weight health of every edited matrix. A batch whose
-  deltas fail the :mod:`~lme_sim.runtime.delta_guard` is undone (weights and editor state) and
-  reported as rejected.
+* :class:`EditorService` runs an editor over the shard actors. Per batch it returns :class:`Edited`
+  (the deltas of the changed tensors, timings, and the weight health of every edited matrix), or
+  :class:`Rejected` when the deltas fail the :mod:`~lme_sim.runtime.delta_guard`: then the weights
+  written during the batch are put back and the editor drops the state the batch computed (editors
+  are two-phase: ``edit`` computes, ``commit`` adopts), so nothing of the batch is kept anywhere.
 * :class:`Evaluator` keeps its own replica of the model, follows the editor through versioned
-  deltas (never a full model copy after start-up) and scores probe sets in batched passes; every
-  probe row records the model version it was scored on.
+  deltas (never a full model copy after start-up) and scores an :class:`EvalRequest` in batched
+  passes into :class:`Evaluation` rows; every row records the model version it was scored on.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,67 +22,118 @@ from ..cases import EditCase
 from ..editors import editor_class, make_editor
 from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
-from ..metrics import case_metrics, fluency, summarize
+from ..metrics import case_metrics, fluency, retained, summarize
 from ..models import load_model, load_tokenizer
+from ..scenario import DEFAULT_MAX_DELTA_NORM
 from ..scoring import score_targets
-from .delta_guard import DEFAULT_MAX_DELTA_NORM, delta_problem
+from ..storage.records import MetricRecord, ProbeRecord
+from .delta_guard import delta_problem
 from .shards import ShardedBackbone
+
+
+@dataclass
+class Edited:
+    """A batch written into the shards (and the editor's replica)."""
+
+    deltas: dict[str, torch.Tensor]  # parameter name -> delta, only the changed tensors
+    timings: dict[str, float]
+    touched: list[list[str]] | None  # per edit, the parameters it changed (None: all of ``deltas``)
+    weight_stats: list[dict]  # per edited matrix: module, norms, condition number (after the batch)
+
+
+@dataclass
+class Rejected:
+    """A batch the delta guard refused: no model copy and no editor state kept anything of it."""
+
+    reason: str
+    timings: dict[str, float]
 
 
 class EditorService:
     """Methods that work through shards edit them directly; methods that need the model in process
-    (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas."""
+    (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas.
+    ``device``: where the editor's own work runs (its solves, AlphaEdit's projectors)."""
 
     def __init__(self, model_name: str, shards: list, method: str, hparams: dict,
-                 max_delta_norm: float = DEFAULT_MAX_DELTA_NORM):
+                 max_delta_norm: float = DEFAULT_MAX_DELTA_NORM, device: str = "cpu"):
         self.max_delta_norm = max_delta_norm
         self.backbone = ShardedBackbone(shards)
         self.local = None
         if editor_class(method).in_process:
-            lm = load_model(model_name, progress=False)
+            lm = load_model(model_name, device=device, progress=False)
             self.tok, self.world, self.local = lm.tok, lm.world, LocalBackbone(lm.model)
         else:
             self.tok, self.world = load_tokenizer(model_name)
         self.editor = make_editor(method, self.local or self.backbone, self.tok, model_name, hparams,
-                                  world=self.world, progress=False)
+                                  world=self.world, progress=False, device=device)
         self.layers = list(self.editor.hp.layers)
         self.weight_stats()  # records the unedited weights where they live
 
-    def edit(self, cases: list[EditCase]) -> dict:
-        """Edit a batch; ``{"rejected": reason}`` if its deltas fail the guard: then the weights the
-        editor wrote to during the batch and its state are put back as they were."""
+    def edit(self, cases: list[EditCase]) -> Edited | Rejected:
         written = self.local or self.backbone  # where the editor writes while it edits
         norms = written.save_weights(self.layers)
-        state = self.editor.state_dict()
         result = self.editor.edit(cases)
         problem = delta_problem(result.deltas, norms, self.max_delta_norm)
         if problem is not None:
             written.restore_weights()
-            self.editor.load_state_dict(state)
-            return {"rejected": problem, "timings": result.timings}
+            self.editor.discard()
+            return Rejected(problem, result.timings)
+        self.editor.commit()
         timer = PhaseTimer(result.timings)
         if self.local is not None:
             with timer("sync"):  # the shards follow the local replica
-                for name, d in result.deltas.items():
-                    self.backbone.apply_delta(name, d)
-        return {"deltas": result.deltas, "timings": dict(timer), "stats": result.stats, "touched": result.touched}
+                self.backbone.apply_deltas(result.deltas)
+        return Edited(result.deltas, dict(timer), result.touched, self.weight_stats())
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
         return [{"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers]
 
-    def apply(self, deltas: dict[str, torch.Tensor]) -> None:
-        """Bring the shards (and a local replica) to a checkpointed state (resume)."""
-        for name, d in deltas.items():
-            self.backbone.apply_delta(name, d)
-            if self.local is not None:
-                self.local.apply_delta(name, d)
+    def restore(self, cum: dict[str, torch.Tensor], state: dict) -> None:
+        """Bring the shards (and a local replica) and the editor to a checkpoint (resume): the unedited
+        weights plus ``cum``, the editor's ``state``."""
+        self.backbone.apply_deltas(cum)
+        if self.local is not None:
+            self.local.apply_deltas(cum)
+        self.editor.load_state_dict(state)
 
     def state_dict(self) -> dict:
         return self.editor.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.editor.load_state_dict(state)
+
+@dataclass
+class RetentionItem:
+    """Is a fact's latest value in force? ``earlier``: the values it replaced (may be empty)."""
+
+    edit_id: int
+    prompt: str
+    value: str
+    earlier: list[str]
+
+
+@dataclass
+class EvalRequest:
+    eval_id: int
+    step: int  # the last committed batch
+    retention: list[RetentionItem]  # a uniform sample of the facts edited so far (all of them: final)
+    cases: list[EditCase]  # the papers' metrics are taken on these: a uniform sample of the edits so far
+    n_edits: int  # edits committed so far (the sample is drawn from them)
+    fluency_prompts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    eval_id: int
+    version: int
+    probes: list[ProbeRecord]
+    metrics: list[MetricRecord]
+
+
+@dataclass
+class Behind:
+    """The replica is at another version than the one an evaluation was for (a restarted actor)."""
+
+    version: int
 
 
 class Evaluator:
@@ -86,7 +141,7 @@ class Evaluator:
     ``options``: VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy
     on the unedited model is the reference for ``general_ability_retention``."""
 
-    def __init__(self, model_name: str, batch_size: int = 64, fluency_prompts: int = 0, backend: str = "hf",
+    def __init__(self, model_name: str, rows_per_pass: int = 64, backend: str = "hf",
                  options: dict | None = None, general_items: list[MCItem] | None = None, device: str = "cpu",
                  dtype: str = "float32"):
         if backend == "vllm":
@@ -98,14 +153,14 @@ class Evaluator:
         else:
             lm = load_model(model_name, dtype=getattr(torch, dtype), device=device, progress=False)
             self.backbone, self.tok = LocalBackbone(lm.model), lm.tok
-        self.batch_size, self.fluency_prompts = batch_size, fluency_prompts
+        self.rows_per_pass = rows_per_pass
         self.version = 0
         self.general_items = list(general_items or [])
-        self.general_before = (mc_accuracy(self.backbone, self.tok, self.general_items, batch_size)
+        self.general_before = (mc_accuracy(self.backbone, self.tok, self.general_items, rows_per_pass)
                                if self.general_items else None)
         self.cum: dict[str, torch.Tensor] = {}  # the sum of the deltas applied so far
 
-    def apply(self, deltas: dict[str, torch.Tensor], version: int) -> int:
+    def follow(self, deltas: dict[str, torch.Tensor], version: int) -> int:
         """Take the replica from ``version - 1`` to ``version``: W += delta for the changed tensors.
         A replica at another version (a restarted actor is back at 0) leaves them: it stays behind
         until :meth:`load`, and its evaluations say so. Returns the replica's version."""
@@ -125,53 +180,49 @@ class Evaluator:
         return version
 
     def _add(self, deltas: dict[str, torch.Tensor]) -> None:
-        if isinstance(self.backbone, LocalBackbone):
-            for name, d in deltas.items():
-                self.backbone.apply_delta(name, d)
-        else:
-            self.backbone.apply(deltas)
+        self.backbone.apply_deltas(deltas)
         for name, d in deltas.items():
             self.cum[name] = self.cum[name] + d if name in self.cum else d.clone()
 
     @torch.no_grad()
-    def evaluate(self, eval_id: int, step: int, retention: list[dict], recent: list[EditCase],
-                 version: int | None = None) -> dict:
-        """Retention probes (is each fact's latest value in force?) and the papers' metrics on the
-        most recent edits. ``retention`` items: edit_id, prompt, value, earlier (values it replaced).
-        ``version``: the model version this evaluation is for; a replica at another one scores
-        nothing and answers ``{"behind": its version}``."""
+    def evaluate(self, req: EvalRequest, version: int | None = None) -> Evaluation | Behind:
+        """Retention probes (is each fact's latest value in force?) and the papers' metrics on
+        ``req.cases``. ``version``: the model version this evaluation is for; a replica at another
+        one scores nothing and answers :class:`Behind`."""
         if version is not None and version != self.version:
-            return {"behind": self.version}
-        version = self.version
-        prompts, targets, owner = [], [], []
-        for i, r in enumerate(retention):
-            for value in [r["value"]] + [v for v in r["earlier"] if v != r["value"]]:
-                prompts.append(r["prompt"])
-                targets.append(value)
-                owner.append(i)
-        scores = score_targets(self.backbone, self.tok, prompts, targets, self.batch_size)
-        best: dict[int, float] = {}
-        for k, i in enumerate(owner):
-            if targets[k] != retention[i]["value"]:
-                best[i] = max(best.get(i, float("-inf")), scores.mean_logprob[k].item())
-        probes, first = [], {}
-        for k, i in enumerate(owner):
-            first.setdefault(i, k)
-        for i, r in enumerate(retention):
-            k = first[i]
-            lp = scores.mean_logprob[k].item()
-            probes.append({"eval_id": eval_id, "model_version": version, "step": step, "edit_id": r["edit_id"],
-                           "probe": "retention", "prompt": r["prompt"], "target": r["value"], "logprob": lp,
-                           "token_acc": scores.token_acc[k].item(), "correct": lp > best.get(i, float("-inf"))})
-        metrics = summarize(case_metrics(self.backbone, self.tok, recent, self.batch_size)) if recent else {}
+            return Behind(self.version)
+        version, ev = self.version, req.eval_id
+        probes = self._retention(req)
+        metrics: dict[str, tuple[float, int]] = {}
+        if req.cases:
+            rows = case_metrics(self.backbone, self.tok, req.cases, self.rows_per_pass)
+            metrics.update({k: (v, sum(k in r for r in rows)) for k, v in summarize(rows).items()})
         if probes:
-            metrics["retention"] = sum(p["correct"] for p in probes) / len(probes)
-        if recent and self.fluency_prompts:
-            metrics["fluency"] = fluency(self.backbone, self.tok, [c.prompt for c in recent[: self.fluency_prompts]])
+            metrics["retention"] = (sum(p.correct for p in probes) / len(probes), len(probes))
+        if req.fluency_prompts:
+            metrics["fluency"] = (fluency(self.backbone, self.tok, req.fluency_prompts), len(req.fluency_prompts))
         if self.general_items:
-            metrics["general_ability"] = mc_accuracy(self.backbone, self.tok, self.general_items, self.batch_size)
+            acc = mc_accuracy(self.backbone, self.tok, self.general_items, self.rows_per_pass)
+            metrics["general_ability"] = (acc, len(self.general_items))
             if self.general_before:
-                metrics["general_ability_retention"] = metrics["general_ability"] / self.general_before
-        rows = [{"eval_id": eval_id, "model_version": version, "step": step, "name": k, "value": float(v)}
-                for k, v in metrics.items()]
-        return {"probes": probes, "metrics": rows, "version": version}
+                metrics["general_ability_retention"] = (acc / self.general_before, len(self.general_items))
+        rows = [MetricRecord(ev, version, req.step, name, float(v), n) for name, (v, n) in metrics.items()]
+        return Evaluation(ev, version, probes, rows)
+
+    def _retention(self, req: EvalRequest) -> list[ProbeRecord]:
+        """Every item's latest value against each of its earlier values, all in one batched scoring."""
+        items = req.retention
+        prompts, targets = [], []
+        for r in items:
+            for value in [r.value] + [v for v in r.earlier if v != r.value]:
+                prompts.append(r.prompt)
+                targets.append(value)
+        scores = score_targets(self.backbone, self.tok, prompts, targets, self.rows_per_pass)
+        out, k = [], 0
+        for r in items:
+            n = 1 + len([v for v in r.earlier if v != r.value])
+            lp, acc = scores.mean_logprob[k:k + n], scores.token_acc[k:k + n]
+            out.append(ProbeRecord(req.eval_id, self.version, req.step, r.edit_id, "retention", r.prompt, r.value,
+                                   float(lp[0]), float(acc[0]), retained(lp, acc)))
+            k += n
+        return out

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
-from ..backbone import (Backbone, Inject, Output, Plan, add_to_param, restore_weights, run_plan, save_weights,
+from ..backbone import (Backbone, Inject, Output, Plan, add_deltas, restore_weights, run_plan, save_weights,
                         weight_health)
+from ..linalg import nullspace_projector
 
 
 class PassThrough(nn.Module):
@@ -61,7 +62,6 @@ class ModelShard:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.to(device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
-        self.version = 0
         self._base: dict[int, torch.Tensor] = {}  # edited weights as first seen (weight health)
         self._master: dict[str, torch.Tensor] = {}  # float32 copies of edited 16-bit weights
         self._moments: dict[int, torch.Tensor] = {}  # running key statistics (on the device)
@@ -113,8 +113,6 @@ class ModelShard:
 
     def nullspace_projector(self, C0: torch.Tensor, threshold: float) -> torch.Tensor:
         """AlphaEdit's projector from C0, computed on this shard's device (a GPU's eigh)."""
-        from ..editors.covariance import nullspace_projector
-
         return nullspace_projector(C0.to(self.model.device), threshold).cpu()
 
     def backward(self, req: int, grad_out: torch.Tensor) -> dict:
@@ -128,11 +126,9 @@ class ModelShard:
     def drop(self, req: int) -> None:
         self._graphs.pop(req, None)
 
-    def apply_delta(self, name: str, delta: torch.Tensor, version: int | None = None) -> int:
-        """W += delta for a parameter this shard owns; returns the shard's new version."""
-        add_to_param(self.model, name, delta, self._master)
-        self.version = version if version is not None else self.version + 1
-        return self.version
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """W += delta for parameters this shard owns."""
+        add_deltas(self.model, deltas, self._master)
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         return weight_view(self.model, layer).detach().cpu().clone()
@@ -183,7 +179,7 @@ class ShardedBackbone(Backbone):
         self.config = infos[0]["config"]
         self._transposed = infos[0]["transposed"]
         self._param_names = {l: n for i in infos for l, n in i["param_names"].items()}
-        self.version = 0
+        self._layer_of = {n: l for l, n in self._param_names.items()}
 
     def _owner(self, layer: int) -> int:
         return next(i for i, r in enumerate(self.ranges) if layer in r)
@@ -225,10 +221,13 @@ class ShardedBackbone(Backbone):
     def nullspace_projector(self, layer: int, C0: torch.Tensor, threshold: float) -> torch.Tensor:
         return call(self.shards[self._owner(layer)], "nullspace_projector", C0, threshold)
 
-    def apply_delta(self, name: str, delta: torch.Tensor) -> None:
-        layer = next(l for l, n in self._param_names.items() if n == name)
-        self.version += 1
-        call(self.shards[self._owner(layer)], "apply_delta", name, delta, self.version)
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        """One call per shard that owns any of the parameters."""
+        by_shard: dict[int, dict[str, torch.Tensor]] = {}
+        for name, d in deltas.items():
+            by_shard.setdefault(self._owner(self._layer_of[name]), {})[name] = d
+        for i, part in by_shard.items():
+            call(self.shards[i], "apply_deltas", part)
 
     def edit_weight(self, layer: int) -> torch.Tensor:
         return call(self.shards[self._owner(layer)], "edit_weight", layer)

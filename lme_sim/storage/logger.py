@@ -177,6 +177,22 @@ class RunLogger:
         self._write(pending)
         self._buffers = {t: [] for t in WRITABLE}
 
+    def rollback_after(self, run_id, batch_id: int) -> None:
+        """Delete, in one transaction, what the run wrote after batch ``batch_id`` (its last checkpoint):
+        later batches with their edits and weight stats, batches rejected after it, and the evaluations
+        from its own on (they are redone). Resuming replays those batches from the stream."""
+        self.flush()
+        deletes = [("batches", "batch_id > ?"), ("edits", "batch_id > ?"), ("weight_stats", "batch_id > ?"),
+                   ("rejected_batches", "after_batch >= ?"), ("probes", "step >= ?"), ("metrics", "step >= ?")]
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            for table, where in deletes:
+                self.con.execute(f"DELETE FROM {table} WHERE run_id = ? AND {where}", [run_id, batch_id])
+            self.con.execute("COMMIT")
+        except Exception:
+            self.con.execute("ROLLBACK")
+            raise
+
     # ---- reading ------------------------------------------------------------------------------
     def last_committed_batch(self, run_id) -> int | None:
         """Highest committed batch_id of the run, None if none."""
@@ -213,7 +229,7 @@ class RunLogger:
         self.close()
 
 
-def read_only_query(db_path, sql: str) -> tuple[list[str], list[tuple]]:
+def read_only_query(db_path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
     """(column names, rows) of ``sql`` on a database opened read-only (for ``lme-sim query``).
 
     DuckDB locks the file while a writer has it open, so this works on finished runs (or from
@@ -225,7 +241,7 @@ def read_only_query(db_path, sql: str) -> tuple[list[str], list[tuple]]:
     con = duckdb.connect(str(path), read_only=True)
     try:
         check_version(con, path)
-        cur = con.execute(sql)
+        cur = con.execute(sql, params or [])
         names = [d[0] for d in cur.description] if cur.description else []
         return names, cur.fetchall()
     finally:

@@ -6,7 +6,7 @@ and refuses a file written by another schema version (``SchemaError``) instead o
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2  # 2: rejected_batches, bench_results
+SCHEMA_VERSION = 3  # 2: rejected_batches, bench_results; 3: metrics.n
 
 
 class SchemaError(RuntimeError):
@@ -38,7 +38,7 @@ TABLES = {
         model_version INTEGER,
         seconds DOUBLE,
         timings JSON,
-        checkpoint VARCHAR,        -- path of the delta/editor-state checkpoint
+        checkpoint VARCHAR,        -- the checkpoint written after this batch (NULL between checkpoints)
         committed_at TIMESTAMP,
         PRIMARY KEY (run_id, batch_id)""",
     "edits": """
@@ -78,7 +78,9 @@ TABLES = {
         model_version INTEGER,
         step INTEGER,
         name VARCHAR,
-        value DOUBLE""",
+        value DOUBLE,
+        -- how many edits (or items) the value was computed over
+        n INTEGER""",
     "weight_stats": """
         run_id VARCHAR,
         batch_id INTEGER,

@@ -1,0 +1,99 @@
+"""A scenario checked against the world outside its file, before any work starts: the model, the
+world and its facts, data files and hub ids, the probe set, the editors (registered methods, their
+hyperparameters, layers and checkpoints) and the vLLM install.
+
+:func:`load_checked` is what the CLI, the coordinator and bench use; every problem is one
+:class:`~lme_sim.scenario.ScenarioError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scenario import Scenario, ScenarioError, load_scenario
+
+
+def load_checked(path: str | Path) -> Scenario:
+    """:func:`~lme_sim.scenario.load_scenario` plus :func:`check`."""
+    scn = load_scenario(path)
+    check(scn, path)
+    return scn
+
+
+def check(scn: Scenario, path: str | Path) -> None:
+    path = Path(path)
+    from .models import model_n_layers
+
+    if scn.model.startswith("world:"):
+        _check_world(path, scn)
+    n_layers = model_n_layers(scn.model)
+    if n_layers is None:
+        raise ScenarioError(f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
+                            "smollm2-135m), a local model folder, or a hub id reachable from here")
+    if scn.runtime.shards > n_layers:
+        raise ScenarioError(f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
+                            f"{n_layers} layers (at most one shard per layer)")
+    if scn.data.kind != "world":
+        _check_data_path(path, scn.data.path)
+    if scn.eval.general_ability.path:
+        from .general_ability import ProbeSetError, load_items
+
+        try:
+            load_items(scn.eval.general_ability.path)
+        except ProbeSetError as e:
+            raise ScenarioError(f"{path}: field 'eval.general_ability.path': {e}") from None
+    if scn.evaluator.backend == "vllm":
+        from .vllm_scorer import vllm_available
+
+        if not vllm_available():
+            raise ScenarioError(f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
+                                "the GPU machines (docs/evaluators.md), or set backend: hf")
+    for i, spec in enumerate(scn.editors):
+        _check_editor(path, scn, i, n_layers)
+
+
+def _check_world(path: Path, scn: Scenario) -> None:
+    """A known world; world data: no more edits than it has facts (a history timeline replays its changes)."""
+    from .world import WORLDS, World, get_world_config
+
+    name = scn.model.split(":", 1)[1]
+    if name not in WORLDS:
+        raise ScenarioError(f"{path}: field 'model': unknown world {scn.model!r} (known: "
+                            f"{', '.join('world:' + w for w in WORLDS)})")
+    if scn.data.kind != "world" or (scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"):
+        return
+    n_facts = len(World(get_world_config(name)).facts)
+    if scn.data.n_edits > n_facts:
+        raise ScenarioError(f"{path}: field 'data.n_edits': {scn.data.n_edits} edits, but {scn.model!r} has "
+                            f"{n_facts} facts (one edit per fact)")
+
+
+def _check_data_path(path: Path, data_path: str) -> None:
+    """A local file or folder, or else a ``datasets`` hub id (``name`` or ``owner/name``); a path that
+    can only be meant as a local file must exist."""
+    from .data import looks_local
+
+    if not Path(data_path).expanduser().exists() and looks_local(data_path):
+        raise ScenarioError(f"{path}: field 'data.path': file {data_path!r} not found")
+
+
+def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
+    from .editors.hparams import HParamsError, load_hparams
+    from .editors.registry import editor_class, known_methods
+
+    spec = scn.editors[i]
+    listed = isinstance(scn.editor, list)
+    if spec.method not in known_methods():
+        field = f"editor.{i}.method" if listed else "editor.method"
+        raise ScenarioError(f"{path}: field '{field}': unknown method {spec.method!r} (known: "
+                            f"{', '.join(known_methods())})")
+    where = f"editor.{i}.hparams" if listed else "editor.hparams"
+    try:
+        hp = load_hparams(spec.method, scn.model, spec.hparams, where=where)
+        editor_class(spec.method).check_hparams(scn.model, hp, where)
+    except HParamsError as e:  # "<field>: <what is wrong>"
+        field, _, what = str(e).partition(": ")
+        raise ScenarioError(f"{path}: field '{field}': {what}") from None
+    if missing := [l for l in hp.layers if not 0 <= l < n_layers]:
+        raise ScenarioError(f"{path}: field '{where}.layers': no layer {missing[0]} in {scn.model!r} "
+                            f"(layers 0..{n_layers - 1})")
