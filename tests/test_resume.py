@@ -3,8 +3,9 @@ final metrics as an uninterrupted run (the ``reference`` below):
 
 * kill -9 of the whole run, then ``lme-sim run --resume``: no lost and no duplicated edits;
 * a killed evaluator actor: Ray restarts it, it is re-synced, every evaluation is scored once;
-* a killed shard, then a killed editor: each run stops with one clear error line, marked failed,
-  with only whole batches committed, and ``--resume`` finishes it."""
+* a killed shard, then a killed editor; a killed stream, then a killed logger: each run stops with
+  one clear error line, marked failed (left running where the logger itself died), with only whole
+  batches committed, and ``--resume`` finishes it."""
 
 import os
 import signal
@@ -162,7 +163,7 @@ def test_a_killed_evaluator_is_restarted_and_every_evaluation_scored_once(tmp_pa
     assert _final_metrics(db) == reference
 
 
-def _stops_cleanly(proc, db, role: str) -> tuple[str, int]:
+def _stops_cleanly(proc, db, role: str, status: str = "failed") -> tuple[str, int]:
     """The run ended with one error line naming the dead actor and the resume command, no traceback,
     status 'failed', and only whole batches committed. Returns (run id, last committed batch)."""
     out = _finish(proc)
@@ -170,8 +171,8 @@ def _stops_cleanly(proc, db, role: str) -> tuple[str, int]:
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"the {role}" in errors[0] and "--resume" in errors[0], out
     assert "Traceback" not in out, out
-    (run_id, status), = _when_unlocked(db, "select run_id, status from runs")
-    assert status == "failed" and run_id in errors[0]
+    (run_id, found), = _when_unlocked(db, "select run_id, status from runs")
+    assert found == status and run_id in errors[0]
     _, rows = read_only_query(db, "select count(*), count(distinct batch_id), max(batch_id), "
                                   "(select count(*) from edits) from batches")
     n_batches, distinct, last, n_edits = rows[0]
@@ -196,4 +197,21 @@ def test_a_killed_shard_or_editor_stops_the_run_and_resume_finishes_it(tmp_path,
     _, evals = read_only_query(db, "select eval_id, count(*) from metrics group by 1 having count(*) "
                                    "<> count(distinct name)")
     assert evals == []  # redone evaluations replaced, not duplicated
+    assert _final_metrics(db) == reference
+
+
+def test_a_killed_stream_or_logger_stops_the_run_and_resume_finishes_it(tmp_path, reference):
+    path, db = _scenario(tmp_path, "stateful")
+    run = _lme_sim("run", str(path))
+    _wait_for_checkpoint(run, db, 1)
+    _kill_actor(run, "EditStream")
+    run_id, last = _stops_cleanly(run, db, "stream")
+
+    started = time.time()
+    again = _lme_sim("run", str(path), "--resume", run_id)
+    _wait_for_checkpoint(again, db, last + 1, newer_than=started)
+    _kill_actor(again, "RunLogger")  # nobody is left to mark the run failed: it stays "running"
+    assert _stops_cleanly(again, db, "logger", status="running")[0] == run_id
+
+    _resume_to_the_end(path, run_id, db)
     assert _final_metrics(db) == reference

@@ -32,9 +32,11 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..arch import arch_of, weight_view
 from ..backbone import LocalBackbone
@@ -127,7 +129,7 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
     params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
     opt = torch.optim.Adam(params, lr=hp.router_phase_lr if method == "hiedit" else hp.train_lr)
     original = {l: weight_view(model, l).detach().clone() for l in layers}
-    backbone = LocalBackbone(model)
+    trainer = _Trainer(model, tok, net, router, top_k, hp, gen)
     # normalizer statistics from the unedited model over (a sample of) the training edits
     warm = [rng.choice(g) for g in rng.sample(groups, min(len(groups), 200))]
     sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in warm], [c.target_new for c in warm]), layers)
@@ -145,10 +147,9 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
                 probes = [_probe_batch(tok, b) for b in batches]
                 opt.zero_grad()
                 losses = []
-                for t, b in enumerate(batches):
-                    losses.append(_step(model, tok, backbone, net, router, top_k, layers, batches, probes, t,
-                                         rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))),
-                                         hp, gen))
+                for t in range(len(batches)):
+                    losses.append(trainer.step(batches, probes, t, rng.sample(loc_prompts, min(hp.locality_prompts,
+                                                                                              len(loc_prompts)))))
                 opt.step()
                 for l in layers:  # the next rollout starts from the unedited model
                     weight_view(model, l).data.copy_(original[l])
@@ -206,50 +207,68 @@ class _NextToken:
         return (self.before.exp() * (self.before - self.logprobs())).sum(-1)
 
 
-def _step(model, tok, backbone, net, router, top_k, layers, batches, probes, t, loc_prompts, hp, gen):
-    """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
-    added to the networks'), then the deltas written. Returns the step's edit loss."""
-    b = batches[t]
-    sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers)
-    net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
-    net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
-    unrelated = _NextToken(backbone, tok, loc_prompts)
+@dataclass
+class _Trainer:
+    """What every step of every rollout uses: the model, the networks being trained (HiEdit: with its
+    router choosing ``top_k`` modules per edit) and the hyperparameters."""
 
-    def step_loss(deltas):
-        """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
-        with weight_offsets(model, deltas):
-            per_case = [_per_case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
-                        for i in range(min(hp.lookback, t) + 1)]
-            kl = unrelated.kl().mean()
-        edit = sum(hp.mu ** i * c.mean() for i, c in enumerate(per_case))
-        return edit + hp.locality * kl, edit, per_case[0]
+    model: nn.Module
+    tok: object
+    net: HyperNet
+    router: Router | None
+    top_k: int | None
+    hp: RLEditHParams
+    gen: torch.Generator
 
-    deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k,
-                                      sample=router is not None and hp.explore, generator=gen)
-    loss, edit, own = step_loss(deltas)
-    if router is not None:
-        owner = torch.tensor([i for i, c in enumerate(b) for _ in c.neighborhood], dtype=torch.long)
-        neighbors = (_NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
-                     if len(owner) and hp.router_locality else None)
+    def __post_init__(self):
+        self.backbone, self.layers = LocalBackbone(self.model), list(self.hp.layers)
 
-        def cost(deltas, own_loss):
-            """Per edit: its own edit loss + router_locality x the mean KL on its neighborhood prompts."""
-            if neighbors is None:
-                return own_loss
+    def step(self, batches, probes, t: int, loc_prompts: list[str]) -> float:
+        """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
+        added to the networks'), then the deltas written. Returns the step's edit loss."""
+        model, tok, backbone, net, router, top_k, layers, hp, gen = (
+            self.model, self.tok, self.backbone, self.net, self.router, self.top_k, self.layers, self.hp, self.gen)
+        b = batches[t]
+        sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers)
+        net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
+        net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
+        unrelated = _NextToken(backbone, tok, loc_prompts)
+
+        def step_loss(deltas):
+            """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
             with weight_offsets(model, deltas):
-                return own_loss + hp.router_locality * _per_case_mean(neighbors.kl(), owner, len(b))
+                per_case = [_per_case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
+                            for i in range(min(hp.lookback, t) + 1)]
+                kl = unrelated.kl().mean()
+            edit = sum(hp.mu ** i * c.mean() for i, c in enumerate(per_case))
+            return edit + hp.locality * kl, edit, per_case[0]
 
-        with torch.no_grad():
-            all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
-            advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(deltas, own)  # > 0: the subset is better
-        loss = loss - (advantage * log_pi).mean()
-        if hp.balance:  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
-            share = sel.mean(0) * len(layers) / top_k
-            loss = loss + hp.balance * (share ** 2).mean()
-    (loss / len(batches)).backward()
-    for l, d in deltas.items():
-        apply_layer_delta(backbone, l, d.detach())
-    return edit.item()
+        deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k,
+                                          sample=router is not None and hp.explore, generator=gen)
+        loss, edit, own = step_loss(deltas)
+        if router is not None:
+            owner = torch.tensor([i for i, c in enumerate(b) for _ in c.neighborhood], dtype=torch.long)
+            neighbors = (_NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
+                         if len(owner) and hp.router_locality else None)
+
+            def cost(deltas, own_loss):
+                """Per edit: its own edit loss + router_locality x the mean KL on its neighborhood prompts."""
+                if neighbors is None:
+                    return own_loss
+                with weight_offsets(model, deltas):
+                    return own_loss + hp.router_locality * _per_case_mean(neighbors.kl(), owner, len(b))
+
+            with torch.no_grad():
+                all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
+                advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(deltas, own)  # > 0: the subset is better
+            loss = loss - (advantage * log_pi).mean()
+            if hp.balance:  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
+                share = sel.mean(0) * len(layers) / top_k
+                loss = loss + hp.balance * (share ** 2).mean()
+        (loss / len(batches)).backward()
+        for l, d in deltas.items():
+            apply_layer_delta(backbone, l, d.detach())
+        return edit.item()
 
 
 def _progress(enabled: bool, total: int, label: str):

@@ -1,0 +1,163 @@
+"""The runtime under time and load: the simulated clock's speed-up end to end, a bounded evaluation
+queue (the editor waits, and says so), pending evaluations that pin no model state, and an evaluator
+that keeps dying failing the run cleanly."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from lme_sim.runtime import coordinator
+from lme_sim.runtime.evaluation import EvalPool
+from lme_sim.runtime.failures import RunFailed
+from lme_sim.runtime.services import Evaluator
+from lme_sim.scenario import Scenario
+from lme_sim.storage.logger import read_only_query
+
+
+def _scenario(tmp_path, name, **fields) -> Scenario:
+    base = {"name": name, "model": "world:small", "data": {"kind": "world", "n_edits": 15, "seed": 4},
+            "editor": {"method": "memit"}, "stream": {"batch_size": 5},
+            "eval": {"every": 1, "fluency_prompts": 0, "general_ability": {"n": 0}},
+            "runtime": {"shards": 1}, "db": str(tmp_path / f"{name}.duckdb")}
+    for key, value in fields.items():
+        base[key] = {**base.get(key, {}), **value}
+    return Scenario.model_validate(base)
+
+
+def _batches(db) -> list[tuple]:
+    _, rows = read_only_query(db, "select batch_id, epoch(committed_at), timings from batches order by batch_id")
+    return [(b, t, json.loads(timings) if isinstance(timings, str) else timings) for b, t, timings in rows]
+
+
+def test_speedup_paces_the_run_in_wall_time(tmp_path, ray_session):
+    """Batches one simulated day apart at 21,600 simulated seconds per wall second: 4 s apart (as fast
+    as possible, a batch of 5 on the small world takes well under a second)."""
+    scn = _scenario(tmp_path, "paced", stream={"speedup": 21600.0,
+                                               "timeline": {"pattern": "fixed", "n_batches": 3, "batch_size": 5,
+                                                            "interval": "1d", "eval_every": 5}})
+    coordinator.run_distributed(scn, "paced.yaml")
+    times = [t for _, t, _ in _batches(scn.db)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(gaps) == 2 and all(3.5 <= g <= 30 for g in gaps), gaps
+
+
+class SlowEvaluator(Evaluator):  # defined here: Ray ships it to the evaluator actors by value
+    def evaluate(self, req, version=None):
+        time.sleep(3)
+        return super().evaluate(req, version)
+
+
+def test_a_full_evaluation_queue_makes_the_editor_wait(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setattr(coordinator, "Evaluator", SlowEvaluator)
+    scn = _scenario(tmp_path, "queued", eval={"max_pending": 1})
+    coordinator.run_distributed(scn, "queued.yaml")
+    waits = [timings.get("eval_wait", 0.0) for _, _, timings in _batches(scn.db)]
+    assert waits[0] == 0.0 and all(w >= 1.0 for w in waits[1:]), waits
+    _, evals = read_only_query(scn.db, "select count(distinct eval_id) from metrics")
+    assert evals == [(3,)]
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+
+class _FakeRay:
+    """Just enough of Ray for EvalPool: calls run at once, refs are done."""
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return refs, []
+
+    def get(self, ref):
+        return [r.value for r in ref] if isinstance(ref, list) else ref.value
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = lambda *a, **k: _Ref(fn(*a, **k))
+
+
+class _FakeEvaluator:
+    def __init__(self):
+        self.calls = []
+        for name in ("evaluate", "follow", "load"):
+            setattr(self, name, _Remote(lambda *a, name=name, **k: self.calls.append((name, a, k))))
+
+
+def test_pending_evaluations_pin_no_model_state():
+    """The pool keeps the current accumulated deltas and the batch deltas since the oldest pending
+    evaluation, from which an older version's state is rebuilt exactly (re-syncing a restarted evaluator)."""
+    pool = EvalPool(_FakeRay(), [_FakeEvaluator()], max_pending=2)
+    gen = torch.Generator().manual_seed(0)
+    cum, states = {}, {0: {}}
+    for version in range(1, 6):
+        d = {"w": torch.randn(4, 4, generator=gen)}
+        cum = {"w": cum["w"] + d["w"] if cum else d["w"].clone()}
+        states[version] = cum
+        if version == 2:
+            pool.submit(type("R", (), {"eval_id": 1})())  # an evaluation of version 1 stays pending
+        pool.follow(d, version, cum)
+    assert not any(hasattr(p, "cum") for p in pool.pending)
+    assert sorted(pool._log) == [2, 3, 4, 5]  # batches after the pending evaluation's version only
+    for v in (1, 3, 5):
+        assert torch.allclose(pool.cum_at(v)["w"], states[v]["w"], atol=1e-6)
+    pool.pending.clear()
+    pool.collect(wait=False)
+    assert pool._log == {}
+
+
+class DyingEvaluator(Evaluator):  # every evaluation kills its process
+    def evaluate(self, req, version=None):
+        os._exit(1)
+
+
+def test_an_evaluator_that_exhausts_its_restarts_fails_the_run_cleanly(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setattr(coordinator, "Evaluator", DyingEvaluator)
+    monkeypatch.setattr(coordinator, "RESTARTABLE", {"max_restarts": 1, "max_task_retries": -1})
+    scn = _scenario(tmp_path, "dying")
+    with pytest.raises(RunFailed) as err:
+        coordinator.run_distributed(scn, "dying.yaml")
+    line = str(err.value)
+    assert "\n" not in line and "the evaluator 0 actor died" in line and "--resume" in line, line
+    _, status = read_only_query(scn.db, "select status from runs")
+    assert status == [("failed",)]
+
+
+class EditorDyingAtBatch4(coordinator.EditorService):  # the editor's process dies in its 4th batch
+    def edit(self, cases):
+        self.n = getattr(self, "n", 0) + 1
+        if self.n == 4:
+            os._exit(1)
+        return super().edit(cases)
+
+
+def test_checkpoints_every_n_batches_and_resume_replays_the_rest(tmp_path, ray_session, monkeypatch):
+    """checkpoint_every 2: only batches 1 and 3 (and the last) write a checkpoint, with the editor's
+    state; killed in batch 3 (the 4th), the run resumes from batch 1's checkpoint, replaces batch 2's
+    rows and replays it: the same rows and final metrics as a run never interrupted."""
+    fields = {"data": {"n_edits": 25}, "editor": {"method": "alphaedit"}, "runtime": {"checkpoint_every": 2}}
+    whole = _scenario(tmp_path, "whole", **fields)
+    coordinator.run_distributed(whole, "whole.yaml")
+    _, ckpts = read_only_query(whole.db, "select batch_id from batches where checkpoint is not null order by 1")
+    assert ckpts == [(1,), (3,), (4,)]
+
+    broken = _scenario(tmp_path, "broken", **fields)
+    monkeypatch.setattr(coordinator, "EditorService", EditorDyingAtBatch4)
+    with pytest.raises(RunFailed, match="the editor actor died") as err:
+        coordinator.run_distributed(broken, "broken.yaml")
+    run_id = str(err.value).split()[1]
+    _, done = read_only_query(broken.db, "select max(batch_id), count(*) from edits")
+    assert done == [(2, 15)]  # batch 2 was committed, after the last checkpoint (batch 1)
+    coordinator.run_distributed(broken, "broken.yaml", resume=run_id)
+
+    def rows(db):
+        _, edits = read_only_query(db, "select edit_id, batch_id, delta_norms from edits order by 1")
+        _, metrics = read_only_query(db, "select eval_id, name, round(value, 4), n from metrics order by 1, 2")
+        return edits, metrics
+    (e1, m1), (e2, m2) = rows(whole.db), rows(broken.db)
+    assert [e[:2] for e in e1] == [e[:2] for e in e2] and len(e2) == 25
+    assert all(abs(a - b) < 1e-4 for x, y in zip(e1, e2) for a, b in zip(x[2], y[2]))
+    assert m1 == m2
