@@ -114,8 +114,10 @@ def _packed_parameters(model) -> set[str]:
 
 
 def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
-    """A function run on each worker's model: p += delta (``adds``); packed layers get their full
-    new weight (``sets``) and repack it."""
+    """A function run on each worker's model: p += delta (``adds``; a 16-bit parameter through a
+    float32 master copy kept on the worker's model, as the shards keep one, so that a long stream of
+    small deltas does not drift in 16-bit rounding); packed layers get their full new weight
+    (``sets``, kept in float32 by the scorer) and repack it."""
     def write(model):
         try:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -127,9 +129,16 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
         for name, d in {**adds, **sets}.items():
             if name not in params:
                 raise KeyError(f"vLLM model has no parameter {name!r} to apply a delta to")
+        master = model.__dict__.setdefault("_lme_sim_master", {})  # float32 copies of edited 16-bit weights
         for name, d in adds.items():
             p = params[name]
-            p.data.add_(_local_shard(d, tuple(p.shape), rank, world).to(p.device, p.dtype))
+            d = _local_shard(d, tuple(p.shape), rank, world)
+            if p.dtype.itemsize >= 4:
+                p.data.add_(d.to(p.device, p.dtype))
+            else:  # as the shards (backbone.add_to_param): the exact sum in float32, rounded once per write
+                exact = master.setdefault(name, p.data.float())
+                exact.add_(d.to(exact.device, torch.float32))
+                p.data.copy_(exact)
         for name, w in sets.items():
             layer = model.get_submodule(name.rsplit(".", 1)[0])
             shape = (layer.output_size_per_partition, layer.input_size_per_partition)

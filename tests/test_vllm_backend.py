@@ -1,27 +1,50 @@
 """HF vs vLLM evaluator backends on a small Llama-architecture model, before and after edits.
 
-Runs with ``make test-vllm`` (its own venv with the CPU build of vLLM); skipped where vLLM is
-not installed (``make test`` deselects it by marker)."""
+The tests marked ``vllm`` run with ``make test-vllm`` (its own venv with the CPU build of vLLM);
+skipped where vLLM is not installed (``make test`` deselects them by marker). The worker-side
+weight writer needs no vLLM: its test runs in ``make test``."""
 
 import copy
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.vllm
-pytest.importorskip("vllm")
+from lme_sim.backbone import LocalBackbone, add_to_param
+from lme_sim.editors import make_editor
+from lme_sim.metrics import case_metrics, summarize
+from lme_sim.scoring import greedy_generate, score_targets
+from lme_sim.vllm_scorer import VLLMOptions, VLLMScorer, _writer
+from lme_sim.world import World, get_world_config
+from lme_sim.world_model import TrainConfig, train_world_model
 
-from lme_sim.backbone import LocalBackbone  # noqa: E402
-from lme_sim.editors import make_editor  # noqa: E402
-from lme_sim.metrics import case_metrics, summarize  # noqa: E402
-from lme_sim.scoring import greedy_generate, score_targets  # noqa: E402
-from lme_sim.vllm_scorer import VLLMOptions, VLLMScorer  # noqa: E402
-from lme_sim.world import World, get_world_config  # noqa: E402
-from lme_sim.world_model import TrainConfig, train_world_model  # noqa: E402
+vllm = pytest.mark.vllm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_engine_writer_keeps_16_bit_weights_with_the_shards(dtype):
+    """50 small deltas written into a 16-bit engine parameter in place (what ``VLLMScorer.apply``
+    runs on each vLLM worker) end where the shards' weights end (``add_to_param`` with a float32
+    master copy), not where 50 roundings of 16-bit sums drift to."""
+    torch.manual_seed(0)
+    engine, shard = torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False)
+    with torch.no_grad():
+        shard.weight.copy_(engine.weight)
+    engine, shard = engine.to(dtype), shard.to(dtype)
+    exact, master = engine.weight.detach().double().clone(), {}
+    for _ in range(50):
+        d = 1e-4 * torch.randn(32, 64)  # well below a 16-bit step of weights of ~0.1
+        _writer({"weight": d}, {})(engine)
+        add_to_param(shard, "weight", d, master)
+        exact += d.double()
+    step = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)  # the dtype's resolution
+    assert ((shard.weight.double() - exact).abs() <= step).all()  # the shards follow the exact sum
+    drift = (engine.weight.double() - shard.weight.double()).abs()
+    assert (drift <= step).all(), f"engine drifted {drift.max().item():.2e} from the shards"
 
 
 @pytest.fixture(scope="module")
 def llama_world(tmp_path_factory):
+    pytest.importorskip("vllm")
     """A 2-layer Llama (head_dim 64) trained on the small world, saved where vLLM can load it."""
     world = World(get_world_config("small"))
     model, tok, stats = train_world_model(world, TrainConfig(arch="llama", n_layer=2, n_head=2), progress=False)
@@ -62,6 +85,7 @@ def _assert_same(hf, engine, tok, cases):
     return m_hf
 
 
+@vllm
 def test_same_greedy_generations(llama_world, engine):
     """(Runs before the engine is edited by the next test.)"""
     model, tok, world, _ = llama_world
@@ -70,6 +94,7 @@ def test_same_greedy_generations(llama_world, engine):
         greedy_generate(LocalBackbone(model), tok, prompts, max_new_tokens=5)
 
 
+@vllm
 def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
     model, tok, world, _ = llama_world
     model = copy.deepcopy(model)
@@ -84,6 +109,7 @@ def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
     assert version == 2 and after["efficacy"] >= before["efficacy"] + 0.5  # the edits really took, in both
 
 
+@vllm
 def test_evaluator_service_with_the_vllm_backend(llama_world):
     from lme_sim.runtime.services import Evaluator
 
