@@ -289,7 +289,7 @@ def _instance_table() -> dict[str, dict[str, str]]:
 
 
 def _sizing() -> tuple[float, float]:
-    """From cluster/README.md's sizing table: shard 0's peak GPU memory and the vLLM evaluator's weights (GB)."""
+    """From cluster/README.md's sizing table: shard 0's peak GPU memory, the vLLM evaluator's weights (GB)."""
     readme = (CLUSTER / "README.md").read_text()
     shard0 = next(line for line in readme.splitlines() if line.startswith("| shard 0 "))
     evaluator = next(line for line in readme.splitlines() if line.startswith("| vLLM evaluator "))
@@ -304,7 +304,7 @@ def test_gpu_instance_types_hold_the_sizing():
     table = _instance_table()
     named = {m for f in sorted(CLUSTER.rglob("*")) if f.is_file() for m in INSTANCE.findall(f.read_text())}
     named |= set(INSTANCE.findall((ROOT / "docs/evaluators.md").read_text()))
-    assert named and named <= set(table), f"instance types missing from cluster/README.md's table: {named - set(table)}"
+    assert named and named <= set(table), f"not in cluster/README.md's instance table: {named - set(table)}"
     peak, weights = _sizing()
     scn = yaml.safe_load((ROOT / "scenarios/counterfact-2000x100-llama3-8b.yaml").read_text())
     share = scn["evaluator"]["gpu_memory_utilization"]
@@ -316,7 +316,7 @@ def test_gpu_instance_types_hold_the_sizing():
         kind = t["node_config"]["InstanceType"]
         gb = float(table[kind]["GPU memory (GB)"])
         assert gb >= peak, f"{kind}: {gb:g} GB GPU, shard 0 needs ~{peak:g} GB at peak (cluster/README.md)"
-        assert gb * share > weights, f"{kind}: {share} of {gb:g} GB does not hold the evaluator's {weights:g} GB"
+        assert gb * share > weights, f"{kind}: {share} of {gb:g} GB cannot hold {weights:g} GB of weights"
         gpu = table[kind]["GPU"].split()[-1]  # e.g. L40S
         line = next(line for line in text.splitlines() if f"InstanceType: {kind}" in line)
         assert gpu in line, f"ray-cluster.aws.yaml: the comment of {kind} should name its GPU ({gpu}): {line}"

@@ -70,7 +70,8 @@ def _shipped_scenarios():
             reason = "its model is a Hugging Face hub id (gated Llama 3): validation looks it up on the hub"
         elif "../shared/data/" in text and not shared.is_dir():
             reason = f"its data file is in {shared}, not present here"
-        params.append(pytest.param(path, id=path.stem, marks=[pytest.mark.skip(reason=reason)] if reason else []))
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(path, id=path.stem, marks=marks))
     return params
 
 
