@@ -156,3 +156,32 @@ def test_read_only_query_takes_parameters(tmp_path):
     sql = "select status from runs where run_id = ?"
     assert read_only_query(db, sql, ["tiny-0000abcd"])[1] == [("finished",)]
     assert read_only_query(db, sql, ["x' or '1'='1"])[1] == []
+
+
+def test_stop_run_says_what_it_could_not_do(caplog):
+    """Marking the run failed and releasing its actors are best effort when a run stops, but a step
+    that fails is a warning naming it (not silently passed over); the original error is returned."""
+    import logging
+
+    from lme_sim.runtime.failures import stop_run
+
+    class Gone:  # a logger actor handle whose calls fail, as a dead actor's do
+        def __getattr__(self, name):
+            raise RuntimeError(f"{name}: the actor is dead")
+
+    class Ray:
+        @staticmethod
+        def get(ref, timeout=None):
+            return ref
+
+    def release():
+        raise RuntimeError("placement group already removed")
+
+    bug = ValueError("a bug")
+    with caplog.at_level(logging.WARNING, logger="lme_sim.runtime.failures"):
+        out = stop_run(Ray(), bug, Gone(), "run-1", {}, "lme-sim run s.yaml --resume run-1", release)
+    assert out is bug
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2, lines
+    assert "run-1" in lines[0] and "failed" in lines[0] and "the actor is dead" in lines[0]
+    assert "release" in lines[1] and "placement group already removed" in lines[1]

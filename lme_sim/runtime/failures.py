@@ -10,6 +10,10 @@ batch. Evaluators are restarted instead (:mod:`lme_sim.runtime.evaluation`).
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 
 class RunFailed(RuntimeError):
     """A run stopped because one of its actors died; the message is one line."""
@@ -38,12 +42,15 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
     try:
         ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
         ray.get(logger.close.remote(), timeout=60)
-    except Exception:  # the logger itself is gone
+    except Exception as e:  # the logger itself is gone (or hangs): the run keeps its 'running' status
         marked = False
+        log.warning("run %s: could not mark it failed and close its database through the logger actor (%s)",
+                    run_id, _first_line(e))
     try:
         release()
-    except Exception:
-        pass
+    except Exception as e:  # some of its actors or its placement group may be left in this Ray
+        log.warning("run %s: could not release all of its actors and their placement group (%s)",
+                    run_id, _first_line(e))
     died = dead_actor(exc)
     if died is None:
         return exc
@@ -52,3 +59,9 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
     status = "marked failed" if marked else "left as 'running' (its logger died)"
     return RunFailed(f"run {run_id} stopped: the {role} actor died ({why}); the run is {status}, "
                      f"its committed batches are kept; continue it with: {resume_hint}")
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception (Ray's errors carry whole tracebacks)."""
+    lines = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {lines[0]}" if lines else "")
