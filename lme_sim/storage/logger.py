@@ -222,16 +222,17 @@ def _one_line(text) -> str:
 
 
 def open_read_only(db_path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to an existing database of this schema version. Raises
-    FileNotFoundError, :class:`DatabaseError` (a directory, a file DuckDB cannot open) or
-    ``SchemaError``; opening read-only changes nothing in the file."""
+    """A read-only connection to an existing database of this schema version, without access to
+    other files (DuckDB's read-only mode still lets ``COPY ... TO`` write any file, the database's
+    own included). Raises FileNotFoundError, :class:`DatabaseError` (a directory, a file DuckDB
+    cannot open) or ``SchemaError``; opening read-only changes nothing in the file."""
     path = Path(db_path)
     if path.is_dir():
         raise DatabaseError(f"{path}: is a directory, not a database file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such database")
     try:
-        con = duckdb.connect(str(path), read_only=True)
+        con = duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
     except duckdb.Error as e:
         raise DatabaseError(f"{path}: cannot open it as a DuckDB database ({_one_line(e)})") from None
     try:
