@@ -122,3 +122,54 @@ def test_evaluator_service_with_the_vllm_backend(llama_world):
     names = {r["name"] for r in out["metrics"]}
     assert {"efficacy", "specificity", "retention", "fluency"} <= names and len(out["probes"]) == 5
     assert ev.load({}, 3) == 3 and ev.evaluate(2, 1, retention, cases, version=3)["version"] == 3
+
+
+@vllm
+def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
+    """The runtime's pieces on SmolLM2-135M: 2 shard actors, an editor actor (FT on a few CounterFact
+    edits; the shards follow its deltas), and two evaluator actors, one on the vLLM backend and one
+    on HF, following the same versioned deltas: every probe and metric agrees, before and after."""
+    pytest.importorskip("vllm")
+    import os
+
+    from lme_sim.data import load_counterfact
+    from lme_sim.runtime.ray_utils import init_ray, start_shards
+    from lme_sim.runtime.services import EditorService, Evaluator
+
+    from .conftest import shared_file
+
+    cases = load_counterfact(shared_file("counterfact-edit.json"), limit=4)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: the engine's RAM stays small
+    ray = init_ray(object_store_mb=256)
+    try:
+        shards = start_shards("smollm2-135m", 2, 30)
+        editor = ray.remote(EditorService).options(num_cpus=0).remote(
+            "smollm2-135m", shards.shards, "ft", {"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15})
+        engine = {"dtype": "float32", "max_model_len": 128}
+        actor = ray.remote(Evaluator).options(num_cpus=0)
+        evaluators = [actor.remote("smollm2-135m", 16, 2, backend, options)
+                      for backend, options in (("vllm", engine), ("hf", None))]
+        retention = [{"edit_id": i, "prompt": c.prompt, "value": c.target_new, "earlier": [c.target_true]}
+                     for i, c in enumerate(cases)]
+        totals = []
+        for version, batch in enumerate((None, cases[:2], cases[2:])):
+            if batch is not None:
+                out = ray.get(editor.edit.remote(batch))
+                assert "deltas" in out, out
+                assert ray.get([e.apply.remote(out["deltas"], version) for e in evaluators]) == [version] * 2
+            v, h = ray.get([e.evaluate.remote(version, version, retention, cases, version=version)
+                            for e in evaluators])
+            assert len(v["probes"]) == len(h["probes"]) == 4
+            gap = max(abs(a["logprob"] - b["logprob"]) for a, b in zip(v["probes"], h["probes"]))
+            mv, mh = ({m["name"]: m["value"] for m in r["metrics"]} for r in (v, h))
+            print(f"version {version}: max |log P_vllm - log P_hf| over the retention probes = {gap:.2e}; "
+                  f"vLLM {mv}; HF {mh}")
+            assert gap < 1e-3
+            assert [(p["correct"], p["token_acc"], p["model_version"]) for p in v["probes"]] == \
+                [(p["correct"], p["token_acc"], p["model_version"]) for p in h["probes"]]
+            assert mv.keys() == mh.keys() >= {"efficacy", "specificity", "retention", "fluency"}
+            assert mv == pytest.approx(mh, abs=1e-6)
+            totals.append(sum(p["logprob"] for p in h["probes"]))
+        assert totals[2] > totals[0] + 0.1  # the edits moved the new targets' log-probs (in both evaluators)
+    finally:
+        ray.shutdown()
