@@ -184,7 +184,7 @@ def test_query_with_any_sql_answers_rows_or_one_error_and_writes_nothing(base, s
 
 def test_the_bases_are_what_the_properties_assume(base):
     """Guards the properties above: the valid database answers, and the run to resume is there."""
-    sql = "select run_id, scenario from runs order by 1"  # (a JSON column: no extension is loaded from outside)
+    sql = "select run_id, scenario from runs order by 1"  # a JSON column: no extension loaded from outside
     r = CliRunner().invoke(main, ["query", "--db", str(base["db"]), sql])
     assert r.exit_code == 0, r.output
     assert r.output.split() == ["run_id", "scenario", RUN_ID, "{}", OTHER_ID, "{}"], r.output
