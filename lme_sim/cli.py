@@ -62,14 +62,15 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
     from .runtime.failures import RunFailed
 
     scn = _load_scenario_or_exit(scenario)
+    db = db or scn.db
     specs = scn.editors
-    if resume and len(specs) > 1:
-        from .storage.logger import read_only_query
-
-        rows = read_only_query(db or scn.db, "select method from runs where run_id = ?", [resume])[1]
-        specs = [s for s in specs if rows and s.method == rows[0][0]]
+    _db_or_exit(db, write=True)  # before Ray starts or anything is written
+    if resume is not None:
+        method = _resumable_run_or_exit(db, resume, scn.name)
+        specs = [s for s in specs if s.method == method]
         if not specs:
-            click.echo(f"error: run {resume!r} is not a run of {scenario} in {db or scn.db}", err=True)
+            click.echo(f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} "
+                       "editor", err=True)
             sys.exit(2)
     from .runtime.ray_utils import PlacementError
 
@@ -196,16 +197,7 @@ def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: s
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def query(sql: str, db: str) -> None:
     """Run SQL on a results database and print the rows."""
-    from .storage.logger import read_only_query
-
-    try:
-        cols, rows = read_only_query(db, sql)
-    except FileNotFoundError:
-        click.echo(f"error: {db}: no such database", err=True)
-        sys.exit(2)
-    except Exception as e:  # duckdb's own message names the problem
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    cols, rows = _query_or_exit(db, sql)
     click.echo("\t".join(cols))
     for r in rows:
         click.echo("\t".join(str(v) for v in r))
@@ -252,17 +244,61 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
     """List the runs in a results database."""
-    from .storage.logger import read_only_query
-
-    if not Path(db).exists():
-        click.echo(f"error: {db}: no such database", err=True)
-        sys.exit(2)
-    cols, rows = read_only_query(db, "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
-                                      "(select count(*) from edits e where e.run_id = r.run_id) as edits "
-                                      "from runs r order by r.created_at")
+    cols, rows = _query_or_exit(db, "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
+                                    "(select count(*) from edits e where e.run_id = r.run_id) as edits "
+                                    "from runs r order by r.created_at")
     click.echo("\t".join(cols))
     for r in rows:
         click.echo("\t".join(str(v) for v in r))
+
+
+def _db_error(db: str, e: BaseException) -> str:
+    """One line naming the database for an error of opening or querying it."""
+    msg = " ".join(str(e).split())  # duckdb's messages span lines (the SQL, a caret)
+    return msg if msg.startswith((str(db), str(Path(db)))) else f"{db}: {msg}"
+
+
+def _db_or_exit(db: str, write: bool = False) -> None:
+    """Exit with one ``error:`` line (code 2) if ``db`` cannot be read (``write``: written by a run):
+    a directory, a read-only file, a file that is not DuckDB or of another schema version."""
+    from .storage.logger import check_writable, open_read_only
+
+    try:
+        check_writable(db) if write else open_read_only(db).close()
+    except Exception as e:  # FileNotFoundError, DatabaseError, SchemaError: each names the file
+        click.echo(f"error: {_db_error(db, e)}", err=True)
+        sys.exit(2)
+
+
+def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    """``read_only_query``, or its error (no database, not DuckDB, bad SQL) as one line and exit code 2."""
+    from .storage.logger import read_only_query
+
+    try:
+        return read_only_query(db, sql, params)
+    except Exception as e:  # duckdb's own message names the problem
+        click.echo(f"error: {_db_error(db, e)}", err=True)
+        sys.exit(2)
+
+
+def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
+    """The method of run ``run_id`` of scenario ``name`` in ``db`` (read-only), or one ``error:``
+    line naming the database and the id and exit code 2 (no such database, no such run, a run of
+    another scenario)."""
+    if not Path(db).exists():
+        click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
+        sys.exit(2)
+    rows = _query_or_exit(db, "select name, method from runs where run_id = ?", [run_id])[1]
+    if not rows:
+        click.echo(f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)",
+                   err=True)
+        sys.exit(2)
+    (run_name, method), = rows
+    if run_name != name:
+        click.echo(f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}",
+                   err=True)
+        sys.exit(2)
+    return method
 
 
 def _analysis_or_exit(fn, *args):

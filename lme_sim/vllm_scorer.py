@@ -4,7 +4,7 @@ engine that follows the editor through versioned deltas (never a model reload).
 * log P(target | prompt): the rows' token ids (tokenized by lme-sim, exactly as the HF backend
   does) go to the engine with ``prompt_logprobs``; each target token's log-prob and rank come back,
   so mean log-prob and teacher-forced token accuracy match :func:`lme_sim.scoring.score_pairs`.
-* Weight sync: :meth:`VLLMScorer.apply` sends only the changed tensors into the worker(s)
+* Weight sync: :meth:`VLLMScorer.apply_deltas` sends only the changed tensors into the worker(s)
   (``LLM.apply_model``) and adds each to the engine's parameter of the same name, sliced for
   tensor-parallel shards and transposed where vLLM stores the matrix the other way round (GPT-2's
   Conv1D); then it resets the prefix cache so no stale KV block is reused. vLLM's CPU build
@@ -114,12 +114,11 @@ def _packed_parameters(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.numel() == 0}
 
 
-_MASTERS: dict[str, torch.Tensor] = {}  # float32 copies of 16-bit weights, in each worker process
-
-
 def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
-    """A function run on each worker's model: p += delta (``adds``); packed layers get their full
-    new weight (``sets``) and repack it."""
+    """A function run on each worker's model: p += delta (``adds``; a 16-bit parameter through a
+    float32 master copy kept on the worker's model, as the shards keep one, so that a long stream of
+    small deltas does not drift in 16-bit rounding); packed layers get their full new weight
+    (``sets``, kept in float32 by the scorer) and repack it."""
     def write(model):
         try:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -131,9 +130,10 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
         for name, d in {**adds, **sets}.items():
             if name not in params:
                 raise KeyError(f"vLLM model has no parameter {name!r} to apply a delta to")
+        master = model.__dict__.setdefault("_lme_sim_master", {})  # float32 copies of edited 16-bit weights
         for name, d in adds.items():
             p = params[name]
-            add_delta(p.data, _local_shard(d, tuple(p.shape), rank, world), _MASTERS, name)
+            add_delta(p.data, _local_shard(d, tuple(p.shape), rank, world), master, name)
         for name, w in sets.items():
             layer = model.get_submodule(name.rsplit(".", 1)[0])
             shape = (layer.output_size_per_partition, layer.input_size_per_partition)

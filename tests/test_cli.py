@@ -89,3 +89,99 @@ def test_hiedit_run_trains_its_router_on_first_use_and_logs_modules_per_edit(tmp
     assert sum(n for _, n in usage) == 40
     _, ws = read_only_query(db, "select count(distinct module) from weight_stats")
     assert ws[0][0] == 4
+
+
+def _db_with_a_run(path, name="tiny", run_id="tiny-0000abcd", method="alphaedit"):
+    """A results database holding one run (``name``) with one committed batch; no Ray needed."""
+    from lme_sim.storage.logger import RunLogger
+
+    with RunLogger(path) as log:
+        log.start_run(run_id, name, "scn.yaml", {}, "world:small", method)
+        log.commit_batch(run_id, {"batch_id": 0, "step": 0, "n_edits": 1}, {})
+        log.finish_run(run_id)
+    return path
+
+
+def _resume(tmp_path, db, run_id, editor="{method: alphaedit}", name="tiny"):
+    """``lme-sim run --resume run_id --db db``: its result, and the db's (bytes, mtime) before and after."""
+    scn = _write(tmp_path, f"name: {name}\nmodel: world:small\ndata: {{kind: world, n_edits: 2, seed: 4}}\n"
+                           f"editor: {editor}\nstream: {{batch_size: 2}}\nruntime: {{shards: 1}}\ndb: {db}\n")
+    state = (lambda: (db.read_bytes(), db.stat().st_mtime_ns) if db.exists() else None)
+    before = state()
+    r = CliRunner().invoke(main, ["run", scn, "--db", str(db), "--resume", run_id])
+    return r, before, state()
+
+
+def _one_error_line(r, *words):
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and r.output == errors[0] + "\n", (r.exit_code, r.output)
+    assert all(w in errors[0] for w in words), (words, errors[0])
+
+
+def test_resume_of_an_unknown_run_is_an_error_and_writes_nothing(tmp_path):
+    db = tmp_path / "none.duckdb"
+    r, before, after = _resume(tmp_path, db, "nonexistent-run")
+    _one_error_line(r, str(db), "'nonexistent-run'")
+    assert before is None and after is None and sorted(p.name for p in tmp_path.iterdir()) == ["scn.yaml"]
+    db = _db_with_a_run(tmp_path / "lme.duckdb")
+    r, before, after = _resume(tmp_path, db, "nonexistent-run")
+    _one_error_line(r, str(db), "'nonexistent-run'")
+    assert before == after
+    _, runs = read_only_query(db, "select run_id, status from runs")
+    assert runs == [("tiny-0000abcd", "finished")]
+
+
+def test_a_quoted_resume_id_matches_no_run(tmp_path):
+    """The id is a query parameter: ``x' or '1'='1`` does not match every run."""
+    db = _db_with_a_run(tmp_path / "lme.duckdb")
+    for editor in ("{method: alphaedit}", "[{method: mose}, {method: alphaedit}]"):
+        r, before, after = _resume(tmp_path, db, "x' or '1'='1", editor=editor)
+        _one_error_line(r, str(db), "x' or '1'='1")
+        assert before == after
+
+
+def test_resume_of_another_scenarios_run_is_an_error(tmp_path):
+    db = _db_with_a_run(tmp_path / "lme.duckdb", name="other")
+    r, before, after = _resume(tmp_path, db, "tiny-0000abcd")
+    _one_error_line(r, str(db), "'tiny-0000abcd'", "'other'")
+    assert before == after
+    db2 = _db_with_a_run(tmp_path / "m.duckdb", method="memit")  # same scenario name, another method
+    r, before, after = _resume(tmp_path, db2, "tiny-0000abcd")
+    _one_error_line(r, str(db2), "memit")
+    assert before == after
+
+
+def test_read_only_query_takes_parameters(tmp_path):
+    db = _db_with_a_run(tmp_path / "lme.duckdb")
+    sql = "select status from runs where run_id = ?"
+    assert read_only_query(db, sql, ["tiny-0000abcd"])[1] == [("finished",)]
+    assert read_only_query(db, sql, ["x' or '1'='1"])[1] == []
+
+
+def test_stop_run_says_what_it_could_not_do(caplog):
+    """Marking the run failed and releasing its actors are best effort when a run stops, but a step
+    that fails is a warning naming it (not silently passed over); the original error is returned."""
+    import logging
+
+    from lme_sim.runtime.failures import stop_run
+
+    class Gone:  # a logger actor handle whose calls fail, as a dead actor's do
+        def __getattr__(self, name):
+            raise RuntimeError(f"{name}: the actor is dead")
+
+    class Ray:
+        @staticmethod
+        def get(ref, timeout=None):
+            return ref
+
+    def release():
+        raise RuntimeError("placement group already removed")
+
+    bug = ValueError("a bug")
+    with caplog.at_level(logging.WARNING, logger="lme_sim.runtime.failures"):
+        out = stop_run(Ray(), bug, Gone(), "run-1", {}, "lme-sim run s.yaml --resume run-1", release)
+    assert out is bug
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2, lines
+    assert "run-1" in lines[0] and "failed" in lines[0] and "the actor is dead" in lines[0]
+    assert "release" in lines[1] and "placement group already removed" in lines[1]

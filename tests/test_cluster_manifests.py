@@ -269,3 +269,75 @@ def test_bad_cli_flags_are_caught():
         _lme_sim(["run", "x.yaml", "--adress", "auto"], "here")
     with pytest.raises(AssertionError, match="No such option"):
         _ray_start(["start", "--head", "--gpus=1"], "here")
+
+
+INSTANCE = re.compile(r"\b([a-z]\d[a-z0-9]*\.(?:\d*x)?large)\b")  # AWS instance types: g6e.4xlarge, m5.large
+
+
+def _instance_table() -> dict[str, dict[str, str]]:
+    """cluster/README.md's table of instance types: ``{type: {column: value}}``."""
+    lines = (CLUSTER / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| instance type |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        row = dict(zip(header, (c.strip().strip("`") for c in line.strip("|").split("|"))))
+        table[row["instance type"]] = row
+    return table
+
+
+def _sizing() -> tuple[float, float]:
+    """From cluster/README.md's sizing table: shard 0's peak GPU memory, the vLLM evaluator's weights (GB)."""
+    readme = (CLUSTER / "README.md").read_text()
+    shard0 = next(line for line in readme.splitlines() if line.startswith("| shard 0 "))
+    evaluator = next(line for line in readme.splitlines() if line.startswith("| vLLM evaluator "))
+    return (float(re.search(r"~(\d+(?:\.\d+)?) GB at peak", shard0).group(1)),
+            float(re.search(r"weights (\d+(?:\.\d+)?) GB", evaluator).group(1)))
+
+
+def test_gpu_instance_types_hold_the_sizing():
+    """Every instance type the cluster files name is in README's table; each GPU worker type of the
+    launcher config holds shard 0's peak and the vLLM evaluator's weights at its memory share, and
+    its comment names the table's GPU."""
+    table = _instance_table()
+    named = {m for f in sorted(CLUSTER.rglob("*")) if f.is_file() for m in INSTANCE.findall(f.read_text())}
+    named |= set(INSTANCE.findall((ROOT / "docs/evaluators.md").read_text()))
+    assert named and named <= set(table), f"not in cluster/README.md's instance table: {named - set(table)}"
+    peak, weights = _sizing()
+    scn = yaml.safe_load((ROOT / "scenarios/counterfact-2000x100-llama3-8b.yaml").read_text())
+    share = scn["evaluator"]["gpu_memory_utilization"]
+    text = (CLUSTER / "ray-cluster.aws.yaml").read_text()
+    config = yaml.safe_load(text)
+    workers = [t for t in config["available_node_types"].values() if t["resources"].get("GPU", 0) > 0]
+    assert workers
+    for t in workers:
+        kind = t["node_config"]["InstanceType"]
+        gb = float(table[kind]["GPU memory (GB)"])
+        assert gb >= peak, f"{kind}: {gb:g} GB GPU, shard 0 needs ~{peak:g} GB at peak (cluster/README.md)"
+        assert gb * share > weights, f"{kind}: {share} of {gb:g} GB cannot hold {weights:g} GB of weights"
+        gpu = table[kind]["GPU"].split()[-1]  # e.g. L40S
+        line = next(line for line in text.splitlines() if f"InstanceType: {kind}" in line)
+        assert gpu in line, f"ray-cluster.aws.yaml: the comment of {kind} should name its GPU ({gpu}): {line}"
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]["InstanceType"]
+    assert table[head]["GPU memory (GB)"] == "0"
+
+
+def test_one_vllm_version_everywhere():
+    """install.sh, the Makefile's CPU build and the docs install the same vLLM; no install of an
+    unpinned vLLM is documented."""
+    files = [CLUSTER / "install.sh", CLUSTER / "Dockerfile", CLUSTER / "README.md", ROOT / "Makefile",
+             ROOT / "docs/evaluators.md", ROOT / "README.md"]
+    pins, unpinned = set(), []
+    for f in files:
+        for line in f.read_text().splitlines():
+            if "pip install" not in line:
+                continue
+            for token in re.split(r"[\s'\"`;]+", line.split("#")[0]):
+                if re.fullmatch(r"vllm(-cpu)?==[\w.]+", token):
+                    pins.add(token.split("==")[1])
+                elif re.fullmatch(r"vllm(-cpu)?", token):
+                    unpinned.append(f"{f.relative_to(ROOT)}: {line.strip()}")
+    assert not unpinned, unpinned
+    assert len(pins) == 1, pins

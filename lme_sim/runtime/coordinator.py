@@ -21,6 +21,7 @@ editor, stream or logger, or any error once Ray has started) stops the run clean
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import random
 import time
 import uuid
@@ -39,9 +40,11 @@ from ..storage.logger import RunLogger
 from ..storage.records import BatchRecord, EditRecord, RejectedBatchRecord, WeightStatRecord, rows
 from ..stream import EditStream, Event, SimClock, build_events
 from .evaluation import RESTARTABLE, EvalPool
-from .failures import actor_roles, stop_run
+from .failures import actor_roles, first_line, stop_run
 from .ray_utils import PlacementError, evaluator_options, init_ray, on_this_node, placement_summary, release, start_shards
 from .services import Edited, EditorService, EvalRequest, Evaluator, RetentionItem
+
+log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
 
@@ -265,7 +268,11 @@ class Run:
 
     def release(self) -> None:
         if self.ray is not None and self.actors:
-            release(self.actors, self.placement_group)
+            try:
+                release(self.actors, self.placement_group)
+            except Exception as e:  # some actors or the placement group may be left in this Ray
+                log.warning("run %s: could not release all of its actors and their placement group (%s)",
+                            self.id, first_line(e))
             self.actors = []
 
     def _print_summary(self) -> None:

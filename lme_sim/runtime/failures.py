@@ -50,7 +50,8 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
             ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
             ray.get(logger.close.remote(), timeout=60)
         except Exception as e:  # the logger itself is gone
-            log.warning("run %s: could not mark it failed (%s: %s)", run_id, type(e).__name__, e)
+            log.warning("run %s: could not mark it failed and close its database through the logger actor (%s)",
+                        run_id, first_line(e))
             status = "left as 'running' (its logger is gone)"
     died = dead_actor(exc) if ray is not None else None
     if died is not None:
@@ -63,9 +64,14 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
         log_dir.mkdir(parents=True, exist_ok=True)
         trace = log_dir / f"{run_id}.error.txt"
         trace.write_text("".join(traceback.format_exception(exc)))
-        first = (str(exc).strip().splitlines() or [""])[0]
-        what = f"{type(exc).__name__}: {first} (traceback in {trace})"
+        what = f"{first_line(exc)} (traceback in {trace})"
     if logger is None:
         return RunFailed(f"run {run_id} could not start: {what}")
     return RunFailed(f"run {run_id} stopped: {what}; the run is {status}, its committed batches are kept; "
                      f"continue it with: {resume_hint}")
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception (Ray's errors carry whole tracebacks)."""
+    lines = str(exc).strip().splitlines()
+    return type(exc).__name__ + (f": {lines[0]}" if lines else "")

@@ -229,19 +229,69 @@ class RunLogger:
         self.close()
 
 
-def read_only_query(db_path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
-    """(column names, rows) of ``sql`` on a database opened read-only (for ``lme-sim query``).
+class DatabaseError(RuntimeError):
+    """A results database that cannot be opened as asked; the message is one line naming the file."""
 
-    DuckDB locks the file while a writer has it open, so this works on finished runs (or from
-    another process once the logger is closed).
-    """
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
+
+
+def open_read_only(db_path) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to an existing database of this schema version, without access to
+    other files (DuckDB's read-only mode still lets ``COPY ... TO`` write any file, the database's
+    own included). Raises FileNotFoundError, :class:`DatabaseError` (a directory, a file DuckDB
+    cannot open) or ``SchemaError``; opening read-only changes nothing in the file."""
     path = Path(db_path)
+    if path.is_dir():
+        raise DatabaseError(f"{path}: is a directory, not a database file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such database")
-    con = duckdb.connect(str(path), read_only=True)
+    try:
+        con = duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
+    except duckdb.Error as e:
+        raise DatabaseError(f"{path}: cannot open it as a DuckDB database ({_one_line(e)})") from None
     try:
         check_version(con, path)
-        cur = con.execute(sql, params or [])
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
+def check_writable(db_path) -> None:
+    """Raise :class:`DatabaseError` or ``SchemaError`` if a run could not write to ``db_path``: a
+    directory, a file without write permission, a file that is not a DuckDB database or has another
+    schema version, or a folder that cannot be created. Creates and changes nothing."""
+    import os
+
+    path = Path(db_path)
+    if path.exists() or path.is_symlink():
+        if path.is_file() and not (os.access(path, os.W_OK) and path.stat().st_mode & 0o222):
+            raise DatabaseError(f"{path}: the file is read-only; a run writes to its database")
+        open_read_only(path).close()
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise DatabaseError(f"{path}: cannot create it ({parent} is not a writable folder)")
+
+
+def read_only_query(db_path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of ``sql`` with ``params`` (values for its ``?`` placeholders) on a
+    database opened read-only (for ``lme-sim query`` and the CLI's checks).
+
+    DuckDB locks the file while a writer has it open, so this works on finished runs (or from
+    another process once the logger is closed). Errors: see :func:`open_read_only`; SQL that DuckDB
+    refuses raises its own error, SQL without a statement a :class:`DatabaseError`.
+    """
+    path = Path(db_path)
+    con = open_read_only(path)
+    try:
+        cur = con.execute(sql, params) if params is not None else con.execute(sql)
+        if cur is None:
+            raise DatabaseError(f"{path}: no SQL statement to run in {sql!r}")
         names = [d[0] for d in cur.description] if cur.description else []
         return names, cur.fetchall()
     finally:
