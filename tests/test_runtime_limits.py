@@ -33,15 +33,18 @@ def _batches(db) -> list[tuple]:
 
 
 def test_speedup_paces_the_run_in_wall_time(tmp_path, ray_session):
-    """Batches one simulated day apart at 21,600 simulated seconds per wall second: 4 s apart (as fast
-    as possible, a batch of 5 on the small world takes well under a second)."""
-    scn = _scenario(tmp_path, "paced", stream={"speedup": 21600.0,
-                                               "timeline": {"pattern": "fixed", "n_batches": 3, "batch_size": 5,
-                                                            "interval": "1d", "eval_every": 5}})
+    """Batches one simulated day apart at 21,600 simulated seconds per wall second are due 4 s apart: the
+    last of 4 batches commits at least 12 s after the run started, and 4 s after the one before it (the
+    first batches may be late: the actors start while the clock runs; as fast as possible, a batch of 5
+    on the small world takes well under a second)."""
+    scn = _scenario(tmp_path, "paced", data={"n_edits": 20},
+                    stream={"speedup": 21600.0, "timeline": {"pattern": "fixed", "n_batches": 4, "batch_size": 5,
+                                                             "interval": "1d", "eval_every": 5}})
     coordinator.run_distributed(scn, "paced.yaml")
     times = [t for _, t, _ in _batches(scn.db)]
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    assert len(gaps) == 2 and all(3.5 <= g <= 30 for g in gaps), gaps
+    _, started = read_only_query(scn.db, "select epoch(created_at) from runs")
+    assert len(times) == 4 and 3.5 <= times[-1] - times[-2] <= 30, times
+    assert 12 <= times[-1] - started[0][0] <= 120, (times, started)
 
 
 class SlowEvaluator(Evaluator):  # defined here: Ray ships it to the evaluator actors by value
