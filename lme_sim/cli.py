@@ -302,13 +302,21 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
 
 
 def _analysis_or_exit(fn, *args):
-    """``fn(*args)``, or its AnalysisError (an unknown run or database) as one line and exit code 2."""
+    """``fn(*args)``, or its AnalysisError (an unknown run or database) as one line and exit code 2;
+    so is a database that cannot be read (not DuckDB, another schema version: ``args[0]``)."""
+    import duckdb
+
     from .analysis import AnalysisError
+    from .storage.logger import DatabaseError
+    from .storage.schema import SchemaError
 
     try:
         return fn(*args)
     except AnalysisError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (DatabaseError, SchemaError, duckdb.Error) as e:
+        click.echo(f"error: {_db_error(args[0], e)}", err=True)
         sys.exit(2)
 
 

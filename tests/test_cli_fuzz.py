@@ -156,6 +156,9 @@ def test_query_on_a_database_it_cannot_read(base, kind, data, version, sql):
         before = _state(where)
         _one_error(CliRunner().invoke(main, ["query", "--db", str(db), "--", sql]), str(db))
         _one_error(CliRunner().invoke(main, ["runs", "--db", str(db)]), str(db))
+        for cmd in (["compare", RUN_ID], ["export", RUN_ID, "--out", str(where / "out")],
+                    ["report", RUN_ID, "--out", str(where / "report")]):
+            _one_error(CliRunner().invoke(main, [*cmd, "--db", str(db)]), str(db))
         assert _state(where) == before
 
     _in_tmp(check)
