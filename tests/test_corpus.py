@@ -32,7 +32,8 @@ def test_corpus_command_flat_and_nested(tmp_path):
 
 
 def test_corpus_command_errors(tmp_path):
-    r = CliRunner().invoke(main, ["corpus", "--from", str(tmp_path / "none.json"), "--out", str(tmp_path / "o.txt")])
+    args = ["corpus", "--from", str(tmp_path / "none.json"), "--out", str(tmp_path / "o.txt")]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "not found" in r.output and not (tmp_path / "o.txt").exists()
     r = CliRunner().invoke(main, ["corpus", "--from", "x.json", "--out", "o.txt", "--records", "0"])
     assert r.exit_code == 2

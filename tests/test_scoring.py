@@ -78,10 +78,11 @@ def test_generation_with_kv_cache_equals_the_reference_path(small_world):
         ref = greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3, cache=False)
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3) == ref
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=8, cache=True) == ref
-    sampled = [generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1), cache=c)
-               for c in (False, True)]
+    sampled = [generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1),
+                        cache=c) for c in (False, True)]
     assert sampled[0] == sampled[1]
     limit = model.config.n_positions  # both stop where the longest row reaches the position limit
     long = [" ".join(["The"] * (limit - 3)), "The"]
-    assert greedy_generate(model, tok, long, 10, cache=True) == greedy_generate(model, tok, long, 10, cache=False)
+    assert greedy_generate(model, tok, long, 10, cache=True) == \
+        greedy_generate(model, tok, long, 10, cache=False)
     assert greedy_generate(model, tok, [], 4) == []

@@ -213,8 +213,9 @@ class RunLogger:
         self.close()
 
 
-def read_only_query(db_path, sql: str) -> tuple[list[str], list[tuple]]:
-    """(column names, rows) of ``sql`` on a database opened read-only (for ``lme-sim query``).
+def read_only_query(db_path, sql: str, params=None) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of ``sql`` on a database opened read-only (for ``lme-sim query``);
+    ``params``: values for its ``?`` placeholders (a list may fill one, e.g. ``run_id = any(?)``).
 
     DuckDB locks the file while a writer has it open, so this works on finished runs (or from
     another process once the logger is closed).
@@ -225,7 +226,7 @@ def read_only_query(db_path, sql: str) -> tuple[list[str], list[tuple]]:
     con = duckdb.connect(str(path), read_only=True)
     try:
         check_version(con, path)
-        cur = con.execute(sql)
+        cur = con.execute(sql, params or [])
         names = [d[0] for d in cur.description] if cur.description else []
         return names, cur.fetchall()
     finally:
