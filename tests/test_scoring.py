@@ -86,3 +86,14 @@ def test_generation_with_kv_cache_equals_the_reference_path(small_world):
     assert greedy_generate(model, tok, long, 10, cache=True) == \
         greedy_generate(model, tok, long, 10, cache=False)
     assert greedy_generate(model, tok, [], 4) == []
+
+
+def test_history_metrics_over_all_or_a_sample_of_the_edits(small_world):
+    from lme_sim.metrics import case_metrics, history_metrics, summarize
+
+    model, tok, world = small_world
+    cases = world.edit_cases(12, seed=4)
+    full = history_metrics(model, tok, cases)
+    assert full == {**summarize(case_metrics(model, tok, cases)), "efficacy_n": 12.0}
+    part = history_metrics(model, tok, cases, sample=5, seed=7)
+    assert part["efficacy_n"] == 5.0 and part == history_metrics(model, tok, cases, sample=5, seed=7)
