@@ -18,10 +18,6 @@ class AnalysisError(ValueError):
     pass
 
 
-def sql_list(run_ids: list[str]) -> str:
-    return ", ".join("'" + r.replace("'", "''") + "'" for r in run_ids)
-
-
 def check_runs(db, run_ids: list[str]) -> None:
     """Every id names a run in ``db`` (else one error listing the missing ones and the known ones)."""
     if not Path(db).exists():
@@ -35,7 +31,27 @@ def check_runs(db, run_ids: list[str]) -> None:
 def summary_rows(db, run_ids: list[str]) -> list[dict]:
     """One ``method_summary`` row per run, in the order asked."""
     check_runs(db, run_ids)
-    cols, rows = read_only_query(db, f"select * from method_summary where run_id in ({sql_list(run_ids)})")
+    cols, rows = read_only_query(db, "select * from method_summary where run_id = any(?)", [list(run_ids)])
+    by_id = {r[0]: dict(zip(cols, r)) for r in rows}
+    return [by_id[r] for r in run_ids]
+
+
+# The ``collapse`` view's query with the threshold as a parameter (the view fixes it at 0.5).
+COLLAPSE_SQL = """
+    SELECT r.run_id, r.method, ?::DOUBLE AS threshold,
+           min(c.step) FILTER (WHERE c.efficacy < ?) AS collapse_step,
+           arg_min(c.n_edits, c.step) FILTER (WHERE c.efficacy < ?) AS collapse_edits
+    FROM runs r LEFT JOIN efficacy_curve c ON c.run_id = r.run_id
+    WHERE r.run_id = any(?)
+    GROUP BY r.run_id, r.method"""
+
+
+def collapse_points(db, run_ids: list[str], threshold: float = 0.5) -> list[dict]:
+    """Per run (in the order asked): the first evaluation step at which efficacy fell below
+    ``threshold`` (``collapse_step``) and the edits committed by then (``collapse_edits``); both None
+    if it never did. The ``collapse`` view gives the same at 0.5."""
+    check_runs(db, run_ids)
+    cols, rows = read_only_query(db, COLLAPSE_SQL, [threshold, threshold, threshold, list(run_ids)])
     by_id = {r[0]: dict(zip(cols, r)) for r in rows}
     return [by_id[r] for r in run_ids]
 
@@ -53,7 +69,14 @@ def comparison_table(db, run_ids: list[str]):
     table.add_row("edits", *[str(r["n_edits"]) for r in rows])
     for col in SUMMARY_COLUMNS:
         table.add_row(col, *[_fmt(r[col], col) for r in rows])
+    table.add_row("collapse step", *[_collapse(r["collapse_step"]) for r in rows])
+    table.add_row("collapse edits", *[_collapse(r["collapse_edits"]) for r in rows])
     return table
+
+
+def _collapse(v) -> str:
+    """The step or edit count where efficacy fell below 0.5, or "none" where it never did."""
+    return "none" if v is None else str(int(v))
 
 
 def _fmt(v, col: str) -> str:
@@ -76,8 +99,13 @@ def export_run(db, run_id: str, out_dir, fmt: str = "parquet") -> list[Path]:
     try:
         for table in EXPORT_TABLES:
             path = out / f"{table}.{fmt}"
-            option = "(FORMAT parquet)" if fmt == "parquet" else "(HEADER, DELIMITER ',')"
-            con.execute(f"COPY (SELECT * FROM {table} WHERE run_id = ?) TO '{path}' {option}", [run_id])
+            # the relation API: no value (the run id, the path) is pasted into SQL text
+            this_run = duckdb.ColumnExpression("run_id") == duckdb.ConstantExpression(run_id)
+            rows = con.table(table).filter(this_run)
+            if fmt == "parquet":
+                rows.write_parquet(str(path))
+            else:
+                rows.write_csv(str(path), header=True, sep=",")
             paths.append(path)
     finally:
         con.close()

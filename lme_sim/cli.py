@@ -162,6 +162,26 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
 
 
 @main.command()
+@click.option("--from", "source", required=True,
+              help="CounterFact file (flat or nested ROME/MEMIT json/jsonl) or hub id, disjoint from the edits.")
+@click.option("--out", required=True, help="Text file to write (one sentence per line).")
+@click.option("--records", default=None, type=click.IntRange(min=1), help="Use the first N records (default: all).")
+def corpus(source: str, out: str, records: int | None) -> None:
+    """Generic text for key statistics: every prompt and paraphrase completed with its true object.
+
+    Use it with  editor.hparams.stats: {kind: file, path: OUT, n_samples: N}."""
+    from .corpus import write_corpus
+    from .data import DataError
+
+    try:
+        path, n = write_corpus(source, out, records)
+    except DataError as e:
+        click.echo(f"error: --from: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"{path}\t{n} lines")
+
+
+@main.command()
 @click.option("--quick", is_flag=True, help="The small world and short streams (a few minutes on 2 CPU cores); "
                                            "learned editors train on a small budget.")
 @click.option("--methods", default=None, help="Comma-separated editors (default: every registered one).")

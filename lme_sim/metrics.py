@@ -87,6 +87,21 @@ def retained(logprobs: torch.Tensor, token_acc: torch.Tensor) -> bool:
     return bool(token_acc[0] >= 1.0)
 
 
+def history_metrics(model, tok, cases: list[EditCase], sample: int | None = None, seed: int = 0,
+                    batch_size: int = 64) -> dict[str, float]:
+    """The papers' metrics over the edits so far (not only the latest ones): :func:`summarize` of
+    :func:`case_metrics` over ``cases``, or over ``sample`` of them drawn at random (seeded by ``seed``,
+    e.g. the eval id), plus ``efficacy_n``: the number of edits efficacy was computed over."""
+    import random
+
+    if sample is not None and len(cases) > sample:
+        cases = random.Random(seed).sample(list(cases), sample)
+    rows = case_metrics(model, tok, cases, batch_size)
+    out = summarize(rows)
+    out["efficacy_n"] = float(sum("efficacy" in r for r in rows))
+    return out
+
+
 def retention(model, tok, prompts: list[str], current: list[str], history: list[list[str]],
               batch_size: int = 64) -> torch.Tensor:
     """1.0 where ``current[i]`` scores above every earlier value ``history[i]`` of that fact."""

@@ -1,5 +1,7 @@
 """``lme-sim report``: PNG plots of finished runs and one self-contained HTML page showing them.
 
+* efficacy_vs_edits.png: efficacy against the number of edits committed (``efficacy_curve``), one
+  line per run, its collapse point (``collapse``) marked;
 * forgetting.png: retention by edit age (the ``forgetting_curve`` view), one line per run;
 * metrics.png: efficacy / generalization / specificity / retention over edit steps, runs on one axis each;
 * condition.png: condition number of every edited matrix over batches (``weight_health``);
@@ -13,14 +15,14 @@ import base64
 import html
 from pathlib import Path
 
-from .analysis import sql_list, check_runs, comparison_table, summary_rows
+from .analysis import check_runs, comparison_table, summary_rows
 from .storage.logger import read_only_query
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity", "retention")
 
 
-def _rows(db, sql: str) -> list[dict]:
-    cols, rows = read_only_query(db, sql)
+def _rows(db, sql: str, params: list) -> list[dict]:
+    cols, rows = read_only_query(db, sql, params)
     return [dict(zip(cols, r)) for r in rows]
 
 
@@ -30,8 +32,8 @@ def _label(db, run_ids):
 
 
 def plot_forgetting(db, run_ids, label, ax) -> None:
-    rows = _rows(db, f"select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
-                     f"from forgetting_curve where run_id in ({sql_list(run_ids)}) group by all order by age")
+    rows = _rows(db, "select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
+                     "from forgetting_curve where run_id = any(?) group by all order by age", [list(run_ids)])
     for rid in run_ids:
         pts = [(r["age"], r["retention"]) for r in rows if r["run_id"] == rid]
         if pts:
@@ -41,8 +43,8 @@ def plot_forgetting(db, run_ids, label, ax) -> None:
 
 
 def plot_metrics(db, run_ids, label, axes) -> None:
-    rows = _rows(db, f"select run_id, step, name, value from metrics where run_id in ({sql_list(run_ids)}) "
-                     f"and name in ({sql_list(list(CURVE_METRICS))}) order by step")
+    rows = _rows(db, "select run_id, step, name, value from metrics where run_id = any(?) and name = any(?) "
+                     "order by step", [list(run_ids), list(CURVE_METRICS)])
     for ax, name in zip(axes, CURVE_METRICS):
         for rid in run_ids:
             pts = [(r["step"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
@@ -51,9 +53,34 @@ def plot_metrics(db, run_ids, label, axes) -> None:
         ax.set(title=name, xlabel="edit step (batch)", ylabel=name, ylim=(-0.02, 1.02))
 
 
+def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
+    """Efficacy at each evaluation against the edits committed by then (``efficacy_curve``), one line
+    per run; the sample size (``efficacy_n``) in the legend where the run logged it, and the run's
+    collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x."""
+    rows = _rows(db, "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, k.collapse_edits "
+                     "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) order by c.n_edits, c.eval_id",
+                 [list(run_ids)])
+    for rid in run_ids:
+        mine = [r for r in rows if r["run_id"] == rid]
+        if not mine:
+            continue
+        sizes = sorted({int(r["efficacy_n"]) for r in mine if r["efficacy_n"] is not None})
+        n = "" if not sizes else f", n = {sizes[0]}" if len(sizes) == 1 else f", n = {sizes[0]}-{sizes[-1]}"
+        line, = ax.plot([r["n_edits"] for r in mine], [r["efficacy"] for r in mine], marker="o", ms=3,
+                        label=f"{label(rid)}{n}")
+        at = mine[0]["collapse_edits"]
+        if at is not None:
+            y = next(r["efficacy"] for r in mine if r["n_edits"] == at)
+            ax.plot([at], [y], marker="x", ms=10, mew=2, ls="", color=line.get_color())
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set(title="Efficacy over the edits against the number of edits (x: collapse, below 0.5)",
+           xlabel="edits committed at the evaluation", ylabel="efficacy (n: edits it was computed over)",
+           ylim=(-0.02, 1.02))
+
+
 def plot_condition(db, run_ids, label, ax) -> None:
-    rows = _rows(db, f"select run_id, batch_id, module, condition from weight_health "
-                     f"where run_id in ({sql_list(run_ids)}) order by batch_id")
+    rows = _rows(db, "select run_id, batch_id, module, condition from weight_health "
+                     "where run_id = any(?) order by batch_id", [list(run_ids)])
     for rid in run_ids:
         for module in sorted({r["module"] for r in rows if r["run_id"] == rid}):
             pts = [(r["batch_id"], r["condition"]) for r in rows if r["run_id"] == rid and r["module"] == module]
@@ -66,8 +93,8 @@ def plot_condition(db, run_ids, label, ax) -> None:
 def plot_layer_usage(db, run_id, label, ax) -> None:
     import numpy as np
 
-    rows = _rows(db, f"select u.batch_id, u.module, u.n_edits / b.n_edits as share from layer_usage u "
-                     f"join batches b using (run_id, batch_id) where u.run_id = '{run_id}' order by 1, 2")
+    rows = _rows(db, "select u.batch_id, u.module, u.n_edits / b.n_edits as share from layer_usage u "
+                     "join batches b using (run_id, batch_id) where u.run_id = ? order by 1, 2", [run_id])
     modules = sorted({r["module"] for r in rows})
     batches = sorted({r["batch_id"] for r in rows})
     grid = np.zeros((len(modules), max(len(batches), 1)))
@@ -101,6 +128,9 @@ def write_report(db, run_ids: list[str], out_dir) -> list[Path]:
         plt.close(fig)
         files.append(out / name)
 
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    plot_efficacy_vs_edits(db, run_ids, label, ax)
+    save(fig, "efficacy_vs_edits.png")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_forgetting(db, run_ids, label, ax)
     save(fig, "forgetting.png")

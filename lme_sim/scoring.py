@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backbone import Inject, Plan, Positions, as_backbone
+from .backbone import Inject, LocalBackbone, Plan, Positions, as_backbone
 from .tokens import PairBatch, _pad, encode_pairs
 
 
@@ -82,11 +82,18 @@ def score_targets(model, tok, prompts: list[str], targets: list[str], batch_size
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> list[str]:
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             cache: bool | None = None) -> list[str]:
     """Continuations of many prompts: greedy, or sampled from the top ``top_k`` tokens.
 
-    Rows are right-padded and every row grows at its own end (no KV cache: each step is one
-    batched forward pass), so the same code runs on any backbone, shards included.
+    An in-process model (an ``nn.Module`` or a :class:`~lme_sim.backbone.LocalBackbone`) generates
+    with its KV cache (:func:`_generate_cached`: one pass over the prompts, then one token per row
+    and step). Any other backbone (shards), or ``cache=False``, takes the reference path: rows are
+    right-padded and every row grows at its own end, each step one batched forward pass over the
+    whole sequences. Both give the same tokens (tests/test_scoring.py on the world model; on SmolLM2
+    16 CounterFact prompts x 64 tokens, benchmarks/eval_smollm2.py, 7x faster with the cache).
+    ``cache=None``: the cache for greedy generation only; sampling (the editors' context templates)
+    keeps the reference path, so an editor draws the same templates in process and on shards.
     """
     if isinstance(model, PairScorer):
         if top_k is not None:
@@ -94,6 +101,8 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
         ids = tok(list(prompts))["input_ids"]
         return tok.batch_decode(model.greedy_ids(ids, max_new_tokens), skip_special_tokens=True)
     backbone = as_backbone(model)
+    if (top_k is None if cache is None else cache) and isinstance(backbone, LocalBackbone):
+        return _generate_cached(backbone.model, tok, prompts, max_new_tokens, batch_size, top_k, generator)
     out: list[str] = []
     limit = _max_positions(model)
     for s in range(0, len(prompts), batch_size):
@@ -105,19 +114,68 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
             ids, mask = _pad(seqs, tok.pad_token_id)
             lengths = mask.sum(1)
             logits = logits_at(backbone, ids, mask, torch.arange(len(seqs)), lengths - 1)
-            if top_k is None:
-                nxt = logits.argmax(-1)
-            else:
-                vals, idx = logits.topk(top_k, -1)
-                pick = torch.multinomial(torch.softmax(vals.cpu(), -1), 1, generator=generator)[:, 0]
-                nxt = idx.cpu()[torch.arange(len(seqs)), pick]
+            nxt = _next_tokens(logits, top_k, generator)
             seqs = [q + [int(t)] for q, t in zip(seqs, nxt.tolist())]
         out += tok.batch_decode([q[b:] for q, b in zip(seqs, start)], skip_special_tokens=True)
     return out
 
 
-def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
-    return generate(model, tok, prompts, max_new_tokens, batch_size)
+def _next_tokens(logits: torch.Tensor, top_k: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The argmax of each row, or a draw from its ``top_k`` most likely tokens (on the CPU)."""
+    if top_k is None:
+        return logits.argmax(-1).cpu()
+    vals, idx = logits.topk(top_k, -1)
+    pick = torch.multinomial(torch.softmax(vals.cpu(), -1), 1, generator=generator)[:, 0]
+    return idx.cpu()[torch.arange(len(pick)), pick]
+
+
+def _generate_cached(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int,
+                     top_k: int | None, generator: torch.Generator | None) -> list[str]:
+    """:func:`generate` on an in-process Hugging Face model with its KV cache.
+
+    Prompts are left-padded (the padding masked out and the positions counted from each row's first
+    real token, so every row sees exactly what it sees alone), one pass fills the cache, then each
+    step feeds one new token per row. Only the last position goes through the output head.
+    """
+    if not prompts:
+        return []
+    dev = model.device
+    limit = _max_positions(model)
+    encoded = tok(list(prompts))["input_ids"]
+    out: list[str | None] = [None] * len(prompts)
+    for s in range(0, len(prompts), batch_size):
+        rows = list(range(s, min(s + batch_size, len(prompts))))
+        seqs = [encoded[i] for i in rows]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[r, width - len(q):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        past, new = None, []
+        for step in range(max_new_tokens):
+            if width + step >= limit:
+                break
+            res = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                   use_cache=True)
+            past = res.past_key_values
+            logits = model.get_output_embeddings()(res.last_hidden_state[:, -1]).float()
+            nxt = _next_tokens(logits, top_k, generator)
+            new.append(nxt)
+            ids = nxt[:, None].to(dev)
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        gen = torch.stack(new, 1).tolist() if new else [[] for _ in rows]
+        for i, g in zip(rows, tok.batch_decode(gen, skip_special_tokens=True)):
+            out[i] = g
+    return out
+
+
+def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
+                    cache: bool | None = None) -> list[str]:
+    return generate(model, tok, prompts, max_new_tokens, batch_size, cache=cache)
 
 
 def _max_positions(model) -> int:

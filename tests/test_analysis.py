@@ -46,10 +46,11 @@ def test_report_writes_plots_of_the_run_and_one_html_page(quickstart_db, tmp_pat
     r = CliRunner().invoke(main, ["report", run_id, "--db", str(db), "--out", str(out)])
     assert r.exit_code == 0, r.output
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"forgetting.png", "metrics.png", "condition.png", "layer_usage.png"}
+    assert pngs == {"efficacy_vs_edits.png", "forgetting.png", "metrics.png", "condition.png",
+                    "layer_usage.png"}
     assert all((out / p).stat().st_size > 10_000 for p in pngs)  # real plots, not empty canvases
     page = (out / "index.html").read_text()
-    assert run_id in page and page.count("data:image/png;base64,") == 4 and "efficacy" in page
+    assert run_id in page and page.count("data:image/png;base64,") == 5 and "efficacy" in page
 
 
 def test_report_plots_carry_the_runs_data(quickstart_db):

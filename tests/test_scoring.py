@@ -63,3 +63,37 @@ def test_retention_latest_value_must_win(small_world):
     other = next(o for o in world.objects[f.relation] if o != f.obj)
     r = retention(model, tok, [prompt, prompt, prompt], [f.obj, other, f.obj], [[other], [f.obj], []])
     assert r.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_generation_with_kv_cache_equals_the_reference_path(small_world):
+    """Left-padded cached generation = the no-cache path (right padding, whole sequence every step),
+    for uneven prompt lengths, greedy and sampled, through an nn.Module and a LocalBackbone."""
+    from lme_sim.backbone import LocalBackbone
+    from lme_sim.scoring import generate
+
+    model, tok, world = small_world
+    prompts = [c.prompt for c in world.edit_cases(6, seed=3)] + ["The", world.subjects[0]]
+    assert len({len(q) for q in tok(prompts)["input_ids"]}) > 1
+    for m in (model, LocalBackbone(model)):
+        ref = greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3, cache=False)
+        assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3) == ref
+        assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=8, cache=True) == ref
+    sampled = [generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1),
+                        cache=c) for c in (False, True)]
+    assert sampled[0] == sampled[1]
+    limit = model.config.n_positions  # both stop where the longest row reaches the position limit
+    long = [" ".join(["The"] * (limit - 3)), "The"]
+    assert greedy_generate(model, tok, long, 10, cache=True) == \
+        greedy_generate(model, tok, long, 10, cache=False)
+    assert greedy_generate(model, tok, [], 4) == []
+
+
+def test_history_metrics_over_all_or_a_sample_of_the_edits(small_world):
+    from lme_sim.metrics import case_metrics, history_metrics, summarize
+
+    model, tok, world = small_world
+    cases = world.edit_cases(12, seed=4)
+    full = history_metrics(model, tok, cases)
+    assert full == {**summarize(case_metrics(model, tok, cases)), "efficacy_n": 12.0}
+    part = history_metrics(model, tok, cases, sample=5, seed=7)
+    assert part["efficacy_n"] == 5.0 and part == history_metrics(model, tok, cases, sample=5, seed=7)

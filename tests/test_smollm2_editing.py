@@ -2,7 +2,6 @@
 ``make test-slow``. Key statistics come from CounterFact's *train* split text (the edit cases are
 from the disjoint edit split), since no text corpus can be downloaded here."""
 
-import json
 import time
 
 import pytest
@@ -17,13 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def counterfact_train_corpus(n_records: int = 3000):
-    """Generic sentences (true facts and their paraphrases) from the CounterFact train split."""
-    records = json.loads(shared_file("counterfact-train.json").read_text())[:n_records]
+    """Generic sentences (true facts and their paraphrases) from the CounterFact train split, as
+    ``lme-sim corpus --from counterfact-train.json --records 3000`` writes them."""
+    from lme_sim.corpus import write_corpus
+
     path = cache_root() / "corpora" / f"counterfact-train-{n_records}.txt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = [f"{r[k]} {r['ground_truth']}." for r in records for k in ("prompt", "rephrase_prompt")]
-        path.write_text("\n".join(lines))
+        write_corpus(shared_file("counterfact-train.json"), path, n_records)
     return path
 
 

@@ -150,9 +150,29 @@ VIEWS = {
                   AND p.probe = 'retention' AND NOT p.correct) AS stopped_holding_at_step
         FROM edits e LEFT JOIN edits s ON s.run_id = e.run_id AND s.supersedes = e.edit_id
         ORDER BY e.run_id, e.fact_key, e.step, e.edit_id""",
+    # Efficacy at every evaluation against the number of edits committed by then (the sum of
+    # batches.n_edits up to the evaluation's step); efficacy_n: how many edits it was computed over
+    # (metrics.n).
+    "efficacy_curve": """
+        SELECT m.run_id, m.eval_id, m.step,
+               (SELECT coalesce(sum(b.n_edits), 0) FROM batches b
+                WHERE b.run_id = m.run_id AND b.step <= m.step) AS n_edits,
+               m.value AS efficacy, m.n AS efficacy_n
+        FROM metrics m WHERE m.name = 'efficacy'
+        ORDER BY m.run_id, m.step, m.eval_id""",
+    # The collapse point (NAS, arXiv 2602.02543): per run, the first evaluation step at which
+    # efficacy fell below 0.5, and the edits committed by then; NULL if it never did.
+    # Other thresholds: lme_sim.analysis.collapse_points(db, run_ids, threshold).
+    "collapse": """
+        SELECT r.run_id, r.method, 0.5 AS threshold,
+               min(c.step) FILTER (WHERE c.efficacy < 0.5) AS collapse_step,
+               arg_min(c.n_edits, c.step) FILTER (WHERE c.efficacy < 0.5) AS collapse_edits
+        FROM runs r LEFT JOIN efficacy_curve c ON c.run_id = r.run_id
+        GROUP BY r.run_id, r.method""",
     # The papers' Table-1 columns per run, from its last evaluation (NULL: not measured in this run;
     # consistency needs reference texts none of the shipped datasets has; general_ability is the
-    # multiple-choice accuracy, general_ability_retention that accuracy over the unedited model's).
+    # multiple-choice accuracy, general_ability_retention that accuracy over the unedited model's;
+    # collapse_step / collapse_edits: the run's row of the ``collapse`` view).
     "method_summary": """
         WITH last AS (
             SELECT m.* FROM metrics m
@@ -167,8 +187,9 @@ VIEWS = {
                max(l.value) FILTER (WHERE l.name = 'consistency') AS consistency,
                max(l.value) FILTER (WHERE l.name = 'retention') AS retention,
                max(l.value) FILTER (WHERE l.name = 'general_ability') AS general_ability,
-               max(l.value) FILTER (WHERE l.name = 'general_ability_retention') AS general_ability_retention
-        FROM runs r LEFT JOIN last l ON l.run_id = r.run_id
+               max(l.value) FILTER (WHERE l.name = 'general_ability_retention') AS general_ability_retention,
+               any_value(c.collapse_step) AS collapse_step, any_value(c.collapse_edits) AS collapse_edits
+        FROM runs r LEFT JOIN last l ON l.run_id = r.run_id LEFT JOIN collapse c ON c.run_id = r.run_id
         GROUP BY r.run_id, r.name, r.method, r.model, r.created_at
         ORDER BY r.created_at""",
     # Which modules the edits touched (all edited modules for most methods; HiEdit picks per edit).
