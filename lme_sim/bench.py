@@ -38,7 +38,7 @@ from .cases import EditCase
 from .sysinfo import Measure, machine_info, versions
 
 SECTIONS = ("edits", "probes", "history", "shards")
-METHODS = ("memit", "alphaedit", "mose", "ft", "rledit", "hiedit")
+METHODS = ("memit", "alphaedit", "mose", "ft", "rledit", "hiedit", "ultraedit")
 LEARNED = ("rledit", "hiedit")
 BACKENDS = ("hf", "vllm")
 HISTORY_METHOD = "alphaedit"

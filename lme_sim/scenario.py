@@ -29,7 +29,7 @@ class DataSpec(_Strict):
 
 
 class EditorSpec(_Strict):
-    method: Literal["memit", "alphaedit", "mose", "rledit", "hiedit", "ft"] = "alphaedit"
+    method: Literal["memit", "alphaedit", "mose", "rledit", "hiedit", "ft", "ultraedit"] = "alphaedit"
     hparams: dict[str, Any] = {}
     # a batch whose delta of some matrix has ||delta|| > max_delta_norm * ||W|| (or NaN/Inf) is rejected
     max_delta_norm: float = Field(DEFAULT_MAX_DELTA_NORM, gt=0)

@@ -100,7 +100,7 @@ def register(cls: type[Editor]) -> type[Editor]:
 
 
 def editor_class(method: str) -> type[Editor]:
-    from . import alphaedit, ft, memit, mose, rledit  # noqa: F401  (register the methods)
+    from . import alphaedit, ft, memit, mose, rledit, ultraedit  # noqa: F401  (register the methods)
 
     return EDITORS[method]
 

@@ -112,7 +112,16 @@ class HiEditHParams(RLEditHParams):
     router_locality: float = Field(0.0, ge=0)  # router reward: weight of the KL on each edit's neighborhood prompts
 
 
+class UltraEditHParams(HParams):
+    """UltraEdit (arXiv 2505.14679): lifelong-normalized pseudo-values and a ridge solve per batch.
+    ``batch_size``: rows per forward/backward pass (rows sorted by length, see edit_signals)."""
+
+    lr: float = Field(1e-3, gt=0)  # v = -lr ||k^||^2 g^
+    ridge: float = Field(1.0, gt=0)  # lambda in (K^T K + lambda I)^-1 K^T V (published: 1)
+
+
 HPARAM_CLASSES: dict[str, type[HParams]] = {
+    "ultraedit": UltraEditHParams,
     "rledit": RLEditHParams,
     "hiedit": HiEditHParams,
     "memit": MEMITHParams,
