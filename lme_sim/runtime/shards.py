@@ -91,7 +91,7 @@ class ModelShard:
                     rotate[l] = leaves[("rotate", l)] = rotate[l].detach().requires_grad_(True)
             plan = replace(plan, inject=inject, rotate=rotate)
             if plan.taps and min(plan.taps) >= self.layers.start:  # no tap below: the input needs no grad
-                leaves["hidden"] = hidden_in = hidden_in.detach() if hidden_in is not None else None
+                leaves["hidden"] = None
         with torch.set_grad_enabled(grad):
             out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
         if grad:
