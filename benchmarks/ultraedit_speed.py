@@ -77,7 +77,8 @@ def main() -> None:
     over = {"layers": [int(x) for x in args.layers.split(",")]} if args.layers else {}
     result = {"model": args.model, "n_edits": len(cases), "threads": args.threads, "padded_width":
               batch.input_ids.shape[1], "real_tokens_per_row": real / len(cases),
-              "answer_tokens": int(batch.target_len.sum()), "machine": platform.processor() or platform.machine(),
+              "answer_tokens": int(batch.target_len.sum()),
+              "machine": platform.processor() or platform.machine(),
               "runs": []}
     if args.baseline:
         hf_baseline(lm.model, batch)  # warm-up

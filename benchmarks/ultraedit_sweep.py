@@ -66,7 +66,8 @@ def main() -> None:
     for text in args.setting:
         layers, lr = parse_setting(text)
         model = copy.deepcopy(lm.model)
-        editor = make_editor("ultraedit", model, lm.tok, args.model, {"layers": layers, "lr": lr}, progress=False)
+        editor = make_editor("ultraedit", model, lm.tok, args.model, {"layers": layers, "lr": lr},
+                             progress=False)
         t0 = time.perf_counter()
         for i in range(0, len(cases), args.batch):
             editor.edit(cases[i:i + args.batch])

@@ -226,7 +226,8 @@ class _no_param_grads:
     """No parameter of ``model`` (if any) requires grad inside the block; flags restored after."""
 
     def __init__(self, model):
-        self.flags = [(p, p.requires_grad) for p in model.parameters()] if isinstance(model, nn.Module) else []
+        params = model.parameters() if isinstance(model, nn.Module) else []
+        self.flags = [(p, p.requires_grad) for p in params]
 
     def __enter__(self):
         for p, _ in self.flags:

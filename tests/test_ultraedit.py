@@ -117,8 +117,8 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
     norms: dict = {}
     update_normalizers(norms, sig.keys, sig.grads)
     (norm,) = norms.values()  # every edited c_proj of the world has one shape
-    assert editor.norms.keys() == norms.keys() and editor.norms[shape_key(sig.keys[layers[0]],
-                                                                            sig.grads[layers[0]])].count == norm.count
+    assert editor.norms.keys() == norms.keys()
+    assert editor.norms[shape_key(sig.keys[layers[0]], sig.grads[layers[0]])].count == norm.count
     for l in layers:
         expected = ultraedit_delta(norm, sig.keys[l], sig.grads[l], editor.hp.lr).float()
         stored = result.deltas[LocalBackbone(model).edit_param_name(l)]
@@ -171,8 +171,8 @@ def test_shard_taps_return_only_tap_gradients(small_world):
     bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, 2)])
     keys, grads, nll = bb.keys_and_output_grads(batch.input_ids, batch.attention_mask, Positions(rows, pos),
                                                 labels, [2, 3])
-    local = LocalBackbone(model).keys_and_output_grads(batch.input_ids, batch.attention_mask, Positions(rows, pos),
-                                                       labels, [2, 3])
+    local = LocalBackbone(model).keys_and_output_grads(batch.input_ids, batch.attention_mask,
+                                                       Positions(rows, pos), labels, [2, 3])
     for l in (2, 3):
         assert torch.allclose(keys[l], local[0][l], atol=1e-6)
         assert torch.allclose(grads[l], local[1][l], atol=1e-6)

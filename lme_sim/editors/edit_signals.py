@@ -73,7 +73,8 @@ def keys_and_grads(model, batch: PairBatch, layers: list[int], tokens: str = "al
     return EditSignals(keys, outs, rows, nll.detach().cpu())
 
 
-def answer_keys_and_grads(model, batch: PairBatch, layers: list[int], chunk: int | None = None) -> EditSignals:
+def answer_keys_and_grads(model, batch: PairBatch, layers: list[int],
+                          chunk: int | None = None) -> EditSignals:
     """k and g = dL/d(W k) at the answer tokens only (``batch.target_positions()``: the positions
     whose next token is a target token), for L = the mean cross-entropy over all answer tokens of
     the batch. Tokens come in ``target_positions`` order (row by row).
@@ -103,8 +104,8 @@ def answer_keys_and_grads(model, batch: PairBatch, layers: list[int], chunk: int
     inv[torch.cat(index)] = torch.arange(n_tok)
     nll = torch.cat(nlls)[inv]
     loss = torch.zeros(len(batch)).index_add(0, rows, nll) / batch.target_len
-    return EditSignals({l: torch.cat(keys[l])[inv] for l in layers}, {l: torch.cat(grads[l])[inv] for l in layers},
-                       rows, loss)
+    return EditSignals({l: torch.cat(keys[l])[inv] for l in layers},
+                       {l: torch.cat(grads[l])[inv] for l in layers}, rows, loss)
 
 
 @contextmanager

@@ -55,7 +55,8 @@ def update_normalizers(norms: dict[str, RunningNorm], keys: dict[int, torch.Tens
         norms[name].update(torch.cat([k, g], -1))
 
 
-def normalize(norm: RunningNorm, keys: torch.Tensor, grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(norm: RunningNorm, keys: torch.Tensor,
+              grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(k^, g^): [k, g] standardized by the normalizer's running mean and std."""
     x = norm(torch.cat([keys, grads], -1).to(norm.mean.dtype))
     return x.split([keys.shape[-1], grads.shape[-1]], -1)
