@@ -52,6 +52,10 @@ class Plan:
     inject: Inject | None = None
     # layer -> M (n_blocks, b, b), n_blocks * b = d_ff: W's input x becomes M x block by block
     rotate: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> where to read W's input (into Output.keys) and to add a zero leaf to W's output
+    # (Output.taps): the gradient w.r.t. that leaf is the gradient w.r.t. W's output there.
+    # Used through Backbone.keys_and_output_grads (UltraEdit).
+    taps: dict[int, Positions] = field(default_factory=dict)
 
     def differentiable(self) -> bool:
         return (self.inject is not None and self.inject.values.requires_grad) or \
@@ -66,6 +70,7 @@ class Output:
     key_moments: dict[int, torch.Tensor] = field(default_factory=dict)
     n_tokens: int = 0
     logits: torch.Tensor | None = None  # (M, vocab) float32
+    taps: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (N, d_model) zero leaf (Plan.taps)
 
 
 class Backbone:
@@ -119,6 +124,21 @@ class Backbone:
         """Keep a copy of W at ``layers`` where it lives (for :meth:`restore_weights`); returns
         ``{parameter name: ||W||_F}``."""
         raise NotImplementedError
+
+    def keys_and_output_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: Positions,
+                              labels: torch.Tensor, layers: list[int]
+                              ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+        """One forward and one backward pass. At the (row, pos) pairs ``at``: W's input k per layer
+        (N, d_ff), the gradient g of L = sum_i CE(logits at at[i], labels[i]) w.r.t. W's output
+        (N, d_model), and the per-position CE (N,). All float32 on the CPU. Nothing below the
+        lowest of ``layers`` is differentiated (the weights are frozen, the taps are the only leaves)."""
+        plan = Plan(taps={l: at for l in layers}, logits=at)
+        with _no_param_grads(getattr(self, "model", None)), torch.enable_grad():
+            out = self.run(input_ids, attention_mask, plan)
+            nll = nn.functional.cross_entropy(out.logits, labels.to(out.logits.device), reduction="none")
+            grads = torch.autograd.grad(nll.sum(), [out.taps[l] for l in layers])
+        return ({l: out.keys[l].float().cpu() for l in layers},
+                {l: g.float().cpu() for l, g in zip(layers, grads)}, nll.detach().float().cpu())
 
     def restore_weights(self) -> None:
         """Put back, bit for bit, the weights kept by the last :meth:`save_weights`."""
@@ -194,6 +214,22 @@ def weight_health(model: nn.Module, layer: int, base: dict[int, torch.Tensor]) -
     return {**matrix_stats(W), "cum_delta_norm": float((W - start).norm())}
 
 
+class _no_param_grads:
+    """No parameter of ``model`` (if any) requires grad inside the block; flags restored after."""
+
+    def __init__(self, model):
+        params = model.parameters() if isinstance(model, nn.Module) else []
+        self.flags = [(p, p.requires_grad) for p in params]
+
+    def __enter__(self):
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, f in self.flags:
+            p.requires_grad_(f)
+
+
 def as_backbone(model_or_backbone) -> Backbone:
     return model_or_backbone if isinstance(model_or_backbone, Backbone) else LocalBackbone(model_or_backbone)
 
@@ -231,6 +267,15 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                     k = args[0][mask.bool()].float()
                     out.key_moments[l] = (k.T @ k).double()
                 hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
+        for l, at in plan.taps.items():
+            if l in layers:
+                def tap(_m, args, o, l=l, at=at):
+                    out.keys[l] = _gather(args[0], at)
+                    leaf = torch.zeros(len(at.rows), o.shape[-1], dtype=o.dtype, device=o.device,
+                                       requires_grad=torch.is_grad_enabled())
+                    out.taps[l] = leaf
+                    return o.index_put((at.rows.to(o.device), at.pos.to(o.device)), leaf, accumulate=True)
+                hook(model.get_submodule(edit_module_path(model, l)), tap)
         for l, M in plan.rotate.items():
             if l in layers:
                 hook(model.get_submodule(edit_module_path(model, l)),

