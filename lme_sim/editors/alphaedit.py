@@ -41,8 +41,10 @@ class AlphaEdit(MEMIT):
         A = P @ (K @ K.T + self.cache_c[layer]) + self.hp.L2 * torch.eye(P.shape[0], dtype=P.dtype)
         return torch.linalg.solve(A, P @ K @ R.T).T
 
-    def after_batch(self, cases: list[EditCase]) -> None:
-        keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size)
+    def after_batch(self, cases: list[EditCase], keys: dict[int, torch.Tensor] | None = None) -> None:
+        if keys is None:
+            keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size,
+                                early_stop=self.reuse)
         for l, K in keys.items():
             self.cache_c[l] += K.T.double() @ K.double()
 

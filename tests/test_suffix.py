@@ -1,0 +1,117 @@
+"""Suffix passes (lme_sim.suffix) against the full passes they replace: same logits, gradients,
+targets (to 1e-4 relative, identical step counts), keys and edits, in process and on shards."""
+
+import copy
+
+import pytest
+import torch
+
+from lme_sim.backbone import Inject, LocalBackbone, Positions
+from lme_sim.editors import make_editor
+from lme_sim.editors.activations import compute_keys
+from lme_sim.editors.hparams import load_hparams
+from lme_sim.editors.targets import _RowBatch, compute_targets
+from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
+from lme_sim.scoring import logits_at
+
+CONTEXTS = ["{}", "The job of . {}"]
+
+
+def _sharded(model, n):
+    return ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
+
+
+def _rel(a, b):
+    """Largest relative difference of target deltas, per request."""
+    return ((a.z - b.z).norm(dim=1) / b.delta.norm(dim=1).clamp_min(1e-12)).max().item()
+
+
+@pytest.mark.parametrize("n_shards", [0, 1, 3])  # 0: the in-process backbone
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_suffix_logits_and_gradients_equal_full_pass(small_world, n_shards, layer):
+    model, tok, world = small_world
+    cases = world.edit_cases(5, seed=2)
+    rw = _RowBatch.build(tok, cases, CONTEXTS, "{} is a")
+    bb = LocalBackbone(model) if n_shards == 0 else _sharded(model, n_shards)
+    assert bb.supports_suffix()
+    handle, kl_logits = rw.prefix(bb, layer)
+    kl_rows = rw.is_kl.nonzero()[:, 0]
+    full_kl = logits_at(model, rw.ids, rw.mask, kl_rows, rw.subj_pos[kl_rows])
+    assert torch.allclose(kl_logits, full_kl, atol=1e-5)
+    sel = torch.tensor([0, 3, 4, 7, 11, 12])  # a subset of rows, as after requests converged
+    ids, mask, subj = rw.ids[sel], rw.mask[sel], rw.subj_pos[sel]
+    rows = torch.arange(len(sel)).repeat_interleave(2)
+    pos = torch.minimum(subj[rows] + torch.tensor([0, 1]).repeat(len(sel)), mask.sum(1)[rows] - 1)
+    got = {}
+    for name in ("full", "suffix"):
+        values = torch.randn(len(sel), model.config.n_embd, generator=torch.Generator().manual_seed(0))
+        values.requires_grad_(True)
+        if name == "full":
+            logits = logits_at(model, ids, mask, rows, pos, Inject(layer, Positions(torch.arange(len(sel)), subj), values))
+        else:
+            logits = bb.suffix_logits(handle, sel, values, Positions(rows, pos - subj[rows]))
+        logits.logsumexp(-1).sum().backward()
+        got[name] = (logits.detach(), values.grad)
+    bb.drop_prefix(handle)
+    (a, ga), (b, gb) = got.values()
+    assert torch.allclose(a, b, atol=1e-4)
+    assert ga.abs().sum() > 0 and torch.allclose(ga, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop", [0.05, 0.5, 1.0])  # 0.5, 1.0: requests converge after different steps
+@pytest.mark.parametrize("layer", [1, 2])
+def test_suffix_targets_equal_full_passes(small_world, layer, stop):
+    model, tok, world = small_world
+    cases = world.edit_cases(10, seed=5)
+    hp = load_hparams("alphaedit", "world:small", {"v_loss_stop": stop})
+    new = compute_targets(model, tok, cases, layer, CONTEXTS, hp)
+    ref = compute_targets(model, tok, cases, layer, CONTEXTS, hp, reuse=False)
+    assert torch.equal(new.steps, ref.steps)
+    assert _rel(new, ref) < 1e-4
+    assert torch.allclose(new.loss, ref.loss, rtol=1e-4, atol=1e-6)
+    if stop == 0.5:
+        assert len(set(ref.steps.tolist())) > 2  # the batch shrinks along the way
+
+
+def test_suffix_targets_on_shards_equal_reference(small_world):
+    model, tok, world = small_world
+    cases = world.edit_cases(8, seed=3)
+    hp = load_hparams("memit", "world:small", {"v_loss_stop": 0.5})
+    ref = compute_targets(model, tok, cases, 2, CONTEXTS, hp, reuse=False)
+    for n in (2, 3):  # block 2's owner holds block 3 too, or not
+        new = compute_targets(_sharded(model, n), tok, cases, 2, CONTEXTS, hp)
+        assert torch.equal(new.steps, ref.steps)
+        assert _rel(new, ref) < 1e-4
+
+
+def test_keys_passes_that_stop_early_equal_full_passes(small_world):
+    model, tok, world = small_world
+    cases = world.edit_cases(6, seed=4)
+    for bb in (LocalBackbone(model), _sharded(model, 3)):
+        early = compute_keys(bb, tok, cases, [1, 2], CONTEXTS)
+        full = compute_keys(bb, tok, cases, [1, 2], CONTEXTS, early_stop=False)
+        for l in (1, 2):
+            assert torch.equal(early[l], full[l])
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_editor_reuse_equals_reference_path(small_world, method):
+    """Deltas, metrics and AlphaEdit's key covariance (K_p from the loop's keys) as on the full passes."""
+    from lme_sim.metrics import case_metrics, summarize
+
+    model, tok, world = small_world
+    cases = world.edit_cases(20, seed=0)
+    runs = {}
+    for reuse in (True, False):
+        m = copy.deepcopy(model)
+        editor = make_editor(method, m, tok, "world:small", {"v_loss_stop": 0.5}, world=world, progress=False)
+        editor.reuse = reuse
+        deltas = [editor.edit(cases[i:i + 10]).deltas for i in (0, 10)]
+        runs[reuse] = (deltas, summarize(case_metrics(m, tok, cases)), editor.state_dict())
+    (d1, m1, s1), (d0, m0, s0) = runs[True], runs[False]
+    for b1, b0 in zip(d1, d0):
+        for k in b0:
+            assert (b1[k] - b0[k]).norm() <= 1e-4 * b0[k].norm(), k
+    assert m1 == pytest.approx(m0, abs=1e-6)
+    for l, c in s0.get("cache_c", {}).items():
+        assert torch.allclose(s1["cache_c"][l], c, rtol=1e-5, atol=1e-6)
