@@ -45,8 +45,9 @@ class PrefixCache:
     layer: int  # L: the delta is added to this block's output
     start: torch.Tensor  # (B,) s_r: the first position the delta can change
     length: torch.Tensor  # (B,) real tokens from s_r on: the suffix length of each row
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # block l > L -> K, V (B, kv heads, P, head dim), P = max s_r
-    h: torch.Tensor | None  # (B, S, d) block L's output at positions s_r + j, S = max length (owner of L only)
+    # block l > L -> K, V (B, kv heads, P, head dim) of positions < P = max s_r (row r's: < s_r)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    h: torch.Tensor | None  # (B, S, d) block L's output at s_r + j, S = max length (the owner of L only)
 
 
 def _block(model: nn.Module, l: int) -> nn.Module:
@@ -86,7 +87,9 @@ def prefix_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
         if hidden_in is not None:
             _replace_input(_block(model, layers.start), hidden_in.to(dev), stack)
         if layer in layers:
-            hook(_block(model, layer), lambda _m, _a, o: kept.__setitem__("h", _suffix_of(_hidden(o), start, length)))
+            def keep(_m, _a, o):
+                kept["h"] = _suffix_of(_hidden(o), start, length)
+            hook(_block(model, layer), keep)
         if not last:
             def halt(_m, _a, o):
                 boundary.append(_hidden(o))
@@ -108,12 +111,13 @@ def prefix_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return pc, out, (boundary[0] if boundary else None)
 
 
-def suffix_mask(start: torch.Tensor, length: torch.Tensor, P: int, S: int, dtype: torch.dtype) -> torch.Tensor:
+def suffix_mask(start: torch.Tensor, length: torch.Tensor, P: int, S: int, dtype: torch.dtype
+                ) -> torch.Tensor:
     """(b, 1, S, P + S) additive mask: suffix position i of row r sees the prefix positions j < s_r
     and the real suffix positions j <= i (a padded i sees at least suffix position 0: no empty row)."""
     i = torch.arange(S)
     prefix_ok = (torch.arange(P)[None, :] < start[:, None])[:, None, :].expand(-1, S, -1)  # (b, S, P)
-    suffix_ok = (i[None, None, :] <= i[None, :, None]) & (i[None, None, :] < length[:, None, None])  # (b, S, S)
+    suffix_ok = (i[None, None, :] <= i[None, :, None]) & (i[None, None, :] < length[:, None, None])  # b, S, S
     ok = torch.cat([prefix_ok, suffix_ok], -1)
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)[:, None]
 
@@ -141,7 +145,8 @@ def _block_kwargs(model: nn.Module, h: torch.Tensor, pos: torch.Tensor) -> dict:
 
 
 def suffix_pass(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, values: torch.Tensor | None = None,
-                at: Positions | None = None, layers: range | None = None, hidden_in: torch.Tensor | None = None):
+                at: Positions | None = None, layers: range | None = None,
+                hidden_in: torch.Tensor | None = None):
     """Blocks L+1.. of ``layers`` on the suffix of ``rows`` (indices into the prefix pass's rows).
 
     ``values`` (b, d) is added to block L's cached output at suffix position 0 (the subject's last

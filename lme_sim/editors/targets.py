@@ -167,7 +167,12 @@ class _RowBatch:
         kl_rows = self.is_kl.nonzero()[:, 0]
         if (self.tgt_pos < self.subj_pos[self.tgt_row]).any():
             raise ValueError("a target token is predicted before the subject's last token")
-        return model.prefix(self.ids, self.mask, self.subj_pos, layer, Positions(kl_rows, self.subj_pos[kl_rows]))
+        # causal: positions after the last one read (a row's last target token, a KL row's subject)
+        # change nothing read, so they are masked out like padding
+        end = self.subj_pos + 1
+        end = end.scatter_reduce(0, self.tgt_row, self.tgt_pos + 1, reduce="amax")
+        mask = self.mask * (torch.arange(self.mask.shape[1])[None, :] < end[:, None])
+        return model.prefix(self.ids, mask, self.subj_pos, layer, Positions(kl_rows, self.subj_pos[kl_rows]))
 
     def forward(self, model, layer: int, delta: torch.Tensor, requests: torch.Tensor, prefix=None):
         """For the given requests: NLL (per request) and KL-row log-probs, deltas injected; with a
