@@ -144,36 +144,84 @@ def _block_kwargs(model: nn.Module, h: torch.Tensor, pos: torch.Tensor) -> dict:
     raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
 
 
+def length_groups(length: torch.Tensor, overhead: int = 32) -> list[torch.Tensor]:
+    """Rows (indices into ``length``) in groups of similar suffix length, each run as one padded batch:
+    the rows sorted by length, cut into runs minimizing padded tokens + ``overhead`` per group (a
+    smaller batch runs its matrix products less efficiently)."""
+    order = torch.argsort(length, stable=True)
+    ls = length[order].tolist()
+    n = len(ls)
+    # best[j]: the cost of the rows order[:j]; cut[j]: where the last of their groups starts
+    best, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            if i == 0 or ls[i] != ls[i - 1]:  # never split rows of equal length
+                cost = best[i] + (j - i) * ls[j - 1] + overhead
+                if best[j] is None or cost < best[j]:
+                    best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _run_blocks(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, h: torch.Tensor, blocks: list[int]):
+    """Blocks ``blocks`` on ``h`` (b, S, d), the suffixes of ``rows``, attending to their cached prefixes."""
+    dev = h.device
+    start, length = pc.start[rows], pc.length[rows]
+    P, S = int(start.max()), h.shape[1]
+    pos = (start[:, None] + torch.arange(S)).to(dev)  # (b, S) absolute positions
+    mask = suffix_mask(start, length, P, S, h.dtype).to(dev)  # (b, 1, S, P + S)
+    kv = _PrefixKV({l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
+                    for l, (k, v) in pc.kv.items() if l in blocks})
+    kwargs = _block_kwargs(model, h, pos)
+    for l in blocks:
+        h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=kv, **kwargs))
+    return h
+
+
 def suffix_pass(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, values: torch.Tensor | None = None,
                 at: Positions | None = None, layers: range | None = None,
                 hidden_in: torch.Tensor | None = None):
     """Blocks L+1.. of ``layers`` on the suffix of ``rows`` (indices into the prefix pass's rows).
 
     ``values`` (b, d) is added to block L's cached output at suffix position 0 (the subject's last
-    token) where this model owns block L; otherwise ``hidden_in`` (b, S, d) is the input. ``at``:
-    (row in ``rows``, suffix position) pairs where the logits are read. Returns (logits or None,
-    hidden states for the next shard or None); differentiable w.r.t. ``values`` and ``hidden_in``.
+    token) where this model owns block L; otherwise ``hidden_in`` is the input (what the previous
+    shard returned). ``at``: (row in ``rows``, suffix position) pairs where the logits are read.
+    Rows run in groups of similar suffix length (:func:`length_groups`); between shards the hidden
+    states of the groups travel packed, (sum over groups of rows x length, d). Returns (logits or
+    None, packed hidden states for the next shard or None); differentiable w.r.t. ``values`` and
+    ``hidden_in``.
     """
     dev = model.device
     layers = layers if layers is not None else range(n_layers(model))
     rows = rows.cpu()
-    start, length = pc.start[rows], pc.length[rows]
-    P, S = int(start.max()), int(length.max())
+    groups = length_groups(pc.length[rows])  # each: indices into ``rows``
+    widths = [int(pc.length[rows[g]].max()) for g in groups]
     if pc.layer in layers:
-        h = pc.h[rows.to(pc.h.device), :S]  # (b, S, d)
-        h = torch.cat([h[:, :1] + values.to(h.device, h.dtype)[:, None], h[:, 1:]], 1)
+        hs = []
+        for g, S in zip(groups, widths):
+            h = pc.h[rows[g].to(pc.h.device), :S]  # (b_g, S_g, d)
+            v = values[g.to(values.device)].to(h.device, h.dtype)
+            hs.append(torch.cat([h[:, :1] + v[:, None], h[:, 1:]], 1))
     else:
-        h = hidden_in.to(dev)
+        sizes = [len(g) * S for g, S in zip(groups, widths)]
+        hs = [x.view(len(g), S, -1) for x, g, S in zip(hidden_in.to(dev).split(sizes), groups, widths)]
     blocks = [l for l in layers if l > pc.layer]
     if blocks:
-        pos = (start[:, None] + torch.arange(S)).to(dev)  # (b, S) absolute positions
-        mask = suffix_mask(start, length, P, S, h.dtype).to(dev)  # (b, 1, S, P + S)
-        kv = _PrefixKV({l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
-                        for l, (k, v) in pc.kv.items() if l in blocks})
-        kwargs = _block_kwargs(model, h, pos)
-        for l in blocks:
-            h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=kv, **kwargs))
+        hs = [_run_blocks(model, pc, rows[g], h, blocks) for g, h in zip(groups, hs)]
     if layers.stop < n_layers(model):
-        return None, h
-    h = model.get_submodule(arch_of(model).final_norm)(h[at.rows.to(dev), at.pos.to(dev)])
+        return None, torch.cat([h.reshape(-1, h.shape[-1]) for h in hs])
+    group_of, index_in = torch.empty(len(rows), dtype=torch.long), torch.empty(len(rows), dtype=torch.long)
+    for k, g in enumerate(groups):
+        group_of[g], index_in[g] = k, torch.arange(len(g))
+    q_group = group_of[at.rows.cpu()]
+    picked, order = [], []
+    for k, h in enumerate(hs):
+        q = (q_group == k).nonzero()[:, 0]
+        picked.append(h[index_in[at.rows.cpu()[q]].to(dev), at.pos.cpu()[q].to(dev)])
+        order.append(q)
+    h = torch.cat(picked)[torch.argsort(torch.cat(order)).to(dev)]  # back in the order of ``at``
+    h = model.get_submodule(arch_of(model).final_norm)(h)
     return model.get_output_embeddings()(h).float(), None
