@@ -84,7 +84,8 @@ def test_suffix_targets_equal_full_passes(small_world, layer, stop, ragged):
     # the ragged rows are off the world's distribution (unknown words, losses 3-7 that never reach the
     # stop): over 25 steps of lr 0.5 float32 rounding differences grow from 1e-6 (12 steps) to 3e-4
     # (in float64 the two paths agree exactly), so they run 12 steps
-    hp = load_hparams("alphaedit", "world:small", {"v_loss_stop": stop, "v_num_grad_steps": 12 if ragged else 25})
+    steps = 12 if ragged else 25
+    hp = load_hparams("alphaedit", "world:small", {"v_loss_stop": stop, "v_num_grad_steps": steps})
     new = compute_targets(model, tok, cases, layer, CONTEXTS, hp)
     ref = compute_targets(model, tok, cases, layer, CONTEXTS, hp, reuse=False)
     assert torch.equal(new.steps, ref.steps)
@@ -97,7 +98,8 @@ def test_suffix_targets_equal_full_passes(small_world, layer, stop, ragged):
 def test_suffix_targets_on_shards_equal_reference(small_world):
     model, tok, world = small_world
     cases = _ragged(world.edit_cases(8, seed=3))
-    hp = load_hparams("memit", "world:small", {"v_loss_stop": 0.5, "v_num_grad_steps": 12})  # ragged: see above
+    # ragged rows: 12 steps (see test_suffix_targets_equal_full_passes)
+    hp = load_hparams("memit", "world:small", {"v_loss_stop": 0.5, "v_num_grad_steps": 12})
     ref = compute_targets(model, tok, cases, 2, CONTEXTS, hp, reuse=False)
     for n in (2, 3):  # block 2's owner holds block 3 too, or not
         new = compute_targets(_sharded(model, n), tok, cases, 2, CONTEXTS, hp)
@@ -154,7 +156,8 @@ def test_suffix_targets_equal_full_passes_on_smollm2():
     contexts = context_templates(lm.model, lm.tok, hp.context_templates)
     new = compute_targets(lm.model, lm.tok, cases, 8, contexts, hp)
     ref = compute_targets(lm.model, lm.tok, cases, 8, contexts, hp, reuse=False)
-    differ = new.steps != ref.steps  # allowed only where the run that stopped first was within 1e-3 of the stop
+    # step counts may differ only where the run that stopped first was within 1e-3 of the stop
+    differ = new.steps != ref.steps
     first = torch.where(new.steps < ref.steps, new.loss, ref.loss)
     assert ((first[differ] - hp.v_loss_stop).abs() < 1e-3).all()
     same = ~differ
