@@ -56,6 +56,8 @@ class Plan:
     # (Output.taps): the gradient w.r.t. that leaf is the gradient w.r.t. W's output there.
     # Used through Backbone.keys_and_output_grads (UltraEdit).
     taps: dict[int, Positions] = field(default_factory=dict)
+    # the pass may end after this block: nothing after it is read (no logits); None: the whole model
+    stop: int | None = None
 
     def differentiable(self) -> bool:
         return (self.inject is not None and self.inject.values.requires_grad) or \
@@ -109,7 +111,7 @@ class Backbone:
         sums: dict[int, torch.Tensor] = {}
         n = 0
         for input_ids, attention_mask in batches:
-            out = self.run(input_ids, attention_mask, Plan(key_moments=list(layers)))
+            out = self.run(input_ids, attention_mask, Plan(key_moments=list(layers), stop=max(layers)))
             n += out.n_tokens
             for l, kk in out.key_moments.items():
                 sums[l] = sums[l] + kk if l in sums else kk
@@ -143,6 +145,26 @@ class Backbone:
     def restore_weights(self) -> None:
         """Put back, bit for bit, the weights kept by the last :meth:`save_weights`."""
         raise NotImplementedError
+
+    # Suffix passes (lme_sim.suffix): each target-optimization step runs only what its delta can change.
+    def supports_suffix(self) -> bool:
+        """Whether :meth:`prefix` / :meth:`suffix_logits` work here (else callers run full passes)."""
+        return False
+
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor, layer: int,
+               logits: Positions | None = None):
+        """One pass without gradients that keeps what no vector added to block ``layer``'s output at
+        positions ``start`` (B,) can change; returns (a handle for :meth:`suffix_logits`, logits at
+        ``logits`` of the unchanged model)."""
+        raise NotImplementedError
+
+    def suffix_logits(self, handle, rows: torch.Tensor, values: torch.Tensor, at: Positions) -> torch.Tensor:
+        """Logits at ``at`` ((index into ``rows``, position - start) pairs) with ``values[i]`` added to
+        block ``layer``'s output at ``start`` of row ``rows[i]``; differentiable w.r.t. ``values``."""
+        raise NotImplementedError
+
+    def drop_prefix(self, handle) -> None:
+        """Free what :meth:`prefix` kept."""
 
 
 class LocalBackbone(Backbone):
@@ -179,6 +201,22 @@ class LocalBackbone(Backbone):
 
     def restore_weights(self):
         restore_weights(self.model, self._saved)
+
+    def supports_suffix(self):
+        from .suffix import supports_suffix
+
+        return supports_suffix(self.model)
+
+    def prefix(self, input_ids, attention_mask, start, layer, logits=None):
+        from .suffix import prefix_pass
+
+        pc, out, _ = prefix_pass(self.model, input_ids, attention_mask, start, layer, logits)
+        return pc, out
+
+    def suffix_logits(self, handle, rows, values, at):
+        from .suffix import suffix_pass
+
+        return suffix_pass(self.model, handle, rows, values, at)[0]
 
 
 def save_weights(model: nn.Module, layers, saved: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -244,6 +282,10 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     dev = model.device
     layers = layers if layers is not None else range(n_layers(model))
+    if plan.stop is not None and layers.start <= plan.stop < layers.stop - 1:
+        if plan.logits is not None:
+            raise ValueError("a plan that reads logits cannot stop before the last block")
+        layers = range(layers.start, plan.stop + 1)  # blocks after ``stop`` cannot change what is read
     last = layers.stop == n_layers(model)
     out = Output()
     mask = attention_mask.to(dev)

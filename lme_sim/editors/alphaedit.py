@@ -52,9 +52,12 @@ class AlphaEdit(MEMIT):
         A = P @ (K @ K.T + self.cache_c[layer]) + self.hp.L2 * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
         return torch.linalg.solve(A, P @ K @ R.T).T.cpu()
 
-    def after_batch(self, cases: list[EditCase]) -> None:
-        """Kp Kp^T gains this batch's keys on the edited model: pending until :meth:`commit`."""
-        keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size)
+    def after_batch(self, cases: list[EditCase], keys: dict[int, torch.Tensor] | None = None) -> None:
+        """Kp Kp^T gains this batch's keys on the edited model: pending until :meth:`commit`. ``keys``:
+        the loop's own (layer l's keys cannot change once layers below l are written)."""
+        if keys is None:
+            keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size,
+                                early_stop=self.reuse)
         self._pending = {l: (K.T.double() @ K.double()).to(self.device) for l, K in keys.items()}
 
     def commit(self) -> None:

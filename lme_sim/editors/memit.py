@@ -6,6 +6,11 @@ and the residual R = (Z - H_L) / (remaining layers), then (eq. 14)
     Delta_l = R K^T (lambda C0 + K K^T)^-1
 
 AlphaEdit subclasses this and changes only :meth:`MEMIT.solve` and :meth:`MEMIT.after_batch`.
+
+With ``reuse`` (the default) nothing an edit cannot change is computed twice: target optimization
+runs only what its deltas can change (:mod:`lme_sim.editors.targets`), the passes for layer l's keys
+end at block l, and the keys of the loop are the batch's keys on the edited model (edits at layers
+>= l cannot change layer l's keys) for :meth:`after_batch`. ``reuse = False``: the reference passes.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class MEMITHParams(TargetHParams):
 class MEMIT(Editor):
     method = "memit"
     hparams_class = MEMITHParams
+    reuse = True  # False: every pass runs the whole model (the reference path)
 
     def __init__(self, model, tok, hparams, **kw):
         super().__init__(model, tok, hparams, **kw)
@@ -44,8 +50,9 @@ class MEMIT(Editor):
         A = self.hp.mom2_update_weight * self.C0[layer] + K @ K.T
         return R @ torch.linalg.solve(A, K).T
 
-    def after_batch(self, cases: list[EditCase]) -> None:
-        """Hook for state updates once the whole batch is written."""
+    def after_batch(self, cases: list[EditCase], keys: dict[int, torch.Tensor] | None = None) -> None:
+        """Hook for state updates once the whole batch is written; ``keys``: layer -> K (n, d_ff) of the
+        batch on the edited model, where known."""
 
     def edit(self, cases: list[EditCase]) -> EditResult:
         self.commit()  # the previous batch's pending state, where nobody committed it
@@ -53,15 +60,17 @@ class MEMIT(Editor):
         timer = PhaseTimer()
         z_layer = hp.layers[-1]
         with timer("targets"):
-            targets = compute_targets(model, tok, cases, z_layer, self.contexts, hp)
+            targets = compute_targets(model, tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
         prompts, subjects = [c.prompt for c in cases], [c.subject for c in cases]
+        keys: dict[int, torch.Tensor] = {}
         deltas, stats = {}, {"target_steps_mean": targets.steps.float().mean().item(),
                              "target_loss_mean": targets.loss.mean().item()}
         for i, layer in enumerate(hp.layers):
             with timer("keys"):
-                K = compute_keys(model, tok, cases, [layer], self.contexts, hp.batch_size)[layer]
+                K = keys[layer] = compute_keys(model, tok, cases, [layer], self.contexts, hp.batch_size,
+                                               early_stop=self.reuse)[layer]
                 cur = activations_at(model, tok, prompts, subjects, [z_layer], kind="hidden",
-                                     batch_size=hp.batch_size)[z_layer]
+                                     batch_size=hp.batch_size, early_stop=self.reuse)[z_layer]
             with timer("solve"):
                 R = (targets.z - cur) / (len(hp.layers) - i)
                 delta = self.solve(layer, K.T.double(), R.T.double()).float()
@@ -70,5 +79,6 @@ class MEMIT(Editor):
             deltas[name] = stored
             stats[f"delta_norm_l{layer}"] = delta.norm().item()
         with timer("keys"):  # AlphaEdit: the batch's keys on the edited model
-            self.after_batch(cases)
+            # layer l's keys once the layers below l were written are those of the edited model
+            self.after_batch(cases, keys if self.reuse and hp.layers == sorted(hp.layers) else None)
         return EditResult(deltas, dict(timer), stats)

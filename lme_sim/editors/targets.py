@@ -11,6 +11,11 @@ with early stop once loss_r < v_loss_stop and ||delta_r|| clamped to clamp_norm_
 All requests of a batch share one forward/backward per step. Because the losses are summed and
 Adam is element-wise, each delta_r follows exactly the trajectory it would follow alone; a
 request that has converged is frozen and its rows leave the batch.
+
+With ``reuse`` (the default, where the backbone supports it) one pass per batch keeps what no delta
+can change (positions before the subject's last token, blocks up to L; :mod:`lme_sim.suffix`) and
+each step runs only blocks L+1.. on the positions from the subject's last token on: the same math
+as the full passes (``reuse=False``, the reference), with less arithmetic.
 """
 
 from __future__ import annotations
@@ -55,29 +60,47 @@ def frozen(model):
 
 
 def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: list[str],
-                    hp: TargetHParams, batched: bool = True) -> Targets:
-    """Targets for every case; ``batched=False`` runs the same math one request at a time."""
+                    hp: TargetHParams, batched: bool = True, reuse: bool = True) -> Targets:
+    """Targets for every case; ``batched=False`` runs the same math one request at a time; ``reuse=False``
+    runs every step through the whole model (the reference for the suffix passes)."""
     model = as_backbone(model)
     if not batched:
-        parts = [compute_targets(model, tok, [c], layer, contexts, hp) for c in cases]
+        parts = [compute_targets(model, tok, [c], layer, contexts, hp, reuse=reuse) for c in cases]
         return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
     n = len(cases)
     subjects = [c.subject for c in cases]
     h_init = activations_at(model, tok, [c.prompt for c in cases], subjects, [layer], kind="hidden",
-                            batch_size=hp.batch_size)[layer]
+                            batch_size=hp.batch_size, early_stop=reuse)[layer]
     rw = _RowBatch.build(tok, cases, contexts, hp.kl_prompt)
     delta = torch.zeros_like(h_init, requires_grad=True)
+    steps = torch.zeros(n, dtype=torch.long)
+    final = torch.zeros(n)
+    prefix = None
+    if reuse and model.supports_suffix():
+        prefix, kl_logits = rw.prefix(model, layer)
+        kl_init = torch.log_softmax(kl_logits, -1)
+    else:
+        with torch.no_grad():
+            kl_init = rw.forward(model, layer, delta, torch.arange(n))[1]
+    try:
+        _optimize(model, rw, layer, hp, delta, h_init, kl_init, prefix, steps, final)
+    finally:
+        if prefix is not None:
+            model.drop_prefix(prefix)
+    return Targets(z=(h_init + delta.detach()).cpu(), h_init=h_init.cpu(), steps=steps, loss=final)
+
+
+def _optimize(model, rw: "_RowBatch", layer: int, hp: TargetHParams, delta: torch.Tensor, h_init: torch.Tensor,
+              kl_init: torch.Tensor, prefix, steps: torch.Tensor, final: torch.Tensor) -> None:
+    """Adam on ``delta`` (n, d) in place; records each request's steps and final loss."""
+    n = len(delta)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool)
-    steps = torch.zeros(n, dtype=torch.long)
-    final = torch.zeros(n)
-    with torch.no_grad():
-        kl_init = rw.forward(model, layer, delta, torch.arange(n))[1]
     with frozen(model):
         for it in range(hp.v_num_grad_steps):
             idx = active.nonzero()[:, 0]
-            nll, kl_logp = rw.forward(model, layer, delta, idx)
+            nll, kl_logp = rw.forward(model, layer, delta, idx, prefix)
             kl = (kl_logp.exp() * (kl_logp - kl_init[idx])).sum(-1)
             wd = hp.v_weight_decay * delta[idx].norm(dim=1) / h_init[idx].norm(dim=1) ** 2
             loss = nll + hp.kl_factor * kl + wd
@@ -96,7 +119,6 @@ def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: lis
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
                 delta.mul_(scale[:, None])
-    return Targets(z=(h_init + delta.detach()).cpu(), h_init=h_init.cpu(), steps=steps, loss=final)
 
 
 @dataclass
@@ -139,8 +161,22 @@ class _RowBatch:
             tgt_row=rows, tgt_pos=pos, tgt_label=labels, tgt_weight=weight, n_req=n,
         )
 
-    def forward(self, model, layer: int, delta: torch.Tensor, requests: torch.Tensor):
-        """For the given requests: NLL (per request) and KL-row log-probs, deltas injected."""
+    def prefix(self, model, layer: int):
+        """The pass without gradients that keeps what no delta can change (every row); returns its
+        handle and the KL rows' logits before any edit, in request order."""
+        kl_rows = self.is_kl.nonzero()[:, 0]
+        if (self.tgt_pos < self.subj_pos[self.tgt_row]).any():
+            raise ValueError("a target token is predicted before the subject's last token")
+        # causal: positions after the last one read (a row's last target token, a KL row's subject)
+        # change nothing read, so they are masked out like padding
+        end = self.subj_pos + 1
+        end = end.scatter_reduce(0, self.tgt_row, self.tgt_pos + 1, reduce="amax")
+        mask = self.mask * (torch.arange(self.mask.shape[1])[None, :] < end[:, None])
+        return model.prefix(self.ids, mask, self.subj_pos, layer, Positions(kl_rows, self.subj_pos[kl_rows]))
+
+    def forward(self, model, layer: int, delta: torch.Tensor, requests: torch.Tensor, prefix=None):
+        """For the given requests: NLL (per request) and KL-row log-probs, deltas injected; with a
+        ``prefix`` handle (:meth:`prefix`) only the part a delta can change runs."""
         sel = torch.isin(self.owner, requests).nonzero()[:, 0]
         local = torch.full((len(self.owner),), -1, dtype=torch.long)
         local[sel] = torch.arange(len(sel))
@@ -156,7 +192,10 @@ class _RowBatch:
         kl_rows = self.is_kl[sel].nonzero()[:, 0]
         q_rows = torch.cat([t_rows, kl_rows])
         q_pos = torch.cat([self.tgt_pos[t_keep], subj[kl_rows]])
-        logits = logits_at(model, ids, mask, q_rows, q_pos, inject)
+        if prefix is None:
+            logits = logits_at(model, ids, mask, q_rows, q_pos, inject)
+        else:  # suffix coordinates: position - the row's subject position
+            logits = model.suffix_logits(prefix, sel, delta[owner], Positions(q_rows, q_pos - subj[q_rows]))
         logp = torch.log_softmax(logits, -1)
         n_t = len(t_rows)
         tok_lp = logp[:n_t].gather(1, self.tgt_label[t_keep].to(logp.device)[:, None])[:, 0]

@@ -17,7 +17,7 @@ computed on its device.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
 from ..backbone import (Backbone, Inject, Output, Plan, add_deltas, restore_weights, run_plan, save_weights,
                         weight_health)
 from ..linalg import nullspace_projector
+from ..suffix import supports_suffix
 
 
 class PassThrough(nn.Module):
@@ -45,7 +46,7 @@ def split_layers(n: int, n_shards: int) -> list[range]:
 
 
 class ModelShard:
-    """Blocks ``layers`` of a model, with versioned deltas and autograd across shard boundaries."""
+    """Blocks ``layers`` of a model, its deltas, and autograd across shard boundaries."""
 
     def __init__(self, model: nn.Module | str, layers: range, device: str = "cpu", dtype: str | None = None):
         """``model``: a model or its name (loaded here, on the CPU in ``dtype``); ``dtype``: e.g.
@@ -67,11 +68,13 @@ class ModelShard:
         self._moments: dict[int, torch.Tensor] = {}  # running key statistics (on the device)
         self._saved: dict[str, torch.Tensor] = {}  # weights kept by save_weights (a rejected batch)
         self._graphs: dict[int, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]] = {}
+        self._prefixes: dict[int, Any] = {}  # batch key -> lme_sim.suffix.PrefixCache of this shard's blocks
 
     def info(self) -> dict[str, Any]:
         return {"layers": (self.layers.start, self.layers.stop), "n_layers": n_layers(self.model),
                 "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
                 "config": self.model.config, "transposed": arch_of(self.model).transposed,
+                "suffix": supports_suffix(self.model),
                 "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers}}
 
     def forward(self, req: int, input_ids, attention_mask, plan: Plan, hidden_in=None, grad: bool = False):
@@ -135,6 +138,38 @@ class ModelShard:
         """W += delta for parameters this shard owns."""
         add_deltas(self.model, deltas, self._master)
 
+    def prefix(self, key: int, input_ids, attention_mask, start, layer: int, logits=None, hidden_in=None):
+        """This shard's part of :func:`lme_sim.suffix.prefix_pass`: the cache of the blocks it owns
+        stays here under ``key``. Returns (logits or None, hidden states for the next shard or None)."""
+        from ..suffix import prefix_pass
+
+        pc, out, boundary = prefix_pass(self.model, input_ids, attention_mask, start, layer, logits,
+                                        self.layers, hidden_in)
+        if pc.h is not None or pc.kv:
+            self._prefixes[key] = pc
+        return (out.cpu() if out is not None else None), (boundary.cpu() if boundary is not None else None)
+
+    def suffix_forward(self, req: int, key: int, rows, values, at, hidden_in=None, grad: bool = False):
+        """This shard's part of :func:`lme_sim.suffix.suffix_pass` on the cache kept under ``key``; with
+        ``grad`` the graph is kept under ``req`` for :meth:`backward` (leaves ``"hidden"``, ``"inject"``)."""
+        from ..suffix import suffix_pass
+
+        pc, leaves = self._prefixes[key], {}
+        if grad:
+            if hidden_in is not None:
+                hidden_in = leaves["hidden"] = hidden_in.detach().requires_grad_(True)
+            if pc.layer in self.layers:
+                values = leaves["inject"] = values.detach().requires_grad_(True)
+        with torch.set_grad_enabled(grad):
+            logits, boundary = suffix_pass(self.model, pc, rows, values, at, self.layers, hidden_in)
+        if grad:
+            self._graphs[req] = (leaves, logits if boundary is None else boundary)
+        return (logits.detach().cpu() if logits is not None else None), \
+            (boundary.detach().cpu() if boundary is not None else None)
+
+    def drop_prefix(self, key: int) -> None:
+        self._prefixes.pop(key, None)
+
     def edit_weight(self, layer: int) -> torch.Tensor:
         return weight_view(self.model, layer).detach().cpu().clone()
 
@@ -185,6 +220,7 @@ class ShardedBackbone(Backbone):
         self._transposed = infos[0]["transposed"]
         self._param_names = {l: n for i in infos for l, n in i["param_names"].items()}
         self._layer_of = {n: l for l, n in self._param_names.items()}
+        self._suffix = all(i.get("suffix", False) for i in infos)
 
     def _owner(self, layer: int) -> int:
         return next(i for i, r in enumerate(self.ranges) if layer in r)
@@ -202,6 +238,8 @@ class ShardedBackbone(Backbone):
     def _chain(self, req, input_ids, attention_mask, plan: Plan, grad_from: int | None) -> Output:
         merged, hidden = Output(), None
         for i, shard in enumerate(self.shards):
+            if plan.stop is not None and self.ranges[i].start > plan.stop:
+                break  # nothing after block ``stop`` is read
             grad = grad_from is not None and i >= grad_from
             out, hidden = call(shard, "forward", req, input_ids, attention_mask, plan, hidden, grad)
             merged.keys.update(out.keys)
@@ -278,6 +316,61 @@ class ShardedBackbone(Backbone):
             raise
         return ({l: merged.keys[l].float() for l in layers}, {l: found[("tap", l)].float() for l in layers},
                 nll.detach())
+
+    def supports_suffix(self) -> bool:
+        return self._suffix
+
+    def prefix(self, input_ids, attention_mask, start, layer, logits=None):
+        """Every shard runs its blocks once; each keeps the cache of the blocks it owns (the owner of
+        ``layer`` also keeps that block's output) until :meth:`drop_prefix`."""
+        key, hidden, out = next(self._requests), None, None
+        for shard in self.shards:
+            got, hidden = call(shard, "prefix", key, input_ids, attention_mask, start, layer, logits, hidden)
+            out = got if got is not None else out
+        return _Prefix(key, layer), out
+
+    def suffix_logits(self, handle, rows, values, at):
+        if values.requires_grad:
+            return _ShardedSuffixLogits.apply(self, handle, rows, at, values)
+        return self._suffix_chain(next(self._requests), handle, rows, values, at, grad=False)
+
+    def _suffix_chain(self, req, handle, rows, values, at, grad: bool):
+        logits, hidden = None, None
+        for shard in self.shards[self._owner(handle.layer):]:  # shards before it hold nothing a delta changes
+            logits, hidden = call(shard, "suffix_forward", req, handle.key, rows, values, at, hidden, grad)
+        return logits
+
+    def drop_prefix(self, handle) -> None:
+        for shard in self.shards:
+            call(shard, "drop_prefix", handle.key)
+
+
+@dataclass(frozen=True)
+class _Prefix:
+    key: int  # what the shards keep their caches under
+    layer: int
+
+
+class _ShardedSuffixLogits(torch.autograd.Function):
+    """Suffix logits (:meth:`ShardedBackbone.suffix_logits`) as a differentiable function of the
+    injected vectors, across shards: the gradient goes back from the last shard to block L's owner."""
+
+    @staticmethod
+    def forward(ctx, backbone: ShardedBackbone, handle: _Prefix, rows, at, values):
+        req = next(backbone._requests)
+        logits = backbone._suffix_chain(req, handle, rows, values.detach(), at, grad=True)
+        ctx.backbone, ctx.req, ctx.first = backbone, req, backbone._owner(handle.layer)
+        ctx.meta = (values.dtype, values.device)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        backbone, grad, found = ctx.backbone, grad_logits.cpu(), None
+        for i in range(len(backbone.shards) - 1, ctx.first - 1, -1):
+            grads = call(backbone.shards[i], "backward", ctx.req, grad)
+            grad = grads.pop("hidden", None)
+            found = grads.get("inject", found)
+        return None, None, None, None, found.to(device=ctx.meta[1], dtype=ctx.meta[0])
 
 
 class _ShardedLogits(torch.autograd.Function):
