@@ -22,16 +22,9 @@ import torch
 from torch import nn
 
 from .arch import arch_of, edit_module_path, layer_path, n_layers, weight_view
+from .hooks import Positions, _hidden, _replace_input, _StopForward
 from .linalg import nullspace_projector
 from .weights import add_delta, matrix_stats
-
-
-@dataclass
-class Positions:
-    """(row, position) pairs to read at."""
-
-    rows: torch.Tensor
-    pos: torch.Tensor
 
 
 @dataclass
@@ -356,27 +349,6 @@ def rotate_input(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     n, b, _ = M.shape
     xb = x.reshape(*x.shape[:-1], n, b).to(M.dtype)
     return torch.einsum("...nj,nij->...ni", xb, M.to(x.device)).reshape(x.shape).to(x.dtype)
-
-
-class _StopForward(Exception):
-    """Ends a shard's forward pass after its last block."""
-
-
-def _replace_input(module: nn.Module, hidden: torch.Tensor, stack: ExitStack) -> None:
-    def pre(_m, args, kwargs):
-        if args:
-            return (hidden,) + tuple(args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = hidden
-        return args, kwargs
-
-    handle = module.register_forward_pre_hook(pre, with_kwargs=True)
-    stack.callback(handle.remove)
-
-
-def _hidden(out) -> torch.Tensor:
-    """A block's output hidden states (some blocks return a tuple)."""
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _gather(t: torch.Tensor, at: Positions) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .arch import arch_of, layer_path, n_layers
-from .backbone import Positions, _hidden, _replace_input, _StopForward
+from .hooks import Positions, _hidden, _replace_input, _StopForward
 
 SUFFIX_ARCHS = ("gpt2", "llama")  # architectures whose blocks :func:`suffix_pass` knows how to call
 

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lme_sim"
 
 # bottom first; a module may import from its own layer and the ones below it, never from above
 LAYERS = [
-    ["lme_sim", "paths", "cases", "config", "arch", "tokens", "weights", "linalg", "sysinfo", "storage"],
-    ["world", "data", "stream", "smollm2", "backbone"],
+    ["lme_sim", "paths", "cases", "config", "arch", "tokens", "weights", "linalg", "hooks", "sysinfo", "storage"],
+    ["world", "data", "stream", "smollm2", "backbone", "suffix"],
     ["world_model", "models", "scoring"],
     ["metrics", "general_ability", "vllm_scorer", "analysis", "report", "corpus"],
     ["editors"],

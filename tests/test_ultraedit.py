@@ -112,6 +112,8 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
     editor = make_editor("ultraedit", model, tok, MODEL, world=world, progress=False)
     layers = list(editor.hp.layers)
     result = editor.edit(cases[:10])
+    assert editor.norms == {}  # two-phase: the batch's normalizer is pending until the guard accepts it
+    editor.commit()
     batch = encode_pairs(tok, [c.prompt for c in cases[:10]], [c.target_new for c in cases[:10]])
     sig = answer_keys_and_grads(reference, batch, layers)
     norms: dict = {}
@@ -128,6 +130,7 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
     twin = make_editor("ultraedit", copy.deepcopy(model), tok, MODEL, world=world, progress=False)
     twin.load_state_dict(state)
     editor.edit(cases[10:])  # the state taken before must not move with the editor
+    editor.commit()
     for name, buffers in state["normalizers"].items():
         for k, v in buffers.items():
             assert torch.equal(twin.norms[name].state_dict()[k], v)
