@@ -36,8 +36,12 @@ def probes_per_second(lm, cases) -> None:
     rows = case_metrics(lm.model, lm.tok, cases, batch_size=64)
     dt = time.perf_counter() - t0
     n_probes = sum(2 + 2 * len(c.paraphrases) + 2 * len(c.neighborhood) for c in cases)
-    print(f"case_metrics: {len(cases)} cases, {n_probes} probes in {dt:.1f} s: {n_probes / dt:.0f} probes/s; "
-          f"unedited {summarize(rows)}", flush=True)
+    print(
+        f"case_metrics: {len(cases)} cases, {n_probes} probes in {dt:.1f} s: {n_probes / dt:.0f} probes/s; "
+        f"unedited {summarize(rows)}",
+        flush=True,
+    )
+
 
 if __name__ == "__main__":
     main(*(int(a) for a in sys.argv[1:]))

@@ -32,9 +32,18 @@ from lme_sim.paths import cache_root
 from lme_sim.sysinfo import Measure, machine_info, versions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PAPER = {"layers": [4, 5, 6, 7, 8], "v_lr": 0.1, "v_num_grad_steps": 25, "v_loss_stop": 0.05,
-         "clamp_norm_factor": 0.75, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-         "context_templates": [[10, 5]], "nullspace_threshold": 2e-2, "L2": 10.0}
+PAPER = {
+    "layers": [4, 5, 6, 7, 8],
+    "v_lr": 0.1,
+    "v_num_grad_steps": 25,
+    "v_loss_stop": 0.05,
+    "clamp_norm_factor": 0.75,
+    "v_weight_decay": 0.5,
+    "kl_factor": 0.0625,
+    "context_templates": [[10, 5]],
+    "nullspace_threshold": 2e-2,
+    "L2": 10.0,
+}
 QUALITY = ("efficacy", "generalization", "specificity")
 
 
@@ -71,21 +80,30 @@ def run_path(lm, cases, overrides: dict, reuse: bool, batch: int) -> dict:
     deltas, stats, batches = [], [], []
     with Measure("cpu") as m:
         for i in range(0, len(cases), batch):
-            res = editor.edit(cases[i:i + batch])
+            res = editor.edit(cases[i : i + batch])
             for k, v in res.timings.items():
                 phases[k] = phases.get(k, 0.0) + v
             deltas.append(res.deltas)
             stats.append(res.stats)
             batches.append(res.timings)
-            print(f"  {'suffix' if reuse else 'reference'} batch {i // batch}: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
-                  + f"; mean steps {res.stats['target_steps_mean']:.1f}", flush=True)
+            print(
+                f"  {'suffix' if reuse else 'reference'} batch {i // batch}: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
+                + f"; mean steps {res.stats['target_steps_mean']:.1f}",
+                flush=True,
+            )
     quality = summarize(case_metrics(model, lm.tok, cases))
     n = len(cases)
-    return {"s_per_edit": m.seconds / n, "cpu_s_per_edit": m.cpu_seconds / n,
-            "phases_s_per_edit": {k: v / n for k, v in phases.items()},
-            "quality": {k: quality[k] for k in QUALITY}, "stats": stats, "batches": batches, "deltas": deltas,
-            "contexts": editor.contexts}
+    return {
+        "s_per_edit": m.seconds / n,
+        "cpu_s_per_edit": m.cpu_seconds / n,
+        "phases_s_per_edit": {k: v / n for k, v in phases.items()},
+        "quality": {k: quality[k] for k in QUALITY},
+        "stats": stats,
+        "batches": batches,
+        "deltas": deltas,
+        "contexts": editor.contexts,
+    }
 
 
 def step_flops(lm, cases, contexts, layer: int, overrides: dict, reps: int = 3) -> dict:
@@ -108,6 +126,7 @@ def step_flops(lm, cases, contexts, layer: int, overrides: dict, reps: int = 3) 
         def step():
             nll, kl_logp = rw.forward(bb, layer, delta, torch.arange(n), h)
             (nll.sum() + kl_logp.exp().sum()).backward()
+
         with frozen(bb):
             with FlopCounterMode(display=False) as fc:
                 step()
@@ -136,8 +155,11 @@ def main() -> None:
     ap.add_argument("--n-edits", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "locate_edit_speed.json"))
-    ap.add_argument("--flops-only", action="store_true",
-                    help="only torch.mm's rate and the FLOPs and CPU seconds of one step of each path")
+    ap.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="only torch.mm's rate and the FLOPs and CPU seconds of one step of each path",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.flops_only:
@@ -153,37 +175,63 @@ def main() -> None:
     for name, reuse in (("reference", False), ("suffix", True)):
         runs[name] = run_path(lm, cases, overrides, reuse, args.batch)
         r = runs[name]
-        print(f"{name}: {r['s_per_edit']:.2f} s/edit (CPU {r['cpu_s_per_edit']:.2f}); "
-              + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s_per_edit"].items())
-              + "; " + ", ".join(f"{k} {v:.2f}" for k, v in r["quality"].items()), flush=True)
-    mm = {k: max(v, mm_gflops(*(576, 576, 1536) if k.startswith("mm_576") else (1024, 1024, 1024)))
-          for k, v in mm.items()}  # again after the runs: the better of the two
+        print(
+            f"{name}: {r['s_per_edit']:.2f} s/edit (CPU {r['cpu_s_per_edit']:.2f}); "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["phases_s_per_edit"].items())
+            + "; "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["quality"].items()),
+            flush=True,
+        )
+    mm = {
+        k: max(v, mm_gflops(*(576, 576, 1536) if k.startswith("mm_576") else (1024, 1024, 1024)))
+        for k, v in mm.items()
+    }  # again after the runs: the better of the two
     ref, new = runs["reference"], runs["suffix"]
-    rel = max(((a[k] - b[k]).norm() / b[k].norm()).item()
-              for da, db in zip(new["deltas"], ref["deltas"]) for a, b in [(da, db)] for k in b)
-    flops = step_flops(lm, cases[:args.batch], new["contexts"], PAPER["layers"][-1], overrides)
+    rel = max(
+        ((a[k] - b[k]).norm() / b[k].norm()).item()
+        for da, db in zip(new["deltas"], ref["deltas"])
+        for a, b in [(da, db)]
+        for k in b
+    )
+    flops = step_flops(lm, cases[: args.batch], new["contexts"], PAPER["layers"][-1], overrides)
     # batch 0 of the timed run: the same cases on the same (unedited) model as the counted run
     rate = flops["suffix_targets_batch"] / new["batches"][0]["targets"] / 1e9  # per second of wall time
     result = {
-        "benchmark": "locate_edit_speed", "model": "smollm2-135m", "n_edits": len(cases), "batch": args.batch,
-        "hparams": PAPER, "torch_mm_gflops": mm, "quality_before": {k: before[k] for k in QUALITY},
+        "benchmark": "locate_edit_speed",
+        "model": "smollm2-135m",
+        "n_edits": len(cases),
+        "batch": args.batch,
+        "hparams": PAPER,
+        "torch_mm_gflops": mm,
+        "quality_before": {k: before[k] for k in QUALITY},
         "reference": {k: v for k, v in ref.items() if k not in ("deltas", "contexts")},
         "suffix": {k: v for k, v in new.items() if k not in ("deltas", "contexts")},
         "speedup": ref["s_per_edit"] / new["s_per_edit"],
         "speedup_over_published_31.8s": 31.8 / new["s_per_edit"],
-        "max_rel_delta_difference": rel, "flops": flops, "suffix_targets_gflops_per_s": rate,
-        "machine": machine_info(), "versions": versions(),
+        "max_rel_delta_difference": rel,
+        "flops": flops,
+        "suffix_targets_gflops_per_s": rate,
+        "machine": machine_info(),
+        "versions": versions(),
     }
-    print(f"speed-up {result['speedup']:.2f}x over the reference path, "
-          f"{result['speedup_over_published_31.8s']:.2f}x "
-          f"over the published code's 31.8 s/edit; deltas apart by {rel:.2e} (relative, max over batches "
-          f"and layers)")
-    print("FLOPs: " + ", ".join(f"{k} {v / 1e9:.2f} G" if isinstance(v, int) and v > 1e6 else f"{k} {v}"
-                                for k, v in flops.items()))
-    print(f"suffix step: {flops['suffix_step_gflops_per_cpu_s']:.1f} GFLOP per CPU second; "
-          f"suffix targets of batch 0: {rate:.1f} GFLOP/s of wall time "
-          f"({100 * rate / mm['mm_576x576x1536']:.0f}% of "
-          f"torch.mm at 576x576x1536, {100 * rate / mm['mm_1024^3']:.0f}% at 1024^3)")
+    print(
+        f"speed-up {result['speedup']:.2f}x over the reference path, "
+        f"{result['speedup_over_published_31.8s']:.2f}x "
+        f"over the published code's 31.8 s/edit; deltas apart by {rel:.2e} (relative, max over batches "
+        f"and layers)"
+    )
+    print(
+        "FLOPs: "
+        + ", ".join(
+            f"{k} {v / 1e9:.2f} G" if isinstance(v, int) and v > 1e6 else f"{k} {v}" for k, v in flops.items()
+        )
+    )
+    print(
+        f"suffix step: {flops['suffix_step_gflops_per_cpu_s']:.1f} GFLOP per CPU second; "
+        f"suffix targets of batch 0: {rate:.1f} GFLOP/s of wall time "
+        f"({100 * rate / mm['mm_576x576x1536']:.0f}% of "
+        f"torch.mm at 576x576x1536, {100 * rate / mm['mm_1024^3']:.0f}% at 1024^3)"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str))
@@ -201,14 +249,26 @@ def flops_only(args) -> None:
     contexts = context_templates(lm.model, lm.tok, hp.context_templates)
     mm = {"mm_576x576x1536": mm_gflops(576, 576, 1536), "mm_1024^3": mm_gflops(1024, 1024, 1024)}
     flops = step_flops(lm, cases, contexts, PAPER["layers"][-1], overrides)
-    mm = {k: max(v, mm_gflops(*(576, 576, 1536) if k.startswith("mm_576") else (1024, 1024, 1024)))
-          for k, v in mm.items()}
+    mm = {
+        k: max(v, mm_gflops(*(576, 576, 1536) if k.startswith("mm_576") else (1024, 1024, 1024)))
+        for k, v in mm.items()
+    }
     print("torch.mm GFLOP/s per CPU second: " + ", ".join(f"{k} {v:.1f}" for k, v in mm.items()))
-    print("FLOPs: " + ", ".join(f"{k} {v / 1e9:.2f} G" if isinstance(v, int) and v > 1e6 else f"{k} {v:.3g}"
-                                for k, v in flops.items()))
+    print(
+        "FLOPs: "
+        + ", ".join(
+            f"{k} {v / 1e9:.2f} G" if isinstance(v, int) and v > 1e6 else f"{k} {v:.3g}"
+            for k, v in flops.items()
+        )
+    )
     out = Path(args.out).with_name("locate_edit_flops.json")
-    out.write_text(json.dumps({"torch_mm_gflops": mm, "flops": flops, "machine": machine_info(),
-                               "versions": versions()}, indent=1, default=str))
+    out.write_text(
+        json.dumps(
+            {"torch_mm_gflops": mm, "flops": flops, "machine": machine_info(), "versions": versions()},
+            indent=1,
+            default=str,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -46,21 +46,37 @@ def main() -> None:
         targets = compute_targets(lm.model, lm.tok, cases, layer, contexts, hp, batched=batched)
         seconds = time.perf_counter() - t0
         runs[mode] = {"seconds": seconds, "seconds_per_edit": seconds / len(cases), "targets": targets}
-        print(f"{mode:14s} {seconds:8.1f} s  {seconds / len(cases):6.2f} s/edit  "
-              f"mean steps {targets.steps.float().mean():.1f}", flush=True)
+        print(
+            f"{mode:14s} {seconds:8.1f} s  {seconds / len(cases):6.2f} s/edit  "
+            f"mean steps {targets.steps.float().mean():.1f}",
+            flush=True,
+        )
     a, b = runs["batched"]["targets"], runs["one_at_a_time"]["targets"]
     rel = ((a.z - b.z).norm(dim=1) / b.delta.norm(dim=1).clamp_min(1e-12)).max().item()
     speedup = runs["one_at_a_time"]["seconds"] / runs["batched"]["seconds"]
-    print(f"speed-up {speedup:.2f}x; max relative difference of the target deltas {rel:.2e}; "
-          f"identical step counts: {bool(torch.equal(a.steps, b.steps))}")
+    print(
+        f"speed-up {speedup:.2f}x; max relative difference of the target deltas {rel:.2e}; "
+        f"identical step counts: {bool(torch.equal(a.steps, b.steps))}"
+    )
     result = {
-        "benchmark": "target_batching", "model": args.model, "n_edits": len(cases), "method_hparams": args.method,
-        "layer": layer, "n_contexts": len(contexts), "v_num_grad_steps": hp.v_num_grad_steps,
+        "benchmark": "target_batching",
+        "model": args.model,
+        "n_edits": len(cases),
+        "method_hparams": args.method,
+        "layer": layer,
+        "n_contexts": len(contexts),
+        "v_num_grad_steps": hp.v_num_grad_steps,
         "batched_s_per_edit": runs["batched"]["seconds_per_edit"],
         "one_at_a_time_s_per_edit": runs["one_at_a_time"]["seconds_per_edit"],
-        "speedup": speedup, "max_rel_target_difference": rel, "same_steps": bool(torch.equal(a.steps, b.steps)),
-        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "python": platform.python_version()},
+        "speedup": speedup,
+        "max_rel_target_difference": rel,
+        "same_steps": bool(torch.equal(a.steps, b.steps)),
+        "machine": {
+            "cpu_count": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

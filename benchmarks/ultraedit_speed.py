@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -75,27 +74,45 @@ def main() -> None:
     batch = encode_pairs(lm.tok, [c.prompt for c in cases], [c.target_new for c in cases])
     real = int(batch.attention_mask.sum())
     over = {"layers": [int(x) for x in args.layers.split(",")]} if args.layers else {}
-    result = {"model": args.model, "n_edits": len(cases), "threads": args.threads, "padded_width":
-              batch.input_ids.shape[1], "real_tokens_per_row": real / len(cases),
-              "answer_tokens": int(batch.target_len.sum()),
-              "machine": platform.processor() or platform.machine(),
-              "runs": []}
+    result = {
+        "model": args.model,
+        "n_edits": len(cases),
+        "threads": args.threads,
+        "padded_width": batch.input_ids.shape[1],
+        "real_tokens_per_row": real / len(cases),
+        "answer_tokens": int(batch.target_len.sum()),
+        "machine": platform.processor() or platform.machine(),
+        "runs": [],
+    }
     if args.baseline:
         hf_baseline(lm.model, batch)  # warm-up
         result["hf_forward_backward_s"] = hf_baseline(lm.model, batch)
-        print(f"plain HF forward+backward, {len(cases)} x {batch.input_ids.shape[1]} padded tokens: "
-              f"{result['hf_forward_backward_s']:.2f} s", flush=True)
+        print(
+            f"plain HF forward+backward, {len(cases)} x {batch.input_ids.shape[1]} padded tokens: "
+            f"{result['hf_forward_backward_s']:.2f} s",
+            flush=True,
+        )
 
     def record(where: str, model) -> None:
         for chunk in [int(x) for x in args.chunks.split(",")]:
-            editor = make_editor("ultraedit", model, lm.tok, args.model, {**over, "batch_size": chunk},
-                                 progress=False)
+            editor = make_editor(
+                "ultraedit", model, lm.tok, args.model, {**over, "batch_size": chunk}, progress=False
+            )
             seconds, timings = time_edits(editor, cases, args.repeats)
-            row = {"where": where, "chunk": chunk, "layers": list(editor.hp.layers), "seconds": seconds,
-                   "edits_per_s": len(cases) / seconds, "timings": timings}
+            row = {
+                "where": where,
+                "chunk": chunk,
+                "layers": list(editor.hp.layers),
+                "seconds": seconds,
+                "edits_per_s": len(cases) / seconds,
+                "timings": timings,
+            }
             result["runs"].append(row)
-            print(f"{where:>16s} chunk {chunk:3d}: {seconds:6.2f} s  {row['edits_per_s']:5.1f} edits/s  "
-                  + " ".join(f"{k} {v:.2f}" for k, v in timings.items()), flush=True)
+            print(
+                f"{where:>16s} chunk {chunk:3d}: {seconds:6.2f} s  {row['edits_per_s']:5.1f} edits/s  "
+                + " ".join(f"{k} {v:.2f}" for k, v in timings.items()),
+                flush=True,
+            )
 
     record("in process", lm.model)
     if args.shards:

@@ -66,15 +66,24 @@ def main() -> None:
     for text in args.setting:
         layers, lr = parse_setting(text)
         model = copy.deepcopy(lm.model)
-        editor = make_editor("ultraedit", model, lm.tok, args.model, {"layers": layers, "lr": lr},
-                             progress=False)
+        editor = make_editor(
+            "ultraedit", model, lm.tok, args.model, {"layers": layers, "lr": lr}, progress=False
+        )
         t0 = time.perf_counter()
         for i in range(0, len(cases), args.batch):
-            editor.edit(cases[i:i + args.batch])
+            editor.edit(cases[i : i + args.batch])
         edit_s = time.perf_counter() - t0
         s = summarize(case_metrics(model, lm.tok, cases))
-        emit({**common, "setting": text, "layers": layers, "lr": lr, **{k: round(s[k], 4) for k in KEYS},
-              "edit_s": round(edit_s, 1)})
+        emit(
+            {
+                **common,
+                "setting": text,
+                "layers": layers,
+                "lr": lr,
+                **{k: round(s[k], 4) for k in KEYS},
+                "edit_s": round(edit_s, 1),
+            }
+        )
         del model, editor
 
 

@@ -9,8 +9,16 @@ from pathlib import Path
 
 from .storage.logger import read_only_query
 
-SUMMARY_COLUMNS = ("efficacy", "generalization", "specificity", "fluency", "consistency", "retention",
-                   "general_ability", "general_ability_retention")
+SUMMARY_COLUMNS = (
+    "efficacy",
+    "generalization",
+    "specificity",
+    "fluency",
+    "consistency",
+    "retention",
+    "general_ability",
+    "general_ability_retention",
+)
 EXPORT_TABLES = ("runs", "batches", "edits", "probes", "metrics", "weight_stats", "rejected_batches")
 
 

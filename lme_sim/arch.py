@@ -27,7 +27,9 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     "gpt2": ArchSpec("transformer.h", "mlp.c_proj", "transformer.ln_f", "transformer.wte", transposed=True),
     "gptj": ArchSpec("transformer.h", "mlp.fc_out", "transformer.ln_f", "transformer.wte"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox.embed_in"),
+    "gpt_neox": ArchSpec(
+        "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox.embed_in"
+    ),
 }
 for _llama_like in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"):
     ARCHS[_llama_like] = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "model.embed_tokens")

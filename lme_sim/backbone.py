@@ -53,8 +53,9 @@ class Plan:
     stop: int | None = None
 
     def differentiable(self) -> bool:
-        return (self.inject is not None and self.inject.values.requires_grad) or \
-            any(m.requires_grad for m in self.rotate.values())
+        return (self.inject is not None and self.inject.values.requires_grad) or any(
+            m.requires_grad for m in self.rotate.values()
+        )
 
 
 @dataclass
@@ -120,9 +121,14 @@ class Backbone:
         ``{parameter name: ||W||_F}``."""
         raise NotImplementedError
 
-    def keys_and_output_grads(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, at: Positions,
-                              labels: torch.Tensor, layers: list[int]
-                              ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
+    def keys_and_output_grads(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        at: Positions,
+        labels: torch.Tensor,
+        layers: list[int],
+    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
         """One forward and one backward pass. At the (row, pos) pairs ``at``: W's input k per layer
         (N, d_ff), the gradient g of L = sum_i CE(logits at at[i], labels[i]) w.r.t. W's output
         (N, d_model), and the per-position CE (N,). All float32 on the CPU. Nothing below the
@@ -132,8 +138,11 @@ class Backbone:
             out = self.run(input_ids, attention_mask, plan)
             nll = nn.functional.cross_entropy(out.logits, labels.to(out.logits.device), reduction="none")
             grads = torch.autograd.grad(nll.sum(), [out.taps[l] for l in layers])
-        return ({l: out.keys[l].float().cpu() for l in layers},
-                {l: g.float().cpu() for l, g in zip(layers, grads)}, nll.detach().float().cpu())
+        return (
+            {l: out.keys[l].float().cpu() for l in layers},
+            {l: g.float().cpu() for l, g in zip(layers, grads)},
+            nll.detach().float().cpu(),
+        )
 
     def restore_weights(self) -> None:
         """Put back, bit for bit, the weights kept by the last :meth:`save_weights`."""
@@ -144,8 +153,14 @@ class Backbone:
         """Whether :meth:`prefix` / :meth:`suffix_logits` work here (else callers run full passes)."""
         return False
 
-    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor, layer: int,
-               logits: Positions | None = None):
+    def prefix(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        start: torch.Tensor,
+        layer: int,
+        logits: Positions | None = None,
+    ):
         """One pass without gradients that keeps what no vector added to block ``layer``'s output at
         positions ``start`` (B,) can change; returns (a handle for :meth:`suffix_logits`, logits at
         ``logits`` of the unchanged model)."""
@@ -265,8 +280,14 @@ def as_backbone(model_or_backbone) -> Backbone:
     return model_or_backbone if isinstance(model_or_backbone, Backbone) else LocalBackbone(model_or_backbone)
 
 
-def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, plan: Plan,
-             hidden_in: torch.Tensor | None = None, layers: range | None = None):
+def run_plan(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    plan: Plan,
+    hidden_in: torch.Tensor | None = None,
+    layers: range | None = None,
+):
     """Run ``plan`` on ``model``; the parts of it on blocks outside ``layers`` are left to others.
 
     With ``hidden_in`` the first block of ``layers`` takes it as its input instead of what came
@@ -283,6 +304,7 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     out = Output()
     mask = attention_mask.to(dev)
     with ExitStack() as stack:
+
         def hook(module, fn, pre=False):
             handle = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
             stack.callback(handle.remove)
@@ -294,44 +316,67 @@ def run_plan(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             _replace_input(block(layers.start), hidden_in.to(dev), stack)
         for l, at in plan.keys.items():
             if l in layers:
-                hook(model.get_submodule(edit_module_path(model, l)),
-                     lambda _m, args, l=l, at=at: out.keys.__setitem__(l, _gather(args[0], at)), pre=True)
+                hook(
+                    model.get_submodule(edit_module_path(model, l)),
+                    lambda _m, args, l=l, at=at: out.keys.__setitem__(l, _gather(args[0], at)),
+                    pre=True,
+                )
         for l in plan.key_moments:
             if l in layers:
+
                 def moment(_m, args, l=l):
                     k = args[0][mask.bool()].float()
                     out.key_moments[l] = (k.T @ k).double()
+
                 hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
         for l, at in plan.taps.items():
             if l in layers:
+
                 def tap(_m, args, o, l=l, at=at):
                     out.keys[l] = _gather(args[0], at)
-                    leaf = torch.zeros(len(at.rows), o.shape[-1], dtype=o.dtype, device=o.device,
-                                       requires_grad=torch.is_grad_enabled())
+                    leaf = torch.zeros(
+                        len(at.rows),
+                        o.shape[-1],
+                        dtype=o.dtype,
+                        device=o.device,
+                        requires_grad=torch.is_grad_enabled(),
+                    )
                     out.taps[l] = leaf
                     return o.index_put((at.rows.to(o.device), at.pos.to(o.device)), leaf, accumulate=True)
+
                 hook(model.get_submodule(edit_module_path(model, l)), tap)
         for l, M in plan.rotate.items():
             if l in layers:
-                hook(model.get_submodule(edit_module_path(model, l)),
-                     lambda _m, args, M=M: (rotate_input(args[0], M),) + tuple(args[1:]), pre=True)
+                hook(
+                    model.get_submodule(edit_module_path(model, l)),
+                    lambda _m, args, M=M: (rotate_input(args[0], M),) + tuple(args[1:]),
+                    pre=True,
+                )
         if plan.inject is not None and plan.inject.layer in layers:
             inj = plan.inject
 
             def add(_m, _a, o):
                 h = _hidden(o)
-                h = h.index_put((inj.at.rows.to(dev), inj.at.pos.to(dev)), inj.values.to(h.device, h.dtype),
-                                accumulate=True)
+                h = h.index_put(
+                    (inj.at.rows.to(dev), inj.at.pos.to(dev)),
+                    inj.values.to(h.device, h.dtype),
+                    accumulate=True,
+                )
                 return (h,) + o[1:] if isinstance(o, tuple) else h
+
             hook(block(inj.layer), add)
         for l, at in plan.hidden.items():
             if l in layers:
-                hook(block(l), lambda _m, _a, o, l=l, at=at: out.hidden.__setitem__(l, _gather(_hidden(o), at)))
+                hook(
+                    block(l), lambda _m, _a, o, l=l, at=at: out.hidden.__setitem__(l, _gather(_hidden(o), at))
+                )
         boundary: list[torch.Tensor] = []
         if not last:
+
             def halt(_m, _a, o):
                 boundary.append(_hidden(o))
                 raise _StopForward
+
             hook(block(layers.stop - 1), halt)
         try:
             result = model.base_model(input_ids=input_ids.to(dev), attention_mask=mask)

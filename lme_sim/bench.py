@@ -73,13 +73,29 @@ class BenchConfig:
 
 
 FULL = BenchConfig()
-QUICK = dataclasses.replace(FULL, preset="quick", model="world:small", batch_sizes=(1, 10), batches=1, warmup=0,
-                            learned_hparams=QUICK_TRAINING, probes=1000, history_batch_size=5,
-                            history_marks=(1, 10, 30), shard_edits=30)
+QUICK = dataclasses.replace(
+    FULL,
+    preset="quick",
+    model="world:small",
+    batch_sizes=(1, 10),
+    batches=1,
+    warmup=0,
+    learned_hparams=QUICK_TRAINING,
+    probes=1000,
+    history_batch_size=5,
+    history_marks=(1, 10, 30),
+    shard_edits=30,
+)
 
 
-def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: str | None = None,
-                 sections: str | None = None, device: str = "auto", threads: int = 1) -> BenchConfig:
+def bench_config(
+    quick: bool = False,
+    methods: str | None = None,
+    batch_sizes: str | None = None,
+    sections: str | None = None,
+    device: str = "auto",
+    threads: int = 1,
+) -> BenchConfig:
     """The preset (quick or full) with the command line's choices on top; a bad one is a BenchError."""
     cfg = QUICK if quick else FULL
     changes: dict = {"device": _device(device), "threads": threads}
@@ -93,7 +109,9 @@ def bench_config(quick: bool = False, methods: str | None = None, batch_sizes: s
         try:
             sizes = tuple(int(b) for b in batch_sizes.split(","))
         except ValueError:
-            raise BenchError(f"--batch-sizes: comma-separated whole numbers, e.g. 1,10; got {batch_sizes!r}") from None
+            raise BenchError(
+                f"--batch-sizes: comma-separated whole numbers, e.g. 1,10; got {batch_sizes!r}"
+            ) from None
         changes["batch_sizes"] = sizes
     cfg = dataclasses.replace(cfg, **changes)
     check_config(cfg)
@@ -110,12 +128,16 @@ def check_config(cfg: BenchConfig) -> None:
     if list(cfg.history_marks) != sorted(set(cfg.history_marks)) or cfg.history_marks[0] < 1:
         raise BenchError(f"history_marks: increasing batch numbers from 1, got {list(cfg.history_marks)}")
     if cfg.shard_edits < 2 * cfg.shard_batch_size:
-        raise BenchError(f"shard_edits: at least two batches of {cfg.shard_batch_size} (the first one waits for the "
-                         f"actors to start and is not timed), got {cfg.shard_edits}")
+        raise BenchError(
+            f"shard_edits: at least two batches of {cfg.shard_batch_size} (the first one waits for the "
+            f"actors to start and is not timed), got {cfg.shard_edits}"
+        )
     n_layers = model_n_layers(cfg.model)
     if "shards" in cfg.sections and max(cfg.shard_counts) > n_layers:
-        raise BenchError(f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
-                         "(at most one shard per layer)")
+        raise BenchError(
+            f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
+            "(at most one shard per layer)"
+        )
 
 
 def _choices(option: str, value: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -131,14 +153,17 @@ def _device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device: cuda asked for, but torch sees no CUDA device here (torch "
-                         f"{torch.__version__}); use --device cpu")
+        raise BenchError(
+            "--device: cuda asked for, but torch sees no CUDA device here (torch "
+            f"{torch.__version__}); use --device cpu"
+        )
     if device not in ("cpu", "cuda"):
         raise BenchError(f"--device: auto, cpu or cuda, not {device!r}")
     return device
 
 
 # ---- running ------------------------------------------------------------------------------------
+
 
 def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -> dict:
     """Run the configured sections; write the result as JSON to ``out`` and as rows of the
@@ -159,9 +184,17 @@ def run_bench(cfg: BenchConfig, out: str | Path, db: str | Path, console=None) -
     finally:
         torch.set_num_threads(threads_before)
     machine["load_avg_1m_end"] = machine_info()["load_avg_1m"]
-    result = {"bench_id": bench_id, "preset": cfg.preset, "created_at": created.isoformat(),
-              "wall_seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "config": dataclasses.asdict(cfg),
-              "machine": machine, "versions": vers, "results": rows}
+    result = {
+        "bench_id": bench_id,
+        "preset": cfg.preset,
+        "created_at": created.isoformat(),
+        "wall_seconds": total.seconds,
+        "cpu_seconds": total.cpu_seconds,
+        "config": dataclasses.asdict(cfg),
+        "machine": machine,
+        "versions": vers,
+        "results": rows,
+    }
     write_result(result, out, db)
     return result
 
@@ -175,8 +208,12 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
         lm = load_model(cfg.model, device=cfg.device)  # the world model trains (and is cached) on first use
         from .editors.registry import known_methods
 
-        units = {"edits": len(cfg.methods or known_methods()) * len(cfg.batch_sizes), "probes": len(cfg.backends),
-                 "history": cfg.history_marks[-1], "shards": len(cfg.shard_counts)}
+        units = {
+            "edits": len(cfg.methods or known_methods()) * len(cfg.batch_sizes),
+            "probes": len(cfg.backends),
+            "history": cfg.history_marks[-1],
+            "shards": len(cfg.shard_counts),
+        }
         rows: list[dict] = []
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("bench", total=sum(units[s] for s in cfg.sections))
@@ -186,8 +223,10 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
 
             for section in cfg.sections:
                 found = SECTION_RUNNERS[section](cfg, lm, str(db), step)
-                rows += [{"section": section, "model": cfg.model, "device": cfg.device, "status": "ok", **r}
-                         for r in found]
+                rows += [
+                    {"section": section, "model": cfg.model, "device": cfg.device, "status": "ok", **r}
+                    for r in found
+                ]
     return rows, total
 
 
@@ -209,12 +248,19 @@ def _synchronize(device: str) -> None:
 
 def _measured(m: Measure, n: int) -> dict:
     """A row's timing fields for ``n`` edits or probes done inside ``m``."""
-    return {"n": n, "seconds": m.seconds, "rate": n / m.seconds, "cpu_seconds": m.cpu_seconds,
-            "peak_rss_mb": m.peak_rss_mb, "cuda_peak_mb": m.cuda_peak_mb}
+    return {
+        "n": n,
+        "seconds": m.seconds,
+        "rate": n / m.seconds,
+        "cpu_seconds": m.cpu_seconds,
+        "peak_rss_mb": m.peak_rss_mb,
+        "cuda_peak_mb": m.cuda_peak_mb,
+    }
 
 
 def _state_mb(editor) -> float:
     """Size of the editor's checkpointed state (AlphaEdit: its key covariance per layer)."""
+
     def size(x) -> int:
         if isinstance(x, torch.Tensor):
             return x.numel() * x.element_size()
@@ -223,6 +269,7 @@ def _state_mb(editor) -> float:
         if isinstance(x, (list, tuple)):
             return sum(size(v) for v in x)
         return 0
+
     return size(editor.state_dict()) / 2**20
 
 
@@ -231,7 +278,6 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     from .backbone import LocalBackbone
     from .editors import make_editor
     from .editors.base import PhaseTimer
-
     from .editors.registry import editor_class, known_methods
 
     rows = []
@@ -243,23 +289,34 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             model = copy.deepcopy(lm.model)
             replica = LocalBackbone(copy.deepcopy(lm.model))  # an evaluator's copy, following by deltas
             cases = stream_cases(lm.world, (cfg.warmup + cfg.batches) * bs)
-            batches = [cases[i:i + bs] for i in range(0, len(cases), bs)]
+            batches = [cases[i : i + bs] for i in range(0, len(cases), bs)]
             with Measure(cfg.device) as setup:
-                editor = make_editor(method, model, lm.tok, cfg.model, overrides, world=lm.world, progress=False)
+                editor = make_editor(
+                    method, model, lm.tok, cfg.model, overrides, world=lm.world, progress=False
+                )
             phases = PhaseTimer()
-            for batch in batches[:cfg.warmup]:
+            for batch in batches[: cfg.warmup]:
                 _edit_and_sync(editor, replica, batch, PhaseTimer(), cfg.device)
             with Measure(cfg.device) as m:
-                for batch in batches[cfg.warmup:]:
+                for batch in batches[cfg.warmup :]:
                     _edit_and_sync(editor, replica, batch, phases, cfg.device)
             note = "set-up: editor construction"
             if learned:
                 note += " and its networks (trained on first use, then cached)"
                 if overrides:
                     note += f"; trained on a quick budget {overrides}: speed as shipped, quality not"
-            rows.append({"method": method, "batch_size": bs, **_measured(m, cfg.batches * bs), "unit": "edits/s",
-                         "phases": dict(phases), "setup_seconds": setup.seconds, "state_mb": _state_mb(editor),
-                         "note": note})
+            rows.append(
+                {
+                    "method": method,
+                    "batch_size": bs,
+                    **_measured(m, cfg.batches * bs),
+                    "unit": "edits/s",
+                    "phases": dict(phases),
+                    "setup_seconds": setup.seconds,
+                    "state_mb": _state_mb(editor),
+                    "note": note,
+                }
+            )
             del model, replica, editor
             step("", 1)
     return rows
@@ -299,27 +356,50 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
         step(f"probes: {backend} backend")
         row = {"backend": backend, "n": len(prompts), "unit": "probes/s"}
         if backend == "vllm" and not vllm_available():
-            rows.append({**row, "status": "unavailable", "note": "vllm is not installed here (README: vLLM "
-                                                                    "evaluators)"})
+            rows.append(
+                {
+                    **row,
+                    "status": "unavailable",
+                    "note": "vllm is not installed here (README: vLLM evaluators)",
+                }
+            )
             step("", 1)
             continue
         try:
             with Measure(cfg.device) as setup:
                 ev = Evaluator(cfg.model, cfg.probe_batch_size, backend=backend, device=cfg.device)
         except Exception as e:  # vLLM installed but unable to serve this model here: report it, go on
-            rows.append({**row, "status": "failed", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            rows.append(
+                {**row, "status": "failed", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            )
             step("", 1)
             continue
-        score_targets(ev.backbone, ev.tok, prompts[:cfg.probe_batch_size], targets[:cfg.probe_batch_size],
-                      cfg.probe_batch_size)  # warm-up
+        score_targets(
+            ev.backbone,
+            ev.tok,
+            prompts[: cfg.probe_batch_size],
+            targets[: cfg.probe_batch_size],
+            cfg.probe_batch_size,
+        )  # warm-up
         with Measure(cfg.device) as m:
             score_targets(ev.backbone, ev.tok, prompts, targets, cfg.probe_batch_size)
         with Measure(cfg.device) as sync:
             ev.follow(deltas, 1)
-        passes = "all probes in one generate call" if backend == "vllm" else f"{cfg.probe_batch_size} probes per pass"
-        rows.append({**row, **_measured(m, len(prompts)), "batch_size": cfg.probe_batch_size,
-                     "phases": {"sync": sync.seconds}, "setup_seconds": setup.seconds,
-                     "note": f"{passes}; sync: deltas on {len(deltas)} matrices"})
+        passes = (
+            "all probes in one generate call"
+            if backend == "vllm"
+            else f"{cfg.probe_batch_size} probes per pass"
+        )
+        rows.append(
+            {
+                **row,
+                **_measured(m, len(prompts)),
+                "batch_size": cfg.probe_batch_size,
+                "phases": {"sync": sync.seconds},
+                "setup_seconds": setup.seconds,
+                "note": f"{passes}; sync: deltas on {len(deltas)} matrices",
+            }
+        )
         del ev
         gc.collect()  # a vLLM engine holds its memory (GPU: gpu_memory_utilization) until collected
         if cfg.device == "cuda":
@@ -333,29 +413,39 @@ def bench_history(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     from .editors import make_editor
 
     bs, n_batches = cfg.history_batch_size, cfg.history_marks[-1]
-    editor = make_editor(HISTORY_METHOD, copy.deepcopy(lm.model), lm.tok, cfg.model, world=lm.world, progress=False)
+    editor = make_editor(
+        HISTORY_METHOD, copy.deepcopy(lm.model), lm.tok, cfg.model, world=lm.world, progress=False
+    )
     cases = stream_cases(lm.world, n_batches * bs)
     rows = []
     for i in range(n_batches):
         step(f"history: {HISTORY_METHOD} batch {i + 1}/{n_batches}")
         with Measure(cfg.device) as m:
-            result = editor.edit(cases[i * bs:(i + 1) * bs])
-        rows.append({"method": HISTORY_METHOD, "batch_size": bs, "step": i + 1, **_measured(m, bs), "unit": "edits/s",
-                     "phases": result.timings, "state_mb": _state_mb(editor)})
+            result = editor.edit(cases[i * bs : (i + 1) * bs])
+        rows.append(
+            {
+                "method": HISTORY_METHOD,
+                "batch_size": bs,
+                "step": i + 1,
+                **_measured(m, bs),
+                "unit": "edits/s",
+                "phases": result.timings,
+                "state_mb": _state_mb(editor),
+            }
+        )
         step("", 1)
     return rows
 
 
 def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     """The same scenario through the Ray runtime on each shard count; its runs go into ``db``."""
+    import ray
     from rich.console import Console
 
     from .runtime.coordinator import run_distributed
     from .runtime.ray_utils import init_ray
     from .scenario import DataSpec, EditorSpec, EvalSpec, RuntimeSpec, Scenario, StreamSpec
     from .storage.logger import read_only_query
-
-    import ray
 
     started = not ray.is_initialized()
     step("shards: starting Ray")
@@ -364,29 +454,55 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     try:
         for n in cfg.shard_counts:
             step(f"shards: {SHARDS_METHOD} on {n} shard actor(s)")
-            gpus = cfg.device == "cuda" and torch.cuda.device_count() >= n + 1  # a GPU per shard and evaluator
-            scn = Scenario(name=f"bench-shards{n}", model=cfg.model, data=DataSpec(n_edits=cfg.shard_edits),
-                           editor=EditorSpec(method=SHARDS_METHOD), stream=StreamSpec(batch_size=cfg.shard_batch_size),
-                           eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0),  # one evaluation, at the end
-                           runtime=RuntimeSpec(shards=n, gpus=int(gpus)), db=db)
+            gpus = (
+                cfg.device == "cuda" and torch.cuda.device_count() >= n + 1
+            )  # a GPU per shard and evaluator
+            scn = Scenario(
+                name=f"bench-shards{n}",
+                model=cfg.model,
+                data=DataSpec(n_edits=cfg.shard_edits),
+                editor=EditorSpec(method=SHARDS_METHOD),
+                stream=StreamSpec(batch_size=cfg.shard_batch_size),
+                eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0),  # one evaluation, at the end
+                runtime=RuntimeSpec(shards=n, gpus=int(gpus)),
+                db=db,
+            )
             with Measure() as m:
                 run_id = run_distributed(scn, "lme-sim bench", db=db, console=Console(quiet=True))
-            _, batches = read_only_query(db, "select n_edits, seconds, timings from batches where run_id = ? "
-                                             "order by batch_id", [run_id])
+            _, batches = read_only_query(
+                db,
+                "select n_edits, seconds, timings from batches where run_id = ? order by batch_id",
+                [run_id],
+            )
             timed = batches[1:]  # the first batch waits for the actors to start (models, key statistics)
             edits, editing = sum(b[0] for b in timed), sum(b[1] for b in timed)
             phases: dict[str, float] = {}
             for _, _, timings in timed:
                 for k, v in _json(timings).items():
                     phases[k] = phases.get(k, 0.0) + v
-            note = ("batches 2.. timed (the first waits for the actors to start); set-up: the rest of the "
-                    "run's wall time (actors, first batch, one evaluation, logging)")
+            note = (
+                "batches 2.. timed (the first waits for the actors to start); set-up: the rest of the "
+                "run's wall time (actors, first batch, one evaluation, logging)"
+            )
             if cfg.device == "cuda" and not gpus:
                 note += f"; shards on the CPU ({n + 1} GPUs needed, {torch.cuda.device_count()} here)"
-            rows.append({"method": SHARDS_METHOD, "batch_size": cfg.shard_batch_size, "shards": n, "n": edits,
-                         "device": "cuda" if gpus else "cpu", "seconds": editing, "rate": edits / editing,
-                         "unit": "edits/s", "phases": phases, "setup_seconds": m.seconds - editing,
-                         "peak_rss_mb": m.peak_rss_mb, "run_id": run_id, "note": note})
+            rows.append(
+                {
+                    "method": SHARDS_METHOD,
+                    "batch_size": cfg.shard_batch_size,
+                    "shards": n,
+                    "n": edits,
+                    "device": "cuda" if gpus else "cpu",
+                    "seconds": editing,
+                    "rate": edits / editing,
+                    "unit": "edits/s",
+                    "phases": phases,
+                    "setup_seconds": m.seconds - editing,
+                    "peak_rss_mb": m.peak_rss_mb,
+                    "run_id": run_id,
+                    "note": note,
+                }
+            )
             step("", 1)
     finally:
         if started:
@@ -400,10 +516,16 @@ def _json(value) -> dict:
     return json.loads(value) if isinstance(value, str) else (value or {})
 
 
-SECTION_RUNNERS = {"edits": bench_edits, "probes": bench_probes, "history": bench_history, "shards": bench_shards}
+SECTION_RUNNERS = {
+    "edits": bench_edits,
+    "probes": bench_probes,
+    "history": bench_history,
+    "shards": bench_shards,
+}
 
 
 # ---- output -------------------------------------------------------------------------------------
+
 
 def write_result(result: dict, out: str | Path, db: str | Path) -> None:
     """The JSON file, and one ``bench_results`` row per result (each with the machine and versions)."""

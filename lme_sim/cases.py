@@ -32,7 +32,7 @@ class EditCase:
                 f"case {self.case_id}: subject {self.subject!r} does not occur in prompt {self.prompt!r}"
             )
 
-    def with_target(self, target_new: str, target_true: str | None) -> "EditCase":
+    def with_target(self, target_new: str, target_true: str | None) -> EditCase:
         """The same question edited toward another object (used for updates and reverts)."""
         from dataclasses import replace
 

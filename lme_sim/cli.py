@@ -13,7 +13,9 @@ import click
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens (model loads, caches, statistics).")
 def main(verbose: bool) -> None:
     """lme-sim: lifelong knowledge-editing simulator."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.group()
@@ -26,7 +28,7 @@ def world() -> None:
 def world_build(name: str) -> None:
     """Generate the world and train (or load from cache) its model."""
     from .world import get_world_config
-    from .world_model import load_world_model, world_cache_dir, world_stats, TrainConfig
+    from .world_model import TrainConfig, load_world_model, world_cache_dir, world_stats
 
     try:
         cfg = get_world_config(name)
@@ -34,9 +36,11 @@ def world_build(name: str) -> None:
         raise click.UsageError(str(e))
     model, tok, w = load_world_model(cfg)
     stats = world_stats(name)
-    click.echo(f"world {name!r}: {len(w.facts)} facts, {len(w.subjects)} subjects, {len(w.relations)} relations, "
-               f"{len(w.changes)} dated changes; model accuracy {stats['accuracy']:.3f} "
-               f"(trained in {stats['seconds']} s); cached at {world_cache_dir(cfg, TrainConfig())}")
+    click.echo(
+        f"world {name!r}: {len(w.facts)} facts, {len(w.subjects)} subjects, {len(w.relations)} relations, "
+        f"{len(w.changes)} dated changes; model accuracy {stats['accuracy']:.3f} "
+        f"(trained in {stats['seconds']} s); cached at {world_cache_dir(cfg, TrainConfig())}"
+    )
 
 
 @main.command()
@@ -51,8 +55,11 @@ def validate(scenario: str) -> None:
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
 @click.option("--db", default=None, help="DuckDB file (default: the scenario's db field).")
-@click.option("--address", default=None,
-              help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).")
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).",
+)
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
 def run(scenario: str, db: str | None, address: str | None, resume: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
@@ -69,14 +76,25 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
         method = _resumable_run_or_exit(db, resume, scn.name)
         specs = [s for s in specs if s.method == method]
         if not specs:
-            click.echo(f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} "
-                       "editor", err=True)
+            click.echo(
+                f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} editor",
+                err=True,
+            )
             sys.exit(2)
     from .runtime.ray_utils import PlacementError
 
     try:
-        run_ids = [run_distributed(scn.with_editor(spec), scenario, db=db, address=address, resume=resume,
-                                   tag=spec.method if len(specs) > 1 else None) for spec in specs]
+        run_ids = [
+            run_distributed(
+                scn.with_editor(spec),
+                scenario,
+                db=db,
+                address=address,
+                resume=resume,
+                tag=spec.method if len(specs) > 1 else None,
+            )
+            for spec in specs
+        ]
     except PlacementError as e:
         click.echo(f"error: {scenario}: {e}", err=True)
         sys.exit(2)
@@ -99,19 +117,43 @@ def _trained_method(ctx, param, value: str) -> str:
 
 @main.command("train-editor")
 @click.option("--method", required=True, callback=_trained_method, help="A trained editor: rledit or hiedit.")
-@click.option("--model", "model_name", default="world:default", show_default=True,
-              help="world:<name>, smollm2-135m or a from_pretrained id/folder.")
-@click.option("--data", "data_path", default=None,
-              help="CounterFact/ZsRE file to train on (default for world models: the world's train split).")
+@click.option(
+    "--model",
+    "model_name",
+    default="world:default",
+    show_default=True,
+    help="world:<name>, smollm2-135m or a from_pretrained id/folder.",
+)
+@click.option(
+    "--data",
+    "data_path",
+    default=None,
+    help="CounterFact/ZsRE file to train on (default for world models: the world's train split).",
+)
 @click.option("--out", default=None, help="Checkpoint file (default: runs/editors/<method>-<model>.pt).")
-@click.option("--hparams", "overrides", default="{}", show_default=True,
-              help="YAML mapping of hyperparameters on top of lme_sim/editors/hparams/<method>.yaml, "
-                   "e.g. '{rollouts: 100, layers: [3, 4, 5]}'.")
-@click.option("--init-from", "init_from", default=None,
-              help="hiedit: the RLEdit checkpoint (same model and layers) whose network HiEdit starts from "
-                   "(default: train one first).")
-def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: str | None, overrides: str,
-                     init_from: str | None) -> None:
+@click.option(
+    "--hparams",
+    "overrides",
+    default="{}",
+    show_default=True,
+    help="YAML mapping of hyperparameters on top of lme_sim/editors/hparams/<method>.yaml, "
+    "e.g. '{rollouts: 100, layers: [3, 4, 5]}'.",
+)
+@click.option(
+    "--init-from",
+    "init_from",
+    default=None,
+    help="hiedit: the RLEdit checkpoint (same model and layers) whose network HiEdit starts from "
+    "(default: train one first).",
+)
+def train_editor_cmd(
+    method: str,
+    model_name: str,
+    data_path: str | None,
+    out: str | None,
+    overrides: str,
+    init_from: str | None,
+) -> None:
     """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint.
 
     HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or it is trained first."""
@@ -134,7 +176,9 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
         click.echo(f"error: --data: file {data_path!r} not found", err=True)
         sys.exit(2)
     if init_from is not None and method != "hiedit":
-        click.echo("error: --init-from: only HiEdit starts from another network (an RLEdit checkpoint)", err=True)
+        click.echo(
+            "error: --init-from: only HiEdit starts from another network (an RLEdit checkpoint)", err=True
+        )
         sys.exit(2)
     init = None
     if init_from is not None:  # checked before the model loads
@@ -155,17 +199,25 @@ def train_editor_cmd(method: str, model_name: str, data_path: str | None, out: s
     path = save_checkpoint(ckpt, out)
     t = ckpt["train"]
     start = f" after an RLEdit start of {ckpt['init']['seconds']:.0f} s" if ckpt.get("init") else ""
-    click.echo(f"{method} for {model_name}: {hp.rollouts} rollouts over {t['n_facts']} training facts in "
-               f"{t['seconds']:.0f} s{start}; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; "
-               f"saved {path}")
+    click.echo(
+        f"{method} for {model_name}: {hp.rollouts} rollouts over {t['n_facts']} training facts in "
+        f"{t['seconds']:.0f} s{start}; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; "
+        f"saved {path}"
+    )
     click.echo(f"use it with  editor: {{method: {method}, hparams: {{checkpoint: {path}}}}}")
 
 
 @main.command()
-@click.option("--from", "source", required=True,
-              help="CounterFact file (flat or nested ROME/MEMIT json/jsonl) or hub id, disjoint from the edits.")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="CounterFact file (flat or nested ROME/MEMIT json/jsonl) or hub id, disjoint from the edits.",
+)
 @click.option("--out", required=True, help="Text file to write (one sentence per line).")
-@click.option("--records", default=None, type=click.IntRange(min=1), help="Use the first N records (default: all).")
+@click.option(
+    "--records", default=None, type=click.IntRange(min=1), help="Use the first N records (default: all)."
+)
 def corpus(source: str, out: str, records: int | None) -> None:
     """Generic text for key statistics: every prompt and paraphrase completed with its true object.
 
@@ -182,19 +234,48 @@ def corpus(source: str, out: str, records: int | None) -> None:
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="The small world and short streams (a few minutes on 2 CPU cores); "
-                                           "learned editors train on a small budget.")
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="The small world and short streams (a few minutes on 2 CPU cores); "
+    "learned editors train on a small budget.",
+)
 @click.option("--methods", default=None, help="Comma-separated editors (default: every registered one).")
-@click.option("--batch-sizes", default=None, help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).")
-@click.option("--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards).")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one).")
-@click.option("--threads", default=1, show_default=True, type=int,
-              help="torch threads of the in-process work (1: what the runtime's Ray actors get).")
+@click.option(
+    "--batch-sizes",
+    default=None,
+    help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).",
+)
+@click.option(
+    "--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards)."
+)
+@click.option(
+    "--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one)."
+)
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=int,
+    help="torch threads of the in-process work (1: what the runtime's Ray actors get).",
+)
 @click.option("--out", default="runs/bench.json", show_default=True, help="JSON result file.")
-@click.option("--db", default="runs/bench.duckdb", show_default=True,
-              help="DuckDB file: rows go to its bench_results table (the shard runs to its runs tables).")
-def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: str | None, device: str,
-          threads: int, out: str, db: str) -> None:
+@click.option(
+    "--db",
+    default="runs/bench.duckdb",
+    show_default=True,
+    help="DuckDB file: rows go to its bench_results table (the shard runs to its runs tables).",
+)
+def bench(
+    quick: bool,
+    methods: str | None,
+    batch_sizes: str | None,
+    sections: str | None,
+    device: str,
+    threads: int,
+    out: str,
+    db: str,
+) -> None:
     """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
     and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows."""
     from .bench import BenchError, bench_config, run_bench
@@ -207,9 +288,11 @@ def bench(quick: bool, methods: str | None, batch_sizes: str | None, sections: s
         sys.exit(2)
     result = run_bench(cfg, out, db)
     print_result(result)
-    click.echo(f"wrote {out}; rows in table bench_results of {db}, e.g.  lme-sim query "
-               f"\"select section, method, batch_size, rate from bench_results where bench_id = "
-               f"'{result['bench_id']}'\" --db {db}")
+    click.echo(
+        f"wrote {out}; rows in table bench_results of {db}, e.g.  lme-sim query "
+        f'"select section, method, batch_size, rate from bench_results where bench_id = '
+        f"'{result['bench_id']}'\" --db {db}"
+    )
 
 
 @main.command()
@@ -264,9 +347,12 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
     """List the runs in a results database."""
-    cols, rows = _query_or_exit(db, "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
-                                    "(select count(*) from edits e where e.run_id = r.run_id) as edits "
-                                    "from runs r order by r.created_at")
+    cols, rows = _query_or_exit(
+        db,
+        "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
+        "(select count(*) from edits e where e.run_id = r.run_id) as edits "
+        "from runs r order by r.created_at",
+    )
     click.echo("\t".join(cols))
     for r in rows:
         click.echo("\t".join(str(v) for v in r))
@@ -310,13 +396,15 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
         sys.exit(2)
     rows = _query_or_exit(db, "select name, method from runs where run_id = ?", [run_id])[1]
     if not rows:
-        click.echo(f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)",
-                   err=True)
+        click.echo(
+            f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
+        )
         sys.exit(2)
-    (run_name, method), = rows
+    ((run_name, method),) = rows
     if run_name != name:
-        click.echo(f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}",
-                   err=True)
+        click.echo(
+            f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
+        )
         sys.exit(2)
     return method
 

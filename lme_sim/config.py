@@ -15,5 +15,7 @@ class Strict(BaseModel):
 def field_path(loc) -> str:
     """``editor.0.method`` from a pydantic error location; a key that is not a plain name is quoted
     (``stream.'\\r'``), so a message stays one readable line."""
-    return ".".join(p if isinstance(p, str) and p.isidentifier() else str(p) if isinstance(p, int) else repr(p)
-                    for p in loc)
+    return ".".join(
+        p if isinstance(p, str) and p.isidentifier() else str(p) if isinstance(p, int) else repr(p)
+        for p in loc
+    )

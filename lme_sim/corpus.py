@@ -21,8 +21,12 @@ def corpus_lines(cases: list[EditCase]) -> list[str]:
     """``"<prompt> <true object>."`` for the prompt and each paraphrase of every case that has a true
     object (flat CounterFact: 2 lines per case; nested: 1 + its paraphrases). Whitespace runs, line
     breaks included (some CounterFact paraphrases carry a line of preamble), become one space."""
-    return [" ".join(f"{p} {c.target_true}.".split())
-            for c in cases if c.target_true for p in (c.prompt, *c.paraphrases)]
+    return [
+        " ".join(f"{p} {c.target_true}.".split())
+        for c in cases
+        if c.target_true
+        for p in (c.prompt, *c.paraphrases)
+    ]
 
 
 def write_corpus(source, out, records: int | None = None) -> tuple[Path, int]:

@@ -11,9 +11,9 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from lme_sim.cases import EditCase
 
@@ -125,7 +125,7 @@ class _Record:
         self.data = data
 
     @classmethod
-    def of(cls, where: str, data: Any, id_field: str | None) -> "_Record":
+    def of(cls, where: str, data: Any, id_field: str | None) -> _Record:
         """Wrap one raw record, adding its id (where it has one) to the location."""
         if not isinstance(data, Mapping):
             raise DataError(f"{where}: expected an object, got {_type_name(type(data))}")
@@ -226,7 +226,9 @@ def _take(cases: Iterable[EditCase | None], limit: int | None) -> list[EditCase]
 # --------------------------------------------------------------------------- CounterFact
 
 
-def load_counterfact(path_or_id: str | Path, limit: int | None = None, *, split: str = "train") -> list[EditCase]:
+def load_counterfact(
+    path_or_id: str | Path, limit: int | None = None, *, split: str = "train"
+) -> list[EditCase]:
     """CounterFact edits, from the flat EasyEdit json or the nested ROME/MEMIT format (detected per file)."""
     return _take(_counterfact_cases(_records("counterfact", path_or_id, split, "case_id")), limit)
 
@@ -315,7 +317,9 @@ def load_zsre(
     out = _take(cases(), limit)
     if skips:
         reasons = ", ".join(f"{n} {why}" for why, n in skips.items())
-        log.warning("zsre: skipped %d of %d records in %s (%s)", sum(skips.values()), seen, path_or_id, reasons)
+        log.warning(
+            "zsre: skipped %d of %d records in %s (%s)", sum(skips.values()), seen, path_or_id, reasons
+        )
     return out
 
 
@@ -362,7 +366,9 @@ def _find_subject(subject: str, prompt: str) -> str | None:
 # --------------------------------------------------------------------------- known facts
 
 
-def load_known_facts(path_or_id: str | Path, limit: int | None = None, *, split: str = "train") -> list[EditCase]:
+def load_known_facts(
+    path_or_id: str | Path, limit: int | None = None, *, split: str = "train"
+) -> list[EditCase]:
     """ROME ``known_1000.json``: facts the model already knows (``target_new == target_true``), for retention probes."""
     return _take(map(_known_case, _records("known_facts", path_or_id, split, "known_id")), limit)
 
@@ -407,7 +413,9 @@ def load_cases(spec: str | Mapping[str, Any]) -> list[EditCase]:
     options = dict(spec)
     kind = options.pop("kind", None)
     if kind == "world":
-        raise NotImplementedError("kind 'world' (the synthetic world) is loaded by lme_sim.world, not lme_sim.data")
+        raise NotImplementedError(
+            "kind 'world' (the synthetic world) is loaded by lme_sim.world, not lme_sim.data"
+        )
     if not isinstance(kind, str) or kind not in _LOADERS:
         raise DataError(f"data spec: unknown kind {kind!r} (kinds: {', '.join(_LOADERS)})")
     if "path" not in options:
@@ -416,5 +424,7 @@ def load_cases(spec: str | Mapping[str, Any]) -> list[EditCase]:
     allowed = set(inspect.signature(loader).parameters) - {"path_or_id"}
     unknown = set(options) - allowed - {"path"}
     if unknown:
-        raise DataError(f"data spec for {kind!r}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed | {'path'})})")
+        raise DataError(
+            f"data spec for {kind!r}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed | {'path'})})"
+        )
     return loader(options.pop("path"), **options)

@@ -61,8 +61,9 @@ def case_metrics(model, tok, cases: list[EditCase], batch_size: int = 64) -> lis
         if c.target_true is not None and c.target_true != c.target_new:
             row["efficacy"] = float(lp[(i, "rw_new", 0)] > lp[(i, "rw_old", 0)])
             if c.paraphrases:
-                row["generalization"] = mean(float(lp[(i, "pp_new", j)] > lp[(i, "pp_old", j)])
-                                             for j in range(len(c.paraphrases)))
+                row["generalization"] = mean(
+                    float(lp[(i, "pp_new", j)] > lp[(i, "pp_old", j)]) for j in range(len(c.paraphrases))
+                )
         if c.paraphrases:
             row["paraphrase_acc"] = mean(acc[(i, "pp_new", j)] for j in range(len(c.paraphrases)))
         if c.neighborhood:
@@ -87,8 +88,9 @@ def retained(logprobs: torch.Tensor, token_acc: torch.Tensor) -> bool:
     return bool(token_acc[0] >= 1.0)
 
 
-def history_metrics(model, tok, cases: list[EditCase], sample: int | None = None, seed: int = 0,
-                    batch_size: int = 64) -> dict[str, float]:
+def history_metrics(
+    model, tok, cases: list[EditCase], sample: int | None = None, seed: int = 0, batch_size: int = 64
+) -> dict[str, float]:
     """The papers' metrics over the edits so far (not only the latest ones): :func:`summarize` of
     :func:`case_metrics` over ``cases``, or over ``sample`` of them drawn at random (seeded by ``seed``,
     e.g. the eval id), plus ``efficacy_n``: the number of edits efficacy was computed over."""
@@ -102,8 +104,9 @@ def history_metrics(model, tok, cases: list[EditCase], sample: int | None = None
     return out
 
 
-def retention(model, tok, prompts: list[str], current: list[str], history: list[list[str]],
-              batch_size: int = 64) -> torch.Tensor:
+def retention(
+    model, tok, prompts: list[str], current: list[str], history: list[list[str]], batch_size: int = 64
+) -> torch.Tensor:
     """1.0 where ``current[i]`` scores above every earlier value ``history[i]`` of that fact."""
     flat_p, flat_t, owner = [], [], []
     for i, (p, cur, old) in enumerate(zip(prompts, current, history)):
@@ -113,16 +116,22 @@ def retention(model, tok, prompts: list[str], current: list[str], history: list[
             owner.append(i)
     s = score_targets(model, tok, flat_p, flat_t, batch_size)
     owner_t = torch.tensor(owner)
-    return torch.tensor([float(retained(s.mean_logprob[owner_t == i], s.token_acc[owner_t == i]))
-                         for i in range(len(prompts))])
+    return torch.tensor(
+        [
+            float(retained(s.mean_logprob[owner_t == i], s.token_acc[owner_t == i]))
+            for i in range(len(prompts))
+        ]
+    )
 
 
-def n_gram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+def n_gram_entropy(
+    text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)
+) -> float:
     """ROME's fluency measure of one text: weighted mean of its n-gram entropies (bits)."""
     words = text.split()
     ent = []
     for n in ns:
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         ent.append(-sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
     return sum(w * e for w, e in zip(weights, ent)) / len(ns)

@@ -28,7 +28,9 @@ class ModelError(ValueError):
     pass
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True) -> LoadedModel:
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = True
+) -> LoadedModel:
     """Load ``name`` in eval mode with a right-padding tokenizer that has a pad token."""
     world = None
     if name.startswith("world:"):
@@ -46,8 +48,10 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(name)
         except OSError as e:
-            raise ModelError(f"model {name!r}: not a registered name (world:<name>, smollm2-135m), "
-                             f"a local folder, or a reachable hub id ({e})") from None
+            raise ModelError(
+                f"model {name!r}: not a registered name (world:<name>, smollm2-135m), "
+                f"a local folder, or a reachable hub id ({e})"
+            ) from None
     prepare_tokenizer(tok)
     arch_of(model)  # fail early on an architecture the table does not know
     return LoadedModel(name, model.to(device=device, dtype=dtype).eval(), tok, world)

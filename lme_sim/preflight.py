@@ -28,11 +28,15 @@ def check(scn: Scenario, path: str | Path) -> None:
         _check_world(path, scn)
     n_layers = model_n_layers(scn.model)
     if n_layers is None:
-        raise ScenarioError(f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
-                            "smollm2-135m), a local model folder, or a hub id reachable from here")
+        raise ScenarioError(
+            f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
+            "smollm2-135m), a local model folder, or a hub id reachable from here"
+        )
     if scn.runtime.shards > n_layers:
-        raise ScenarioError(f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
-                            f"{n_layers} layers (at most one shard per layer)")
+        raise ScenarioError(
+            f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
+            f"{n_layers} layers (at most one shard per layer)"
+        )
     if scn.data.kind != "world":
         _check_data_path(path, scn.data.path)
     if scn.eval.general_ability.path:
@@ -46,8 +50,10 @@ def check(scn: Scenario, path: str | Path) -> None:
         from .vllm_scorer import vllm_available
 
         if not vllm_available():
-            raise ScenarioError(f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
-                                "the GPU machines (docs/evaluators.md), or set backend: hf")
+            raise ScenarioError(
+                f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
+                "the GPU machines (docs/evaluators.md), or set backend: hf"
+            )
     for i, spec in enumerate(scn.editors):
         _check_editor(path, scn, i, n_layers)
 
@@ -58,14 +64,20 @@ def _check_world(path: Path, scn: Scenario) -> None:
 
     name = scn.model.split(":", 1)[1]
     if name not in WORLDS:
-        raise ScenarioError(f"{path}: field 'model': unknown world {scn.model!r} (known: "
-                            f"{', '.join('world:' + w for w in WORLDS)})")
-    if scn.data.kind != "world" or (scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"):
+        raise ScenarioError(
+            f"{path}: field 'model': unknown world {scn.model!r} (known: "
+            f"{', '.join('world:' + w for w in WORLDS)})"
+        )
+    if scn.data.kind != "world" or (
+        scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"
+    ):
         return
     n_facts = len(World(get_world_config(name)).facts)
     if scn.data.n_edits > n_facts:
-        raise ScenarioError(f"{path}: field 'data.n_edits': {scn.data.n_edits} edits, but {scn.model!r} has "
-                            f"{n_facts} facts (one edit per fact)")
+        raise ScenarioError(
+            f"{path}: field 'data.n_edits': {scn.data.n_edits} edits, but {scn.model!r} has "
+            f"{n_facts} facts (one edit per fact)"
+        )
 
 
 def _check_data_path(path: Path, data_path: str) -> None:
@@ -85,8 +97,9 @@ def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
     listed = isinstance(scn.editor, list)
     if spec.method not in known_methods():
         field = f"editor.{i}.method" if listed else "editor.method"
-        raise ScenarioError(f"{path}: field '{field}': unknown method {spec.method!r} (known: "
-                            f"{', '.join(known_methods())})")
+        raise ScenarioError(
+            f"{path}: field '{field}': unknown method {spec.method!r} (known: {', '.join(known_methods())})"
+        )
     where = f"editor.{i}.hparams" if listed else "editor.hparams"
     try:
         hp = load_hparams(spec.method, scn.model, spec.hparams, where=where)
@@ -95,5 +108,7 @@ def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
         field, _, what = str(e).partition(": ")
         raise ScenarioError(f"{path}: field '{field}': {what}") from None
     if missing := [l for l in hp.layers if not 0 <= l < n_layers]:
-        raise ScenarioError(f"{path}: field '{where}.layers': no layer {missing[0]} in {scn.model!r} "
-                            f"(layers 0..{n_layers - 1})")
+        raise ScenarioError(
+            f"{path}: field '{where}.layers': no layer {missing[0]} in {scn.model!r} "
+            f"(layers 0..{n_layers - 1})"
+        )

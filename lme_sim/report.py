@@ -32,19 +32,30 @@ def _label(db, run_ids):
 
 
 def plot_forgetting(db, run_ids, label, ax) -> None:
-    rows = _rows(db, "select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
-                     "from forgetting_curve where run_id = any(?) group by all order by age", [list(run_ids)])
+    rows = _rows(
+        db,
+        "select run_id, age, sum(retention * n_probes) / sum(n_probes) as retention "
+        "from forgetting_curve where run_id = any(?) group by all order by age",
+        [list(run_ids)],
+    )
     for rid in run_ids:
         pts = [(r["age"], r["retention"]) for r in rows if r["run_id"] == rid]
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=label(rid))
-    ax.set(title="Forgetting curve: is an edit still in force?", xlabel="edit age (batches since the edit)",
-           ylabel="retention (fraction of probes)", ylim=(-0.02, 1.02))
+    ax.set(
+        title="Forgetting curve: is an edit still in force?",
+        xlabel="edit age (batches since the edit)",
+        ylabel="retention (fraction of probes)",
+        ylim=(-0.02, 1.02),
+    )
 
 
 def plot_metrics(db, run_ids, label, axes) -> None:
-    rows = _rows(db, "select run_id, step, name, value from metrics where run_id = any(?) and name = any(?) "
-                     "order by step", [list(run_ids), list(CURVE_METRICS)])
+    rows = _rows(
+        db,
+        "select run_id, step, name, value from metrics where run_id = any(?) and name = any(?) order by step",
+        [list(run_ids), list(CURVE_METRICS)],
+    )
     for ax, name in zip(axes, CURVE_METRICS):
         for rid in run_ids:
             pts = [(r["step"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
@@ -57,44 +68,71 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     """Efficacy at each evaluation against the edits committed by then (``efficacy_curve``), one line
     per run; the sample size (``efficacy_n``) in the legend where the run logged it, and the run's
     collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x."""
-    rows = _rows(db, "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, k.collapse_edits "
-                     "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) order by c.n_edits, c.eval_id",
-                 [list(run_ids)])
+    rows = _rows(
+        db,
+        "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, k.collapse_edits "
+        "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) order by c.n_edits, c.eval_id",
+        [list(run_ids)],
+    )
     for rid in run_ids:
         mine = [r for r in rows if r["run_id"] == rid]
         if not mine:
             continue
         sizes = sorted({int(r["efficacy_n"]) for r in mine if r["efficacy_n"] is not None})
         n = "" if not sizes else f", n = {sizes[0]}" if len(sizes) == 1 else f", n = {sizes[0]}-{sizes[-1]}"
-        line, = ax.plot([r["n_edits"] for r in mine], [r["efficacy"] for r in mine], marker="o", ms=3,
-                        label=f"{label(rid)}{n}")
+        (line,) = ax.plot(
+            [r["n_edits"] for r in mine],
+            [r["efficacy"] for r in mine],
+            marker="o",
+            ms=3,
+            label=f"{label(rid)}{n}",
+        )
         at = mine[0]["collapse_edits"]
         if at is not None:
             y = next(r["efficacy"] for r in mine if r["n_edits"] == at)
             ax.plot([at], [y], marker="x", ms=10, mew=2, ls="", color=line.get_color())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set(title="Efficacy over the edits against the number of edits (x: collapse, below 0.5)",
-           xlabel="edits committed at the evaluation", ylabel="efficacy (n: edits it was computed over)",
-           ylim=(-0.02, 1.02))
+    ax.set(
+        title="Efficacy over the edits against the number of edits (x: collapse, below 0.5)",
+        xlabel="edits committed at the evaluation",
+        ylabel="efficacy (n: edits it was computed over)",
+        ylim=(-0.02, 1.02),
+    )
 
 
 def plot_condition(db, run_ids, label, ax) -> None:
-    rows = _rows(db, "select run_id, batch_id, module, condition from weight_health "
-                     "where run_id = any(?) order by batch_id", [list(run_ids)])
+    rows = _rows(
+        db,
+        "select run_id, batch_id, module, condition from weight_health "
+        "where run_id = any(?) order by batch_id",
+        [list(run_ids)],
+    )
     for rid in run_ids:
         for module in sorted({r["module"] for r in rows if r["run_id"] == rid}):
-            pts = [(r["batch_id"], r["condition"]) for r in rows if r["run_id"] == rid and r["module"] == module]
-            short = ".".join(p for p in module.split(".") if p.isdigit() or p in ("c_proj", "down_proj", "fc_out"))
+            pts = [
+                (r["batch_id"], r["condition"]) for r in rows if r["run_id"] == rid and r["module"] == module
+            ]
+            short = ".".join(
+                p for p in module.split(".") if p.isdigit() or p in ("c_proj", "down_proj", "fc_out")
+            )
             ax.plot(*zip(*pts), label=f"{label(rid)} {short}")
-    ax.set(title="Condition number of each edited matrix", xlabel="edit step (batch)",
-           ylabel="condition number (sigma_max / sigma_min)", yscale="log")
+    ax.set(
+        title="Condition number of each edited matrix",
+        xlabel="edit step (batch)",
+        ylabel="condition number (sigma_max / sigma_min)",
+        yscale="log",
+    )
 
 
 def plot_layer_usage(db, run_id, label, ax) -> None:
     import numpy as np
 
-    rows = _rows(db, "select u.batch_id, u.module, u.n_edits / b.n_edits as share from layer_usage u "
-                     "join batches b using (run_id, batch_id) where u.run_id = ? order by 1, 2", [run_id])
+    rows = _rows(
+        db,
+        "select u.batch_id, u.module, u.n_edits / b.n_edits as share from layer_usage u "
+        "join batches b using (run_id, batch_id) where u.run_id = ? order by 1, 2",
+        [run_id],
+    )
     modules = sorted({r["module"] for r in rows})
     batches = sorted({r["batch_id"] for r in rows})
     grid = np.zeros((len(modules), max(len(batches), 1)))
@@ -158,14 +196,20 @@ def _write_html(db, run_ids, out: Path, images: list[Path]) -> Path:
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(comparison_table(db, run_ids))
     table = console.export_text()
-    parts = [f"<h1>lme-sim report</h1><p>{html.escape(str(db))}: {html.escape(', '.join(run_ids))}</p>",
-             f"<pre>{html.escape(table)}</pre>"]
+    parts = [
+        f"<h1>lme-sim report</h1><p>{html.escape(str(db))}: {html.escape(', '.join(run_ids))}</p>",
+        f"<pre>{html.escape(table)}</pre>",
+    ]
     for img in images:
         data = base64.b64encode(img.read_bytes()).decode()
-        parts.append(f'<h2>{html.escape(img.stem.replace("_", " "))}</h2>'
-                     f'<img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">')
+        parts.append(
+            f"<h2>{html.escape(img.stem.replace('_', ' '))}</h2>"
+            f'<img alt="{html.escape(img.stem)}" src="data:image/png;base64,{data}">'
+        )
     page = out / "index.html"
-    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>lme-sim report</title>"
-                    "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}</style>"
-                    "</head><body>" + "\n".join(parts) + "</body></html>")
+    page.write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>lme-sim report</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}</style>"
+        "</head><body>" + "\n".join(parts) + "</body></html>"
+    )
     return page

@@ -59,7 +59,9 @@ class StreamSpec(Strict):
             try:
                 dt.datetime.fromisoformat(v)
             except ValueError:
-                raise ValueError(f"{v!r} is not an ISO date or time, e.g. 2024-01-01 or 2024-01-01T09:00") from None
+                raise ValueError(
+                    f"{v!r} is not an ISO date or time, e.g. 2024-01-01 or 2024-01-01T09:00"
+                ) from None
         return v
 
 
@@ -131,7 +133,7 @@ class Scenario(Strict):
     def editors(self) -> list[EditorSpec]:
         return self.editor if isinstance(self.editor, list) else [self.editor]
 
-    def with_editor(self, spec: EditorSpec) -> "Scenario":
+    def with_editor(self, spec: EditorSpec) -> Scenario:
         """This scenario with one editing method (how a list of methods is run, one run each)."""
         return self.model_copy(update={"editor": spec})
 
@@ -143,8 +145,13 @@ class Scenario(Strict):
         if self.stream.timeline is not None:
             return self.stream.timeline
         bs = self.stream.batch_size
-        return Timeline(pattern="fixed", n_batches=-(-self.data.n_edits // bs), batch_size=bs,
-                        n_edits=self.data.n_edits, eval_every=self.eval.every * bs)  # the last batch may be smaller
+        return Timeline(
+            pattern="fixed",
+            n_batches=-(-self.data.n_edits // bs),
+            batch_size=bs,
+            n_edits=self.data.n_edits,
+            eval_every=self.eval.every * bs,
+        )  # the last batch may be smaller
 
 
 class ScenarioError(ValueError):
@@ -175,7 +182,9 @@ def load_scenario(path: str | Path) -> Scenario:
     if scn.data.kind != "world" and not scn.data.path:
         raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
     if scn.data.kind == "world" and not scn.model.startswith("world:"):
-        raise ScenarioError(f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}")
+        raise ScenarioError(
+            f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}"
+        )
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
     return scn

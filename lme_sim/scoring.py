@@ -37,20 +37,29 @@ class PairScorer:
         raise NotImplementedError
 
 
-def logits_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
-              pos: torch.Tensor, inject: Inject | None = None,
-              rotate: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+def logits_at(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+    inject: Inject | None = None,
+    rotate: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Next-token logits at (rows, pos) only: the backbone runs once, the head on M positions."""
     plan = Plan(logits=Positions(rows, pos), inject=inject, rotate=rotate or {})
     return as_backbone(model).run(input_ids, attention_mask, plan).logits
 
 
-def target_logprobs(model, batch: PairBatch, rotate: dict[int, torch.Tensor] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def target_logprobs(
+    model, batch: PairBatch, rotate: dict[int, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per target token: (row, log P(label), label is argmax) for a batch of pairs (``rotate``: see
     :class:`~lme_sim.backbone.Plan`)."""
     rows, pos, labels = batch.target_positions()
-    logp = torch.log_softmax(logits_at(model, batch.input_ids, batch.attention_mask, rows, pos, rotate=rotate), -1)
+    logp = torch.log_softmax(
+        logits_at(model, batch.input_ids, batch.attention_mask, rows, pos, rotate=rotate), -1
+    )
     labels = labels.to(logp.device)
     return rows, logp.gather(1, labels[:, None])[:, 0], logp.argmax(-1) == labels
 
@@ -81,9 +90,16 @@ def score_targets(model, tok, prompts: list[str], targets: list[str], batch_size
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
-             top_k: int | None = None, generator: torch.Generator | None = None,
-             cache: bool | None = None) -> list[str]:
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    cache: bool | None = None,
+) -> list[str]:
     """Continuations of many prompts: greedy, or sampled from the top ``top_k`` tokens.
 
     An in-process model (an ``nn.Module`` or a :class:`~lme_sim.backbone.LocalBackbone`) generates
@@ -106,7 +122,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_siz
     out: list[str] = []
     limit = _max_positions(model)
     for s in range(0, len(prompts), batch_size):
-        seqs = tok(prompts[s:s + batch_size])["input_ids"]
+        seqs = tok(prompts[s : s + batch_size])["input_ids"]
         start = [len(q) for q in seqs]
         for _ in range(max_new_tokens):
             if max(len(q) for q in seqs) >= limit:
@@ -129,8 +145,15 @@ def _next_tokens(logits: torch.Tensor, top_k: int | None, generator: torch.Gener
     return idx.cpu()[torch.arange(len(pick)), pick]
 
 
-def _generate_cached(model, tok, prompts: list[str], max_new_tokens: int, batch_size: int,
-                     top_k: int | None, generator: torch.Generator | None) -> list[str]:
+def _generate_cached(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    top_k: int | None,
+    generator: torch.Generator | None,
+) -> list[str]:
     """:func:`generate` on an in-process Hugging Face model with its KV cache.
 
     Prompts are left-padded (the padding masked out and the positions counted from each row's first
@@ -150,16 +173,17 @@ def _generate_cached(model, tok, prompts: list[str], max_new_tokens: int, batch_
         ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, q in enumerate(seqs):
-            ids[r, width - len(q):] = torch.tensor(q, dtype=torch.long)
-            mask[r, width - len(q):] = 1
+            ids[r, width - len(q) :] = torch.tensor(q, dtype=torch.long)
+            mask[r, width - len(q) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         past, new = None, []
         for step in range(max_new_tokens):
             if width + step >= limit:
                 break
-            res = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                                   use_cache=True)
+            res = model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
+            )
             past = res.past_key_values
             logits = model.get_output_embeddings()(res.last_hidden_state[:, -1]).float()
             nxt = _next_tokens(logits, top_k, generator)
@@ -173,8 +197,9 @@ def _generate_cached(model, tok, prompts: list[str], max_new_tokens: int, batch_
     return out
 
 
-def greedy_generate(model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32,
-                    cache: bool | None = None) -> list[str]:
+def greedy_generate(
+    model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, cache: bool | None = None
+) -> list[str]:
     return generate(model, tok, prompts, max_new_tokens, batch_size, cache=cache)
 
 

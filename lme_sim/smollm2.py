@@ -83,8 +83,12 @@ def _build_cache(gguf: Path, dest: Path):
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "lme_sim_source.json").write_text(json.dumps({"gguf": str(gguf), "key": dest.name}))
-    log.info("SmolLM2: dequantized GGUF in %.1f s, wrote cache %s in %.1f s",
-             t1 - t0, dest, time.perf_counter() - t1)
+    log.info(
+        "SmolLM2: dequantized GGUF in %.1f s, wrote cache %s in %.1f s",
+        t1 - t0,
+        dest,
+        time.perf_counter() - t1,
+    )
     return model
 
 

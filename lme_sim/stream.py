@@ -22,8 +22,9 @@ import hashlib
 import random
 import re
 import time as _time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Callable, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 
@@ -36,8 +37,13 @@ EDIT_KINDS = ("edit", "update", "revert")
 DEFAULT_START = dt.datetime(2024, 1, 1)
 
 # --- durations ------------------------------------------------------------------------------
-_UNITS = {"w": dt.timedelta(weeks=1), "d": dt.timedelta(days=1), "h": dt.timedelta(hours=1),
-          "m": dt.timedelta(minutes=1), "s": dt.timedelta(seconds=1)}
+_UNITS = {
+    "w": dt.timedelta(weeks=1),
+    "d": dt.timedelta(days=1),
+    "h": dt.timedelta(hours=1),
+    "m": dt.timedelta(minutes=1),
+    "s": dt.timedelta(seconds=1),
+}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([wdhms])\s*$")
 
 
@@ -51,10 +57,17 @@ def parse_duration(value: str | float | int | dt.timedelta) -> dt.timedelta:
     if not (isinstance(value, dt.timedelta) or number or m):
         raise ValueError(f"bad duration {value!r}: use a number and a unit s/m/h/d/w, e.g. '6h' or '1d'")
     try:
-        td = value if isinstance(value, dt.timedelta) else dt.timedelta(days=value) if number else \
-            float(m.group(1)) * _UNITS[m.group(2)]
+        td = (
+            value
+            if isinstance(value, dt.timedelta)
+            else dt.timedelta(days=value)
+            if number
+            else float(m.group(1)) * _UNITS[m.group(2)]
+        )
     except (OverflowError, ValueError):  # NaN, or beyond timedelta's range
-        raise ValueError(f"bad duration {value!r}: not a finite time span of at most 999999999 days") from None
+        raise ValueError(
+            f"bad duration {value!r}: not a finite time span of at most 999999999 days"
+        ) from None
     if td < dt.timedelta(0):
         raise ValueError(f"bad duration {value!r}: must not be negative")
     return td
@@ -68,7 +81,9 @@ def format_duration(td: dt.timedelta) -> str:
     return f"{td.total_seconds():g}s"
 
 
-Duration = Annotated[dt.timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)]
+Duration = Annotated[
+    dt.timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
 
 
 # --- timeline spec --------------------------------------------------------------------------
@@ -79,7 +94,11 @@ _PATTERN_FIELDS = {
     "history": set(),
 }
 _COMMON_FIELDS = {"pattern", "eval_every", "update_fraction", "revert_fraction"}
-_COUNT_FIELDS = {"fixed": "n_batches * batch_size", "poisson": "rate * duration", "bursts": "n_bursts * burst_size"}
+_COUNT_FIELDS = {
+    "fixed": "n_batches * batch_size",
+    "poisson": "rate * duration",
+    "bursts": "n_bursts * burst_size",
+}
 
 
 class Timeline(BaseModel):
@@ -107,7 +126,7 @@ class Timeline(BaseModel):
     eval_every: int | None = Field(None, gt=0)  # an eval after every N edit-like events (and at the end)
 
     @model_validator(mode="after")
-    def _check(self) -> "Timeline":
+    def _check(self) -> Timeline:
         if self.interval <= dt.timedelta(0):
             raise ValueError("field 'interval' must be positive")
         if self.duration <= dt.timedelta(0):
@@ -117,10 +136,15 @@ class Timeline(BaseModel):
         allowed = _PATTERN_FIELDS[self.pattern] | _COMMON_FIELDS
         if self.pattern == "history":
             allowed = allowed - {"update_fraction", "revert_fraction"}
-        stray = sorted(f for f, info in type(self).model_fields.items()
-                       if f not in allowed and getattr(self, f) != info.default)
+        stray = sorted(
+            f
+            for f, info in type(self).model_fields.items()
+            if f not in allowed and getattr(self, f) != info.default
+        )
         if stray:
-            raise ValueError(f"field(s) {', '.join(map(repr, stray))} do not apply to pattern {self.pattern!r}")
+            raise ValueError(
+                f"field(s) {', '.join(map(repr, stray))} do not apply to pattern {self.pattern!r}"
+            )
         return self
 
 
@@ -169,9 +193,16 @@ class Event:
     def as_row(self) -> dict:
         """Flat record for logging."""
         c = self.case
-        return {"kind": self.kind, "time": self.time, "edit_id": self.edit_id, "fact_key": self.fact_key,
-                "supersedes": self.supersedes, "case_id": c.case_id if c else None,
-                "target_new": c.target_new if c else None, "target_true": c.target_true if c else None}
+        return {
+            "kind": self.kind,
+            "time": self.time,
+            "edit_id": self.edit_id,
+            "fact_key": self.fact_key,
+            "supersedes": self.supersedes,
+            "case_id": c.case_id if c else None,
+            "target_new": c.target_new if c else None,
+            "target_true": c.target_true if c else None,
+        }
 
 
 @dataclass
@@ -244,8 +275,13 @@ def _with_evals(edits: list[Event], every: int | None) -> list[Event]:
     return out
 
 
-def build_events(timeline: Timeline, cases: list[EditCase] | None = None, world: World | None = None,
-                 start: dt.datetime | None = None, seed: int = 0) -> list[Event]:
+def build_events(
+    timeline: Timeline,
+    cases: list[EditCase] | None = None,
+    world: World | None = None,
+    start: dt.datetime | None = None,
+    seed: int = 0,
+) -> list[Event]:
     """The timeline's events, sorted by time.
 
     New edits consume ``cases`` in order (default: one counterfactual case per world fact, via
@@ -287,9 +323,11 @@ def build_events(timeline: Timeline, cases: list[EditCase] | None = None, world:
             b.new(time, case)
         else:
             fields = _COUNT_FIELDS[timeline.pattern]
-            raise ValueError(f"not enough cases for the timeline: {len(cases)} cases, but pattern "
-                             f"{timeline.pattern!r} needs more new edits (timeline.{fields} = {len(offsets)} "
-                             f"arrivals); lower {fields} or supply more cases")
+            raise ValueError(
+                f"not enough cases for the timeline: {len(cases)} cases, but pattern "
+                f"{timeline.pattern!r} needs more new edits (timeline.{fields} = {len(offsets)} "
+                f"arrivals); lower {fields} or supply more cases"
+            )
     return _with_evals(b.events, timeline.eval_every)
 
 
@@ -315,7 +353,9 @@ def _group_end(events: list[Event], i: int, batch_size: int, window: dt.timedelt
     return j
 
 
-def batch_events(events: list[Event], batch_size: int, window: dt.timedelta | None = None) -> list[list[Event]]:
+def batch_events(
+    events: list[Event], batch_size: int, window: dt.timedelta | None = None
+) -> list[list[Event]]:
     """Consecutive edit-like events in batches of at most ``batch_size`` (and, with a ``window``, of
     events that arrived within ``window`` of the batch's first), never across an eval and never with
     two events of one fact. Each eval is its own one-element group, so the groups, concatenated, are
@@ -339,8 +379,13 @@ class SimClock:
     started; the origin is the first ``wait_until`` time unless :meth:`start` set it.
     """
 
-    def __init__(self, speedup: float | None = None, *, sleep: Callable[[float], object] = _time.sleep,
-                 monotonic: Callable[[], float] = _time.monotonic):
+    def __init__(
+        self,
+        speedup: float | None = None,
+        *,
+        sleep: Callable[[float], object] = _time.sleep,
+        monotonic: Callable[[], float] = _time.monotonic,
+    ):
         if speedup is not None and speedup <= 0:
             raise ValueError(f"speedup must be positive (or None for as fast as possible), got {speedup}")
         self.speedup = speedup
@@ -393,8 +438,15 @@ class EditStream:
         self._fp = _fingerprint(self.events)
 
     @classmethod
-    def from_timeline(cls, timeline: Timeline, batch_size: int, cases: list[EditCase] | None = None,
-                      world: World | None = None, start: dt.datetime | None = None, seed: int = 0) -> "EditStream":
+    def from_timeline(
+        cls,
+        timeline: Timeline,
+        batch_size: int,
+        cases: list[EditCase] | None = None,
+        world: World | None = None,
+        start: dt.datetime | None = None,
+        seed: int = 0,
+    ) -> EditStream:
         return cls(build_events(timeline, cases, world, start, seed), batch_size)
 
     def __len__(self) -> int:
@@ -413,7 +465,7 @@ class EditStream:
         if self.done:
             return None
         end = _group_end(self.events, self._pos, self.batch_size, self.window)
-        group, self._pos = self.events[self._pos:end], end
+        group, self._pos = self.events[self._pos : end], end
         return group if group[0].is_edit else group[0]
 
     def seek(self, position: int) -> None:

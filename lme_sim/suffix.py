@@ -62,9 +62,16 @@ def _suffix_of(h: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> to
 
 
 @torch.no_grad()
-def prefix_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: torch.Tensor,
-                layer: int, logits: Positions | None = None, layers: range | None = None,
-                hidden_in: torch.Tensor | None = None):
+def prefix_pass(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: torch.Tensor,
+    layer: int,
+    logits: Positions | None = None,
+    layers: range | None = None,
+    hidden_in: torch.Tensor | None = None,
+):
     """One ordinary forward pass (no delta, no gradients) that keeps the :class:`PrefixCache` of the
     blocks in ``layers`` (default: all; ``hidden_in``: a shard's input, as in
     :func:`~lme_sim.backbone.run_plan`). Returns (cache, logits at ``logits`` where this pass reaches
@@ -81,28 +88,40 @@ def prefix_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     kept: dict[str, torch.Tensor] = {}
     boundary: list[torch.Tensor] = []
     with ExitStack() as stack:
+
         def hook(module, fn):
             stack.callback(module.register_forward_hook(fn).remove)
 
         if hidden_in is not None:
             _replace_input(_block(model, layers.start), hidden_in.to(dev), stack)
         if layer in layers:
+
             def keep(_m, _a, o):
                 kept["h"] = _suffix_of(_hidden(o), start, length)
+
             hook(_block(model, layer), keep)
         if not last:
+
             def halt(_m, _a, o):
                 boundary.append(_hidden(o))
                 raise _StopForward
+
             hook(_block(model, layers.stop - 1), halt)
         try:
-            result = model.base_model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                                      past_key_values=cache, use_cache=True)
+            result = model.base_model(
+                input_ids=input_ids.to(dev),
+                attention_mask=attention_mask.to(dev),
+                past_key_values=cache,
+                use_cache=True,
+            )
         except _StopForward:
             result = None
     P = int(start.max())
-    kv = {l: (cache.layers[l].keys[:, :, :P].clone(), cache.layers[l].values[:, :, :P].clone())
-          for l in layers if l > layer}
+    kv = {
+        l: (cache.layers[l].keys[:, :, :P].clone(), cache.layers[l].values[:, :, :P].clone())
+        for l in layers
+        if l > layer
+    }
     out = None
     if result is not None and logits is not None:
         h = result.last_hidden_state[logits.rows.to(dev), logits.pos.to(dev)]
@@ -111,8 +130,9 @@ def prefix_pass(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return pc, out, (boundary[0] if boundary else None)
 
 
-def suffix_mask(start: torch.Tensor, length: torch.Tensor, P: int, S: int, dtype: torch.dtype
-                ) -> torch.Tensor:
+def suffix_mask(
+    start: torch.Tensor, length: torch.Tensor, P: int, S: int, dtype: torch.dtype
+) -> torch.Tensor:
     """(b, 1, S, P + S) additive mask: suffix position i of row r sees the prefix positions j < s_r
     and the real suffix positions j <= i (a padded i sees at least suffix position 0: no empty row)."""
     i = torch.arange(S)
@@ -161,7 +181,7 @@ def length_groups(length: torch.Tensor, overhead: int = 32) -> list[torch.Tensor
                     best[j], cut[j] = cost, i
     groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -173,17 +193,28 @@ def _run_blocks(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, h: torch.
     P, S = int(start.max()), h.shape[1]
     pos = (start[:, None] + torch.arange(S)).to(dev)  # (b, S) absolute positions
     mask = suffix_mask(start, length, P, S, h.dtype).to(dev)  # (b, 1, S, P + S)
-    kv = _PrefixKV({l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
-                    for l, (k, v) in pc.kv.items() if l in blocks})
+    kv = _PrefixKV(
+        {
+            l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
+            for l, (k, v) in pc.kv.items()
+            if l in blocks
+        }
+    )
     kwargs = _block_kwargs(model, h, pos)
     for l in blocks:
         h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=kv, **kwargs))
     return h
 
 
-def suffix_pass(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, values: torch.Tensor | None = None,
-                at: Positions | None = None, layers: range | None = None,
-                hidden_in: torch.Tensor | None = None):
+def suffix_pass(
+    model: nn.Module,
+    pc: PrefixCache,
+    rows: torch.Tensor,
+    values: torch.Tensor | None = None,
+    at: Positions | None = None,
+    layers: range | None = None,
+    hidden_in: torch.Tensor | None = None,
+):
     """Blocks L+1.. of ``layers`` on the suffix of ``rows`` (indices into the prefix pass's rows).
 
     ``values`` (b, d) is added to block L's cached output at suffix position 0 (the subject's last

@@ -17,9 +17,16 @@ PACKAGES = ("torch", "transformers", "ray", "duckdb", "vllm")
 
 def machine_info() -> dict:
     """CPU model, cores, RAM, load average and GPUs of this machine."""
-    info = {"hostname": platform.node(), "platform": platform.platform(), "cpu_model": _cpu_model(),
-            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "ram_gb": _ram_gb(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "gpus": []}
+    info = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": _ram_gb(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "gpus": [],
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         info["cuda"] = torch.version.cuda
@@ -52,10 +59,20 @@ def git_commit() -> str | None:
     None outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")

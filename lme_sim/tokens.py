@@ -19,11 +19,15 @@ class PairBatch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def select(self, rows: torch.Tensor) -> "PairBatch":
+    def select(self, rows: torch.Tensor) -> PairBatch:
         """The given rows, trimmed to their longest sequence."""
         width = int((self.prompt_len[rows] + self.target_len[rows]).max())
-        return PairBatch(self.input_ids[rows, :width], self.attention_mask[rows, :width],
-                         self.prompt_len[rows], self.target_len[rows])
+        return PairBatch(
+            self.input_ids[rows, :width],
+            self.attention_mask[rows, :width],
+            self.prompt_len[rows],
+            self.target_len[rows],
+        )
 
     def target_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position, label) for every target token: logits at ``position`` predict ``label``."""

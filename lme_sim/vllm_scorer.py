@@ -57,9 +57,15 @@ class VLLMScorer(PairScorer):
         self._packed: set[str] | None = None  # parameters the engine holds only in packed form
         self._full: dict[str, torch.Tensor] = {}  # the current value of each packed parameter
 
-        self.llm = LLM(model_path, tensor_parallel_size=o.tensor_parallel_size,
-                       gpu_memory_utilization=o.gpu_memory_utilization, dtype=o.dtype,
-                       max_model_len=o.max_model_len, enforce_eager=o.enforce_eager, skip_tokenizer_init=True)
+        self.llm = LLM(
+            model_path,
+            tensor_parallel_size=o.tensor_parallel_size,
+            gpu_memory_utilization=o.gpu_memory_utilization,
+            dtype=o.dtype,
+            max_model_len=o.max_model_len,
+            enforce_eager=o.enforce_eager,
+            skip_tokenizer_init=True,
+        )
         self.version = 0
 
     def score_pairs(self, batch: PairBatch) -> TargetScores:
@@ -84,8 +90,9 @@ class VLLMScorer(PairScorer):
     def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, detokenize=False,
-                                ignore_eos=True)  # as the HF backend: a fixed number of new tokens
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=True
+        )  # as the HF backend: a fixed number of new tokens
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -119,6 +126,7 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
     float32 master copy kept on the worker's model, as the shards keep one, so that a long stream of
     small deltas does not drift in 16-bit rounding); packed layers get their full new weight
     (``sets``, kept in float32 by the scorer) and repack it."""
+
     def write(model):
         try:
             from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -138,10 +146,12 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
             layer = model.get_submodule(name.rsplit(".", 1)[0])
             shape = (layer.output_size_per_partition, layer.input_size_per_partition)
             dtype = params[name].dtype
-            layer.weight = torch.nn.Parameter(_local_shard(w, shape, rank, world).to(dtype).contiguous(),
-                                              requires_grad=False)
+            layer.weight = torch.nn.Parameter(
+                _local_shard(w, shape, rank, world).to(dtype).contiguous(), requires_grad=False
+            )
             layer.quant_method.process_weights_after_loading(layer)
         return len(adds) + len(sets)
+
     return write
 
 
@@ -166,4 +176,6 @@ def _local_shard(d: torch.Tensor, shape: tuple, rank: int, world: int) -> torch.
         for dim in (0, 1):
             if cand.shape[1 - dim] == shape[1 - dim] and cand.shape[dim] == shape[dim] * world:
                 return cand.narrow(dim, rank * shape[dim], shape[dim])
-    raise ValueError(f"delta of shape {tuple(d.shape)} does not fit a parameter of shape {shape} (tp={world})")
+    raise ValueError(
+        f"delta of shape {tuple(d.shape)} does not fit a parameter of shape {shape} (tp={world})"
+    )

@@ -8,8 +8,11 @@ import torch
 def matrix_stats(W: torch.Tensor) -> dict[str, float]:
     """Frobenius norm, spectral norm and condition number (sigma_max / sigma_min) of W."""
     s = torch.linalg.svdvals(W.detach().double())
-    return {"frobenius": float(s.square().sum().sqrt()), "spectral": float(s[0]),
-            "condition": float(s[0] / s[-1]) if s[-1] > 0 else float("inf")}
+    return {
+        "frobenius": float(s.square().sum().sqrt()),
+        "spectral": float(s[0]),
+        "condition": float(s[0] / s[-1]) if s[-1] > 0 else float("inf"),
+    }
 
 
 def add_delta(param: torch.Tensor, delta: torch.Tensor, masters: dict[str, torch.Tensor], name: str) -> None:

@@ -33,7 +33,28 @@ RELATIONS: dict[str, tuple[tuple[str, ...], str]] = {
 # Words that context prefixes and KL prompts use ("{} is a"); kept in every world's vocabulary.
 COMMON_WORDS = ("The", "Therefore", "Because", "I", "You", "is", "a", "and", "of", ".", ",")
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr", "sh")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "st",
+    "tr",
+    "sh",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
 _CODAS = ("", "n", "r", "l", "s", "th", "k", "m")
 
@@ -58,8 +79,9 @@ class WorldConfig:
 
 WORLDS: dict[str, WorldConfig] = {
     "default": WorldConfig(),
-    "small": WorldConfig(name="small", seed=1, n_subjects=80, n_relations=3, n_objects=16, n_first_names=12,
-                         n_histories=20),
+    "small": WorldConfig(
+        name="small", seed=1, n_subjects=80, n_relations=3, n_objects=16, n_first_names=12, n_histories=20
+    ),
 }
 
 
@@ -95,12 +117,15 @@ class World:
         if config.n_relations > len(RELATIONS):
             raise ValueError(f"n_relations={config.n_relations} but only {len(RELATIONS)} relations exist")
         rng = random.Random(config.seed)
-        words = _unique_words(rng, config.n_first_names + config.n_subjects + config.n_relations * config.n_objects)
-        first, rest = words[: config.n_first_names], words[config.n_first_names:]
-        surnames, rest = rest[: config.n_subjects], rest[config.n_subjects:]
+        words = _unique_words(
+            rng, config.n_first_names + config.n_subjects + config.n_relations * config.n_objects
+        )
+        first, rest = words[: config.n_first_names], words[config.n_first_names :]
+        surnames, rest = rest[: config.n_subjects], rest[config.n_subjects :]
         self.relations = list(RELATIONS)[: config.n_relations]
         self.objects = {
-            rel: rest[i * config.n_objects:(i + 1) * config.n_objects] for i, rel in enumerate(self.relations)
+            rel: rest[i * config.n_objects : (i + 1) * config.n_objects]
+            for i, rel in enumerate(self.relations)
         }
         self.subjects = [f"{rng.choice(first)} {s}" for s in surnames]
         self.facts = [
@@ -120,7 +145,9 @@ class World:
 
     def sentences(self) -> list[tuple[str, str]]:
         """Every (prompt, object) pair the model is trained on: each fact in each phrasing."""
-        return [(self.prompt(f, k), f.obj) for f in self.facts for k in range(len(self.templates(f.relation)))]
+        return [
+            (self.prompt(f, k), f.obj) for f in self.facts for k in range(len(self.templates(f.relation)))
+        ]
 
     def corpus(self) -> list[str]:
         """Generic text of this world (for second-moment key statistics)."""
@@ -138,13 +165,23 @@ class World:
         return sorted(words)
 
     # --- edit cases -----------------------------------------------------------------------
-    def case(self, fact: Fact, new: str, old: str | None = None, n_neighbors: int = 3,
-             case_id: str | None = None, among: list[Fact] | None = None) -> EditCase:
+    def case(
+        self,
+        fact: Fact,
+        new: str,
+        old: str | None = None,
+        n_neighbors: int = 3,
+        case_id: str | None = None,
+        among: list[Fact] | None = None,
+    ) -> EditCase:
         """An edit of ``fact`` to object ``new`` with paraphrase and neighborhood probes (neighbors
         drawn from ``among``, default every fact)."""
         templates = self.templates(fact.relation)
-        neighbors = [f for f in (self.facts if among is None else among)
-                     if f.relation == fact.relation and f.subject != fact.subject and f.obj != new]
+        neighbors = [
+            f
+            for f in (self.facts if among is None else among)
+            if f.relation == fact.relation and f.subject != fact.subject and f.obj != new
+        ]
         rng = random.Random(f"{self.config.seed}-{fact.fact_id}-{new}")
         same_obj = [f for f in neighbors if f.obj == (old or fact.obj)]
         chosen = (same_obj + rng.sample(neighbors, min(len(neighbors), n_neighbors)))[:n_neighbors]
@@ -176,15 +213,19 @@ class World:
         (``split``: see :meth:`split_facts`)."""
         pool = self.split_facts(split)
         if n > len(pool):
-            raise ValueError(f"world {self.config.name!r} has {len(pool)} facts"
-                             f"{'' if split is None else ' in its ' + split + ' split'}; asked for {n} edits")
+            raise ValueError(
+                f"world {self.config.name!r} has {len(pool)} facts"
+                f"{'' if split is None else ' in its ' + split + ' split'}; asked for {n} edits"
+            )
         rng = random.Random(seed)
         facts = rng.sample(pool, n)
         return [self.case(f, rng.choice([o for o in self.objects[f.relation] if o != f.obj])) for f in facts]
 
     def known_cases(self) -> list[EditCase]:
         """Every fact as a probe of unchanged knowledge (target_new == target_true == the object)."""
-        return [self.case(f, f.obj, f.obj, n_neighbors=0, case_id=f"world-known-{f.fact_id}") for f in self.facts]
+        return [
+            self.case(f, f.obj, f.obj, n_neighbors=0, case_id=f"world-known-{f.fact_id}") for f in self.facts
+        ]
 
     # --- dated change histories -----------------------------------------------------------
     def _histories(self, rng: random.Random) -> list[Change]:
@@ -205,8 +246,10 @@ def _unique_words(rng: random.Random, n: int) -> list[str]:
     seen: set[str] = set()
     out: list[str] = []
     while len(out) < n:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-                       for _ in range(rng.choice((2, 2, 3)))).capitalize()
+        word = "".join(
+            rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+            for _ in range(rng.choice((2, 2, 3)))
+        ).capitalize()
         if word not in seen and word not in COMMON_WORDS:
             seen.add(word)
             out.append(word)

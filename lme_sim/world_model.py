@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .paths import atomic_dir, cache_root
 from .world import World, WorldConfig, get_world_config
@@ -45,14 +45,23 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(SPECIALS + tuple(world.vocabulary))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
-        padding_side="right", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
 
 
-def _fact_batch(world: World, tok: PreTrainedTokenizerFast) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fact_batch(
+    world: World, tok: PreTrainedTokenizerFast
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All training sentences as padded ids, the position predicting the object, the object id."""
     pairs = world.sentences()
     enc = tok([f"{p} {o}" for p, o in pairs], padding=True, return_tensors="pt")
@@ -68,9 +77,9 @@ def fact_accuracy(model, ids: torch.Tensor, pos: torch.Tensor, obj: torch.Tensor
     model.eval()
     hits = 0
     for s in range(0, len(ids), batch):
-        logits = model(input_ids=ids[s:s + batch], attention_mask=(ids[s:s + batch] != 0).long()).logits
+        logits = model(input_ids=ids[s : s + batch], attention_mask=(ids[s : s + batch] != 0).long()).logits
         rows = torch.arange(logits.shape[0])
-        hits += (logits[rows, pos[s:s + batch]].argmax(-1) == obj[s:s + batch]).sum().item()
+        hits += (logits[rows, pos[s : s + batch]].argmax(-1) == obj[s : s + batch]).sum().item()
     return hits / len(ids)
 
 
@@ -79,24 +88,42 @@ def train_world_model(world: World, cfg: TrainConfig = TrainConfig(), progress: 
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer(world)
     ids, pos, obj = _fact_batch(world, tok)
-    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    special = dict(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     if cfg.arch == "llama":
-        config = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
-                             num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                             num_key_value_heads=cfg.n_head, max_position_embeddings=max(32, ids.shape[1] + 16),
-                             tie_word_embeddings=False, **special)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg.n_embd,
+            intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=max(32, ids.shape[1] + 16),
+            tie_word_embeddings=False,
+            **special,
+        )
         model = LlamaForCausalLM(config)
     elif cfg.arch == "gpt2":
-        config = GPT2Config(vocab_size=len(tok), n_positions=max(32, ids.shape[1] + 16), n_embd=cfg.n_embd,
-                            n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                            **special)
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_positions=max(32, ids.shape[1] + 16),
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **special,
+        )
         model = GPT2LMHeadModel(config)
     else:
         raise ValueError(f"TrainConfig.arch must be 'gpt2' or 'llama', not {cfg.arch!r}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     steps_per_epoch = -(-len(ids) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch,
-                                                pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.max_epochs * steps_per_epoch, pct_start=0.1
+    )
     start, acc, epoch = time.time(), 0.0, 0
     bar = tqdm(range(cfg.max_epochs), desc=f"training world {world.config.name!r}", disable=not progress)
     for epoch in bar:
@@ -114,8 +141,13 @@ def train_world_model(world: World, cfg: TrainConfig = TrainConfig(), progress: 
             if acc >= cfg.target_accuracy:
                 break
     model.eval()
-    stats = {"accuracy": acc, "epochs": epoch + 1, "seconds": round(time.time() - start, 1),
-             "n_facts": len(world.facts), "n_sentences": len(ids)}
+    stats = {
+        "accuracy": acc,
+        "epochs": epoch + 1,
+        "seconds": round(time.time() - start, 1),
+        "n_facts": len(world.facts),
+        "n_sentences": len(ids),
+    }
     if acc < cfg.target_accuracy:
         log.warning("world %s reached only %.3f accuracy in %d epochs", world.config.name, acc, epoch + 1)
     return model, tok, stats
@@ -127,7 +159,9 @@ def world_cache_dir(world_cfg: WorldConfig, cfg: TrainConfig) -> Path:
     return cache_root() / "worlds" / f"{world_cfg.name}-{key}"
 
 
-def load_world_model(name_or_config: str | WorldConfig, cfg: TrainConfig = TrainConfig(), progress: bool = True):
+def load_world_model(
+    name_or_config: str | WorldConfig, cfg: TrainConfig = TrainConfig(), progress: bool = True
+):
     """(model, tokenizer, world) for a named world, training and caching the model on first use."""
     world_cfg = get_world_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     world = World(world_cfg)

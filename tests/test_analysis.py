@@ -31,10 +31,14 @@ def test_compare_prints_the_papers_columns(quickstart_db):
         assert col in r.output
     eff = read_only_query(db, f"select efficacy from method_summary where run_id = '{run_id}'")[1][0][0]
     assert f"{eff:.3f}" in r.output
-    ga = read_only_query(db, "select step, name, value from metrics where name like 'general_ability%' order by step")[1]
+    ga = read_only_query(
+        db, "select step, name, value from metrics where name like 'general_ability%' order by step"
+    )[1]
     assert {n for _, n, _ in ga} == {"general_ability", "general_ability_retention"}
     assert len({s for s, _, _ in ga}) >= 4  # measured at every evaluation of the run
-    acc, kept = read_only_query(db, "select general_ability, general_ability_retention from method_summary")[1][0]
+    acc, kept = read_only_query(db, "select general_ability, general_ability_retention from method_summary")[
+        1
+    ][0]
     assert 0.5 <= acc <= 1 and 0 < kept <= 1.5 and "general_ability" in r.output
     r = CliRunner().invoke(main, ["compare", "no-such-run", "--db", str(db)])
     assert r.exit_code == 2 and "no run no-such-run" in r.output
@@ -46,8 +50,13 @@ def test_report_writes_plots_of_the_run_and_one_html_page(quickstart_db, tmp_pat
     r = CliRunner().invoke(main, ["report", run_id, "--db", str(db), "--out", str(out)])
     assert r.exit_code == 0, r.output
     pngs = {p.name for p in out.glob("*.png")}
-    assert pngs == {"efficacy_vs_edits.png", "forgetting.png", "metrics.png", "condition.png",
-                    "layer_usage.png"}
+    assert pngs == {
+        "efficacy_vs_edits.png",
+        "forgetting.png",
+        "metrics.png",
+        "condition.png",
+        "layer_usage.png",
+    }
     assert all((out / p).stat().st_size > 10_000 for p in pngs)  # real plots, not empty canvases
     page = (out / "index.html").read_text()
     assert run_id in page and page.count("data:image/png;base64,") == 5 and "efficacy" in page
@@ -67,8 +76,11 @@ def test_report_plots_carry_the_runs_data(quickstart_db):
     plot_forgetting(db, [run_id], str, a)
     plot_condition(db, [run_id], str, b)
     ages, retention = a.lines[0].get_data()
-    rows = read_only_query(db, f"select age, sum(retention * n_probes) / sum(n_probes) from forgetting_curve "
-                               f"where run_id = '{run_id}' group by age order by age")[1]
+    rows = read_only_query(
+        db,
+        f"select age, sum(retention * n_probes) / sum(n_probes) from forgetting_curve "
+        f"where run_id = '{run_id}' group by age order by age",
+    )[1]
     assert list(ages) == [r[0] for r in rows] and list(retention) == pytest.approx([r[1] for r in rows])
     assert a.get_xlabel() and a.get_ylabel() and a.get_title()
     assert len(b.lines) == 2 and b.get_yscale() == "log"  # the quickstart's two edited matrices
@@ -98,7 +110,9 @@ def test_forgetting_notebook_runs_headless(quickstart_db):
     nb = nbformat.read(ROOT / "notebooks" / "forgetting_study.ipynb", as_version=4)
     os.environ["LME_SIM_DB"] = str(db)
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        ).execute()
     finally:
         del os.environ["LME_SIM_DB"]
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

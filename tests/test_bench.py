@@ -15,9 +15,18 @@ from lme_sim.editors.base import PHASES
 from lme_sim.storage.logger import read_only_query
 from lme_sim.vllm_scorer import vllm_available
 
-TINY = dataclasses.replace(QUICK, methods=("memit", "rledit"), batch_sizes=(2,), probes=40, probe_batch_size=16,
-                           history_batch_size=2, history_marks=(1, 2, 4), shard_counts=(1, 2), shard_edits=4,
-                           shard_batch_size=2)
+TINY = dataclasses.replace(
+    QUICK,
+    methods=("memit", "rledit"),
+    batch_sizes=(2,),
+    probes=40,
+    probe_batch_size=16,
+    history_batch_size=2,
+    history_marks=(1, 2, 4),
+    shard_counts=(1, 2),
+    shard_edits=4,
+    shard_batch_size=2,
+)
 
 
 def test_bench_writes_every_section(tmp_path, ray_session):
@@ -26,7 +35,9 @@ def test_bench_writes_every_section(tmp_path, ray_session):
     saved = json.loads(out.read_text())
     assert saved["bench_id"] == result["bench_id"] and saved["preset"] == "quick"
     m, v = saved["machine"], saved["versions"]
-    assert m["cpu_cores"] >= 1 and m["ram_gb"] > 0 and m["cpu_model"] and "gpus" in m and "load_avg_1m_end" in m
+    assert (
+        m["cpu_cores"] >= 1 and m["ram_gb"] > 0 and m["cpu_model"] and "gpus" in m and "load_avg_1m_end" in m
+    )
     assert v["torch"] and v["transformers"] and v["ray"] and v["duckdb"] and v["python"]
     assert "lme_sim_commit" in v and "vllm" in v
     rows = saved["results"]
@@ -54,15 +65,21 @@ def test_bench_writes_every_section(tmp_path, ray_session):
     shards = by["shards"]
     assert [r["shards"] for r in shards] == [1, 2]
     for r in shards:
-        _, runs = read_only_query(db, f"select status, (select count(*) from batches b where b.run_id = r.run_id) "
-                                      f"from runs r where run_id = '{r['run_id']}'")
+        _, runs = read_only_query(
+            db,
+            f"select status, (select count(*) from batches b where b.run_id = r.run_id) "
+            f"from runs r where run_id = '{r['run_id']}'",
+        )
         assert runs == [("finished", 2)]
         assert r["n"] == 2 and r["rate"] > 0  # the first batch (actors starting) is not timed
         assert {"keys", "targets", "solve", "apply"} <= set(r["phases"])
 
-    _, stored = read_only_query(db, "select section, status, json_extract(machine, '$.cpu_cores'), "
-                                    "json_extract_string(versions, '$.torch') from bench_results "
-                                    f"where bench_id = '{result['bench_id']}'")
+    _, stored = read_only_query(
+        db,
+        "select section, status, json_extract(machine, '$.cpu_cores'), "
+        "json_extract_string(versions, '$.torch') from bench_results "
+        f"where bench_id = '{result['bench_id']}'",
+    )
     assert len(stored) == len(rows) == 2 + 2 + 4 + 2
     assert all(int(c) == m["cpu_cores"] and t == v["torch"] for _, _, c, t in stored)
     _, n_history = read_only_query(db, "select count(*) from bench_results where section = 'history'")
@@ -75,14 +92,17 @@ def test_bench_writes_every_section(tmp_path, ray_session):
         assert title in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--methods", "memit,rome"], "--methods: unknown 'rome'"),
-    (["--batch-sizes", "1,x"], "--batch-sizes: comma-separated whole numbers"),
-    (["--batch-sizes", "0"], "--batch-sizes: edits per batch must be positive"),
-    (["--sections", "edits,speed"], "--sections: unknown 'speed'"),
-    (["--device", "tpu"], "--device"),
-    (["--threads", "0"], "--threads: at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--methods", "memit,rome"], "--methods: unknown 'rome'"),
+        (["--batch-sizes", "1,x"], "--batch-sizes: comma-separated whole numbers"),
+        (["--batch-sizes", "0"], "--batch-sizes: edits per batch must be positive"),
+        (["--sections", "edits,speed"], "--sections: unknown 'speed'"),
+        (["--device", "tpu"], "--device"),
+        (["--threads", "0"], "--threads: at least 1"),
+    ],
+)
 def test_bench_rejects_bad_options(args, message):
     r = CliRunner().invoke(main, ["bench", "--quick", *args])
     assert r.exit_code == 2 and message in r.output, r.output
@@ -100,8 +120,10 @@ def test_bench_config_presets():
 
 def test_bench_command_prints_the_table(tmp_path, small_world):
     out, db = tmp_path / "b.json", tmp_path / "b.duckdb"
-    r = CliRunner().invoke(main, ["bench", "--quick", "--sections", "probes", "--device", "cpu", "--out", str(out),
-                                  "--db", str(db)])
+    r = CliRunner().invoke(
+        main,
+        ["bench", "--quick", "--sections", "probes", "--device", "cpu", "--out", str(out), "--db", str(db)],
+    )
     assert r.exit_code == 0, r.output
     assert "evaluator throughput" in r.output and "bench_results" in r.output
     assert [x["backend"] for x in json.loads(out.read_text())["results"]] == ["hf", "vllm"]

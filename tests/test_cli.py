@@ -1,4 +1,3 @@
-
 from click.testing import CliRunner
 
 from lme_sim.cli import main
@@ -13,7 +12,9 @@ def _write(tmp_path, text, name="scn.yaml"):
 
 def test_run_on_ray_logs_to_duckdb(tmp_path, ray_session):
     db = tmp_path / "lme.duckdb"
-    scn = _write(tmp_path, f"""
+    scn = _write(
+        tmp_path,
+        f"""
 name: tiny
 model: world:small
 data: {{kind: world, n_edits: 20, seed: 4}}
@@ -22,14 +23,18 @@ stream: {{batch_size: 10}}
 eval: {{every: 1, fluency_prompts: 4}}
 runtime: {{shards: 2}}
 db: {db}
-""")
+""",
+    )
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
     assert "retention" in r.output and str(db) in r.output
     r = CliRunner().invoke(main, ["query", "select count(*) from edits", "--db", str(db)])
     assert r.exit_code == 0 and r.output.splitlines()[-1] == "20"
-    _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version), count(*) "
-                                   "from probes group by eval_id order by eval_id")
+    _, evals = read_only_query(
+        db,
+        "select eval_id, min(model_version), max(model_version), count(*) "
+        "from probes group by eval_id order by eval_id",
+    )
     # eval k (after batch k) saw exactly model version k and probed every edit so far
     assert evals == [(1, 1, 1, 10), (2, 2, 2, 20)]
     _, ws = read_only_query(db, "select count(*), min(condition) from weight_stats")
@@ -52,7 +57,9 @@ def test_world_build(small_world):
 def _run_two_batches(tmp_path, name, editor, seed):
     """Run 20 small-world edits in 2 batches over 2 shards (evaluated at the end); the DuckDB path."""
     db = tmp_path / f"{name}.duckdb"
-    scn = _write(tmp_path, f"""
+    scn = _write(
+        tmp_path,
+        f"""
 name: {name}
 model: world:small
 data: {{kind: world, n_edits: 20, seed: {seed}}}
@@ -61,21 +68,29 @@ stream: {{batch_size: 10}}
 eval: {{every: 2, fluency_prompts: 0}}
 runtime: {{shards: 2}}
 db: {db}
-""")
+""",
+    )
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
     return db
 
 
 def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session):
-    db = _run_two_batches(tmp_path, "cmp", "[{method: mose, hparams: {num_steps: 10}}, {method: memit}]", seed=5)
+    db = _run_two_batches(
+        tmp_path, "cmp", "[{method: mose, hparams: {num_steps: 10}}, {method: memit}]", seed=5
+    )
     _, runs = read_only_query(db, "select method, run_id, status from runs order by method")
     assert [m for m, *_ in runs] == ["memit", "mose"] and all(s == "finished" for *_, s in runs)
     assert all(f"cmp-{m}-" in rid for m, rid, _ in runs)
-    _, streams = read_only_query(db, "select run_id, list(case_id order by edit_id) from edits group by run_id")
+    _, streams = read_only_query(
+        db, "select run_id, list(case_id order by edit_id) from edits group by run_id"
+    )
     assert len(streams) == 2 and streams[0][1] == streams[1][1]  # the same stream for both
-    _, cond = read_only_query(db, "select r.method, w.module, max(w.condition) / min(w.condition) from weight_stats w "
-                                  "join runs r using (run_id) group by all")
+    _, cond = read_only_query(
+        db,
+        "select r.method, w.module, max(w.condition) / min(w.condition) from weight_stats w "
+        "join runs r using (run_id) group by all",
+    )
     ratios = {(m, mod): x for m, mod, x in cond}
     assert all(x < 1 + 1e-5 for (m, _), x in ratios.items() if m == "mose")  # orthogonal: unchanged
     assert len([1 for (m, _) in ratios if m == "mose"]) == 4
@@ -104,9 +119,12 @@ def _db_with_a_run(path, name="tiny", run_id="tiny-0000abcd", method="alphaedit"
 
 def _resume(tmp_path, db, run_id, editor="{method: alphaedit}", name="tiny"):
     """``lme-sim run --resume run_id --db db``: its result, and the db's (bytes, mtime) before and after."""
-    scn = _write(tmp_path, f"name: {name}\nmodel: world:small\ndata: {{kind: world, n_edits: 2, seed: 4}}\n"
-                           f"editor: {editor}\nstream: {{batch_size: 2}}\nruntime: {{shards: 1}}\ndb: {db}\n")
-    state = (lambda: (db.read_bytes(), db.stat().st_mtime_ns) if db.exists() else None)
+    scn = _write(
+        tmp_path,
+        f"name: {name}\nmodel: world:small\ndata: {{kind: world, n_edits: 2, seed: 4}}\n"
+        f"editor: {editor}\nstream: {{batch_size: 2}}\nruntime: {{shards: 1}}\ndb: {db}\n",
+    )
+    state = lambda: (db.read_bytes(), db.stat().st_mtime_ns) if db.exists() else None
     before = state()
     r = CliRunner().invoke(main, ["run", scn, "--db", str(db), "--resume", run_id])
     return r, before, state()
@@ -175,10 +193,22 @@ def test_stop_run_says_what_it_could_not_do(caplog, tmp_path):
             return ref
 
     with caplog.at_level(logging.WARNING, logger="lme_sim.runtime.failures"):
-        out = stop_run(Ray(), ValueError("a bug"), Gone(), "run-1", {}, "lme-sim run s.yaml --resume run-1",
-                       tmp_path / "logs")
+        out = stop_run(
+            Ray(),
+            ValueError("a bug"),
+            Gone(),
+            "run-1",
+            {},
+            "lme-sim run s.yaml --resume run-1",
+            tmp_path / "logs",
+        )
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 1 and "run-1" in lines[0] and "the actor is dead" in lines[0], lines
     msg = str(out)
-    assert "\n" not in msg and "ValueError: a bug" in msg and "left as 'running'" in msg and "--resume run-1" in msg
+    assert (
+        "\n" not in msg
+        and "ValueError: a bug" in msg
+        and "left as 'running'" in msg
+        and "--resume run-1" in msg
+    )
     assert "ValueError: a bug" in (tmp_path / "logs" / "run-1.error.txt").read_text()

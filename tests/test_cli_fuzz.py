@@ -26,18 +26,47 @@ from lme_sim.storage.schema import SCHEMA_VERSION
 RUN_ID, OTHER_ID = "fuzz-0000abcd", "other-1234abcd"
 EXAMPLES = {"run_bad_db": 60, "resume": 60, "query_bad_db": 40, "query_any_sql": 80}
 BAD_DB = ["not duckdb", "directory", "read-only", "newer schema"]
-QUOTED = ["x' or '1'='1", f"{RUN_ID}' --", f"{RUN_ID}'; drop table runs; --", "' or 1=1 --", '"', "\\'",
-          f" {RUN_ID}", f"{RUN_ID}\n", RUN_ID.upper(), "%", "_", "*", OTHER_ID, ""]
-BAD_SQL = ["delete from runs", "drop table runs", "update runs set status = 'x'", "create table t (a int)",
-           "insert into runs (run_id) values ('x')", "select * from nope", "selec 1", "", "   ",
-           "-- only a comment", "select 1; drop table runs", "attach 'other.duckdb' as o",
-           "copy runs to 'out.csv'", "copy (select 1) to '{db}'", "export database 'dump'",
-           "select run_id from runs where run_id = ?", "select 'unclosed"]
+QUOTED = [
+    "x' or '1'='1",
+    f"{RUN_ID}' --",
+    f"{RUN_ID}'; drop table runs; --",
+    "' or 1=1 --",
+    '"',
+    "\\'",
+    f" {RUN_ID}",
+    f"{RUN_ID}\n",
+    RUN_ID.upper(),
+    "%",
+    "_",
+    "*",
+    OTHER_ID,
+    "",
+]
+BAD_SQL = [
+    "delete from runs",
+    "drop table runs",
+    "update runs set status = 'x'",
+    "create table t (a int)",
+    "insert into runs (run_id) values ('x')",
+    "select * from nope",
+    "selec 1",
+    "",
+    "   ",
+    "-- only a comment",
+    "select 1; drop table runs",
+    "attach 'other.duckdb' as o",
+    "copy runs to 'out.csv'",
+    "copy (select 1) to '{db}'",
+    "export database 'dump'",
+    "select run_id from runs where run_id = ?",
+    "select 'unclosed",
+]
 
 
 def _settings(n):
-    return settings(max_examples=n, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+    return settings(
+        max_examples=n, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +75,11 @@ def base(tmp_path_factory):
     database stamped with a newer schema version."""
     d = tmp_path_factory.mktemp("cli-fuzz")
     scn = d / "fuzz.yaml"
-    scn.write_text("name: fuzz\nmodel: world:small\ndata: {kind: world, n_edits: 2, seed: 1}\n"
-                   "editor: {method: alphaedit}\nstream: {batch_size: 2}\nruntime: {shards: 1}\n"
-                   f"db: {d / 'default.duckdb'}\n")
+    scn.write_text(
+        "name: fuzz\nmodel: world:small\ndata: {kind: world, n_edits: 2, seed: 1}\n"
+        "editor: {method: alphaedit}\nstream: {batch_size: 2}\nruntime: {shards: 1}\n"
+        f"db: {d / 'default.duckdb'}\n"
+    )
     db = d / "lme.duckdb"
     with RunLogger(db) as log:
         for run_id, name in ((RUN_ID, "fuzz"), (OTHER_ID, "other")):
@@ -90,8 +121,11 @@ def _state(where: Path) -> dict:
     out = {}
     for p in sorted(where.rglob("*")):
         st_ = p.lstat()
-        out[str(p.relative_to(where))] = (p.read_bytes() if p.is_file() else None, st_.st_mtime_ns,
-                                          stat.S_IMODE(st_.st_mode))
+        out[str(p.relative_to(where))] = (
+            p.read_bytes() if p.is_file() else None,
+            st_.st_mtime_ns,
+            stat.S_IMODE(st_.st_mode),
+        )
     return out
 
 
@@ -134,8 +168,10 @@ def test_run_refuses_a_database_it_cannot_write(base, kind, data, version, resum
 
 
 @_settings(EXAMPLES["resume"])
-@given(st.sampled_from(QUOTED) | st.text(max_size=30).filter(lambda s: s != RUN_ID),
-       st.sampled_from(["valid", "missing"]))
+@given(
+    st.sampled_from(QUOTED) | st.text(max_size=30).filter(lambda s: s != RUN_ID),
+    st.sampled_from(["valid", "missing"]),
+)
 def test_resume_of_a_run_not_of_this_scenario_in_this_database(base, run_id, kind):
     def check(where):
         db = _make(kind, where, base)
@@ -148,16 +184,23 @@ def test_resume_of_a_run_not_of_this_scenario_in_this_database(base, run_id, kin
 
 
 @_settings(EXAMPLES["query_bad_db"])
-@given(st.sampled_from(["not duckdb", "directory", "newer schema", "missing"]), garbage, versions,
-       st.sampled_from(["select * from runs", "select count(*) from edits", "show tables"]))
+@given(
+    st.sampled_from(["not duckdb", "directory", "newer schema", "missing"]),
+    garbage,
+    versions,
+    st.sampled_from(["select * from runs", "select count(*) from edits", "show tables"]),
+)
 def test_query_on_a_database_it_cannot_read(base, kind, data, version, sql):
     def check(where):
         db = _make(kind, where, base, data, version)
         before = _state(where)
         _one_error(CliRunner().invoke(main, ["query", "--db", str(db), "--", sql]), str(db))
         _one_error(CliRunner().invoke(main, ["runs", "--db", str(db)]), str(db))
-        for cmd in (["compare", RUN_ID], ["export", RUN_ID, "--out", str(where / "out")],
-                    ["report", RUN_ID, "--out", str(where / "report")]):
+        for cmd in (
+            ["compare", RUN_ID],
+            ["export", RUN_ID, "--out", str(where / "out")],
+            ["report", RUN_ID, "--out", str(where / "report")],
+        ):
             _one_error(CliRunner().invoke(main, [*cmd, "--db", str(db)]), str(db))
         assert _state(where) == before
 

@@ -63,10 +63,25 @@ def _session_processes(sids: set[int]) -> list[str]:
 def _ray_start(args: list[str], ports: dict[str, int], log: Path, env: dict) -> subprocess.Popen:
     """``ray start --block`` in a session of its own: every process it and its raylet spawn is in it."""
     flags = [f"--{k}={v}" for k, v in ports.items()]
-    return subprocess.Popen([str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             "--object-store-memory=100000000", "--min-worker-port=0", "--max-worker-port=0",
-                             "--disable-usage-stats", *args, *flags],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [
+            str(RAY),
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=1",
+            "--object-store-memory=100000000",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+            *args,
+            *flags,
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -98,21 +113,45 @@ def two_node_cluster(small_world):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="lmeray-", dir="/tmp"))  # short: Ray's socket paths have a limit
-    names = ["port", "node-manager-port", "object-manager-port", "dashboard-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"]
+    names = [
+        "port",
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
     free = _free_ports(2 * len(names))
     head_ports = dict(zip(names, free))
-    worker_ports = dict(zip(names[1:], free[len(names):]))
+    worker_ports = dict(zip(names[1:], free[len(names) :]))
     worker_ports.pop("dashboard-port")
     address = f"127.0.0.1:{head_ports['port']}"
     procs: list[subprocess.Popen] = []
     try:
-        procs.append(_ray_start(["--head", f"--temp-dir={temp}", "--include-dashboard=false",
-                                 '--resources={"lme_shard_slot": 2, "node_a": 1}'],
-                                head_ports, temp / "head.log", env))
+        procs.append(
+            _ray_start(
+                [
+                    "--head",
+                    f"--temp-dir={temp}",
+                    "--include-dashboard=false",
+                    '--resources={"lme_shard_slot": 2, "node_a": 1}',
+                ],
+                head_ports,
+                temp / "head.log",
+                env,
+            )
+        )
         _wait_for(temp / "head.log", "Ray runtime started", procs[0])
-        procs.append(_ray_start([f"--address={address}", '--resources={"lme_shard_slot": 2, "node_b": 1}'],
-                                worker_ports, temp / "worker.log", env))
+        procs.append(
+            _ray_start(
+                [f"--address={address}", '--resources={"lme_shard_slot": 2, "node_b": 1}'],
+                worker_ports,
+                temp / "worker.log",
+                env,
+            )
+        )
         _wait_for(temp / "worker.log", "Ray runtime started", procs[1])
         yield address, temp
     finally:
@@ -133,8 +172,14 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, seconds: float = 180
 def _run(scenario: Path, cache: Path, *args: str) -> str:
     env = {**os.environ, "LME_SIM_CACHE": str(cache), "COLUMNS": "400"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([str(LME_SIM), "run", str(scenario), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(LME_SIM), "run", str(scenario), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=900)
     finally:
@@ -148,10 +193,16 @@ def _results(db: Path) -> dict:
     q = lambda sql: read_only_query(db, sql)[1]  # noqa: E731
     return {
         "metrics": q("select eval_id, step, name, value from metrics order by eval_id, name"),
-        "edits": q("select edit_id, batch_id, case_id, target_new, modules, delta_norms from edits order by edit_id"),
-        "weights": q("select batch_id, module, frobenius, spectral, condition, cum_delta_norm from weight_stats "
-                     "order by batch_id, module"),
-        "probes": q("select eval_id, edit_id, model_version, logprob, correct from probes order by eval_id, edit_id"),
+        "edits": q(
+            "select edit_id, batch_id, case_id, target_new, modules, delta_norms from edits order by edit_id"
+        ),
+        "weights": q(
+            "select batch_id, module, frobenius, spectral, condition, cum_delta_norm from weight_stats "
+            "order by batch_id, module"
+        ),
+        "probes": q(
+            "select eval_id, edit_id, model_version, logprob, correct from probes order by eval_id, edit_id"
+        ),
         "status": q("select status from runs"),
     }
 
@@ -175,11 +226,15 @@ def test_scenario_spread_over_two_nodes_equals_single_node(two_node_cluster, tmp
         caches[where] = tmp_path / f"cache-{where}"
         shutil.copytree(world_cache, caches[where] / "worlds")
     spread, single = tmp_path / "spread.duckdb", tmp_path / "single.duckdb"
-    (tmp_path / "spread.yaml").write_text(SCENARIO.format(name="spread", placement="STRICT_SPREAD", db=spread))
+    (tmp_path / "spread.yaml").write_text(
+        SCENARIO.format(name="spread", placement="STRICT_SPREAD", db=spread)
+    )
     (tmp_path / "single.yaml").write_text(SCENARIO.format(name="single", placement="PACK", db=single))
 
     out = _run(tmp_path / "spread.yaml", caches["cluster"], "--address", address)
-    placed = re.search(r"placement STRICT_SPREAD: layers 0-1 on node (\w+) \(.*\); layers 2-3 on node (\w+) ", out)
+    placed = re.search(
+        r"placement STRICT_SPREAD: layers 0-1 on node (\w+) \(.*\); layers 2-3 on node (\w+) ", out
+    )
     assert placed, out
     assert placed[1] != placed[2]  # one shard on each node
     # key statistics and projectors were computed through the shards and written to the (shared) cache

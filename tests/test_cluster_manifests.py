@@ -6,12 +6,12 @@ parses with the real command lines; versions agree with the project's Ray pin.""
 import copy
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import click
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,72 +21,162 @@ _STR = {"type": "string"}
 _STR_MAP = {"type": "object", "additionalProperties": _STR}
 _QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
 _CONTAINER = {
-    "type": "object", "required": ["name", "image"],
+    "type": "object",
+    "required": ["name", "image"],
     "properties": {
-        "name": _STR, "image": _STR, "imagePullPolicy": _STR,
-        "command": {"type": "array", "items": _STR}, "args": {"type": "array", "items": _STR},
-        "env": {"type": "array", "items": {
-            "type": "object", "required": ["name"], "additionalProperties": False,
-            "properties": {"name": _STR, "value": _STR, "valueFrom": {"type": "object"}}}},
-        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
-                                             "properties": {"containerPort": {"type": "integer"}, "name": _STR}}},
-        "resources": {"type": "object", "additionalProperties": False,
-                      "properties": {"limits": _QUANTITIES, "requests": _QUANTITIES}},
-        "volumeMounts": {"type": "array", "items": {"type": "object", "required": ["name", "mountPath"],
-                                                    "properties": {"name": _STR, "mountPath": _STR, "subPath": _STR,
-                                                                   "readOnly": {"type": "boolean"}}}},
+        "name": _STR,
+        "image": _STR,
+        "imagePullPolicy": _STR,
+        "command": {"type": "array", "items": _STR},
+        "args": {"type": "array", "items": _STR},
+        "env": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {"name": _STR, "value": _STR, "valueFrom": {"type": "object"}},
+            },
+        },
+        "ports": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["containerPort"],
+                "properties": {"containerPort": {"type": "integer"}, "name": _STR},
+            },
+        },
+        "resources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"limits": _QUANTITIES, "requests": _QUANTITIES},
+        },
+        "volumeMounts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "mountPath"],
+                "properties": {
+                    "name": _STR,
+                    "mountPath": _STR,
+                    "subPath": _STR,
+                    "readOnly": {"type": "boolean"},
+                },
+            },
+        },
     },
 }
 _POD_TEMPLATE = {
-    "type": "object", "required": ["spec"],
-    "properties": {"metadata": {"type": "object"},
-                   "spec": {"type": "object", "required": ["containers"],
-                            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER},
-                                           "volumes": {"type": "array",
-                                                       "items": {"type": "object", "required": ["name"]}}}}},
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {
+                "containers": {"type": "array", "minItems": 1, "items": _CONTAINER},
+                "volumes": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+            },
+        },
+    },
 }
 _RAY_START_PARAMS = _STR_MAP  # KubeRay passes them as `ray start --key=value`: values are strings
 _CLUSTER_SPEC = {
-    "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
+    "type": "object",
+    "required": ["headGroupSpec"],
+    "additionalProperties": False,
     "properties": {
-        "rayVersion": _STR, "enableInTreeAutoscaling": {"type": "boolean"}, "autoscalerOptions": {"type": "object"},
-        "headGroupSpec": {"type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
-                          "properties": {"rayStartParams": _RAY_START_PARAMS, "serviceType": _STR,
-                                         "enableIngress": {"type": "boolean"}, "template": _POD_TEMPLATE}},
-        "workerGroupSpecs": {"type": "array", "items": {
-            "type": "object", "additionalProperties": False,
-            "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
-            "properties": {"groupName": _STR, "replicas": {"type": "integer", "minimum": 0},
-                           "minReplicas": {"type": "integer", "minimum": 0},
-                           "maxReplicas": {"type": "integer", "minimum": 0},
-                           "rayStartParams": _RAY_START_PARAMS, "template": _POD_TEMPLATE}}},
+        "rayVersion": _STR,
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "autoscalerOptions": {"type": "object"},
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["rayStartParams", "template"],
+            "additionalProperties": False,
+            "properties": {
+                "rayStartParams": _RAY_START_PARAMS,
+                "serviceType": _STR,
+                "enableIngress": {"type": "boolean"},
+                "template": _POD_TEMPLATE,
+            },
+        },
+        "workerGroupSpecs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"],
+                "properties": {
+                    "groupName": _STR,
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "minReplicas": {"type": "integer", "minimum": 0},
+                    "maxReplicas": {"type": "integer", "minimum": 0},
+                    "rayStartParams": _RAY_START_PARAMS,
+                    "template": _POD_TEMPLATE,
+                },
+            },
+        },
     },
 }
-_METADATA = {"type": "object", "required": ["name"],
-             "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}}
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}},
+}
 KUBERAY = {
-    "RayCluster": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                   "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayCluster"},
-                                  "metadata": _METADATA, "spec": _CLUSTER_SPEC}},
-    "RayJob": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-               "properties": {
-                   "apiVersion": {"const": "ray.io/v1"}, "kind": {"const": "RayJob"}, "metadata": _METADATA,
-                   "spec": {"type": "object", "required": ["entrypoint"], "additionalProperties": False,
-                            "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
-                            "properties": {
-                                "entrypoint": _STR, "runtimeEnvYAML": _STR, "jobId": _STR, "metadata": _STR_MAP,
-                                "clusterSelector": _STR_MAP, "rayClusterSpec": _CLUSTER_SPEC,
-                                "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
-                                "shutdownAfterJobFinishes": {"type": "boolean"},
-                                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-                                "activeDeadlineSeconds": {"type": "integer", "minimum": 0},
-                                "backoffLimit": {"type": "integer", "minimum": 0},
-                                "entrypointNumCpus": {"type": "number"}, "entrypointNumGpus": {"type": "number"},
-                                "entrypointResources": _STR, "suspend": {"type": "boolean"},
-                                "submitterPodTemplate": _POD_TEMPLATE}}}},
-    "PersistentVolumeClaim": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                              "properties": {"apiVersion": {"const": "v1"}, "metadata": _METADATA,
-                                             "spec": {"type": "object", "required": ["accessModes", "resources"]}}},
+    "RayCluster": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": "RayCluster"},
+            "metadata": _METADATA,
+            "spec": _CLUSTER_SPEC,
+        },
+    },
+    "RayJob": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": "RayJob"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["entrypoint"],
+                "additionalProperties": False,
+                "oneOf": [{"required": ["rayClusterSpec"]}, {"required": ["clusterSelector"]}],
+                "properties": {
+                    "entrypoint": _STR,
+                    "runtimeEnvYAML": _STR,
+                    "jobId": _STR,
+                    "metadata": _STR_MAP,
+                    "clusterSelector": _STR_MAP,
+                    "rayClusterSpec": _CLUSTER_SPEC,
+                    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+                    "shutdownAfterJobFinishes": {"type": "boolean"},
+                    "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                    "activeDeadlineSeconds": {"type": "integer", "minimum": 0},
+                    "backoffLimit": {"type": "integer", "minimum": 0},
+                    "entrypointNumCpus": {"type": "number"},
+                    "entrypointNumGpus": {"type": "number"},
+                    "entrypointResources": _STR,
+                    "suspend": {"type": "boolean"},
+                    "submitterPodTemplate": _POD_TEMPLATE,
+                },
+            },
+        },
+    },
+    "PersistentVolumeClaim": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "v1"},
+            "metadata": _METADATA,
+            "spec": {"type": "object", "required": ["accessModes", "resources"]},
+        },
+    },
 }
 
 
@@ -121,7 +211,7 @@ def _commands(text: str, program: str) -> list[list[str]]:
             elif seg[:1] == [program]:
                 found.append(seg[1:])
             elif "--" in seg:
-                found += _commands(shlex.join(seg[seg.index("--") + 1:]), program)
+                found += _commands(shlex.join(seg[seg.index("--") + 1 :]), program)
     return found
 
 
@@ -174,17 +264,28 @@ def test_launcher_config_validates_against_rays_schema():
     config = yaml.safe_load((CLUSTER / "ray-cluster.aws.yaml").read_text())
     for field in ("cluster_name", "provider", "max_workers", "available_node_types", "head_node_type"):
         assert field in config, field
-    validate_config(prepare_config(copy.deepcopy(config)))  # Ray's schema (ray-schema.json) and its own checks
-    gpus = sum(t.get("min_workers", 0) * t["resources"].get("GPU", 0) for t in config["available_node_types"].values())
+    validate_config(
+        prepare_config(copy.deepcopy(config))
+    )  # Ray's schema (ray-schema.json) and its own checks
+    gpus = sum(
+        t.get("min_workers", 0) * t["resources"].get("GPU", 0)
+        for t in config["available_node_types"].values()
+    )
     scn = yaml.safe_load((ROOT / "scenarios/counterfact-2000x100-llama3-8b.yaml").read_text())
-    assert gpus == scn["runtime"]["shards"] + scn["runtime"]["evaluators"]  # 2 shards + 1 evaluator, a GPU each
+    assert (
+        gpus == scn["runtime"]["shards"] + scn["runtime"]["evaluators"]
+    )  # 2 shards + 1 evaluator, a GPU each
     assert config["docker"]["image"].startswith(f"rayproject/ray:{_ray_pin()}-")
     bad = copy.deepcopy(config)
     bad["available_node_types"]["head"]["node_confg"] = bad["available_node_types"]["head"].pop("node_config")
     with pytest.raises(Exception, match="node_config"):
         validate_config(prepare_config(bad))
-    starts = [argv for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
-              for argv in _commands(cmd, "ray") if argv[:1] == ["start"]]
+    starts = [
+        argv
+        for cmd in config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+        for argv in _commands(cmd, "ray")
+        if argv[:1] == ["start"]
+    ]
     assert len(starts) == 2
     for argv in starts:
         _ray_start(argv, "ray-cluster.aws.yaml")
@@ -207,15 +308,18 @@ def test_kuberay_manifests_validate_against_the_crd_subset():
                 for c in group["template"]["spec"]["containers"]:
                     assert {"name": "LME_SIM_CACHE", "value": "/shared/lme-cache"} in c["env"], name
                     assert {"name": "shared", "mountPath": "/shared"} in c["volumeMounts"], name
-            gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
-                                           .get("nvidia.com/gpu", 0)) for g in spec["workerGroupSpecs"])
+            gpus = sum(
+                g["replicas"]
+                * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+                for g in spec["workerGroupSpecs"]
+            )
             assert gpus == 3
     assert sorted(kinds) == ["PersistentVolumeClaim", "RayCluster", "RayJob"]
 
 
 def test_crd_subset_rejects_what_kuberay_would():
-    (_, cluster), = [(n, d) for n, d in _manifests() if d["kind"] == "RayCluster"]
-    (_, job), = [(n, d) for n, d in _manifests() if d["kind"] == "RayJob"]
+    ((_, cluster),) = [(n, d) for n, d in _manifests() if d["kind"] == "RayCluster"]
+    ((_, job),) = [(n, d) for n, d in _manifests() if d["kind"] == "RayJob"]
     broken = []
     c = copy.deepcopy(cluster)
     c["apiVersion"] = "ray.io/v1alpha1"
@@ -253,8 +357,12 @@ def test_commands_in_manifests_and_readme_are_real():
         for argv in _commands(block, "ray"):
             if argv[:1] == ["start"]:
                 _ray_start(argv, "cluster/README.md")
-    assert ["run", "scenarios/counterfact-2000x100-llama3-8b.yaml", "--db",
-            "/shared/runs/counterfact-llama3-8b.duckdb"] in seen
+    assert [
+        "run",
+        "scenarios/counterfact-2000x100-llama3-8b.yaml",
+        "--db",
+        "/shared/runs/counterfact-llama3-8b.duckdb",
+    ] in seen
     assert any(a[:1] == ["run"] and "--address" in a for a in seen)  # the --address path is documented
     for argv in seen:  # scenario files named by the commands exist and are valid scenario documents
         for arg in argv:
@@ -280,7 +388,7 @@ def _instance_table() -> dict[str, dict[str, str]]:
     start = next(i for i, line in enumerate(lines) if line.startswith("| instance type |"))
     header = [c.strip() for c in lines[start].strip("|").split("|")]
     table = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         row = dict(zip(header, (c.strip().strip("`") for c in line.strip("|").split("|"))))
@@ -293,8 +401,10 @@ def _sizing() -> tuple[float, float]:
     readme = (CLUSTER / "README.md").read_text()
     shard0 = next(line for line in readme.splitlines() if line.startswith("| shard 0 "))
     evaluator = next(line for line in readme.splitlines() if line.startswith("| vLLM evaluator "))
-    return (float(re.search(r"~(\d+(?:\.\d+)?) GB at peak", shard0).group(1)),
-            float(re.search(r"weights (\d+(?:\.\d+)?) GB", evaluator).group(1)))
+    return (
+        float(re.search(r"~(\d+(?:\.\d+)?) GB at peak", shard0).group(1)),
+        float(re.search(r"weights (\d+(?:\.\d+)?) GB", evaluator).group(1)),
+    )
 
 
 def test_gpu_instance_types_hold_the_sizing():
@@ -327,8 +437,14 @@ def test_gpu_instance_types_hold_the_sizing():
 def test_one_vllm_version_everywhere():
     """install.sh, the Makefile's CPU build and the docs install the same vLLM; no install of an
     unpinned vLLM is documented."""
-    files = [CLUSTER / "install.sh", CLUSTER / "Dockerfile", CLUSTER / "README.md", ROOT / "Makefile",
-             ROOT / "docs/evaluators.md", ROOT / "README.md"]
+    files = [
+        CLUSTER / "install.sh",
+        CLUSTER / "Dockerfile",
+        CLUSTER / "README.md",
+        ROOT / "Makefile",
+        ROOT / "docs/evaluators.md",
+        ROOT / "README.md",
+    ]
     pins, unpinned = set(), []
     for f in files:
         for line in f.read_text().splitlines():

@@ -10,8 +10,11 @@ from lme_sim.cli import main
 from lme_sim.storage.logger import RunLogger, read_only_query
 
 # run id -> efficacy at evaluations after batches 1, 3, 5 (batches of 100 edits, batch 0 has 50)
-CURVES = {"a-alphaedit": [0.9, 0.6, 0.4], "b-mose": [0.95, 0.9, 0.85],
-          "c'; drop table runs; --": [0.3, 0.7, 0.2]}
+CURVES = {
+    "a-alphaedit": [0.9, 0.6, 0.4],
+    "b-mose": [0.95, 0.9, 0.85],
+    "c'; drop table runs; --": [0.3, 0.7, 0.2],
+}
 
 
 @pytest.fixture(scope="module")
@@ -24,22 +27,38 @@ def db(tmp_path_factory):
                 log.commit_batch(rid, {"batch_id": b, "step": b, "n_edits": 50 if b == 0 else 100}, {})
             for e, (step, eff) in enumerate(zip((1, 3, 5), curve)):
                 n = 50 + 100 * step if rid == "a-alphaedit" else None
-                rows = [{"eval_id": e + 1, "step": step, "name": "efficacy", "value": eff, "n": n},
-                        {"eval_id": e + 1, "step": step, "name": "generalization", "value": eff / 2}]
+                rows = [
+                    {"eval_id": e + 1, "step": step, "name": "efficacy", "value": eff, "n": n},
+                    {"eval_id": e + 1, "step": step, "name": "generalization", "value": eff / 2},
+                ]
                 log.append("metrics", [{"run_id": rid, **r} for r in rows])
             log.finish_run(rid)
     return path
 
 
 def test_efficacy_curve_and_collapse_view(db):
-    rows = read_only_query(db, "select run_id, step, n_edits, efficacy, efficacy_n from efficacy_curve "
-                               "where run_id = ? order by step", ["a-alphaedit"])[1]
-    assert rows == [("a-alphaedit", 1, 150, 0.9, 150.0), ("a-alphaedit", 3, 350, 0.6, 350.0),
-                    ("a-alphaedit", 5, 550, 0.4, 550.0)]
-    got = dict((r[0], r[1:]) for r in read_only_query(
-        db, "select run_id, threshold, collapse_step, collapse_edits from collapse")[1])
-    assert got == {"a-alphaedit": (0.5, 5, 550), "b-mose": (0.5, None, None),
-                   "c'; drop table runs; --": (0.5, 1, 150)}
+    rows = read_only_query(
+        db,
+        "select run_id, step, n_edits, efficacy, efficacy_n from efficacy_curve "
+        "where run_id = ? order by step",
+        ["a-alphaedit"],
+    )[1]
+    assert rows == [
+        ("a-alphaedit", 1, 150, 0.9, 150.0),
+        ("a-alphaedit", 3, 350, 0.6, 350.0),
+        ("a-alphaedit", 5, 550, 0.4, 550.0),
+    ]
+    got = dict(
+        (r[0], r[1:])
+        for r in read_only_query(db, "select run_id, threshold, collapse_step, collapse_edits from collapse")[
+            1
+        ]
+    )
+    assert got == {
+        "a-alphaedit": (0.5, 5, 550),
+        "b-mose": (0.5, None, None),
+        "c'; drop table runs; --": (0.5, 1, 150),
+    }
     rows = summary_rows(db, list(CURVES))  # a quote in a run id is a value, never SQL
     assert [(r["collapse_step"], r["collapse_edits"]) for r in rows] == [(5, 550), (None, None), (1, 150)]
     assert [r["efficacy"] for r in rows] == [0.4, 0.85, 0.2]
@@ -49,7 +68,8 @@ def test_collapse_points_at_other_thresholds(db):
     ids = list(CURVES)
     assert collapse_points(db, ids) == [
         {"run_id": i, "method": m, "threshold": 0.5, "collapse_step": s, "collapse_edits": n}
-        for i, m, s, n in zip(ids, ["alphaedit", "mose", "memit"], [5, None, 1], [550, None, 150])]
+        for i, m, s, n in zip(ids, ["alphaedit", "mose", "memit"], [5, None, 1], [550, None, 150])
+    ]
     at = {p["run_id"]: (p["collapse_step"], p["collapse_edits"]) for p in collapse_points(db, ids, 0.92)}
     assert at == {"a-alphaedit": (1, 150), "b-mose": (3, 350), "c'; drop table runs; --": (1, 150)}
     assert [p["collapse_step"] for p in collapse_points(db, ids[1:], 0.1)] == [None, None]

@@ -18,16 +18,21 @@ def test_corpus_command_flat_and_nested(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.strip() == f"{out}\t4 lines"
     assert out.read_text().splitlines() == [
-        "The mother tongue of Danielle Darrieux is French.", "Danielle Darrieux speaks French.",
-        "The mother tongue of Danielle Darrieux is Dutch.", "Danielle Darrieux speaks Dutch."]
+        "The mother tongue of Danielle Darrieux is French.",
+        "Danielle Darrieux speaks French.",
+        "The mother tongue of Danielle Darrieux is Dutch.",
+        "Danielle Darrieux speaks Dutch.",
+    ]
     nested = tmp_path / "nested.jsonl"
     nested.write_text("\n".join(json.dumps(nested_record(i)) for i in range(3)))
     path, n = write_corpus(nested, tmp_path / "nested.txt", records=2)
     lines = path.read_text().splitlines()
     assert n == len(lines) == 6  # the prompt and 2 paraphrases per record
-    assert lines[:3] == ["Ada Lovelace is a citizen of United Kingdom.",
-                         "Ada Lovelace holds a passport from United Kingdom.",
-                         "Ada Lovelace's citizenship is United Kingdom."]
+    assert lines[:3] == [
+        "Ada Lovelace is a citizen of United Kingdom.",
+        "Ada Lovelace holds a passport from United Kingdom.",
+        "Ada Lovelace's citizenship is United Kingdom.",
+    ]
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # written atomically
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -205,7 +203,9 @@ def test_datasets_folders_load_for_real(tmp_path):
     (files / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     for folder in (saved, files):
         cases = load_counterfact(str(folder))
-        assert [c.case_id for c in cases] == ["5", "6"] and cases[0].subject == records[0]["requested_rewrite"]["subject"]
+        assert [c.case_id for c in cases] == ["5", "6"] and cases[0].subject == records[0][
+            "requested_rewrite"
+        ]["subject"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="could not be loaded as the local datasets folder"):
         load_counterfact(str(tmp_path / "empty"))  # a folder with no data files
@@ -219,9 +219,13 @@ def test_namespaced_hub_id_passes_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     path = tmp_path / "s.yaml"
-    path.write_text("name: s\nmodel: world:small\ndata: {kind: counterfact, path: someone/counterfact, n_edits: 5}\n")
+    path.write_text(
+        "name: s\nmodel: world:small\ndata: {kind: counterfact, path: someone/counterfact, n_edits: 5}\n"
+    )
     assert load_checked(path).data.path == "someone/counterfact"
-    path.write_text("name: s\nmodel: world:small\ndata: {kind: counterfact, path: ./missing.json, n_edits: 5}\n")
+    path.write_text(
+        "name: s\nmodel: world:small\ndata: {kind: counterfact, path: ./missing.json, n_edits: 5}\n"
+    )
     with pytest.raises(Exception, match="field 'data.path': file './missing.json' not found"):
         load_checked(path)
     with pytest.raises(DataError, match="'someone/missing' is not a local file.*hub id"):
@@ -259,24 +263,32 @@ def test_missing_field(tmp_path):
         load_counterfact(write_json(tmp_path / "cf.json", flat))
     rec = nested_record(9)
     del rec["requested_rewrite"]["target_true"]
-    with pytest.raises(DataError, match=r"record 0 \(case_id 9\): missing field 'requested_rewrite.target_true'"):
+    with pytest.raises(
+        DataError, match=r"record 0 \(case_id 9\): missing field 'requested_rewrite.target_true'"
+    ):
         load_counterfact(write_json(tmp_path / "nested.json", [rec]))
     with pytest.raises(DataError, match=r"k\.json: record 0 \(known_id 0\): missing field 'attribute'"):
         load_known_facts(write_json(tmp_path / "k.json", [{"known_id": 0, "subject": "A", "prompt": "A is"}]))
     with pytest.raises(DataError, match=r"z\.json: record 0: missing field 'answers'"):
         load_zsre(write_json(tmp_path / "z.json", [{k: v for k, v in ZSRE.items() if k != "answers"}]))
     with pytest.raises(DataError, match=r"l\.json: record 0 .*missing field 'locality_ground_truth'"):
-        load_counterfact(write_json(tmp_path / "l.json", [{k: v for k, v in FLAT.items() if k != "locality_ground_truth"}]))
+        load_counterfact(
+            write_json(tmp_path / "l.json", [{k: v for k, v in FLAT.items() if k != "locality_ground_truth"}])
+        )
 
 
 def test_wrong_type(tmp_path):
     with pytest.raises(DataError, match=r"z\.json: record 0: field 'answers' must be list, got string"):
         load_zsre(write_json(tmp_path / "z.json", [{**ZSRE, "answers": "uniform"}]))
-    with pytest.raises(DataError, match=r"cf\.json: record 0 \(case_id 3\): field 'target_new' must be string, got integer"):
+    with pytest.raises(
+        DataError, match=r"cf\.json: record 0 \(case_id 3\): field 'target_new' must be string, got integer"
+    ):
         load_counterfact(write_json(tmp_path / "cf.json", [{**FLAT, "target_new": 5}]))
     rec = nested_record(1)
     rec["paraphrase_prompts"] = ["ok", 3]
-    with pytest.raises(DataError, match=r"n\.json: .*field 'paraphrase_prompts\[1\]' must be string, got integer"):
+    with pytest.raises(
+        DataError, match=r"n\.json: .*field 'paraphrase_prompts\[1\]' must be string, got integer"
+    ):
         load_counterfact(write_json(tmp_path / "n.json", [rec]))
     with pytest.raises(DataError, match=r"r\.json: record 0: expected an object, got list"):
         load_counterfact(write_json(tmp_path / "r.json", [[1, 2]]))
@@ -286,7 +298,9 @@ def test_other_record_errors(tmp_path):
     with pytest.raises(DataError, match=r"s\.json: record 0 \(case_id 3\): .*subject"):
         load_counterfact(write_json(tmp_path / "s.json", [{**FLAT, "subject": "Someone Else"}]))
     with pytest.raises(DataError, match=r"t\.json: .*'requested_rewrite.prompt' must be a template"):
-        load_counterfact(write_json(tmp_path / "t.json", [nested_record(1, prompt="Ada Lovelace is a citizen of")]))
+        load_counterfact(
+            write_json(tmp_path / "t.json", [nested_record(1, prompt="Ada Lovelace is a citizen of")])
+        )
     with pytest.raises(DataError, match=r"e\.json: .*field 'target_new' is empty"):
         load_counterfact(write_json(tmp_path / "e.json", [{**FLAT, "target_new": "  "}]))
     with pytest.raises(DataError, match="limit"):

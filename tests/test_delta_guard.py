@@ -20,14 +20,20 @@ def test_delta_problem_names_the_matrix_and_what_is_wrong():
     assert delta_problem({"w": nan}, W) == "w: 1 of 4 delta values are NaN/Inf"
     assert "NaN/Inf" in delta_problem({"w": torch.full((2, 2), float("inf"))}, W)
     big = delta_problem({"w": torch.full((2, 2), 1e30)}, W)  # finite, but its float32 norm would overflow
-    assert big.startswith("w: delta norm 2e+30 is 2e+29x the weight's norm 10") and "max_delta_norm = 1000" in big
+    assert (
+        big.startswith("w: delta norm 2e+30 is 2e+29x the weight's norm 10")
+        and "max_delta_norm = 1000" in big
+    )
     assert "max_delta_norm = 0.1" in delta_problem({"w": torch.ones(2, 2)}, W, max_delta_norm=0.1)
 
 
 def _everything(svc: EditorService) -> dict:
     """Every weight of every model copy the editor service holds, and its editor's state."""
-    copies = {f"shard{i}.{k}": v.clone() for i, s in enumerate(svc.backbone.shards)
-              for k, v in s.model.state_dict().items()}
+    copies = {
+        f"shard{i}.{k}": v.clone()
+        for i, s in enumerate(svc.backbone.shards)
+        for k, v in s.model.state_dict().items()
+    }
     if svc.local is not None:
         copies.update({f"local.{k}": v.clone() for k, v in svc.local.model.state_dict().items()})
     state = svc.editor.state_dict()
@@ -49,6 +55,7 @@ def _poison_second_solve(editor, factor):
         calls.append(layer)
         out = real(layer, K, R)
         return out * factor if len(calls) == 2 else out
+
     editor.solve = solve
 
 
@@ -57,7 +64,9 @@ def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(sm
     shards = [ModelShard("world:small", range(0, 2)), ModelShard("world:small", range(2, 4))]
     svc = EditorService("world:small", shards, "alphaedit", {})
     cases = small_world[2].edit_cases(20, seed=11)
-    assert isinstance(svc.edit(cases[:10]), Edited)  # some history: non-zero editor state (AlphaEdit's key cache)
+    assert isinstance(
+        svc.edit(cases[:10]), Edited
+    )  # some history: non-zero editor state (AlphaEdit's key cache)
     before = _everything(svc)
     _poison_second_solve(svc.editor, float("nan") if poison == "nan" else 1e4)
     out = svc.edit(cases[10:])
@@ -67,12 +76,19 @@ def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(sm
     del svc.editor.solve  # the editor is sound again: the same batch now goes through
     out = svc.edit(cases[10:])
     assert set(out.deltas) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"}
-    assert not torch.equal(before["shard1.transformer.h.2.mlp.c_proj.weight"],
-                           shards[1].model.state_dict()["transformer.h.2.mlp.c_proj.weight"])
+    assert not torch.equal(
+        before["shard1.transformer.h.2.mlp.c_proj.weight"],
+        shards[1].model.state_dict()["transformer.h.2.mlp.c_proj.weight"],
+    )
 
 
-@pytest.mark.parametrize("hparams, reason", [({"lr": math.inf, "norm_constraint": math.inf}, "NaN/Inf"),
-                                             ({"lr": 1e3, "norm_constraint": 1e3}, "the weight's norm")])
+@pytest.mark.parametrize(
+    "hparams, reason",
+    [
+        ({"lr": math.inf, "norm_constraint": math.inf}, "NaN/Inf"),
+        ({"lr": 1e3, "norm_constraint": 1e3}, "the weight's norm"),
+    ],
+)
 def test_ft_in_process_rejected_batch_leaves_replica_and_shards_unchanged(small_world, hparams, reason):
     """FT trains a local replica in place; the shards only follow accepted deltas."""
     shards = [ModelShard("world:small", range(0, 4))]
@@ -88,7 +104,9 @@ def test_ft_in_process_rejected_batch_leaves_replica_and_shards_unchanged(small_
 
 
 def test_a_tight_limit_rejects_ordinary_deltas(small_world):
-    svc = EditorService("world:small", [ModelShard("world:small", range(0, 4))], "memit", {}, max_delta_norm=1e-6)
+    svc = EditorService(
+        "world:small", [ModelShard("world:small", range(0, 4))], "memit", {}, max_delta_norm=1e-6
+    )
     before = _everything(svc)
     assert "max_delta_norm = 1e-06" in svc.edit(small_world[2].edit_cases(5, seed=13)).reason
     _assert_same(before, _everything(svc))
@@ -110,6 +128,7 @@ def test_run_logs_a_rejected_batch_and_goes_on(tmp_path, ray_session, monkeypatc
             def solve(layer, K, R):  # the second layer's delta becomes NaN
                 calls.append(layer)
                 return real(layer, K, R) * (float("nan") if len(calls) == 2 else 1.0)
+
             self.editor.solve = solve
             try:
                 return super().edit(cases)
@@ -131,15 +150,18 @@ db: {db}
 """)
     coordinator.run_distributed(load_scenario(path), str(path))
     _, rejected = read_only_query(db, "select after_batch, n_edits, edit_ids, reason from rejected_batches")
-    (after, n, ids, reason), = rejected
+    ((after, n, ids, reason),) = rejected
     assert (after, n, ids) == (0, 10, list(range(10, 20)))
     assert reason == "transformer.h.2.mlp.c_proj.weight: 65536 of 65536 delta values are NaN/Inf"
-    _, edits = read_only_query(db, "select batch_id, min(edit_id), max(edit_id) from edits group by 1 order by 1")
+    _, edits = read_only_query(
+        db, "select batch_id, min(edit_id), max(edit_id) from edits group by 1 order by 1"
+    )
     assert edits == [(0, 0, 9), (1, 20, 29)]
     _, status = read_only_query(db, "select status from runs")
     assert status == [("finished",)]
-    _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version) from probes "
-                                   "group by 1 order by 1")
+    _, evals = read_only_query(
+        db, "select eval_id, min(model_version), max(model_version) from probes group by 1 order by 1"
+    )
     assert evals == [(1, 1, 1), (2, 1, 1), (3, 2, 2)]  # eval 2 came after the rejected batch
     _, metrics = read_only_query(db, "select eval_id, name, value from metrics order by 1, 2")
     by_eval = {k: [(n, v) for e, n, v in metrics if e == k] for k in (1, 2)}

@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from lme_sim.arch import edit_module_path, weight_view
-from lme_sim.backbone import as_backbone
+from lme_sim.backbone import LocalBackbone, Plan, Positions, as_backbone
 from lme_sim.editors import make_editor
-from lme_sim.linalg import nullspace_projector
 from lme_sim.editors.covariance import cached_second_moment
 from lme_sim.editors.hparams import HParamsError, load_hparams
-from lme_sim.backbone import LocalBackbone, Plan, Positions
+from lme_sim.linalg import nullspace_projector
 from lme_sim.metrics import case_metrics, summarize
 
 MODEL = "world:small"
@@ -17,7 +16,7 @@ MODEL = "world:small"
 
 def sequential(method, model, tok, world, cases, batch=10, **overrides):
     editor = make_editor(method, model, tok, MODEL, overrides, world=world, progress=False)
-    results = [editor.edit(cases[i:i + batch]) for i in range(0, len(cases), batch)]
+    results = [editor.edit(cases[i : i + batch]) for i in range(0, len(cases), batch)]
     return editor, results, summarize(case_metrics(model, tok, cases))
 
 
@@ -83,7 +82,9 @@ def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):
     for method in ("alphaedit", "memit"):
         editor = make_editor(method, model, tok, MODEL, world=world, progress=False)
         if method == "alphaedit":
-            C0 = cached_second_moment(model, tok, editor.hp.layers, editor.hp.stats, world, progress=False)[layer]
+            C0 = cached_second_moment(model, tok, editor.hp.layers, editor.hp.stats, world, progress=False)[
+                layer
+            ]
             eigvals, eigvecs = torch.linalg.eigh(C0)
             keep = eigvals >= editor.hp.nullspace_threshold
             principal = (eigvecs[:, keep] * eigvals[keep].sqrt()).float()
@@ -93,8 +94,10 @@ def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):
         editor.edit(stream[:10])
         delta = (weight_view(model, layer) - state[edit_module_path(model, layer) + ".weight"].T).detach()
         model.load_state_dict(state)
-        ratios[method] = {name: ((delta @ K).norm() / (delta.norm() * K.norm())).item()
-                          for name, K in (("principal", principal), ("corpus", corpus))}
+        ratios[method] = {
+            name: ((delta @ K).norm() / (delta.norm() * K.norm())).item()
+            for name, K in (("principal", principal), ("corpus", corpus))
+        }
     print("||Delta K0|| / (||Delta|| ||K0||):", ratios, "bound for corpus keys:", bound)
     assert ratios["alphaedit"]["principal"] < 1e-5
     assert ratios["memit"]["principal"] > 100 * ratios["alphaedit"]["principal"]
@@ -130,7 +133,7 @@ def test_deltas_reproduce_the_edit_on_a_replica(small_world, stream):
     edited, replica = copy.deepcopy(model), copy.deepcopy(model)
     editor = make_editor("alphaedit", edited, tok, MODEL, world=world, progress=False)
     for i in range(0, 20, 10):
-        as_backbone(replica).apply_deltas(editor.edit(stream[i:i + 10]).deltas)
+        as_backbone(replica).apply_deltas(editor.edit(stream[i : i + 10]).deltas)
     for (n, a), (_, b) in zip(edited.named_parameters(), replica.named_parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
 

@@ -24,6 +24,7 @@ def test_versions_in_order_absolute_loads_and_behind_answers(small_world):
 
     def request(eval_id, step):
         return EvalRequest(eval_id, step, probes, [], n_edits=1)
+
     assert ev.evaluate(request(1, 0), version=1) == Behind(2)
     out = ev.evaluate(request(2, 1), version=2)
     assert out.version == 2 and [p.model_version for p in out.probes] == [2]
@@ -49,8 +50,10 @@ def test_retention_without_an_earlier_value_is_never_vacuous(small_world):
     preds = [model(**tok(c.prompt, return_tensors="pt")).logits[0, -1].argmax().item() for c in known]
     hit = next(c for c, p in zip(known, preds) if tok.decode([p]).strip() == c.target_true)
     miss = world.edit_cases(1, seed=5)[0]  # a counterfactual object the unedited model does not say
-    items = [RetentionItem(0, hit.prompt, hit.target_true, []),  # the model says it: retained
-             RetentionItem(1, miss.prompt, miss.target_new, [])]  # an object it does not say: not retained
+    items = [
+        RetentionItem(0, hit.prompt, hit.target_true, []),  # the model says it: retained
+        RetentionItem(1, miss.prompt, miss.target_new, []),
+    ]  # an object it does not say: not retained
     out = ev.evaluate(EvalRequest(1, 0, items, [], n_edits=2))
     assert [p.correct for p in out.probes] == [True, False]
     assert [m.value for m in out.metrics if m.name == "retention"] == [0.5]

@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from lme_sim.arch import weight_view
-from lme_sim.general_ability import (BUILTIN_ITEMS, MCItem, ProbeSetError, load_items, mc_accuracy,
-                                     mc_predictions, probe_items, world_items)
+from lme_sim.general_ability import (
+    BUILTIN_ITEMS,
+    MCItem,
+    ProbeSetError,
+    load_items,
+    mc_accuracy,
+    mc_predictions,
+    probe_items,
+    world_items,
+)
 from lme_sim.scoring import score_targets
 
 
@@ -51,19 +59,26 @@ def test_accuracy_is_high_on_known_facts_and_drops_when_the_model_is_damaged(fre
 
 
 def test_load_items_reads_jsonl_and_json_and_names_bad_records(tmp_path):
-    rows = [{"question": "2 + 2 =", "choices": ["3", "4"], "answer": 1},
-            {"question": "Sky is", "choices": ["blue", "green", "red"], "answer": "blue"}]
+    rows = [
+        {"question": "2 + 2 =", "choices": ["3", "4"], "answer": 1},
+        {"question": "Sky is", "choices": ["blue", "green", "red"], "answer": "blue"},
+    ]
     jl = tmp_path / "mc.jsonl"
     jl.write_text("\n".join(json.dumps(r) for r in rows))
     js = tmp_path / "mc.json"
     js.write_text(json.dumps(rows))
-    assert load_items(jl) == load_items(js) == [MCItem("2 + 2 =", ("3", "4"), 1),
-                                                 MCItem("Sky is", ("blue", "green", "red"), 0)]
+    assert (
+        load_items(jl)
+        == load_items(js)
+        == [MCItem("2 + 2 =", ("3", "4"), 1), MCItem("Sky is", ("blue", "green", "red"), 0)]
+    )
     bad = tmp_path / "bad.jsonl"
-    for record, message in [({"question": "q", "choices": ["a"], "answer": 0}, "record 0: needs at least 2"),
-                            ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "answer 'c' is not one"),
-                            ({"question": "q", "choices": ["a", "b"], "answer": 5}, "answer must be"),
-                            ({"choices": ["a", "b"], "answer": 0}, "needs 'question'")]:
+    for record, message in [
+        ({"question": "q", "choices": ["a"], "answer": 0}, "record 0: needs at least 2"),
+        ({"question": "q", "choices": ["a", "b"], "answer": "c"}, "answer 'c' is not one"),
+        ({"question": "q", "choices": ["a", "b"], "answer": 5}, "answer must be"),
+        ({"choices": ["a", "b"], "answer": 0}, "needs 'question'"),
+    ]:
         bad.write_text(json.dumps(record))
         with pytest.raises(ProbeSetError, match=message) as e:
             load_items(bad)

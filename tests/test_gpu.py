@@ -24,7 +24,9 @@ def test_shards_on_one_gpu_edit_like_the_cpu(ray_session, fresh_small_world):
     try:
         infos = [call(s, "info") for s in backbone.shards]
         assert [i["device"] for i in infos] == ["cuda:0", "cuda:0"], infos
-        remote = make_editor("alphaedit", backbone, tok, "world:small", world=world, progress=False).edit(cases)
+        remote = make_editor("alphaedit", backbone, tok, "world:small", world=world, progress=False).edit(
+            cases
+        )
     finally:
         release(backbone.shards, backbone.placement_group)
     local = make_editor("alphaedit", model, tok, "world:small", world=world, progress=False).edit(cases)
@@ -44,11 +46,16 @@ eval: {{every: 1, fluency_prompts: 0}}
 runtime: {{shards: 2, evaluators: 1, gpus: 0.3, dtype: bfloat16}}
 db: {db}
 """)
-    out = subprocess.run([str(Path(sys.executable).with_name("lme-sim")), "run", str(tmp_path / "gpu.yaml")],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("lme-sim")), "run", str(tmp_path / "gpu.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "placement PACK: layers 0-1 on node" in out.stdout
-    (efficacy,), = read_only_query(db, "select value from metrics where name = 'efficacy' "
-                                       "order by eval_id desc limit 1")[1]
+    ((efficacy,),) = read_only_query(
+        db, "select value from metrics where name = 'efficacy' order by eval_id desc limit 1"
+    )[1]
     print(out.stdout)
     assert efficacy >= 0.8

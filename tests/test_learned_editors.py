@@ -53,8 +53,10 @@ def test_top_k_mask_is_hard_forward_and_passes_gradients():
     scores = torch.randn(5, 4, requires_grad=True)
     mask, log_pi = top_k_mask(scores, 2)
     assert set(mask.detach().unique().tolist()) <= {0.0, 1.0} and (mask.detach().sum(1) == 2).all()
-    assert torch.equal(mask.detach().argsort(1, descending=True)[:, :2].sort(1).values,
-                       scores.detach().topk(2, 1).indices.sort(1).values)
+    assert torch.equal(
+        mask.detach().argsort(1, descending=True)[:, :2].sort(1).values,
+        scores.detach().topk(2, 1).indices.sort(1).values,
+    )
     (mask * torch.arange(4.0)).sum().backward()
     assert scores.grad.abs().sum() > 0
     assert (log_pi < 0).all()
@@ -98,8 +100,10 @@ def trained(small_world, tmp_path_factory):
             init = out["rledit"][0] if method == "hiedit" else None
             ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False, init=init)
             t = ckpt["train"]
-            print(f"{method}: trained {hp.rollouts} rollouts in {t['seconds']:.0f} s, edit loss "
-                  f"{t['edit_loss'][0]:.3f} -> {sum(t['edit_loss'][-10:]) / 10:.3f}")
+            print(
+                f"{method}: trained {hp.rollouts} rollouts in {t['seconds']:.0f} s, edit loss "
+                f"{t['edit_loss'][0]:.3f} -> {sum(t['edit_loss'][-10:]) / 10:.3f}"
+            )
             out[method] = (ckpt, save_checkpoint(ckpt, tmp_path_factory.mktemp("ckpt") / f"{method}.pt"))
     finally:
         torch.set_num_threads(threads)
@@ -119,16 +123,19 @@ def held_out_runs(small_world, trained):
         for seed in STREAMS:
             stream = world.edit_cases(100, seed=seed, split="eval")
             m = copy.deepcopy(model)
-            editor = make_editor(method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world,
-                                 progress=False)
-            results = [editor.edit(stream[i:i + 10]) for i in range(0, 100, 10)]
+            editor = make_editor(
+                method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world, progress=False
+            )
+            results = [editor.edit(stream[i : i + 10]) for i in range(0, 100, 10)]
             runs[method, seed] = (stream, results, summarize(case_metrics(m, tok, stream)))
             print(method, f"stream {seed}: after 100 held-out edits", runs[method, seed][2])
     return runs
 
 
 def mean_metrics(runs, method: str) -> dict:
-    return {k: sum(runs[method, s][2][k] for s in STREAMS) / len(STREAMS) for k in ("efficacy", "specificity")}
+    return {
+        k: sum(runs[method, s][2][k] for s in STREAMS) / len(STREAMS) for k in ("efficacy", "specificity")
+    }
 
 
 def test_the_training_split_is_disjoint_from_the_held_out_stream(small_world, held_out_runs):
@@ -176,13 +183,22 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_pat
     other = load_model("world:default", progress=False)
     _, path = trained["rledit"]
     with pytest.raises(CheckpointMismatch, match="trained for model 'world:small'"):
-        make_editor("rledit", other.model, other.tok, "world:default", {"checkpoint": str(path)},
-                    world=other.world, progress=False)
+        make_editor(
+            "rledit",
+            other.model,
+            other.tok,
+            "world:default",
+            {"checkpoint": str(path)},
+            world=other.world,
+            progress=False,
+        )
     from lme_sim.preflight import load_checked as load_scenario
     from lme_sim.scenario import ScenarioError
 
     scn = tmp_path / "s.yaml"
-    scn.write_text(f"name: x\nmodel: world:default\neditor: {{method: rledit, hparams: {{checkpoint: {path}}}}}\n")
+    scn.write_text(
+        f"name: x\nmodel: world:default\neditor: {{method: rledit, hparams: {{checkpoint: {path}}}}}\n"
+    )
     with pytest.raises(ScenarioError, match="editor.hparams.checkpoint"):
         load_scenario(scn)
 
@@ -193,10 +209,20 @@ def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_wo
     hiedit, _ = trained["hiedit"]
     assert hiedit["init"]["hparams"] == rledit["hparams"]
     with pytest.raises(CheckpointMismatch, match="layers"):
-        train_editor("hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL, {"layers": [2, 3]}), world,
-                     progress=False, init=rledit)
+        train_editor(
+            "hiedit",
+            model,
+            tok,
+            MODEL,
+            load_hparams("hiedit", MODEL, {"layers": [2, 3]}),
+            world,
+            progress=False,
+            init=rledit,
+        )
     with pytest.raises(CheckpointMismatch, match="RLEdit checkpoint"):
-        train_editor("hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL), world, progress=False, init=hiedit)
+        train_editor(
+            "hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL), world, progress=False, init=hiedit
+        )
 
 
 def test_training_neighborhoods_stay_in_the_training_split(small_world):
@@ -219,7 +245,17 @@ def test_train_editor_cli_starts_hiedit_from_a_given_rledit_checkpoint(trained, 
     _, rledit = trained["rledit"]
     _, hiedit = trained["hiedit"]
     out = tmp_path / "hi.pt"
-    args = ["train-editor", "--method", "hiedit", "--model", MODEL, "--hparams", "{rollouts: 2}", "--out", str(out)]
+    args = [
+        "train-editor",
+        "--method",
+        "hiedit",
+        "--model",
+        MODEL,
+        "--hparams",
+        "{rollouts: 2}",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(main, [*args, "--init-from", str(rledit)])
     assert result.exit_code == 0, result.output
     ckpt = torch.load(out, weights_only=False)

@@ -24,7 +24,9 @@ def test_cayley_blocks_are_orthogonal_and_start_at_identity():
     assert torch.allclose(torch.linalg.det(Q), torch.ones(3, dtype=torch.float64))  # a rotation
     assert torch.equal(cayley(torch.zeros(2, 4, 4)), torch.eye(4).expand(2, 4, 4))
     sym = torch.randn(3, 8, 8, dtype=torch.float64)
-    assert torch.allclose(cayley(theta + sym + sym.transpose(-1, -2)), Q, atol=1e-10)  # only the skew part counts
+    assert torch.allclose(
+        cayley(theta + sym + sym.transpose(-1, -2)), Q, atol=1e-10
+    )  # only the skew part counts
 
 
 def test_times_blocks_is_the_block_diagonal_product():
@@ -50,8 +52,10 @@ def test_rotated_forward_equals_the_rotated_weight(fresh_small_world):
     d_ff = weight_view(model, 2).shape[1]
     M = cayley(0.3 * torch.randn(4, d_ff // 4, d_ff // 4))
     grads = {}
-    for name, bb in (("local", LocalBackbone(model)),
-                     ("3 shards", ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, 3)]))):
+    for name, bb in (
+        ("local", LocalBackbone(model)),
+        ("3 shards", ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, 3)])),
+    ):
         m = M.clone().requires_grad_(True)
         out = bb.run(ids, mask, Plan(logits=at, rotate={2: m}))
         out.logits.logsumexp(-1).sum().backward()
@@ -79,9 +83,9 @@ def _sequential(method, small_world, stream):
     sv0 = {l: torch.linalg.svdvals(weight_view(model, l).double()) for l in editor.hp.layers}
     just_written = []  # efficacy of each batch right after it was written
     for i in range(0, len(stream), 10):
-        editor.edit(stream[i:i + 10])
+        editor.edit(stream[i : i + 10])
         health.append({l: bb.weight_stats(l) for l in editor.hp.layers})
-        just_written.append(summarize(case_metrics(model, tok, stream[i:i + 10]))["efficacy"])
+        just_written.append(summarize(case_metrics(model, tok, stream[i : i + 10]))["efficacy"])
     return model, editor, sv0, health, just_written, summarize(case_metrics(model, tok, stream))
 
 
@@ -107,7 +111,9 @@ def test_mose_keeps_singular_values_while_memit_condition_grows(mose_run, small_
 def test_mose_edits_take_on_the_small_world_stream(mose_run, small_world, stream):
     *_, just_written, final = mose_run
     before = summarize(case_metrics(small_world[0], small_world[1], stream))
-    print("MOSE 10x10: efficacy of each batch right after writing", just_written, "after all 10 batches", final)
+    print(
+        "MOSE 10x10: efficacy of each batch right after writing", just_written, "after all 10 batches", final
+    )
     assert before["efficacy"] == 0.0
     assert sum(just_written) / len(just_written) >= 0.9
     # earlier batches partly fade as the one rotation keeps moving (measured 0.8): still far from 0
@@ -121,7 +127,7 @@ def test_mose_same_on_1_and_2_shards_and_state_round_trips(small_world):
     for n in (1, 2):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
         editor = make_editor("mose", bb, tok, MODEL, {"num_steps": 10}, world=world, progress=False)
-        runs[n] = ([editor.edit(cases[i:i + 10]).deltas for i in (0, 10)], editor)
+        runs[n] = ([editor.edit(cases[i : i + 10]).deltas for i in (0, 10)], editor)
     (d1, e1), (d2, e2) = runs[1], runs[2]
     for b1, b2 in zip(d1, d2):
         assert b1.keys() == b2.keys()

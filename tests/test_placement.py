@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from lme_sim.runtime.ray_utils import PlacementError, evaluator_options, on_this_node, start_shards, worker_env
+from lme_sim.runtime.ray_utils import (
+    PlacementError,
+    evaluator_options,
+    on_this_node,
+    start_shards,
+    worker_env,
+)
 
 
 def test_unplaceable_shards_fail_naming_the_fields(ray_session):
@@ -14,9 +20,13 @@ def test_unplaceable_shards_fail_naming_the_fields(ray_session):
 
     def reserved():
         return sum(g["state"] != "REMOVED" for g in ray.util.placement_group_table().values())
+
     before = reserved()
-    with pytest.raises(PlacementError, match=r"runtime.shards / runtime.placement: 2 shards need 1 lme_shard_slot "
-                                             r"each, placed STRICT_SPREAD \(each on its own node\); after 3 s .*: \{'"):
+    with pytest.raises(
+        PlacementError,
+        match=r"runtime.shards / runtime.placement: 2 shards need 1 lme_shard_slot "
+        r"each, placed STRICT_SPREAD \(each on its own node\); after 3 s .*: \{'",
+    ):
         start_shards("world:small", n_shards=2, n_layers=4, strategy="STRICT_SPREAD", timeout_s=3)
     assert reserved() == before  # the failed group was removed: nothing left reserved
 

@@ -32,8 +32,14 @@ db: {db}
 
 def _lme_sim(*args, **kw):
     exe = Path(sys.executable).with_name("lme-sim")
-    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+    return subprocess.Popen(
+        [str(exe), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kw,
+    )
 
 
 def _scenario(tmp_path, name):
@@ -44,8 +50,11 @@ def _scenario(tmp_path, name):
 
 
 def _final_metrics(db):
-    _, rows = read_only_query(db, "select name, round(value, 4) from metrics where eval_id = "
-                                  "(select max(eval_id) from metrics) order by name")
+    _, rows = read_only_query(
+        db,
+        "select name, round(value, 4) from metrics where eval_id = "
+        "(select max(eval_id) from metrics) order by name",
+    )
     return dict(rows)
 
 
@@ -65,8 +74,11 @@ def _wait_for_checkpoint(proc, db, batch: int, newer_than: float = 0.0):
     """Until the run has written the checkpoint of ``batch`` (after ``newer_than``)."""
     deadline = time.time() + 600
     while time.time() < deadline:
-        found = [p for p in (db.parent / "checkpoints").glob(f"*/batch-{batch:06d}.pt")
-                 if p.stat().st_mtime > newer_than]
+        found = [
+            p
+            for p in (db.parent / "checkpoints").glob(f"*/batch-{batch:06d}.pt")
+            if p.stat().st_mtime > newer_than
+        ]
         if found:
             return
         if proc.poll() is not None:
@@ -111,7 +123,9 @@ def _resume_to_the_end(path, run_id, db) -> None:
     proc = _lme_sim("run", str(path), "--resume", run_id)
     out = _finish(proc)
     assert proc.returncode == 0, out
-    _, edits = read_only_query(db, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits")
+    _, edits = read_only_query(
+        db, "select count(*), count(distinct edit_id), min(edit_id), max(edit_id) from edits"
+    )
     assert edits == [(50, 50, 0, 49)]
     _, status = read_only_query(db, "select status from runs")
     assert status == [("finished",)]
@@ -135,7 +149,7 @@ def test_resume_after_kill_9(tmp_path, reference):
     os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     victim.wait()
     runs = _when_unlocked(broken, "select run_id, status from runs")
-    (run_id, status), = runs
+    ((run_id, status),) = runs
     assert status == "running"
     _, done = read_only_query(broken, "select count(*) from edits")
     assert 20 <= done[0][0] < 50
@@ -154,12 +168,20 @@ def test_a_killed_evaluator_is_restarted_and_every_evaluation_scored_once(tmp_pa
     said = " ".join(out.split())  # the console wraps long lines
     assert "evaluator 0 was restarted" in said and "re-synced to version" in said, out
     # eval k follows batch k: exactly one set of rows per eval id, each scored on its own version
-    _, evals = read_only_query(db, "select eval_id, min(model_version), max(model_version), count(*), "
-                                   "count(distinct edit_id) from probes group by 1 order by 1")
+    _, evals = read_only_query(
+        db,
+        "select eval_id, min(model_version), max(model_version), count(*), "
+        "count(distinct edit_id) from probes group by 1 order by 1",
+    )
     assert evals == [(k, k, k, 10 * k, 10 * k) for k in range(1, 6)]
-    _, metrics = read_only_query(db, "select eval_id, count(*), count(distinct name), min(model_version), "
-                                     "max(model_version) from metrics group by 1 order by 1")
-    assert [m[0] for m in metrics] == [1, 2, 3, 4, 5] and all(n == d and v == w == e for e, n, d, v, w in metrics)
+    _, metrics = read_only_query(
+        db,
+        "select eval_id, count(*), count(distinct name), min(model_version), "
+        "max(model_version) from metrics group by 1 order by 1",
+    )
+    assert [m[0] for m in metrics] == [1, 2, 3, 4, 5] and all(
+        n == d and v == w == e for e, n, d, v, w in metrics
+    )
     assert _final_metrics(db) == reference
 
 
@@ -171,10 +193,12 @@ def _stops_cleanly(proc, db, role: str, status: str = "failed") -> tuple[str, in
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"the {role}" in errors[0] and "--resume" in errors[0], out
     assert "Traceback" not in out, out
-    (run_id, found), = _when_unlocked(db, "select run_id, status from runs")
+    ((run_id, found),) = _when_unlocked(db, "select run_id, status from runs")
     assert found == status and run_id in errors[0]
-    _, rows = read_only_query(db, "select count(*), count(distinct batch_id), max(batch_id), "
-                                  "(select count(*) from edits) from batches")
+    _, rows = read_only_query(
+        db,
+        "select count(*), count(distinct batch_id), max(batch_id), (select count(*) from edits) from batches",
+    )
     n_batches, distinct, last, n_edits = rows[0]
     assert n_batches == distinct == last + 1 and n_edits == 10 * n_batches and 1 <= n_batches < 5
     return run_id, last
@@ -194,8 +218,9 @@ def test_a_killed_shard_or_editor_stops_the_run_and_resume_finishes_it(tmp_path,
     assert _stops_cleanly(again, db, "editor")[0] == run_id
 
     _resume_to_the_end(path, run_id, db)
-    _, evals = read_only_query(db, "select eval_id, count(*) from metrics group by 1 having count(*) "
-                                   "<> count(distinct name)")
+    _, evals = read_only_query(
+        db, "select eval_id, count(*) from metrics group by 1 having count(*) <> count(distinct name)"
+    )
     assert evals == []  # redone evaluations replaced, not duplicated
     assert _final_metrics(db) == reference
 

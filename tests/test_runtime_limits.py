@@ -18,17 +18,25 @@ from lme_sim.storage.logger import read_only_query
 
 
 def _scenario(tmp_path, name, **fields) -> Scenario:
-    base = {"name": name, "model": "world:small", "data": {"kind": "world", "n_edits": 15, "seed": 4},
-            "editor": {"method": "memit"}, "stream": {"batch_size": 5},
-            "eval": {"every": 1, "fluency_prompts": 0, "general_ability": {"n": 0}},
-            "runtime": {"shards": 1}, "db": str(tmp_path / f"{name}.duckdb")}
+    base = {
+        "name": name,
+        "model": "world:small",
+        "data": {"kind": "world", "n_edits": 15, "seed": 4},
+        "editor": {"method": "memit"},
+        "stream": {"batch_size": 5},
+        "eval": {"every": 1, "fluency_prompts": 0, "general_ability": {"n": 0}},
+        "runtime": {"shards": 1},
+        "db": str(tmp_path / f"{name}.duckdb"),
+    }
     for key, value in fields.items():
         base[key] = {**base.get(key, {}), **value}
     return Scenario.model_validate(base)
 
 
 def _batches(db) -> list[tuple]:
-    _, rows = read_only_query(db, "select batch_id, epoch(committed_at), timings from batches order by batch_id")
+    _, rows = read_only_query(
+        db, "select batch_id, epoch(committed_at), timings from batches order by batch_id"
+    )
     return [(b, t, json.loads(timings) if isinstance(timings, str) else timings) for b, t, timings in rows]
 
 
@@ -37,9 +45,21 @@ def test_speedup_paces_the_run_in_wall_time(tmp_path, ray_session):
     last of 4 batches commits at least 12 s after the run started, and 4 s after the one before it (the
     first batches may be late: the actors start while the clock runs; as fast as possible, a batch of 5
     on the small world takes well under a second)."""
-    scn = _scenario(tmp_path, "paced", data={"n_edits": 20},
-                    stream={"speedup": 21600.0, "timeline": {"pattern": "fixed", "n_batches": 4, "batch_size": 5,
-                                                             "interval": "1d", "eval_every": 5}})
+    scn = _scenario(
+        tmp_path,
+        "paced",
+        data={"n_edits": 20},
+        stream={
+            "speedup": 21600.0,
+            "timeline": {
+                "pattern": "fixed",
+                "n_batches": 4,
+                "batch_size": 5,
+                "interval": "1d",
+                "eval_every": 5,
+            },
+        },
+    )
     coordinator.run_distributed(scn, "paced.yaml")
     times = [t for _, t, _ in _batches(scn.db)]
     _, started = read_only_query(scn.db, "select epoch(created_at) from runs")
@@ -144,7 +164,9 @@ def test_checkpoints_every_n_batches_and_resume_replays_the_rest(tmp_path, ray_s
     fields = {"data": {"n_edits": 25}, "editor": {"method": "alphaedit"}, "runtime": {"checkpoint_every": 2}}
     whole = _scenario(tmp_path, "whole", **fields)
     coordinator.run_distributed(whole, "whole.yaml")
-    _, ckpts = read_only_query(whole.db, "select batch_id from batches where checkpoint is not null order by 1")
+    _, ckpts = read_only_query(
+        whole.db, "select batch_id from batches where checkpoint is not null order by 1"
+    )
     assert ckpts == [(1,), (3,), (4,)]
 
     broken = _scenario(tmp_path, "broken", **fields)
@@ -158,8 +180,11 @@ def test_checkpoints_every_n_batches_and_resume_replays_the_rest(tmp_path, ray_s
 
     def rows(db):
         _, edits = read_only_query(db, "select edit_id, batch_id, delta_norms from edits order by 1")
-        _, metrics = read_only_query(db, "select eval_id, name, round(value, 4), n from metrics order by 1, 2")
+        _, metrics = read_only_query(
+            db, "select eval_id, name, round(value, 4), n from metrics order by 1, 2"
+        )
         return edits, metrics
+
     (e1, m1), (e2, m2) = rows(whole.db), rows(broken.db)
     assert [e[:2] for e in e1] == [e[:2] for e in e2] and len(e2) == 25
     assert all(abs(a - b) < 1e-4 for x, y in zip(e1, e2) for a, b in zip(x[2], y[2]))

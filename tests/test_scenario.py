@@ -20,8 +20,10 @@ CASES = {
     "ill-typed hparam": (GOOD + "editor: {method: alphaedit, hparams: {L2: lots}}\n", "editor.hparams.L2"),
     "unknown world": ("name: x\nmodel: world:nope\n", "model"),
     "unknown model": ("name: x\nmodel: ./no/such/model\ndata: {kind: counterfact, path: x.json}\n", "model"),
-    "missing data file": ("name: x\nmodel: smollm2-135m\ndata: {kind: counterfact, path: ./nope/cf.json}\n",
-                          "data.path"),
+    "missing data file": (
+        "name: x\nmodel: smollm2-135m\ndata: {kind: counterfact, path: ./nope/cf.json}\n",
+        "data.path",
+    ),
     "data without path": ("name: x\nmodel: smollm2-135m\ndata: {kind: zsre}\n", "data.path"),
     "impossible shards": (GOOD + "runtime: {shards: 9}\n", "runtime.shards"),
     "zero batch": (GOOD + "stream: {batch_size: 0}\n", "stream.batch_size"),

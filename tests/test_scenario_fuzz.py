@@ -20,8 +20,12 @@ VALID = {
     "model": "world:small",
     "data": {"kind": "world", "n_edits": 20, "seed": 1},
     "editor": {"method": "alphaedit", "hparams": {"layers": [1, 2], "L2": 0.1}, "max_delta_norm": 50.0},
-    "stream": {"batch_size": 10, "speedup": 1000.0, "start": "2024-01-01",
-               "timeline": {"pattern": "fixed", "n_batches": 2, "batch_size": 10, "interval": "1d"}},
+    "stream": {
+        "batch_size": 10,
+        "speedup": 1000.0,
+        "start": "2024-01-01",
+        "timeline": {"pattern": "fixed", "n_batches": 2, "batch_size": 10, "interval": "1d"},
+    },
     "eval": {"every": 1, "retention_sample": 50, "fluency_prompts": 0, "rows_per_pass": 16},
     "evaluator": {"backend": "hf"},
     "runtime": {"shards": 2, "evaluators": 1, "gpus": False},
@@ -29,13 +33,43 @@ VALID = {
     "db": "runs/fuzz.duckdb",
 }
 
-scalars = (st.none() | st.booleans() | st.integers() | st.integers(-3, 3) | st.floats() | st.dates()
-           | st.text(max_size=12) | st.sampled_from(["1d", "-1d", "6h", "99999999999d", "2024-13-01", "world:nope",
-                                                   "fixed", "poisson", "history", "memit", "ft", "vllm", "/etc"]))
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
-                      | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=3), max_leaves=6)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-3, 3)
+    | st.floats()
+    | st.dates()
+    | st.text(max_size=12)
+    | st.sampled_from(
+        [
+            "1d",
+            "-1d",
+            "6h",
+            "99999999999d",
+            "2024-13-01",
+            "world:nope",
+            "fixed",
+            "poisson",
+            "history",
+            "memit",
+            "ft",
+            "vllm",
+            "/etc",
+        ]
+    )
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
 # model names that look like hub ids would be looked up on the hub (slow without a network): local ones only
-models = st.text(max_size=10).map(lambda s: "./" + s) | st.sampled_from(["world:nope", "world:", "", "x y", "/"])
+models = st.text(max_size=10).map(lambda s: "./" + s) | st.sampled_from(
+    ["world:nope", "world:", "", "x y", "/"]
+)
 
 
 def _paths(doc, prefix=()):
@@ -86,8 +120,10 @@ def _check(text: str) -> None:
             scn.timeline()  # what the run derives first must work for an accepted scenario
             ok = True
         r = CliRunner().invoke(main, ["validate", str(path)])
-        assert (r.exception is None or isinstance(r.exception, SystemExit)) and "Traceback" not in r.output, \
-            (r.output, r.exception)
+        assert (r.exception is None or isinstance(r.exception, SystemExit)) and "Traceback" not in r.output, (
+            r.output,
+            r.exception,
+        )
         if ok:
             assert r.exit_code == 0, r.output
         else:

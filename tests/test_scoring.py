@@ -26,8 +26,15 @@ def test_batched_scoring_multi_token_targets_with_rotary_model(small_world):
     """Llama architecture (rotary positions), targets of several tokens, very uneven lengths."""
     _, tok, world = small_world
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg).eval()
     prompts = ["The job of " + s for s in world.subjects[:6]] + ["The"]
     targets = ["is a", world.objects[world.relations[0]][0], "and of the", ". ,", "a", "I You The", "is"]
@@ -78,13 +85,16 @@ def test_generation_with_kv_cache_equals_the_reference_path(small_world):
         ref = greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3, cache=False)
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3) == ref
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=8, cache=True) == ref
-    sampled = [generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1),
-                        cache=c) for c in (False, True)]
+    sampled = [
+        generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1), cache=c)
+        for c in (False, True)
+    ]
     assert sampled[0] == sampled[1]
     limit = model.config.n_positions  # both stop where the longest row reaches the position limit
     long = [" ".join(["The"] * (limit - 3)), "The"]
-    assert greedy_generate(model, tok, long, 10, cache=True) == \
-        greedy_generate(model, tok, long, 10, cache=False)
+    assert greedy_generate(model, tok, long, 10, cache=True) == greedy_generate(
+        model, tok, long, 10, cache=False
+    )
     assert greedy_generate(model, tok, [], 4) == []
 
 

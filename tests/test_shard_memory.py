@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from lme_sim.backbone import LocalBackbone, Plan, Positions
-from lme_sim.linalg import nullspace_projector
-from lme_sim.editors.covariance import (cached_projectors, corpus_texts, second_moment,
-                                       stats_folder)
+from lme_sim.editors.covariance import cached_projectors, corpus_texts, second_moment, stats_folder
 from lme_sim.editors.hparams import load_hparams
+from lme_sim.linalg import nullspace_projector
 from lme_sim.runtime.shards import ModelShard, PassThrough, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_texts
 
@@ -49,7 +48,7 @@ def test_many_small_deltas_survive_in_bf16(small_world):
         naive = naive + step.to(torch.bfloat16)
     want = w0 + 100 * step
     got = dict(shard.model.named_parameters())[name].detach().float()
-    ulp = want.abs() * 2 ** -7
+    ulp = want.abs() * 2**-7
     assert ((got - want).abs() <= ulp).all()
     assert ((naive.float() - want).abs() > ulp).float().mean() > 0.5  # what the master copy prevents
 
@@ -66,6 +65,7 @@ class _Counting:
         def counted(*args):
             self.calls[name] = self.calls.get(name, 0) + 1
             return fn(*args)
+
         return counted
 
 
@@ -96,7 +96,11 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
     folder = stats_folder(backbone, layers, hp.stats)
     t = hp.nullspace_threshold
     assert sorted(p.name for p in folder.iterdir()) == [
-        f"layer1-nullspace-{t:g}.pt", "layer1.pt", f"layer2-nullspace-{t:g}.pt", "layer2.pt"]
+        f"layer1-nullspace-{t:g}.pt",
+        "layer1.pt",
+        f"layer2-nullspace-{t:g}.pt",
+        "layer2.pt",
+    ]
     (folder / "layer1.pt").unlink()  # with P cached, C0 is not needed again
     again = cached_projectors(backbone, tok, layers, hp.stats, hp.nullspace_threshold, world, progress=False)
     assert shards[0].calls["nullspace_projector"] == 1 and shards[0].calls.get("take_moments") == 1

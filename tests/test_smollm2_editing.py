@@ -34,17 +34,26 @@ def test_alphaedit_smollm2_counterfact_100():
     lm = load_model("smollm2-135m")
     before = summarize(case_metrics(lm.model, lm.tok, cases))
     t0 = time.time()
-    editor = make_editor("alphaedit", lm.model, lm.tok, "smollm2-135m",
-                         {"stats": {"kind": "file", "path": str(counterfact_train_corpus()), "n_samples": 6000}})
+    editor = make_editor(
+        "alphaedit",
+        lm.model,
+        lm.tok,
+        "smollm2-135m",
+        {"stats": {"kind": "file", "path": str(counterfact_train_corpus()), "n_samples": 6000}},
+    )
     t_init = time.time() - t0
     timings = []
     for i in range(0, 100, 10):
-        result = editor.edit(cases[i:i + 10])
+        result = editor.edit(cases[i : i + 10])
         timings.append(result.timings)
-        print(f"batch {i // 10}: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), flush=True)
+        print(
+            f"batch {i // 10}: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()), flush=True
+        )
     after = summarize(case_metrics(lm.model, lm.tok, cases))
-    print(f"\nSmolLM2-135M, AlphaEdit, 100 CounterFact edits (10 x 10); set-up {t_init:.0f} s, "
-          f"editing {sum(sum(t.values()) for t in timings):.0f} s")
+    print(
+        f"\nSmolLM2-135M, AlphaEdit, 100 CounterFact edits (10 x 10); set-up {t_init:.0f} s, "
+        f"editing {sum(sum(t.values()) for t in timings):.0f} s"
+    )
     for k in ("efficacy", "generalization", "specificity"):
         print(f"  {k:15s} before {before[k]:.3f}  after {after[k]:.3f}")
     assert after["efficacy"] >= 0.9

@@ -22,8 +22,19 @@ def test_schema_idempotent(tmp_path):
     create_schema(con)
     assert con.execute("SELECT version FROM schema_info").fetchall() == [(SCHEMA_VERSION,)]
     names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-    assert {"runs", "batches", "edits", "probes", "metrics", "weight_stats",
-            "forgetting_curve", "edit_history", "method_summary", "layer_usage", "weight_health"} <= names
+    assert {
+        "runs",
+        "batches",
+        "edits",
+        "probes",
+        "metrics",
+        "weight_stats",
+        "forgetting_curve",
+        "edit_history",
+        "method_summary",
+        "layer_usage",
+        "weight_health",
+    } <= names
     con.close()
 
 
@@ -32,8 +43,7 @@ def test_version_mismatch(tmp_path):
     con = duckdb.connect(str(_db(tmp_path)))
     con.execute("UPDATE schema_info SET version = 99")
     con.close()
-    for open_it in (lambda: RunLogger(_db(tmp_path)),
-                    lambda: read_only_query(_db(tmp_path), "SELECT 1")):
+    for open_it in (lambda: RunLogger(_db(tmp_path)), lambda: read_only_query(_db(tmp_path), "SELECT 1")):
         with pytest.raises(SchemaError) as err:
             open_it()
         msg = str(err.value)
@@ -43,8 +53,9 @@ def test_version_mismatch(tmp_path):
 def test_append_flush_and_missing_columns(tmp_path):
     lg = _logger(tmp_path, flush_rows=10)
     for i in range(5):
-        lg.append("metrics", [{"run_id": "r", "eval_id": i, "name": "m", "value": float(j)}
-                              for j in range(5)])
+        lg.append(
+            "metrics", [{"run_id": "r", "eval_id": i, "name": "m", "value": float(j)} for j in range(5)]
+        )
     assert lg.query("SELECT count(*) FROM metrics") == [(20,)]  # auto-flushed at 10 and 20
     lg.flush()
     assert lg.query("SELECT count(*), count(step), sum(value) FROM metrics") == [(25, 0, 50.0)]
@@ -64,15 +75,25 @@ def test_unknown_table_or_column(tmp_path):
 
 def test_commit_batch_atomic(tmp_path):
     lg = _logger(tmp_path)
-    lg.commit_batch("r", {"batch_id": 0, "step": 1, "n_edits": 2, "timings": {"edit": 0.5}},
-                    {"edits": [{"edit_id": 0, "batch_id": 0}, {"edit_id": 1, "batch_id": 0}],
-                     "weight_stats": [{"batch_id": 0, "module": "h.1", "delta_norm": 1.0}]})
+    lg.commit_batch(
+        "r",
+        {"batch_id": 0, "step": 1, "n_edits": 2, "timings": {"edit": 0.5}},
+        {
+            "edits": [{"edit_id": 0, "batch_id": 0}, {"edit_id": 1, "batch_id": 0}],
+            "weight_stats": [{"batch_id": 0, "module": "h.1", "delta_norm": 1.0}],
+        },
+    )
     lg.append("metrics", [{"run_id": "r", "name": "pending", "value": 1.0}])
     # edit_id 1 is already committed: the primary key fails in the middle of the transaction
     with pytest.raises(duckdb.ConstraintException):
-        lg.commit_batch("r", {"batch_id": 1, "step": 2},
-                        {"edits": [{"edit_id": 2, "batch_id": 1}, {"edit_id": 1, "batch_id": 1}],
-                         "weight_stats": [{"batch_id": 1, "module": "h.1"}]})
+        lg.commit_batch(
+            "r",
+            {"batch_id": 1, "step": 2},
+            {
+                "edits": [{"edit_id": 2, "batch_id": 1}, {"edit_id": 1, "batch_id": 1}],
+                "weight_stats": [{"batch_id": 1, "module": "h.1"}],
+            },
+        )
     assert lg.last_committed_batch("r") == 0
     assert lg.committed_edit_ids("r") == {0, 1}
     assert lg.query("SELECT count(*) FROM weight_stats") == [(1,)]
@@ -84,8 +105,9 @@ def test_commit_batch_atomic(tmp_path):
 
 def test_reopen_after_close(tmp_path):
     lg = _logger(tmp_path)
-    lg.commit_batch("r", {"batch_id": 0}, {"edits": [{"edit_id": 7, "modules": ["a", "b"],
-                                                      "delta_norms": [1.0, 2.5]}]})
+    lg.commit_batch(
+        "r", {"batch_id": 0}, {"edits": [{"edit_id": 7, "modules": ["a", "b"], "delta_norms": [1.0, 2.5]}]}
+    )
     lg.append("probes", [{"run_id": "r", "edit_id": 7, "probe": "rewrite", "correct": True}])
     lg.finish_run("r")
     lg.close()
@@ -113,41 +135,85 @@ def test_resume(tmp_path):
 def test_views(tmp_path):
     lg = _logger(tmp_path)
     lg.start_run("other", "o", None, {}, "m", "memit")
-    e = lambda i, b, step, fact, sup=None, mods=("m0", "m1"): {"edit_id": i, "batch_id": b, "step": step,
-                                                               "fact_key": fact, "supersedes": sup,
-                                                               "modules": list(mods)}
+    e = lambda i, b, step, fact, sup=None, mods=("m0", "m1"): {
+        "edit_id": i,
+        "batch_id": b,
+        "step": step,
+        "fact_key": fact,
+        "supersedes": sup,
+        "modules": list(mods),
+    }
     w = lambda b, mod, cond: {"batch_id": b, "module": mod, "condition": cond, "frobenius": 1.0}
-    lg.commit_batch("r", {"batch_id": 0, "step": 0}, {"edits": [e(1, 0, 0, "A|r"), e(2, 0, 0, "B|r", mods=["m1"])],
-                                                      "weight_stats": [w(0, "m0", 2.0), w(0, "m1", 5.0)]})
-    lg.commit_batch("r", {"batch_id": 1, "step": 2}, {"edits": [e(3, 1, 2, "A|r", sup=1)],
-                                                      "weight_stats": [w(1, "m0", 3.0), w(1, "m1", 5.0)]})
+    lg.commit_batch(
+        "r",
+        {"batch_id": 0, "step": 0},
+        {
+            "edits": [e(1, 0, 0, "A|r"), e(2, 0, 0, "B|r", mods=["m1"])],
+            "weight_stats": [w(0, "m0", 2.0), w(0, "m1", 5.0)],
+        },
+    )
+    lg.commit_batch(
+        "r",
+        {"batch_id": 1, "step": 2},
+        {"edits": [e(3, 1, 2, "A|r", sup=1)], "weight_stats": [w(1, "m0", 3.0), w(1, "m1", 5.0)]},
+    )
     # another run reusing edit_id 1: must not leak into run r's joins
     lg.commit_batch("other", {"batch_id": 0, "step": 1}, {"edits": [e(1, 0, 1, "A|r")]})
-    p = lambda step, edit, ok, kind="retention": {"run_id": "r", "step": step, "edit_id": edit,
-                                                 "probe": kind, "correct": ok}
-    lg.append("probes", [
-        p(2, 1, True), p(2, 2, False), p(2, 3, True),                 # eval at step 2
-        p(4, 1, False), p(4, 2, True), p(4, 3, True),                 # eval at step 4
-        p(4, 3, False, "rewrite"), p(4, None, False, "known"),        # not retention: ignored
-    ])
+    p = lambda step, edit, ok, kind="retention": {
+        "run_id": "r",
+        "step": step,
+        "edit_id": edit,
+        "probe": kind,
+        "correct": ok,
+    }
+    lg.append(
+        "probes",
+        [
+            p(2, 1, True),
+            p(2, 2, False),
+            p(2, 3, True),  # eval at step 2
+            p(4, 1, False),
+            p(4, 2, True),
+            p(4, 3, True),  # eval at step 4
+            p(4, 3, False, "rewrite"),
+            p(4, None, False, "known"),  # not retention: ignored
+        ],
+    )
     m = lambda ev, step, name, v: {"run_id": "r", "eval_id": ev, "step": step, "name": name, "value": v}
-    lg.append("metrics", [m(1, 2, "efficacy", 0.5), m(1, 2, "retention", 1.0),
-                          m(2, 4, "efficacy", 0.75), m(2, 4, "retention", 0.9), m(2, 4, "specificity", 0.6)])
+    lg.append(
+        "metrics",
+        [
+            m(1, 2, "efficacy", 0.5),
+            m(1, 2, "retention", 1.0),
+            m(2, 4, "efficacy", 0.75),
+            m(2, 4, "retention", 0.9),
+            m(2, 4, "specificity", 0.6),
+        ],
+    )
     lg.flush()
-    assert lg.query("SELECT eval_step, age, retention, n_probes FROM forgetting_curve "
-                    "WHERE run_id = 'r'") == [
-        (2, 0, 1.0, 1), (2, 2, 0.5, 2), (4, 2, 1.0, 1), (4, 4, 0.5, 2)]
-    assert lg.query("SELECT fact_key, step, edit_id, superseded_by, superseded_at_step, stopped_holding_at_step "
-                    "FROM edit_history WHERE run_id = 'r'") == [
-        ("A|r", 0, 1, 3, 2, 4), ("A|r", 2, 3, None, None, None), ("B|r", 0, 2, None, None, 2)]
-    assert lg.query("SELECT run_id, method, n_edits, final_step, efficacy, generalization, specificity, fluency, "
-                    "consistency, retention FROM method_summary ORDER BY run_id") == [
+    assert lg.query(
+        "SELECT eval_step, age, retention, n_probes FROM forgetting_curve WHERE run_id = 'r'"
+    ) == [(2, 0, 1.0, 1), (2, 2, 0.5, 2), (4, 2, 1.0, 1), (4, 4, 0.5, 2)]
+    assert lg.query(
+        "SELECT fact_key, step, edit_id, superseded_by, superseded_at_step, stopped_holding_at_step "
+        "FROM edit_history WHERE run_id = 'r'"
+    ) == [("A|r", 0, 1, 3, 2, 4), ("A|r", 2, 3, None, None, None), ("B|r", 0, 2, None, None, 2)]
+    assert lg.query(
+        "SELECT run_id, method, n_edits, final_step, efficacy, generalization, specificity, fluency, "
+        "consistency, retention FROM method_summary ORDER BY run_id"
+    ) == [
         ("other", "memit", 1, None, None, None, None, None, None, None),
-        ("r", "memit", 3, 4, 0.75, None, 0.6, None, None, 0.9)]
+        ("r", "memit", 3, 4, 0.75, None, 0.6, None, None, 0.9),
+    ]
     assert lg.query("SELECT batch_id, module, n_edits FROM layer_usage WHERE run_id = 'r'") == [
-        (0, "m0", 1), (0, "m1", 2), (1, "m0", 1), (1, "m1", 1)]
-    assert lg.query("SELECT batch_id, module, condition, condition_growth FROM weight_health WHERE run_id = 'r'") == [
-        (0, "m0", 2.0, 1.0), (1, "m0", 3.0, 1.5), (0, "m1", 5.0, 1.0), (1, "m1", 5.0, 1.0)]
+        (0, "m0", 1),
+        (0, "m1", 2),
+        (1, "m0", 1),
+        (1, "m1", 1),
+    ]
+    assert lg.query(
+        "SELECT batch_id, module, condition, condition_growth FROM weight_health WHERE run_id = 'r'"
+    ) == [(0, "m0", 2.0, 1.0), (1, "m0", 3.0, 1.5), (0, "m1", 5.0, 1.0), (1, "m1", 5.0, 1.0)]
     lg.close()
 
 
@@ -190,6 +256,14 @@ def test_every_record_has_exactly_its_tables_columns(tmp_path):
     con = duckdb.connect(str(tmp_path / "c.duckdb"))
     create_schema(con)
     for record in RECORDS:
-        cols = [r[0] for r in con.execute("select column_name from information_schema.columns where table_name = ? "
-                                          "order by ordinal_position", [record.TABLE]).fetchall()]
-        assert [f.name for f in dataclasses.fields(record)] == [c for c in cols if c != "run_id"], record.TABLE
+        cols = [
+            r[0]
+            for r in con.execute(
+                "select column_name from information_schema.columns where table_name = ? "
+                "order by ordinal_position",
+                [record.TABLE],
+            ).fetchall()
+        ]
+        assert [f.name for f in dataclasses.fields(record)] == [c for c in cols if c != "run_id"], (
+            record.TABLE
+        )

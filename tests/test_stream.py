@@ -6,8 +6,16 @@ from pydantic import ValidationError
 
 from lme_sim.cases import EditCase
 from lme_sim.stream import (
-    EditStream, Event, SimClock, Timeline, batch_events, build_events, fact_key, format_duration,
-    latest_values, parse_duration,
+    EditStream,
+    Event,
+    SimClock,
+    Timeline,
+    batch_events,
+    build_events,
+    fact_key,
+    format_duration,
+    latest_values,
+    parse_duration,
 )
 from lme_sim.world import World, get_world_config
 
@@ -20,8 +28,17 @@ def world():
 
 
 def dataset_cases(n):
-    return [EditCase(case_id=str(i), subject=f"Subj{i}", prompt=f"Subj{i} lives in", target_new=f"new{i}",
-                     target_true=f"old{i}", relation="P1") for i in range(n)]
+    return [
+        EditCase(
+            case_id=str(i),
+            subject=f"Subj{i}",
+            prompt=f"Subj{i} lives in",
+            target_new=f"new{i}",
+            target_true=f"old{i}",
+            relation="P1",
+        )
+        for i in range(n)
+    ]
 
 
 def edits(events):
@@ -48,24 +65,29 @@ def test_parse_duration():
     assert parse_duration("1d") == parse_duration(1) == dt.timedelta(days=1)
     assert parse_duration("2w") == dt.timedelta(days=14)
     assert parse_duration("1.5h") == dt.timedelta(minutes=90)
-    assert format_duration(dt.timedelta(minutes=90)) == "90m" and format_duration(dt.timedelta(days=14)) == "2w"
+    assert (
+        format_duration(dt.timedelta(minutes=90)) == "90m" and format_duration(dt.timedelta(days=14)) == "2w"
+    )
     for bad in ("1y", "abc", "-1d", "", "d"):
         with pytest.raises(ValueError, match="bad duration"):
             parse_duration(bad)
 
 
-@pytest.mark.parametrize("fields, name", [
-    ({"pattern": "fixed", "n_batchez": 3}, "n_batchez"),
-    ({"pattern": "poisson", "rate": -1.0}, "rate"),
-    ({"pattern": "fixed", "interval": "1y"}, "interval"),
-    ({"pattern": "bursts", "within": "-5m"}, "within"),
-    ({"pattern": "poisson", "duration": "0d"}, "duration"),
-    ({"pattern": "fixed", "rate": 5.0}, "rate"),  # belongs to another pattern
-    ({"pattern": "history", "update_fraction": 0.1}, "update_fraction"),
-    ({"pattern": "fixed", "update_fraction": 0.6, "revert_fraction": 0.5}, "revert_fraction"),
-    ({"pattern": "fixed", "eval_every": 0}, "eval_every"),
-    ({"pattern": "weekly"}, "pattern"),
-])
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        ({"pattern": "fixed", "n_batchez": 3}, "n_batchez"),
+        ({"pattern": "poisson", "rate": -1.0}, "rate"),
+        ({"pattern": "fixed", "interval": "1y"}, "interval"),
+        ({"pattern": "bursts", "within": "-5m"}, "within"),
+        ({"pattern": "poisson", "duration": "0d"}, "duration"),
+        ({"pattern": "fixed", "rate": 5.0}, "rate"),  # belongs to another pattern
+        ({"pattern": "history", "update_fraction": 0.1}, "update_fraction"),
+        ({"pattern": "fixed", "update_fraction": 0.6, "revert_fraction": 0.5}, "revert_fraction"),
+        ({"pattern": "fixed", "eval_every": 0}, "eval_every"),
+        ({"pattern": "weekly"}, "pattern"),
+    ],
+)
 def test_bad_timeline_fields_name_the_field(fields, name):
     with pytest.raises(ValidationError, match=name):
         Timeline(**fields)
@@ -193,7 +215,9 @@ def test_repeated_case_of_a_fact_becomes_an_update():
     c = dataset_cases(1)[0]
     ev = build_events(Timeline(n_batches=2, batch_size=1), [c, c.with_target("newer", None)])
     assert [(e.kind, e.supersedes, e.case.target_true, e.value) for e in ev] == [
-        ("edit", None, "old0", "new0"), ("update", 0, "new0", "newer")]
+        ("edit", None, "old0", "new0"),
+        ("update", 0, "new0", "newer"),
+    ]
 
 
 # --- batching -----------------------------------------------------------------------------------
@@ -263,8 +287,15 @@ def drain(stream):
 
 
 def test_edit_stream_batches_and_resumes(world):
-    t = Timeline(pattern="bursts", n_bursts=4, burst_size=9, interval="1d", within="1h",
-                 update_fraction=0.3, eval_every=10)
+    t = Timeline(
+        pattern="bursts",
+        n_bursts=4,
+        burst_size=9,
+        interval="1d",
+        within="1h",
+        update_fraction=0.3,
+        eval_every=10,
+    )
     full = drain(EditStream.from_timeline(t, 4, world.edit_cases(36), world=world, seed=5))
     events = build_events(t, world.edit_cases(36), world=world, seed=5)
     assert full == [g if g[0].is_edit else g[0] for g in batch_events(events, 4)]
@@ -275,7 +306,9 @@ def test_edit_stream_batches_and_resumes(world):
         state = s.state_dict()
         resumed = EditStream(events, 4)
         resumed.load_state_dict(state)
-        assert resumed.position == state["position"] == sum(1 if isinstance(x, Event) else len(x) for x in head)
+        assert (
+            resumed.position == state["position"] == sum(1 if isinstance(x, Event) else len(x) for x in head)
+        )
         assert head + drain(resumed) == full
         again = EditStream(events, 4)
         again.seek(s.position)
@@ -297,7 +330,10 @@ def test_a_window_cuts_batches_by_arrival_time():
     t0 = dt.datetime(2024, 1, 1)
     cases = [EditCase(str(i), f"S{i}", f"S{i} is in", "x", "y") for i in range(8)]
     times = [0, 1, 2, 10, 11, 30, 31, 32]  # hours
-    events = [Event("edit", t0 + dt.timedelta(hours=h), i, c, fact_key(c)) for i, (h, c) in enumerate(zip(times, cases))]
+    events = [
+        Event("edit", t0 + dt.timedelta(hours=h), i, c, fact_key(c))
+        for i, (h, c) in enumerate(zip(times, cases))
+    ]
     sizes = [len(g) for g in batch_events(events, 10, window=dt.timedelta(hours=6))]
     assert sizes == [3, 2, 3]
     assert [len(g) for g in batch_events(events, 2, window=dt.timedelta(hours=6))] == [2, 1, 2, 2, 1]
@@ -311,8 +347,9 @@ def test_n_edits_need_not_fill_the_last_batch():
     """15 edits in batches of 10: two batches, the last one smaller (it used to crash after Ray started)."""
     from lme_sim.scenario import Scenario
 
-    scn = Scenario.model_validate({"name": "x", "model": "world:small", "data": {"n_edits": 15},
-                                   "stream": {"batch_size": 10}})
+    scn = Scenario.model_validate(
+        {"name": "x", "model": "world:small", "data": {"n_edits": 15}, "stream": {"batch_size": 10}}
+    )
     cases = [EditCase(str(i), f"S{i}", f"S{i} is in", "x", "y") for i in range(15)]
     events = build_events(scn.timeline(), cases)
     assert [len(g) for g in batch_events(events, 10) if g[0].is_edit] == [10, 5]

@@ -10,7 +10,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lme_sim"
 
 # bottom first; a module may import from its own layer and the ones below it, never from above
 LAYERS = [
-    ["lme_sim", "paths", "cases", "config", "arch", "tokens", "weights", "linalg", "hooks", "sysinfo", "storage"],
+    [
+        "lme_sim",
+        "paths",
+        "cases",
+        "config",
+        "arch",
+        "tokens",
+        "weights",
+        "linalg",
+        "hooks",
+        "sysinfo",
+        "storage",
+    ],
     ["world", "data", "stream", "smollm2", "backbone", "suffix"],
     ["world_model", "models", "scoring"],
     ["metrics", "general_ability", "vllm_scorer", "analysis", "report", "corpus"],
@@ -41,8 +53,12 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     tree = ast.parse(path.read_text())
     me = _name(path)
     package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and getattr(node.test, "id", "") == "TYPE_CHECKING" for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -66,8 +82,12 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_every_import_points_down():
-    up = [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
-          for a, deps in _graph().items() for b in deps if _layer(b) > _layer(a)]
+    up = [
+        f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+        for a, deps in _graph().items()
+        for b in deps
+        if _layer(b) > _layer(a)
+    ]
     assert not up, "\n".join(up)
 
 
@@ -79,7 +99,7 @@ def test_no_import_loops():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                loops.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                loops.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = 2
@@ -95,8 +115,12 @@ def test_one_function_adds_a_delta_to_a_weight():
     other in-place add of a tensor anywhere in the package."""
     import re
 
-    adds = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in PACKAGE.rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"(?<!index)\.add_\(", line)]
+    adds = [
+        f"{p.relative_to(PACKAGE.parent)}:{i}"
+        for p in PACKAGE.rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"(?<!index)\.add_\(", line)
+    ]
     assert adds and all(a.startswith("lme_sim/weights.py:") for a in adds), adds
 
 
@@ -109,13 +133,18 @@ def test_no_value_is_pasted_into_sql():
     bad = []
     for p in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text())):
-            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in calls):
+            if not (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", "")) in calls
+            ):
                 continue
             for arg in node.args[:2]:
                 if isinstance(arg, ast.JoinedStr):
                     names = {ast.unparse(v.value) for v in arg.values if isinstance(v, ast.FormattedValue)}
                     if names - allowed:
-                        bad.append(f"{p.relative_to(PACKAGE.parent)}:{node.lineno}: {sorted(names - allowed)}")
+                        bad.append(
+                            f"{p.relative_to(PACKAGE.parent)}:{node.lineno}: {sorted(names - allowed)}"
+                        )
                 elif isinstance(arg, ast.BinOp):
                     bad.append(f"{p.relative_to(PACKAGE.parent)}:{node.lineno}: SQL built with an operator")
     assert not bad, "\n".join(bad)
@@ -156,7 +185,9 @@ def test_a_new_editor_is_one_class_and_one_yaml(tiny_editor, tmp_path, small_wor
     from lme_sim.editors import make_editor
 
     scn = tmp_path / "s.yaml"
-    scn.write_text("name: s\nmodel: world:small\ndata: {n_edits: 10}\neditor: {method: nudge, hparams: {step: 2}}\n")
+    scn.write_text(
+        "name: s\nmodel: world:small\ndata: {n_edits: 10}\neditor: {method: nudge, hparams: {step: 2}}\n"
+    )
     out = CliRunner().invoke(main, ["validate", str(scn)])
     assert out.exit_code == 0 and "ok (nudge on world:small" in out.output, out.output
     scn.write_text("name: s\nmodel: world:small\neditor: {method: nudge, hparams: {steps: 2}}\n")

@@ -27,9 +27,14 @@ def _ragged(cases):
     """The world's prompts end at the subject and its objects are one token: give the rows words
     after the subject and two-token targets, so that suffixes differ in length."""
     extra = ["", " is the job of", " and"]
-    return [dataclasses.replace(c, prompt=c.prompt + extra[i % 3],
-                                target_new=f"{c.target_new} {c.target_true}" if i % 2 else c.target_new)
-            for i, c in enumerate(cases)]
+    return [
+        dataclasses.replace(
+            c,
+            prompt=c.prompt + extra[i % 3],
+            target_new=f"{c.target_new} {c.target_true}" if i % 2 else c.target_new,
+        )
+        for i, c in enumerate(cases)
+    ]
 
 
 def _rel(a, b):
@@ -129,7 +134,7 @@ def test_editor_reuse_equals_reference_path(small_world, method):
         m = copy.deepcopy(model)
         editor = make_editor(method, m, tok, "world:small", {"v_loss_stop": 0.5}, world=world, progress=False)
         editor.reuse = reuse
-        deltas = [editor.edit(cases[i:i + 10]).deltas for i in (0, 10)]
+        deltas = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
         runs[reuse] = (deltas, summarize(case_metrics(m, tok, cases)), editor.state_dict())
     (d1, m1, s1), (d0, m0, s0) = runs[True], runs[False]
     for b1, b0 in zip(d1, d0):

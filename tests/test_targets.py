@@ -30,12 +30,14 @@ def test_targets_make_the_model_predict_the_new_object(small_world):
     prompts = [c.prompt for c in cases]
     pos = subject_last_positions(tok, prompts, [c.subject for c in cases])
     for i, c in enumerate(cases):
-        at = Positions(torch.tensor([0]), pos[i:i + 1])
+        at = Positions(torch.tensor([0]), pos[i : i + 1])
         lp = {}
         for which in ("target_new", "target_true"):
             batch = encode_pairs(tok, [c.prompt], [getattr(c, which)])
             # h_L at the subject becomes z: add z - h_init there
             rows, p, labels = batch.target_positions()
-            logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, p, Inject(2, at, t.delta[i:i + 1]))
+            logits = logits_at(
+                model, batch.input_ids, batch.attention_mask, rows, p, Inject(2, at, t.delta[i : i + 1])
+            )
             lp[which] = torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean()
         assert lp["target_new"] > lp["target_true"], c

@@ -10,8 +10,7 @@ from lme_sim.backbone import LocalBackbone, Plan, Positions
 from lme_sim.editors import make_editor
 from lme_sim.editors.edit_signals import answer_keys_and_grads, keys_and_grads
 from lme_sim.editors.hypernet import RunningNorm, ridge_delta
-from lme_sim.editors.ultraedit import (normalize, pseudo_values, shape_key, ultraedit_delta,
-                                       update_normalizers)
+from lme_sim.editors.ultraedit import normalize, pseudo_values, shape_key, ultraedit_delta, update_normalizers
 from lme_sim.metrics import case_metrics, summarize
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_pairs
@@ -21,8 +20,10 @@ MODEL = "world:small"
 
 def _signals(n=9, d_ff=12, d_model=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d_ff, generator=g, dtype=torch.float64) * 3 + 1,
-            torch.randn(n, d_model, generator=g, dtype=torch.float64) * 0.01)
+    return (
+        torch.randn(n, d_ff, generator=g, dtype=torch.float64) * 3 + 1,
+        torch.randn(n, d_model, generator=g, dtype=torch.float64) * 0.01,
+    )
 
 
 def test_pseudo_values_formula():
@@ -37,7 +38,7 @@ def test_solve_is_ridge_on_raw_keys():
     norm = RunningNorm(K.shape[1] + G.shape[1]).double()
     norm.update(torch.cat([K, G], -1))
     k_hat, g_hat = normalize(norm, K, G)
-    V = -1e-3 * (k_hat ** 2).sum(-1, keepdim=True) * g_hat
+    V = -1e-3 * (k_hat**2).sum(-1, keepdim=True) * g_hat
     direct = torch.linalg.solve(K.T @ K + torch.eye(K.shape[1], dtype=K.dtype), K.T @ V)  # (d_ff, d_model)
     assert torch.allclose(ultraedit_delta(norm, K, G, lr=1e-3), direct.T, atol=1e-10)
     assert torch.allclose(ridge_delta(K, V, 1.0), direct.T, atol=1e-10)
@@ -75,16 +76,22 @@ def test_answer_tokens_only(small_world):
     sig = answer_keys_and_grads(model, batch, layers)
     rows, pos, labels = batch.target_positions()
     assert len(sig.owner) == int(batch.target_len.sum()) == len(rows) and torch.equal(sig.owner, rows)
-    read = LocalBackbone(model).run(batch.input_ids, batch.attention_mask, Plan(keys={l: Positions(rows, pos)
-                                                                                      for l in layers}))
+    read = LocalBackbone(model).run(
+        batch.input_ids, batch.attention_mask, Plan(keys={l: Positions(rows, pos) for l in layers})
+    )
     # gradient of the mean CE over the answer tokens, taken by hand at every position
     outs = {}
 
     def tap(_m, _a, o, l):
         outs[l] = torch.zeros_like(o, requires_grad=True)  # d loss / d zero = d loss / d out
         return o + outs[l]
-    handles = [model.get_submodule(edit_module_path(model, l)).register_forward_hook(
-        lambda m, a, o, l=l: tap(m, a, o, l)) for l in layers]
+
+    handles = [
+        model.get_submodule(edit_module_path(model, l)).register_forward_hook(
+            lambda m, a, o, l=l: tap(m, a, o, l)
+        )
+        for l in layers
+    ]
     try:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         loss = F.cross_entropy(logits[rows, pos], labels)
@@ -157,7 +164,7 @@ def test_ultraedit_same_on_1_and_3_shards(small_world):
     for n in (1, 3):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
         editor = make_editor("ultraedit", bb, tok, MODEL, world=world, progress=False)
-        runs[n] = [editor.edit(cases[i:i + 10]).deltas for i in (0, 10)]
+        runs[n] = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
     for b1, b3 in zip(runs[1], runs[3]):
         assert b1.keys() == b3.keys()
         for k in b1:
@@ -172,10 +179,12 @@ def test_shard_taps_return_only_tap_gradients(small_world):
     batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
     rows, pos, labels = batch.target_positions()
     bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, 2)])
-    keys, grads, nll = bb.keys_and_output_grads(batch.input_ids, batch.attention_mask, Positions(rows, pos),
-                                                labels, [2, 3])
-    local = LocalBackbone(model).keys_and_output_grads(batch.input_ids, batch.attention_mask,
-                                                       Positions(rows, pos), labels, [2, 3])
+    keys, grads, nll = bb.keys_and_output_grads(
+        batch.input_ids, batch.attention_mask, Positions(rows, pos), labels, [2, 3]
+    )
+    local = LocalBackbone(model).keys_and_output_grads(
+        batch.input_ids, batch.attention_mask, Positions(rows, pos), labels, [2, 3]
+    )
     for l in (2, 3):
         assert torch.allclose(keys[l], local[0][l], atol=1e-6)
         assert torch.allclose(grads[l], local[1][l], atol=1e-6)

@@ -47,7 +47,9 @@ def llama_world(tmp_path_factory):
     pytest.importorskip("vllm")
     """A 2-layer Llama (head_dim 64) trained on the small world, saved where vLLM can load it."""
     world = World(get_world_config("small"))
-    model, tok, stats = train_world_model(world, TrainConfig(arch="llama", n_layer=2, n_head=2), progress=False)
+    model, tok, stats = train_world_model(
+        world, TrainConfig(arch="llama", n_layer=2, n_head=2), progress=False
+    )
     print("tiny Llama on the small world:", stats)
     path = tmp_path_factory.mktemp("llama-world")
     model.save_pretrained(path)
@@ -57,7 +59,9 @@ def llama_world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(llama_world):
-    return VLLMScorer(llama_world[3], VLLMOptions(dtype="float32", max_model_len=32, gpu_memory_utilization=0.25))
+    return VLLMScorer(
+        llama_world[3], VLLMOptions(dtype="float32", max_model_len=32, gpu_memory_utilization=0.25)
+    )
 
 
 def _probes(cases):
@@ -80,7 +84,10 @@ def _assert_same(hf, engine, tok, cases):
     print(f"{len(prompts)} probes: max |log P_hf - log P_vllm| = {gap:.2e}")
     assert gap < 1e-3
     assert torch.equal(a.token_acc, b.token_acc)
-    m_hf, m_vllm = summarize(case_metrics(LocalBackbone(hf), tok, cases)), summarize(case_metrics(engine, tok, cases))
+    m_hf, m_vllm = (
+        summarize(case_metrics(LocalBackbone(hf), tok, cases)),
+        summarize(case_metrics(engine, tok, cases)),
+    )
     assert m_hf == pytest.approx(m_vllm, abs=1e-9)
     return m_hf
 
@@ -90,8 +97,9 @@ def test_same_greedy_generations(llama_world, engine):
     """(Runs before the engine is edited by the next test.)"""
     model, tok, world, _ = llama_world
     prompts = [c.prompt for c in world.edit_cases(6, seed=5)]
-    assert greedy_generate(engine, tok, prompts, max_new_tokens=5) == \
-        greedy_generate(LocalBackbone(model), tok, prompts, max_new_tokens=5)
+    assert greedy_generate(engine, tok, prompts, max_new_tokens=5) == greedy_generate(
+        LocalBackbone(model), tok, prompts, max_new_tokens=5
+    )
 
 
 @vllm
@@ -102,7 +110,7 @@ def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
     before = _assert_same(model, engine, tok, cases)
     editor = make_editor("memit", model, tok, "world:small", {"layers": [0, 1]}, world=world, progress=False)
     for i in (0, 10):
-        result = editor.edit(cases[i:i + 10])
+        result = editor.edit(cases[i : i + 10])
         version = engine.apply_deltas(result.deltas)  # only the changed tensors travel
     after = _assert_same(model, engine, tok, cases)
     print("before", before, "after", after)
@@ -115,14 +123,20 @@ def test_evaluator_service_with_the_vllm_backend(llama_world):
 
     model, tok, world, path = llama_world
     cases = world.edit_cases(5, seed=7)
-    ev = Evaluator(path, backend="vllm", options={"dtype": "float32", "max_model_len": 32,
-                                                  "gpu_memory_utilization": 0.45})
+    ev = Evaluator(
+        path,
+        backend="vllm",
+        options={"dtype": "float32", "max_model_len": 32, "gpu_memory_utilization": 0.45},
+    )
     retention = [RetentionItem(i, c.prompt, c.target_true, []) for i, c in enumerate(cases)]
     fluency = [c.prompt for c in cases[:2]]
     out = ev.evaluate(EvalRequest(1, 0, retention, cases, len(cases), fluency))
     names = {r.name for r in out.metrics}
     assert {"efficacy", "specificity", "retention", "fluency"} <= names and len(out.probes) == 5
-    assert ev.load({}, 3) == 3 and ev.evaluate(EvalRequest(2, 1, retention, cases, 5, fluency), version=3).version == 3
+    assert (
+        ev.load({}, 3) == 3
+        and ev.evaluate(EvalRequest(2, 1, retention, cases, 5, fluency), version=3).version == 3
+    )
 
 
 @vllm
@@ -144,12 +158,19 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
     ray = init_ray(object_store_mb=256)
     try:
         shards = start_shards("smollm2-135m", 2, 30)
-        editor = ray.remote(EditorService).options(num_cpus=0).remote(
-            "smollm2-135m", shards.shards, "ft", {"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15})
+        editor = (
+            ray.remote(EditorService)
+            .options(num_cpus=0)
+            .remote(
+                "smollm2-135m", shards.shards, "ft", {"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15}
+            )
+        )
         engine = {"dtype": "float32", "max_model_len": 128}
         actor = ray.remote(Evaluator).options(num_cpus=0)
-        evaluators = [actor.remote("smollm2-135m", 16, backend, options)
-                      for backend, options in (("vllm", engine), ("hf", None))]
+        evaluators = [
+            actor.remote("smollm2-135m", 16, backend, options)
+            for backend, options in (("vllm", engine), ("hf", None))
+        ]
         retention = [RetentionItem(i, c.prompt, c.target_new, [c.target_true]) for i, c in enumerate(cases)]
         fluency = [c.prompt for c in cases[:2]]
         totals = []
@@ -163,11 +184,14 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
             assert len(v.probes) == len(h.probes) == 4
             gap = max(abs(a.logprob - b.logprob) for a, b in zip(v.probes, h.probes))
             mv, mh = ({m.name: m.value for m in r.metrics} for r in (v, h))
-            print(f"version {version}: max |log P_vllm - log P_hf| over the retention probes = {gap:.2e}; "
-                  f"vLLM {mv}; HF {mh}")
+            print(
+                f"version {version}: max |log P_vllm - log P_hf| over the retention probes = {gap:.2e}; "
+                f"vLLM {mv}; HF {mh}"
+            )
             assert gap < 1e-3
-            assert [(p.correct, p.token_acc, p.model_version) for p in v.probes] == \
-                [(p.correct, p.token_acc, p.model_version) for p in h.probes]
+            assert [(p.correct, p.token_acc, p.model_version) for p in v.probes] == [
+                (p.correct, p.token_acc, p.model_version) for p in h.probes
+            ]
             assert mv.keys() == mh.keys() >= {"efficacy", "specificity", "retention", "fluency"}
             assert mv == pytest.approx(mh, abs=1e-6)
             totals.append(sum(p.logprob for p in h.probes))

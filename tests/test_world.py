@@ -1,7 +1,5 @@
 import datetime as dt
 
-import torch
-
 from lme_sim.world import World, WorldConfig, get_world_config
 from lme_sim.world_model import _fact_batch, fact_accuracy
 
@@ -58,4 +56,7 @@ def test_small_world_model_knows_its_facts(small_world):
     # every object is one token, and the tokenizer prepends BOS like Llama's
     enc = tok("The job of " + world.subjects[0])
     assert enc["input_ids"][0] == tok.bos_token_id
-    assert all(len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1 for o in world.objects[world.relations[0]])
+    assert all(
+        len(tok(" " + o, add_special_tokens=False)["input_ids"]) == 1
+        for o in world.objects[world.relations[0]]
+    )

@@ -38,8 +38,17 @@ def contextual(cases: list[EditCase], contexts: list[str]) -> tuple[list[str], l
 
 
 @torch.no_grad()
-def activations_at(model, tok, texts: list[str], subjects: list[str], layers: list[int], *,
-                   kind: str, batch_size: int = 64, early_stop: bool = True) -> dict[int, torch.Tensor]:
+def activations_at(
+    model,
+    tok,
+    texts: list[str],
+    subjects: list[str],
+    layers: list[int],
+    *,
+    kind: str,
+    batch_size: int = 64,
+    early_stop: bool = True,
+) -> dict[int, torch.Tensor]:
     """At the last subject token of each text: W's input (``kind="key"``) or the block's output
     hidden state (``kind="hidden"``), for each layer; (N, dim) float32 each, on CPU. With
     ``early_stop`` the passes end after the last of ``layers`` (later blocks cannot change them)."""
@@ -49,8 +58,8 @@ def activations_at(model, tok, texts: list[str], subjects: list[str], layers: li
     pos = subject_last_positions(tok, texts, subjects)
     out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
     for s in range(0, len(texts), batch_size):
-        ids, mask = encode_texts(tok, texts[s:s + batch_size])
-        at = Positions(torch.arange(ids.shape[0]), pos[s:s + batch_size])
+        ids, mask = encode_texts(tok, texts[s : s + batch_size])
+        at = Positions(torch.arange(ids.shape[0]), pos[s : s + batch_size])
         plan = Plan(keys={l: at for l in layers}) if kind == "key" else Plan(hidden={l: at for l in layers})
         plan.stop = max(layers) if early_stop else None
         res = backbone.run(ids, mask, plan)
@@ -60,10 +69,18 @@ def activations_at(model, tok, texts: list[str], subjects: list[str], layers: li
     return {l: torch.cat(v) for l, v in out.items()}
 
 
-def compute_keys(model, tok, cases: list[EditCase], layers: list[int], contexts: list[str],
-                 batch_size: int = 64, early_stop: bool = True) -> dict[int, torch.Tensor]:
+def compute_keys(
+    model,
+    tok,
+    cases: list[EditCase],
+    layers: list[int],
+    contexts: list[str],
+    batch_size: int = 64,
+    early_stop: bool = True,
+) -> dict[int, torch.Tensor]:
     """K per layer: (n_cases, d_ff), each key averaged over the context templates."""
     texts, subjects = contextual(cases, contexts)
-    acts = activations_at(model, tok, texts, subjects, layers, kind="key", batch_size=batch_size,
-                          early_stop=early_stop)
+    acts = activations_at(
+        model, tok, texts, subjects, layers, kind="key", batch_size=batch_size, early_stop=early_stop
+    )
     return {l: a.view(len(cases), len(contexts), -1).mean(1) for l, a in acts.items()}

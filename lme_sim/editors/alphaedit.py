@@ -36,8 +36,9 @@ class AlphaEdit(MEMIT):
         """Only the projectors are kept (C0 is not needed once P is known, and is not loaded at
         all where P is cached): on Llama-3-8B each is 14336 x 14336 float64, 1.6 GB per layer."""
         hp = self.hp
-        P = cached_projectors(self.model, self.tok, hp.layers, hp.stats, hp.nullspace_threshold,
-                              self.world, self.progress)
+        P = cached_projectors(
+            self.model, self.tok, hp.layers, hp.stats, hp.nullspace_threshold, self.world, self.progress
+        )
         self.P = {l: p.to(self.device) for l, p in P.items()}
         self.cache_c = {l: torch.zeros_like(self.P[l]) for l in hp.layers}  # Kp Kp^T, float64 (see solve)
         self._pending: dict[int, torch.Tensor] = {}
@@ -49,15 +50,24 @@ class AlphaEdit(MEMIT):
         """Eq. 15 in float64: Kp Kp^T sums thousands of key outer products, whose small eigen-directions
         the projected system must keep (float32 is not enough for it; P and cache_c stay float64)."""
         P, K, R = self.P[layer], K.to(self.device), R.to(self.device)
-        A = P @ (K @ K.T + self.cache_c[layer]) + self.hp.L2 * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        A = P @ (K @ K.T + self.cache_c[layer]) + self.hp.L2 * torch.eye(
+            P.shape[0], dtype=P.dtype, device=P.device
+        )
         return torch.linalg.solve(A, P @ K @ R.T).T.cpu()
 
     def after_batch(self, cases: list[EditCase], keys: dict[int, torch.Tensor] | None = None) -> None:
         """Kp Kp^T gains this batch's keys on the edited model: pending until :meth:`commit`. ``keys``:
         the loop's own (layer l's keys cannot change once layers below l are written)."""
         if keys is None:
-            keys = compute_keys(self.model, self.tok, cases, self.hp.layers, self.contexts, self.hp.batch_size,
-                                early_stop=self.reuse)
+            keys = compute_keys(
+                self.model,
+                self.tok,
+                cases,
+                self.hp.layers,
+                self.contexts,
+                self.hp.batch_size,
+                early_stop=self.reuse,
+            )
         self._pending = {l: (K.T.double() @ K.double()).to(self.device) for l, K in keys.items()}
 
     def commit(self) -> None:

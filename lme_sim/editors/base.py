@@ -16,7 +16,6 @@ from ..cases import EditCase
 from .hparams import HPARAMS_DIR, HParams, load_hparams
 from .registry import editor_class
 
-
 # The phases an edit's time is split into (EditResult.timings; the batches table; ``lme-sim bench``):
 #   keys     reading W's inputs: MEMIT/AlphaEdit keys (and AlphaEdit's keys for its covariance after
 #            the batch), RLEdit/HiEdit per-token keys and output gradients
@@ -55,8 +54,16 @@ class Editor(ABC):
     in_process: ClassVar[bool] = False  # needs the model in this process (not shards): FT, RLEdit, HiEdit
     trained: ClassVar[bool] = False  # edits with networks trained by `lme-sim train-editor` (RLEdit, HiEdit)
 
-    def __init__(self, model, tok, hparams: HParams, world=None, progress: bool = True,
-                 model_name: str | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        model,
+        tok,
+        hparams: HParams,
+        world=None,
+        progress: bool = True,
+        model_name: str | None = None,
+        device: str = "cpu",
+    ):
         """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model;
         ``device``: where the editor's own tensors and solves live (the model's weights stay where
         the backbone holds them)."""
@@ -106,9 +113,18 @@ def apply_layer_delta(backbone: Backbone, layer: int, delta: torch.Tensor) -> tu
     return name, stored
 
 
-def make_editor(method: str, model, tok, model_name: str, overrides: dict | None = None, world=None,
-                progress: bool = True, device: str = "cpu") -> Editor:
+def make_editor(
+    method: str,
+    model,
+    tok,
+    model_name: str,
+    overrides: dict | None = None,
+    world=None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> Editor:
     """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
     hp = load_hparams(method, model_name, overrides)
-    return editor_class(method)(model, tok, hp, world=world, progress=progress, model_name=model_name,
-                                device=device)
+    return editor_class(method)(
+        model, tok, hp, world=world, progress=progress, model_name=model_name, device=device
+    )

@@ -35,7 +35,9 @@ def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
         if not stats.path or not Path(stats.path).is_file():
             raise FileNotFoundError(f"stats.path: text file {stats.path!r} not found")
         raw = Path(stats.path).read_text()
-        texts = json.loads(raw) if stats.path.endswith(".json") else [l for l in raw.splitlines() if l.strip()]
+        texts = (
+            json.loads(raw) if stats.path.endswith(".json") else [l for l in raw.splitlines() if l.strip()]
+        )
     elif stats.kind == "hub":
         import datasets
 
@@ -47,13 +49,28 @@ def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
 
 
 @torch.no_grad()
-def second_moment(model, tok, layers: list[int], texts: list[str], max_length: int = 128,
-                  batch_size: int = 64, progress: bool = True) -> dict[int, torch.Tensor]:
+def second_moment(
+    model,
+    tok,
+    layers: list[int],
+    texts: list[str],
+    max_length: int = 128,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
     """E[k k^T] of W's input over every non-padding token of ``texts``, per layer (float64)."""
+
     def batches():
-        for s in tqdm(range(0, len(texts), batch_size), desc="key statistics", disable=not progress, unit="batch"):
-            enc = tok(texts[s:s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length)
+        for s in tqdm(
+            range(0, len(texts), batch_size), desc="key statistics", disable=not progress, unit="batch"
+        ):
+            enc = tok(
+                texts[s : s + batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+            )
             yield enc["input_ids"], enc["attention_mask"]
 
     sums, count = as_backbone(model).key_moment_sums(batches(), list(layers))
@@ -76,8 +93,15 @@ def stats_folder(model, layers: list[int], stats: StatsHParams) -> Path:
     return cache_root() / "stats" / f"{weights_fingerprint(model, layers)}-{_corpus_key(stats)}"
 
 
-def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, world=None,
-                         progress: bool = True, folder: Path | None = None) -> dict[int, torch.Tensor]:
+def cached_second_moment(
+    model,
+    tok,
+    layers: list[int],
+    stats: StatsHParams,
+    world=None,
+    progress: bool = True,
+    folder: Path | None = None,
+) -> dict[int, torch.Tensor]:
     """C0 per layer, from the disk cache where present, else computed and cached."""
     folder = folder or stats_folder(model, layers, stats)
     paths = {l: folder / f"layer{l}.pt" for l in layers}
@@ -93,8 +117,9 @@ def cached_second_moment(model, tok, layers: list[int], stats: StatsHParams, wor
     return out
 
 
-def cached_projectors(model, tok, layers: list[int], stats: StatsHParams, threshold: float, world=None,
-                      progress: bool = True) -> dict[int, torch.Tensor]:
+def cached_projectors(
+    model, tok, layers: list[int], stats: StatsHParams, threshold: float, world=None, progress: bool = True
+) -> dict[int, torch.Tensor]:
     """AlphaEdit's null-space projector per layer, from the disk cache where present, else computed
     from C0 by whoever holds the layer (the shard, on its GPU) and cached beside C0."""
     backbone = as_backbone(model)

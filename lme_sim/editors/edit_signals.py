@@ -54,10 +54,12 @@ def keys_and_grads(model, batch: PairBatch, layers: list[int], tokens: str = "al
     taps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for l in layers:
+
         def tap(_m, args, out, l=l):
             zero = torch.zeros_like(out, requires_grad=True)  # d loss / d zero = d loss / d out
             taps[l] = (args[0].detach(), zero)
             return out + zero
+
         handles.append(model.get_submodule(edit_module_path(model, l)).register_forward_hook(tap))
     try:
         with frozen(model), torch.enable_grad():
@@ -73,8 +75,9 @@ def keys_and_grads(model, batch: PairBatch, layers: list[int], tokens: str = "al
     return EditSignals(keys, outs, rows, nll.detach().cpu())
 
 
-def answer_keys_and_grads(model, batch: PairBatch, layers: list[int],
-                          chunk: int | None = None) -> EditSignals:
+def answer_keys_and_grads(
+    model, batch: PairBatch, layers: list[int], chunk: int | None = None
+) -> EditSignals:
     """k and g = dL/d(W k) at the answer tokens only (``batch.target_positions()``: the positions
     whose next token is a target token), for L = the mean cross-entropy over all answer tokens of
     the batch. Tokens come in ``target_positions`` order (row by row).
@@ -93,8 +96,9 @@ def answer_keys_and_grads(model, batch: PairBatch, layers: list[int],
     for part in order.split(chunk or len(batch)):
         sub = batch.select(part)
         r, p, labels = sub.target_positions()
-        k, g, nll = backbone.keys_and_output_grads(sub.input_ids, sub.attention_mask, Positions(r, p), labels,
-                                                   list(layers))
+        k, g, nll = backbone.keys_and_output_grads(
+            sub.input_ids, sub.attention_mask, Positions(r, p), labels, list(layers)
+        )
         for l in layers:
             keys[l].append(k[l])
             grads[l].append(g[l] / n_tok)  # the mean over the batch's answer tokens
@@ -104,8 +108,12 @@ def answer_keys_and_grads(model, batch: PairBatch, layers: list[int],
     inv[torch.cat(index)] = torch.arange(n_tok)
     nll = torch.cat(nlls)[inv]
     loss = torch.zeros(len(batch)).index_add(0, rows, nll) / batch.target_len
-    return EditSignals({l: torch.cat(keys[l])[inv] for l in layers},
-                       {l: torch.cat(grads[l])[inv] for l in layers}, rows, loss)
+    return EditSignals(
+        {l: torch.cat(keys[l])[inv] for l in layers},
+        {l: torch.cat(grads[l])[inv] for l in layers},
+        rows,
+        loss,
+    )
 
 
 @contextmanager
@@ -113,8 +121,10 @@ def weight_offsets(model, deltas: dict[int, torch.Tensor]):
     """Inside the block, module l computes (W_l + deltas[l]) k; deltas in (d_model, d_ff) layout."""
     handles = []
     for l, D in deltas.items():
+
         def add(_m, args, out, D=D):
             return out + F.linear(args[0], D.to(device=out.device, dtype=out.dtype))
+
         handles.append(model.get_submodule(edit_module_path(model, l)).register_forward_hook(add))
     try:
         yield

@@ -53,8 +53,9 @@ from .targets import frozen
 log = logging.getLogger(__name__)
 
 
-def training_cases(model_name: str, world, data_path: str | None, holdout: int
-                   ) -> tuple[list[list[EditCase]], list[str]]:
+def training_cases(
+    model_name: str, world, data_path: str | None, holdout: int
+) -> tuple[list[list[EditCase]], list[str]]:
     """(edit cases to train on, grouped by fact; unrelated prompts for the locality term), disjoint
     from evaluation: the world's train split (its eval split is held out), each fact edited toward
     every other object of its relation; or a dataset file after its first ``holdout`` records
@@ -63,14 +64,18 @@ def training_cases(model_name: str, world, data_path: str | None, holdout: int
         if world is None:
             raise ValueError(f"model {model_name!r} has no embedded world: pass a dataset with --data")
         facts = world.split_facts("train")
-        groups = [[world.case(f, o, among=facts) for o in world.objects[f.relation] if o != f.obj] for f in facts]
+        groups = [
+            [world.case(f, o, among=facts) for o in world.objects[f.relation] if o != f.obj] for f in facts
+        ]
         return groups, [world.prompt(f) for f in facts]
     from ..data import load_cases
 
     cases = load_cases(data_path)[holdout:]
     if len(cases) < 20:
-        raise ValueError(f"{data_path}: {len(cases)} records after the first {holdout} held out for evaluation; "
-                         "need at least 20 to train on (lower --holdout)")
+        raise ValueError(
+            f"{data_path}: {len(cases)} records after the first {holdout} held out for evaluation; "
+            "need at least 20 to train on (lower --holdout)"
+        )
     return [[c] for c in cases], [p for c in cases for p, _ in c.neighborhood] or [c.prompt for c in cases]
 
 
@@ -98,8 +103,17 @@ def init_hparams(hp: RLEditHParams) -> RLEditHParams:
     return RLEditHParams(**hp.model_dump(include=set(RLEditHParams.model_fields) - {"checkpoint"}))
 
 
-def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, world=None,
-                 data_path: str | None = None, progress: bool = True, init: dict | None = None) -> dict:
+def train_editor(
+    method: str,
+    model,
+    tok,
+    model_name: str,
+    hp: RLEditHParams,
+    world=None,
+    data_path: str | None = None,
+    progress: bool = True,
+    init: dict | None = None,
+) -> dict:
     """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
     The model's weights are the same afterwards. HiEdit starts from ``init``, an RLEdit checkpoint
     for this model and these layers (trained here first when None)."""
@@ -112,10 +126,19 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
     groups, loc_prompts = training_cases(model_name, world, data_path, hp.holdout)
     per_rollout = hp.rollout_batches * hp.edits_per_batch
     if len(groups) < hp.edits_per_batch:
-        raise ValueError(f"{len(groups)} facts to train on; need at least edits_per_batch = {hp.edits_per_batch}")
+        raise ValueError(
+            f"{len(groups)} facts to train on; need at least edits_per_batch = {hp.edits_per_batch}"
+        )
     d_model, d_ff = weight_view(model, layers[0]).shape
-    net_config = dict(d_ff=d_ff, d_model=d_model, n_modules=len(layers), rank=hp.rank, n_blocks=hp.n_blocks,
-                      init_lr=hp.init_lr, init_lambda=hp.init_lambda)
+    net_config = dict(
+        d_ff=d_ff,
+        d_model=d_model,
+        n_modules=len(layers),
+        rank=hp.rank,
+        n_blocks=hp.n_blocks,
+        init_lr=hp.init_lr,
+        init_lambda=hp.init_lambda,
+    )
     net = HyperNet(**net_config)
     top_k = None
     router = None
@@ -132,7 +155,9 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
     trainer = _Trainer(model, tok, net, router, top_k, hp, gen)
     # normalizer statistics from the unedited model over (a sample of) the training edits
     warm = [rng.choice(g) for g in rng.sample(groups, min(len(groups), 200))]
-    sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in warm], [c.target_new for c in warm]), layers)
+    sig = keys_and_grads(
+        model, encode_pairs(tok, [c.prompt for c in warm], [c.target_new for c in warm]), layers
+    )
     net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
     net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
     history = []
@@ -142,14 +167,22 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
     try:
         with frozen(model):
             for r in range(hp.rollouts):
-                seq = [rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))]  # distinct facts
-                batches = [seq[i:i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
+                seq = [
+                    rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))
+                ]  # distinct facts
+                batches = [seq[i : i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
                 probes = [_probe_batch(tok, b) for b in batches]
                 opt.zero_grad()
                 losses = []
                 for t in range(len(batches)):
-                    losses.append(trainer.step(batches, probes, t, rng.sample(loc_prompts, min(hp.locality_prompts,
-                                                                                              len(loc_prompts)))))
+                    losses.append(
+                        trainer.step(
+                            batches,
+                            probes,
+                            t,
+                            rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))),
+                        )
+                    )
                 opt.step()
                 for l in layers:  # the next rollout starts from the unedited model
                     weight_view(model, l).data.copy_(original[l])
@@ -165,13 +198,23 @@ def train_editor(method: str, model, tok, model_name: str, hp: RLEditHParams, wo
         changed = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(router.parameters(), router0))
     log.info("trained %s in %.0f s; edit loss %.3f -> %.3f", method, seconds, history[0], history[-1])
     return {
-        "method": method, "model": model_name, "fingerprint": model_fingerprint(model),
-        "arch": arch_of(model).layers + "/" + arch_of(model).edit_module, "layers": layers,
+        "method": method,
+        "model": model_name,
+        "fingerprint": model_fingerprint(model),
+        "arch": arch_of(model).layers + "/" + arch_of(model).edit_module,
+        "layers": layers,
         "module_names": [LocalBackbone(model).edit_param_name(l) for l in layers],
-        "net_config": net_config, "net": net.state_dict(),
-        "router": router.state_dict() if router is not None else None, "top_k": top_k,
-        "hparams": hp.model_dump(), "train": {"seconds": seconds, "edit_loss": history,
-                                               "router_param_change": changed, "n_facts": len(groups)},
+        "net_config": net_config,
+        "net": net.state_dict(),
+        "router": router.state_dict() if router is not None else None,
+        "top_k": top_k,
+        "hparams": hp.model_dump(),
+        "train": {
+            "seconds": seconds,
+            "edit_loss": history,
+            "router_param_change": changed,
+            "n_facts": len(groups),
+        },
         "init": None if init is None else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
     }
 
@@ -181,11 +224,15 @@ def _check_init(init: dict, model, layers: list[int], net_config: dict) -> None:
     if init.get("method") != "rledit":
         raise CheckpointMismatch(f"HiEdit starts from an RLEdit checkpoint, not a {init.get('method')!r} one")
     if init["fingerprint"] != model_fingerprint(model):
-        raise CheckpointMismatch(f"the RLEdit checkpoint to start from was trained for model {init['model']!r} "
-                                 f"(fingerprint {init['fingerprint']}), not for this one ({model_fingerprint(model)})")
+        raise CheckpointMismatch(
+            f"the RLEdit checkpoint to start from was trained for model {init['model']!r} "
+            f"(fingerprint {init['fingerprint']}), not for this one ({model_fingerprint(model)})"
+        )
     if list(init["layers"]) != layers or init["net_config"] != net_config:
-        raise CheckpointMismatch(f"the RLEdit checkpoint to start from has layers {init['layers']} and network "
-                                 f"{init['net_config']}; HiEdit here needs layers {layers} and {net_config}")
+        raise CheckpointMismatch(
+            f"the RLEdit checkpoint to start from has layers {init['layers']} and network "
+            f"{init['net_config']}; HiEdit here needs layers {layers} and {net_config}"
+        )
 
 
 class _NextToken:
@@ -227,9 +274,20 @@ class _Trainer:
         """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
         added to the networks'), then the deltas written. Returns the step's edit loss."""
         model, tok, backbone, net, router, top_k, layers, hp, gen = (
-            self.model, self.tok, self.backbone, self.net, self.router, self.top_k, self.layers, self.hp, self.gen)
+            self.model,
+            self.tok,
+            self.backbone,
+            self.net,
+            self.router,
+            self.top_k,
+            self.layers,
+            self.hp,
+            self.gen,
+        )
         b = batches[t]
-        sig = keys_and_grads(model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers)
+        sig = keys_and_grads(
+            model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers
+        )
         net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
         net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
         unrelated = _NextToken(backbone, tok, loc_prompts)
@@ -237,19 +295,27 @@ class _Trainer:
         def step_loss(deltas):
             """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
             with weight_offsets(model, deltas):
-                per_case = [_per_case_mean(per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i]))
-                            for i in range(min(hp.lookback, t) + 1)]
+                per_case = [
+                    _per_case_mean(
+                        per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i])
+                    )
+                    for i in range(min(hp.lookback, t) + 1)
+                ]
                 kl = unrelated.kl().mean()
-            edit = sum(hp.mu ** i * c.mean() for i, c in enumerate(per_case))
+            edit = sum(hp.mu**i * c.mean() for i, c in enumerate(per_case))
             return edit + hp.locality * kl, edit, per_case[0]
 
-        deltas, sel, log_pi = plan_deltas(net, sig, layers, len(b), router, top_k,
-                                          sample=router is not None and hp.explore, generator=gen)
+        deltas, sel, log_pi = plan_deltas(
+            net, sig, layers, len(b), router, top_k, sample=router is not None and hp.explore, generator=gen
+        )
         loss, edit, own = step_loss(deltas)
         if router is not None:
             owner = torch.tensor([i for i, c in enumerate(b) for _ in c.neighborhood], dtype=torch.long)
-            neighbors = (_NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
-                         if len(owner) and hp.router_locality else None)
+            neighbors = (
+                _NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
+                if len(owner) and hp.router_locality
+                else None
+            )
 
             def cost(deltas, own_loss):
                 """Per edit: its own edit loss + router_locality x the mean KL on its neighborhood prompts."""
@@ -260,11 +326,15 @@ class _Trainer:
 
             with torch.no_grad():
                 all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
-                advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(deltas, own)  # > 0: the subset is better
+                advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(
+                    deltas, own
+                )  # > 0: the subset is better
             loss = loss - (advantage * log_pi).mean()
-            if hp.balance:  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
+            if (
+                hp.balance
+            ):  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
                 share = sel.mean(0) * len(layers) / top_k
-                loss = loss + hp.balance * (share ** 2).mean()
+                loss = loss + hp.balance * (share**2).mean()
         (loss / len(batches)).backward()
         for l, d in deltas.items():
             apply_layer_delta(backbone, l, d.detach())
@@ -285,27 +355,40 @@ def _progress(enabled: bool, total: int, label: str):
             return
         bar.update(1)
         bar.set_postfix(edit_loss=f"{loss:.3f}")
+
     return update
 
 
-def default_checkpoint(method: str, model_name: str | None, hp: RLEditHParams, model, tok, world,
-                       progress: bool) -> Path:
+def default_checkpoint(
+    method: str, model_name: str | None, hp: RLEditHParams, model, tok, world, progress: bool
+) -> Path:
     """The cached checkpoint for a ``world:*`` model (trained now if missing; HiEdit's starts from the
     cached RLEdit one); other models must name one in ``editor.hparams.checkpoint``."""
     if not model_name or not model_name.startswith("world:"):
-        raise FileNotFoundError(f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
-                                f"`lme-sim train-editor --method {method} --model {model_name}`")
+        raise FileNotFoundError(
+            f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
+            f"`lme-sim train-editor --method {method} --model {model_name}`"
+        )
     import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps(hp.model_dump(exclude={"checkpoint", "batch_size"}), sort_keys=True)
-                         .encode()).hexdigest()[:10]
-    path = cache_root() / "editors" / f"{method}-{model_name.replace(':', '_')}-{model_fingerprint(model)}-{key}.pt"
+    key = hashlib.sha256(
+        json.dumps(hp.model_dump(exclude={"checkpoint", "batch_size"}), sort_keys=True).encode()
+    ).hexdigest()[:10]
+    path = (
+        cache_root()
+        / "editors"
+        / f"{method}-{model_name.replace(':', '_')}-{model_fingerprint(model)}-{key}.pt"
+    )
     if not path.is_file():
         init = None
         if method == "hiedit":
-            init = load_checkpoint(default_checkpoint("rledit", model_name, init_hparams(hp), model, tok,
-                                                      world, progress), "rledit")
+            init = load_checkpoint(
+                default_checkpoint("rledit", model_name, init_hparams(hp), model, tok, world, progress),
+                "rledit",
+            )
         log.info("training %s for %s (cached at %s)", method, model_name, path)
-        save_checkpoint(train_editor(method, model, tok, model_name, hp, world, progress=progress, init=init), path)
+        save_checkpoint(
+            train_editor(method, model, tok, model_name, hp, world, progress=progress, init=init), path
+        )
     return path

@@ -10,7 +10,7 @@ from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer
+from .base import Editor, EditResult, PhaseTimer
 from .hparams import HParams
 from .registry import register
 from .targets import frozen
@@ -61,5 +61,9 @@ class FT(Editor):
                     for p, p0 in zip(params, originals):
                         p.copy_(torch.clamp(p, p0 - hp.norm_constraint, p0 + hp.norm_constraint))
         deltas = {n: (p.detach() - p0) for n, p, p0 in zip(names, params, originals)}
-        stats = {"loss": loss_value, "steps": steps, **{f"delta_norm_{n}": d.norm().item() for n, d in deltas.items()}}
+        stats = {
+            "loss": loss_value,
+            "steps": steps,
+            **{f"delta_norm_{n}": d.norm().item() for n, d in deltas.items()},
+        }
         return EditResult(deltas, dict(timer), stats)

@@ -62,8 +62,9 @@ def model_family(model_name: str) -> str:
     return "world" if model_name.startswith("world:") else model_name
 
 
-def load_hparams(method: str, model_name: str, overrides: dict[str, Any] | None = None,
-                 where: str = "editor.hparams") -> HParams:
+def load_hparams(
+    method: str, model_name: str, overrides: dict[str, Any] | None = None, where: str = "editor.hparams"
+) -> HParams:
     """Defaults for ``method`` on ``model_name`` (its ``hparams/<method>.yaml``), with ``overrides`` on
     top, validated by the method's ``hparams_class``."""
     from .registry import editor_class  # the registry's lazy import

@@ -44,7 +44,7 @@ class RunningNorm(nn.Module):
         total = self.count + n
         delta = mean - self.mean
         self.mean += delta * n / total
-        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
         self.count.fill_(total)
 
     @property
@@ -83,8 +83,16 @@ def ridge_delta(pseudo_keys: torch.Tensor, values: torch.Tensor, lam: torch.Tens
 class HyperNet(nn.Module):
     """Pseudo keys and value shifts for the modules of one weight shape (d_model x d_ff)."""
 
-    def __init__(self, d_ff: int, d_model: int, n_modules: int, rank: int = 64, n_blocks: int = 2,
-                 init_lr: float = 1.0, init_lambda: float = 1.0):
+    def __init__(
+        self,
+        d_ff: int,
+        d_model: int,
+        n_modules: int,
+        rank: int = 64,
+        n_blocks: int = 2,
+        init_lr: float = 1.0,
+        init_lambda: float = 1.0,
+    ):
         super().__init__()
         self.d_ff, self.d_model = d_ff, d_model
         self.key_norm, self.grad_norm = RunningNorm(d_ff), RunningNorm(d_model)
@@ -95,7 +103,9 @@ class HyperNet(nn.Module):
     def features(self, keys: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.key_norm(keys), self.grad_norm(grads)], -1)
 
-    def forward(self, keys: torch.Tensor, grads: torch.Tensor, module: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, keys: torch.Tensor, grads: torch.Tensor, module: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pseudo keys, value shifts) for the tokens of one module; inputs (n, d_ff), (n, d_model)."""
         x = self.features(keys, grads)
         idx = torch.full((x.shape[0],), module, dtype=torch.long, device=x.device)
@@ -107,8 +117,9 @@ class HyperNet(nn.Module):
         pg = grads + dg * self.grad_norm.std
         return pk, -self.log_lr[module].exp() * pg
 
-    def delta(self, keys: torch.Tensor, grads: torch.Tensor, module: int,
-              weight: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(
+        self, keys: torch.Tensor, grads: torch.Tensor, module: int, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Delta (d_model, d_ff) of one module. ``weight`` (n,): HiEdit's 0/1 mask of the tokens whose
         edit chose this module; it scales their value shifts only, so the tokens of the other edits
         stay in the ridge system with target shift 0: the module is fit to leave their outputs as
@@ -132,8 +143,9 @@ class Router(nn.Module):
         return self.net(features)[..., 0] + self.module_bias
 
 
-def top_k_mask(scores: torch.Tensor, k: int, sample: bool = False,
-               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_mask(
+    scores: torch.Tensor, k: int, sample: bool = False, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard top-``k`` mask per row with a straight-through gradient, and log pi(selection).
 
     Forward: exactly 0/1. Backward: the gradient of k * softmax(scores). ``sample`` draws the
@@ -178,12 +190,21 @@ class HiEditHParams(RLEditHParams):
     explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
     balance: float = Field(0.0, ge=0)  # weight of a penalty on uneven module usage while training
     router_phase_lr: float = Field(1e-3, gt=0)  # Adam after the RLEdit start (train_lr trains that start)
-    router_locality: float = Field(0.0, ge=0)  # router reward: weight of the KL on each edit's neighborhood prompts
+    router_locality: float = Field(
+        0.0, ge=0
+    )  # router reward: weight of the KL on each edit's neighborhood prompts
 
 
-def plan_deltas(net: HyperNet, signals, layers: list[int], n_edits: int,
-                router: Router | None = None, top_k: int | None = None, sample: bool = False,
-                generator: torch.Generator | None = None):
+def plan_deltas(
+    net: HyperNet,
+    signals,
+    layers: list[int],
+    n_edits: int,
+    router: Router | None = None,
+    top_k: int | None = None,
+    sample: bool = False,
+    generator: torch.Generator | None = None,
+):
     """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
     chosen modules (straight-through) and log pi of each edit's choice."""
     mask = log_pi = None

@@ -19,7 +19,7 @@ import torch
 
 from ..cases import EditCase
 from .activations import activations_at, compute_keys, context_templates
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .covariance import cached_second_moment
 from .hparams import TargetHParams
 from .registry import register
@@ -43,7 +43,9 @@ class MEMIT(Editor):
 
     def load_statistics(self) -> None:
         """C0 of every edited layer (cached on disk; computed through the shards on first use)."""
-        self.C0 = cached_second_moment(self.model, self.tok, self.hp.layers, self.hp.stats, self.world, self.progress)
+        self.C0 = cached_second_moment(
+            self.model, self.tok, self.hp.layers, self.hp.stats, self.world, self.progress
+        )
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """MEMIT eq. 14: Delta = R K^T (lambda C0 + K K^T)^-1 (K: d_ff x n, R: d x n)."""
@@ -63,14 +65,28 @@ class MEMIT(Editor):
             targets = compute_targets(model, tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
         prompts, subjects = [c.prompt for c in cases], [c.subject for c in cases]
         keys: dict[int, torch.Tensor] = {}
-        deltas, stats = {}, {"target_steps_mean": targets.steps.float().mean().item(),
-                             "target_loss_mean": targets.loss.mean().item()}
+        deltas, stats = (
+            {},
+            {
+                "target_steps_mean": targets.steps.float().mean().item(),
+                "target_loss_mean": targets.loss.mean().item(),
+            },
+        )
         for i, layer in enumerate(hp.layers):
             with timer("keys"):
-                K = keys[layer] = compute_keys(model, tok, cases, [layer], self.contexts, hp.batch_size,
-                                               early_stop=self.reuse)[layer]
-                cur = activations_at(model, tok, prompts, subjects, [z_layer], kind="hidden",
-                                     batch_size=hp.batch_size, early_stop=self.reuse)[z_layer]
+                K = keys[layer] = compute_keys(
+                    model, tok, cases, [layer], self.contexts, hp.batch_size, early_stop=self.reuse
+                )[layer]
+                cur = activations_at(
+                    model,
+                    tok,
+                    prompts,
+                    subjects,
+                    [z_layer],
+                    kind="hidden",
+                    batch_size=hp.batch_size,
+                    early_stop=self.reuse,
+                )[z_layer]
             with timer("solve"):
                 R = (targets.z - cur) / (len(hp.layers) - i)
                 delta = self.solve(layer, K.T.double(), R.T.double()).float()

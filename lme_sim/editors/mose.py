@@ -27,7 +27,7 @@ from pydantic import Field
 from ..cases import EditCase
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .hparams import HParams
 from .registry import register
 from .targets import frozen
@@ -62,7 +62,7 @@ def times_blocks(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
 def coft_project(theta: torch.Tensor, eps: float) -> torch.Tensor:
     """The published code's constraint: each block's ||theta_b||_F at most eps * b^2 / sqrt(n_blocks)."""
     n, b, _ = theta.shape
-    bound = eps * b * b / n ** 0.5
+    bound = eps * b * b / n**0.5
     norms = theta.flatten(1).norm(dim=1).clamp_min(1e-30)
     return theta * torch.clamp(bound / norms, max=1.0)[:, None, None]
 
@@ -78,8 +78,9 @@ class MOSE(Editor):
         for layer in hparams.layers:
             d_ff = self.model.edit_weight(layer).shape[1]
             if d_ff % hparams.n_blocks:
-                raise ValueError(f"mose: d_ff = {d_ff} of layer {layer} is not divisible by n_blocks = "
-                                 f"{hparams.n_blocks}")
+                raise ValueError(
+                    f"mose: d_ff = {d_ff} of layer {layer} is not divisible by n_blocks = {hparams.n_blocks}"
+                )
             b = d_ff // hparams.n_blocks
             self.theta[layer] = torch.zeros(hparams.n_blocks, b, b)
         self._pending: dict[int, torch.Tensor] = {}  # theta after the last edit, until commit
@@ -96,7 +97,9 @@ class MOSE(Editor):
         q_old_t64 = {l: self.rotation(l).transpose(-1, -2) for l in hp.layers}  # Q_old^T, once per batch
         q_old_t = {l: q.float() for l, q in q_old_t64.items()}
         params = {l: self.theta[l].clone().requires_grad_(True) for l in hp.layers}
-        opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)(list(params.values()), lr=hp.lr)
+        opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)(
+            list(params.values()), lr=hp.lr
+        )
         loss_value, steps = float("nan"), 0
         with timer("solve"), frozen(model):
             for steps in range(1, hp.num_steps + 1):

@@ -25,7 +25,7 @@ import torch
 from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .checkpoints import CheckpointMismatch, check_model, load_checkpoint
 from .edit_signals import keys_and_grads
 from .editor_training import default_checkpoint
@@ -44,14 +44,19 @@ class RLEdit(Editor):
     def __init__(self, model, tok, hparams, **kw):
         super().__init__(model, tok, hparams, **kw)
         if not isinstance(self.model, LocalBackbone):
-            raise NotImplementedError(f"{self.method} reads per-token gradients and needs an in-process model")
-        path = hparams.checkpoint or default_checkpoint(self.method, self.model_name, hparams, self.model.model,
-                                                       tok, self.world, self.progress)
+            raise NotImplementedError(
+                f"{self.method} reads per-token gradients and needs an in-process model"
+            )
+        path = hparams.checkpoint or default_checkpoint(
+            self.method, self.model_name, hparams, self.model.model, tok, self.world, self.progress
+        )
         self.checkpoint = str(path)
         ckpt = load_checkpoint(path, self.method)
         check_model(ckpt, self.model.model, path)
         if list(ckpt["layers"]) != list(hparams.layers):
-            raise CheckpointMismatch(f"{path}: trained for layers {ckpt['layers']}, the scenario edits {hparams.layers}")
+            raise CheckpointMismatch(
+                f"{path}: trained for layers {ckpt['layers']}, the scenario edits {hparams.layers}"
+            )
         self.net, self.router = build_networks(ckpt)
         self.top_k = ckpt.get("top_k")
 
@@ -61,21 +66,27 @@ class RLEdit(Editor):
         field, ckpt = f"{where}.checkpoint", hp.checkpoint
         if ckpt is None:
             if not model_name.startswith("world:"):
-                raise HParamsError(f"{field}: {cls.method} on {model_name!r} needs a checkpoint; make one with "
-                                   f"`lme-sim train-editor --method {cls.method} --model {model_name} --data <file> "
-                                   "--out <path>`")
+                raise HParamsError(
+                    f"{field}: {cls.method} on {model_name!r} needs a checkpoint; make one with "
+                    f"`lme-sim train-editor --method {cls.method} --model {model_name} --data <file> "
+                    "--out <path>`"
+                )
             return
         if not Path(ckpt).is_file():
             raise HParamsError(f"{field}: file {ckpt!r} not found")
         try:
             meta = torch.load(ckpt, weights_only=False, map_location="cpu")
         except Exception as e:  # noqa: BLE001  (any file can be named here)
-            raise HParamsError(f"{field}: {ckpt!r} is not an editor checkpoint ({type(e).__name__})") from None
+            raise HParamsError(
+                f"{field}: {ckpt!r} is not an editor checkpoint ({type(e).__name__})"
+            ) from None
         if not isinstance(meta, dict):
             raise HParamsError(f"{field}: {ckpt!r} is not an editor checkpoint")
         if meta.get("method") != cls.method or meta.get("model") != model_name:
-            raise HParamsError(f"{field}: {ckpt!r} is a {meta.get('method')!r} checkpoint for model "
-                               f"{meta.get('model')!r}, not {cls.method!r} for {model_name!r}")
+            raise HParamsError(
+                f"{field}: {ckpt!r} is a {meta.get('method')!r} checkpoint for model "
+                f"{meta.get('model')!r}, not {cls.method!r} for {model_name!r}"
+            )
 
     @torch.no_grad()
     def edit(self, cases: list[EditCase]) -> EditResult:
@@ -88,8 +99,10 @@ class RLEdit(Editor):
         with timer("solve"):
             deltas, mask, _ = plan_deltas(self.net, signals, layers, len(cases), self.router, self.top_k)
         names = {l: self.model.edit_param_name(l) for l in layers}
-        touched = [[names[l] for i, l in enumerate(layers) if mask is None or mask[e, i] > 0]
-                   for e in range(len(cases))]
+        touched = [
+            [names[l] for i, l in enumerate(layers) if mask is None or mask[e, i] > 0]
+            for e in range(len(cases))
+        ]
         used = {n for t in touched for n in t}
         out, stats = {}, {"loss_before": signals.loss.mean().item()}
         with timer("apply"):

@@ -59,8 +59,16 @@ def frozen(model):
             p.requires_grad_(f)
 
 
-def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: list[str],
-                    hp: TargetHParams, batched: bool = True, reuse: bool = True) -> Targets:
+def compute_targets(
+    model,
+    tok,
+    cases: list[EditCase],
+    layer: int,
+    contexts: list[str],
+    hp: TargetHParams,
+    batched: bool = True,
+    reuse: bool = True,
+) -> Targets:
     """Targets for every case; ``batched=False`` runs the same math one request at a time; ``reuse=False``
     runs every step through the whole model (the reference for the suffix passes)."""
     model = as_backbone(model)
@@ -69,8 +77,16 @@ def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: lis
         return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
     n = len(cases)
     subjects = [c.subject for c in cases]
-    h_init = activations_at(model, tok, [c.prompt for c in cases], subjects, [layer], kind="hidden",
-                            batch_size=hp.batch_size, early_stop=reuse)[layer]
+    h_init = activations_at(
+        model,
+        tok,
+        [c.prompt for c in cases],
+        subjects,
+        [layer],
+        kind="hidden",
+        batch_size=hp.batch_size,
+        early_stop=reuse,
+    )[layer]
     rw = _RowBatch.build(tok, cases, contexts, hp.kl_prompt)
     delta = torch.zeros_like(h_init, requires_grad=True)
     steps = torch.zeros(n, dtype=torch.long)
@@ -90,8 +106,18 @@ def compute_targets(model, tok, cases: list[EditCase], layer: int, contexts: lis
     return Targets(z=(h_init + delta.detach()).cpu(), h_init=h_init.cpu(), steps=steps, loss=final)
 
 
-def _optimize(model, rw: "_RowBatch", layer: int, hp: TargetHParams, delta: torch.Tensor, h_init: torch.Tensor,
-              kl_init: torch.Tensor, prefix, steps: torch.Tensor, final: torch.Tensor) -> None:
+def _optimize(
+    model,
+    rw: _RowBatch,
+    layer: int,
+    hp: TargetHParams,
+    delta: torch.Tensor,
+    h_init: torch.Tensor,
+    kl_init: torch.Tensor,
+    prefix,
+    steps: torch.Tensor,
+    final: torch.Tensor,
+) -> None:
     """Adam on ``delta`` (n, d) in place; records each request's steps and final loss."""
     n = len(delta)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -137,7 +163,7 @@ class _RowBatch:
     n_req: int
 
     @classmethod
-    def build(cls, tok, cases: list[EditCase], contexts: list[str], kl_prompt: str) -> "_RowBatch":
+    def build(cls, tok, cases: list[EditCase], contexts: list[str], kl_prompt: str) -> _RowBatch:
         n, n_ctx = len(cases), len(contexts)
         texts, subjects = contextual(cases, contexts)
         pairs = encode_pairs(tok, texts, [c.target_new for c in cases for _ in contexts])
@@ -148,17 +174,26 @@ class _RowBatch:
         mask = torch.zeros_like(ids)
         ids[: n * n_ctx, : pairs.input_ids.shape[1]] = pairs.input_ids
         mask[: n * n_ctx, : pairs.input_ids.shape[1]] = pairs.attention_mask
-        ids[n * n_ctx:, : kl_ids.shape[1]] = kl_ids
-        mask[n * n_ctx:, : kl_ids.shape[1]] = kl_mask
+        ids[n * n_ctx :, : kl_ids.shape[1]] = kl_ids
+        mask[n * n_ctx :, : kl_ids.shape[1]] = kl_mask
         rows, pos, labels = pairs.target_positions()
         weight = 1.0 / (pairs.target_len[rows].float() * n_ctx)
         return cls(
-            ids=ids, mask=mask,
+            ids=ids,
+            mask=mask,
             owner=torch.cat([torch.arange(n).repeat_interleave(n_ctx), torch.arange(n)]),
-            subj_pos=torch.cat([subject_last_positions(tok, texts, subjects),
-                                subject_last_positions(tok, kl_texts, [c.subject for c in cases])]),
+            subj_pos=torch.cat(
+                [
+                    subject_last_positions(tok, texts, subjects),
+                    subject_last_positions(tok, kl_texts, [c.subject for c in cases]),
+                ]
+            ),
             is_kl=torch.cat([torch.zeros(n * n_ctx, dtype=torch.bool), torch.ones(n, dtype=torch.bool)]),
-            tgt_row=rows, tgt_pos=pos, tgt_label=labels, tgt_weight=weight, n_req=n,
+            tgt_row=rows,
+            tgt_pos=pos,
+            tgt_label=labels,
+            tgt_weight=weight,
+            n_req=n,
         )
 
     def prefix(self, model, layer: int):
@@ -200,6 +235,7 @@ class _RowBatch:
         n_t = len(t_rows)
         tok_lp = logp[:n_t].gather(1, self.tgt_label[t_keep].to(logp.device)[:, None])[:, 0]
         nll = torch.zeros(len(requests), device=logp.device).index_add(
-            0, req_local[owner[t_rows]].to(logp.device), -tok_lp * self.tgt_weight[t_keep].to(logp.device))
+            0, req_local[owner[t_rows]].to(logp.device), -tok_lp * self.tgt_weight[t_keep].to(logp.device)
+        )
         kl_logp = logp[n_t:][torch.argsort(req_local[owner[kl_rows]]).to(logp.device)]
         return nll, kl_logp

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from ..cases import EditCase
 from ..tokens import encode_pairs
-from .base import EditResult, Editor, PhaseTimer, apply_layer_delta
+from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .edit_signals import answer_keys_and_grads
 from .hparams import HParams
 from .hypernet import RunningNorm, ridge_delta
@@ -48,8 +48,9 @@ def shape_key(keys: torch.Tensor, grads: torch.Tensor) -> str:
     return f"{grads.shape[-1]}x{keys.shape[-1]}"
 
 
-def update_normalizers(norms: dict[str, RunningNorm], keys: dict[int, torch.Tensor],
-                       grads: dict[int, torch.Tensor]) -> None:
+def update_normalizers(
+    norms: dict[str, RunningNorm], keys: dict[int, torch.Tensor], grads: dict[int, torch.Tensor]
+) -> None:
     """Add the batch's [k, g] of every module to its shape's normalizer (created on first use)."""
     for l in keys:
         k, g = keys[l].double(), grads[l].double()
@@ -59,8 +60,9 @@ def update_normalizers(norms: dict[str, RunningNorm], keys: dict[int, torch.Tens
         norms[name].update(torch.cat([k, g], -1))
 
 
-def normalize(norm: RunningNorm, keys: torch.Tensor,
-              grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize(
+    norm: RunningNorm, keys: torch.Tensor, grads: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(k^, g^): [k, g] standardized by the normalizer's running mean and std."""
     x = norm(torch.cat([keys, grads], -1).to(norm.mean.dtype))
     return x.split([keys.shape[-1], grads.shape[-1]], -1)
@@ -71,8 +73,9 @@ def pseudo_values(k_hat: torch.Tensor, g_hat: torch.Tensor, lr: float) -> torch.
     return -lr * k_hat.pow(2).sum(-1, keepdim=True) * g_hat
 
 
-def ultraedit_delta(norm: RunningNorm, keys: torch.Tensor, grads: torch.Tensor, lr: float,
-                    ridge: float = 1.0) -> torch.Tensor:
+def ultraedit_delta(
+    norm: RunningNorm, keys: torch.Tensor, grads: torch.Tensor, lr: float, ridge: float = 1.0
+) -> torch.Tensor:
     """Delta^T = ((K^T K + ridge I)^-1 K^T V)^T, (d_model, d_ff), in float64; ``norm`` already updated."""
     k_hat, g_hat = normalize(norm, keys, grads)
     K = keys.double()
@@ -113,9 +116,16 @@ class UltraEdit(Editor):
             signals = answer_keys_and_grads(self.model, batch, layers, hp.batch_size)
         with timer("solve"):
             update_normalizers(norms, signals.keys, signals.grads)  # before they are applied
-            deltas = {l: ultraedit_delta(norms[shape_key(signals.keys[l], signals.grads[l])],
-                                         signals.keys[l], signals.grads[l], hp.lr, hp.ridge).float()
-                      for l in layers}
+            deltas = {
+                l: ultraedit_delta(
+                    norms[shape_key(signals.keys[l], signals.grads[l])],
+                    signals.keys[l],
+                    signals.grads[l],
+                    hp.lr,
+                    hp.ridge,
+                ).float()
+                for l in layers
+            }
         out = {}
         stats = {"loss_before": signals.loss.mean().item(), "answer_tokens": float(len(signals.owner))}
         with timer("apply"):
@@ -127,8 +137,11 @@ class UltraEdit(Editor):
 
     def state_dict(self) -> dict[str, Any]:
         self.commit()
-        return {"normalizers": {name: {k: v.clone() for k, v in n.state_dict().items()}
-                                for name, n in self.norms.items()}}
+        return {
+            "normalizers": {
+                name: {k: v.clone() for k, v in n.state_dict().items()} for name, n in self.norms.items()
+            }
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.norms, self._pending = {}, None

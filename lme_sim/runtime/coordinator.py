@@ -41,7 +41,15 @@ from ..storage.records import BatchRecord, EditRecord, RejectedBatchRecord, Weig
 from ..stream import EditStream, Event, SimClock, build_events
 from .evaluation import RESTARTABLE, EvalPool
 from .failures import actor_roles, first_line, stop_run
-from .ray_utils import PlacementError, evaluator_options, init_ray, on_this_node, placement_summary, release, start_shards
+from .ray_utils import (
+    PlacementError,
+    evaluator_options,
+    init_ray,
+    on_this_node,
+    placement_summary,
+    release,
+    start_shards,
+)
 from .services import Edited, EditorService, EvalRequest, Evaluator, RetentionItem
 
 log = logging.getLogger(__name__)
@@ -49,8 +57,15 @@ log = logging.getLogger(__name__)
 SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
 
 
-def run_distributed(scn: Scenario, scenario_path: str, db: str | None = None, address: str | None = None,
-                    resume: str | None = None, console: Console | None = None, tag: str | None = None) -> str:
+def run_distributed(
+    scn: Scenario,
+    scenario_path: str,
+    db: str | None = None,
+    address: str | None = None,
+    resume: str | None = None,
+    console: Console | None = None,
+    tag: str | None = None,
+) -> str:
     """Run ``scn`` (one editing method) on Ray; returns the run id (``<name>[-<tag>]-<hex>``).
     ``resume``: a run id to continue."""
     run = Run(scn, scenario_path, db or scn.db, resume, console or Console())
@@ -96,30 +111,70 @@ class Run:
         from ..models import model_n_layers
 
         rt = scn.runtime  # a cluster that cannot hold the shards fails before anything is written
-        shards = start_shards(scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype)
+        shards = start_shards(
+            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype
+        )
         self.placement_group = shards.placement_group
         self.console.print(f"placement {rt.placement}: {placement_summary(shards)}")
-        self.stream = ray.remote(EditStream).options(num_cpus=0).remote(self.events, scn.stream.batch_size,
-                                                                          scn.stream.window)
+        self.stream = (
+            ray.remote(EditStream)
+            .options(num_cpus=0)
+            .remote(self.events, scn.stream.batch_size, scn.stream.window)
+        )
         self.logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(self.db)
         res = rt.editor
-        self.editor = (ray.remote(EditorService).options(num_cpus=res.cpus, num_gpus=res.gpus)
-                       .remote(scn.model, shards.shards, scn.editor.method, scn.editor.hparams,
-                               scn.editor.max_delta_norm, "cuda" if res.gpus else "cpu"))
+        self.editor = (
+            ray.remote(EditorService)
+            .options(num_cpus=res.cpus, num_gpus=res.gpus)
+            .remote(
+                scn.model,
+                shards.shards,
+                scn.editor.method,
+                scn.editor.hparams,
+                scn.editor.max_delta_norm,
+                "cuda" if res.gpus else "cpu",
+            )
+        )
         ev = scn.evaluator
-        evaluators = [ray.remote(Evaluator)
-                      .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
-                      .remote(scn.model, scn.eval.rows_per_pass, ev.backend, ev.model_dump(exclude={"backend"}),
-                              general_items=general, device="cuda" if rt.gpus else "cpu", dtype=rt.dtype)
-                      for _ in range(rt.evaluators)]
+        evaluators = [
+            ray.remote(Evaluator)
+            .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
+            .remote(
+                scn.model,
+                scn.eval.rows_per_pass,
+                ev.backend,
+                ev.model_dump(exclude={"backend"}),
+                general_items=general,
+                device="cuda" if rt.gpus else "cpu",
+                dtype=rt.dtype,
+            )
+            for _ in range(rt.evaluators)
+        ]
         self.pool = EvalPool(ray, evaluators, self.console, scn.eval.max_pending)
         self.actors = [self.stream, self.logger, self.editor, *evaluators, *shards.shards]
-        self.roles = actor_roles({"stream": self.stream, "logger": self.logger, "editor": self.editor,
-                                  **{f"evaluator {i}": h for i, h in enumerate(evaluators)},
-                                  **{f"shard {i} (layers {r.start}-{r.stop - 1})": h
-                                     for i, (h, r) in enumerate(zip(shards.shards, shards.ranges))}})
-        ray.get(self.logger.start_run.remote(self.id, scn.name, self.path, scn.model_dump(mode="json"), scn.model,
-                                             scn.editor.method, resume=self.resume is not None))
+        self.roles = actor_roles(
+            {
+                "stream": self.stream,
+                "logger": self.logger,
+                "editor": self.editor,
+                **{f"evaluator {i}": h for i, h in enumerate(evaluators)},
+                **{
+                    f"shard {i} (layers {r.start}-{r.stop - 1})": h
+                    for i, (h, r) in enumerate(zip(shards.shards, shards.ranges))
+                },
+            }
+        )
+        ray.get(
+            self.logger.start_run.remote(
+                self.id,
+                scn.name,
+                self.path,
+                scn.model_dump(mode="json"),
+                scn.model,
+                scn.editor.method,
+                resume=self.resume is not None,
+            )
+        )
         self.ckpt_dir = Path(self.db).parent / "checkpoints" / self.id
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         if self.resume:
@@ -128,9 +183,13 @@ class Run:
     def _restore(self) -> None:
         """Back to the last checkpoint; the rows written after it are deleted (the batches are replayed)."""
         ray, st = self.ray, self.state
-        found = ray.get(self.logger.query.remote(
-            "select batch_id, checkpoint from batches where run_id = ? and checkpoint is not null "
-            "order by batch_id desc limit 1", [self.id]))
+        found = ray.get(
+            self.logger.query.remote(
+                "select batch_id, checkpoint from batches where run_id = ? and checkpoint is not null "
+                "order by batch_id desc limit 1",
+                [self.id],
+            )
+        )
         ray.get(self.logger.rollback_after.remote(self.id, found[0][0] if found else -1))
         if not found:
             self.console.print(f"resuming {self.id} from its start (no checkpoint yet)")
@@ -147,8 +206,11 @@ class Run:
     def loop(self) -> None:
         ray, clock = self.ray, SimClock(self.scn.stream.speedup)
         with Progress(console=self.console, transient=True) as progress:
-            bar = progress.add_task(f"{self.scn.editor.method} on {self.scn.model}", total=len(self.events),
-                                    completed=ray.get(self.stream.state_dict.remote())["position"])
+            bar = progress.add_task(
+                f"{self.scn.editor.method} on {self.scn.model}",
+                total=len(self.events),
+                completed=ray.get(self.stream.state_dict.remote())["position"],
+            )
             while (item := ray.get(self.stream.next_batch.remote())) is not None:
                 clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
                 position = ray.get(self.stream.state_dict.remote())["position"]
@@ -167,36 +229,77 @@ class Run:
         result = ray.get(self.editor.edit.remote([e.case for e in batch]))
         if not isinstance(result, Edited):  # the editor undid it: no model copy has it
             ids = [e.edit_id for e in batch]
-            ray.get(self.logger.append.remote("rejected_batches", rows([RejectedBatchRecord(
-                st.batch_id, batch[-1].time, len(batch), ids, result.reason,
-                dt.datetime.now(dt.timezone.utc))])["rejected_batches"]))
-            self.console.print(f"[yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result.reason}; "
-                               "the model is unchanged")
+            ray.get(
+                self.logger.append.remote(
+                    "rejected_batches",
+                    rows(
+                        [
+                            RejectedBatchRecord(
+                                st.batch_id,
+                                batch[-1].time,
+                                len(batch),
+                                ids,
+                                result.reason,
+                                dt.datetime.now(dt.timezone.utc),
+                            )
+                        ]
+                    )["rejected_batches"],
+                )
+            )
+            self.console.print(
+                f"[yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result.reason}; "
+                "the model is unchanged"
+            )
             return
         st.batch_id += 1
         st.version += 1
-        st.cum = {**st.cum, **{n: st.cum[n] + d if n in st.cum else d.clone() for n, d in result.deltas.items()}}
+        st.cum = {
+            **st.cum,
+            **{n: st.cum[n] + d if n in st.cum else d.clone() for n, d in result.deltas.items()},
+        }
         st.committed += [e.edit_id for e in batch]
         checkpoint = self._checkpoint() if self._checkpoint_due(batch) else None
         timings = {**result.timings, **({"eval_wait": waited} if waited > 1e-3 else {})}
-        batch_row = BatchRecord(st.batch_id, st.batch_id, batch[-1].time, len(batch), st.version,
-                                time.perf_counter() - t0, timings, checkpoint)
-        ray.get(self.logger.commit_batch.remote(self.id, rows([batch_row])["batches"][0],
-                                                rows(self._batch_records(batch, result))))
+        batch_row = BatchRecord(
+            st.batch_id,
+            st.batch_id,
+            batch[-1].time,
+            len(batch),
+            st.version,
+            time.perf_counter() - t0,
+            timings,
+            checkpoint,
+        )
+        ray.get(
+            self.logger.commit_batch.remote(
+                self.id, rows([batch_row])["batches"][0], rows(self._batch_records(batch, result))
+            )
+        )
         self.pool.follow(result.deltas, st.version, st.cum)
 
     def _checkpoint_due(self, batch: list[Event]) -> bool:
         """Every ``checkpoint_every`` batches, and after the stream's last edit."""
-        return (self.state.batch_id + 1) % self.scn.checkpoint_every() == 0 or batch[-1].edit_id == self.last_edit
+        return (self.state.batch_id + 1) % self.scn.checkpoint_every() == 0 or batch[
+            -1
+        ].edit_id == self.last_edit
 
     def _checkpoint(self) -> str:
         """Deltas, editor state and stream position, written before the batch's rows (atomically)."""
         st, ray = self.state, self.ray
         path = self.ckpt_dir / f"batch-{st.batch_id:06d}.pt"
         tmp = path.with_suffix(".tmp")
-        torch.save({"deltas": st.cum, "editor": ray.get(self.editor.state_dict.remote()),
-                    "stream": ray.get(self.stream.state_dict.remote()), "committed": st.committed,
-                    "batch_id": st.batch_id, "version": st.version, "eval_id": st.eval_id}, tmp)
+        torch.save(
+            {
+                "deltas": st.cum,
+                "editor": ray.get(self.editor.state_dict.remote()),
+                "stream": ray.get(self.stream.state_dict.remote()),
+                "committed": st.committed,
+                "batch_id": st.batch_id,
+                "version": st.version,
+                "eval_id": st.eval_id,
+            },
+            tmp,
+        )
         tmp.rename(path)
         for old in sorted(self.ckpt_dir.glob("batch-*.pt"))[:-2]:  # keep the last two
             old.unlink()
@@ -207,12 +310,39 @@ class Run:
         modules = sorted(result.deltas)
         norm = {m: float(d.norm()) for m, d in result.deltas.items()}
         touched = result.touched or [modules] * len(batch)
-        edits = [EditRecord(e.edit_id, st.batch_id, st.batch_id, e.time, e.kind, e.case.case_id, e.fact_key,
-                            e.case.subject, e.case.relation, e.case.prompt, e.case.target_new, e.case.target_true,
-                            e.supersedes, sorted(mods), [norm.get(m, 0.0) for m in sorted(mods)])
-                 for e, mods in zip(batch, touched)]
-        stats = [WeightStatRecord(st.batch_id, st.version, w["module"], w["frobenius"], w["spectral"], w["condition"],
-                                  norm.get(w["module"], 0.0), w["cum_delta_norm"]) for w in result.weight_stats]
+        edits = [
+            EditRecord(
+                e.edit_id,
+                st.batch_id,
+                st.batch_id,
+                e.time,
+                e.kind,
+                e.case.case_id,
+                e.fact_key,
+                e.case.subject,
+                e.case.relation,
+                e.case.prompt,
+                e.case.target_new,
+                e.case.target_true,
+                e.supersedes,
+                sorted(mods),
+                [norm.get(m, 0.0) for m in sorted(mods)],
+            )
+            for e, mods in zip(batch, touched)
+        ]
+        stats = [
+            WeightStatRecord(
+                st.batch_id,
+                st.version,
+                w["module"],
+                w["frobenius"],
+                w["spectral"],
+                w["condition"],
+                norm.get(w["module"], 0.0),
+                w["cum_delta_norm"],
+            )
+            for w in result.weight_stats
+        ]
         return edits + stats
 
     # ---- evaluation -------------------------------------------------------------------------------
@@ -228,10 +358,16 @@ class Run:
         facts = list(latest.values())
         if not final and len(facts) > spec.retention_sample:
             facts = random.Random(-st.eval_id).sample(facts, spec.retention_sample)
-        recent = [self.by_edit[i].case.prompt for i in st.committed[-spec.fluency_prompts:]] \
-            if spec.fluency_prompts else []
-        self.pool.submit(EvalRequest(st.eval_id, st.batch_id, facts, [self.by_edit[i].case for i in ids],
-                                     len(st.committed), recent))
+        recent = (
+            [self.by_edit[i].case.prompt for i in st.committed[-spec.fluency_prompts :]]
+            if spec.fluency_prompts
+            else []
+        )
+        self.pool.submit(
+            EvalRequest(
+                st.eval_id, st.batch_id, facts, [self.by_edit[i].case for i in ids], len(st.committed), recent
+            )
+        )
 
     def _latest(self) -> dict[str, RetentionItem]:
         """Each edited fact's latest value and the values it had before (from the committed edits)."""
@@ -239,7 +375,9 @@ class Run:
         for i in self.state.committed:
             e = self.by_edit[i]
             prev = latest.get(e.fact_key)
-            earlier = prev.earlier + [prev.value] if prev else ([e.case.target_true] if e.case.target_true else [])
+            earlier = (
+                prev.earlier + [prev.value] if prev else ([e.case.target_true] if e.case.target_true else [])
+            )
             latest[e.fact_key] = RetentionItem(i, e.case.prompt, e.case.target_new, earlier)
         return latest
 
@@ -248,7 +386,9 @@ class Run:
             found = rows(out.probes + out.metrics)
             for table in ("probes", "metrics"):
                 if found.get(table):
-                    self.ray.get(self.logger.append.remote(table, [{"run_id": self.id, **r} for r in found[table]]))
+                    self.ray.get(
+                        self.logger.append.remote(table, [{"run_id": self.id, **r} for r in found[table]])
+                    )
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -263,7 +403,9 @@ class Run:
         else as one :class:`RunFailed` line."""
         if isinstance(e, PlacementError):
             return e
-        hint = f"lme-sim run {self.path} --resume {self.id}" + (f" --db {self.db}" if self.db != self.scn.db else "")
+        hint = f"lme-sim run {self.path} --resume {self.id}" + (
+            f" --db {self.db}" if self.db != self.scn.db else ""
+        )
         return stop_run(self.ray, e, self.logger, self.id, self.roles, hint, Path(self.db).parent / "logs")
 
     def release(self) -> None:
@@ -271,16 +413,24 @@ class Run:
             try:
                 release(self.actors, self.placement_group)
             except Exception as e:  # some actors or the placement group may be left in this Ray
-                log.warning("run %s: could not release all of its actors and their placement group (%s)",
-                            self.id, first_line(e))
+                log.warning(
+                    "run %s: could not release all of its actors and their placement group (%s)",
+                    self.id,
+                    first_line(e),
+                )
             self.actors = []
 
     def _print_summary(self) -> None:
         from rich.table import Table
 
         q = self.logger.query.remote
-        rows_ = self.ray.get(q("select name, value, n from metrics where run_id = ? and eval_id = "
-                               "(select max(eval_id) from metrics where run_id = ?)", [self.id, self.id]))
+        rows_ = self.ray.get(
+            q(
+                "select name, value, n from metrics where run_id = ? and eval_id = "
+                "(select max(eval_id) from metrics where run_id = ?)",
+                [self.id, self.id],
+            )
+        )
         n_edits = self.ray.get(q("select count(*) from edits where run_id = ?", [self.id]))[0][0]
         table = Table(title=f"run {self.id}", caption=f"{n_edits} edits; final evaluation")
         for col, just in (("metric", "left"), ("final", "right"), ("over", "right")):
@@ -289,8 +439,10 @@ class Run:
             table.add_row(name, f"{value:.3f}", "" if n is None else str(n))
         self.console.print(table)
         self.console.print(CONSISTENCY_UNAVAILABLE)
-        self.console.print(f"DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query \"select count(*) from edits\" "
-                           f"--db {self.db}")
+        self.console.print(
+            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
+            f"--db {self.db}"
+        )
 
 
 def scenario_cases(scn: Scenario, world) -> list[EditCase]:

@@ -15,8 +15,11 @@ import torch
 from ..scenario import DEFAULT_MAX_DELTA_NORM
 
 
-def delta_problem(deltas: dict[str, torch.Tensor], weight_norms: dict[str, float],
-                  max_delta_norm: float = DEFAULT_MAX_DELTA_NORM) -> str | None:
+def delta_problem(
+    deltas: dict[str, torch.Tensor],
+    weight_norms: dict[str, float],
+    max_delta_norm: float = DEFAULT_MAX_DELTA_NORM,
+) -> str | None:
     """Why ``deltas`` must not be applied (NaN/Inf values, or ``||delta|| > max_delta_norm * ||W||``
     with ``weight_norms[name]`` = ||W|| before the batch); None if they may."""
     for name, d in sorted(deltas.items()):
@@ -25,6 +28,8 @@ def delta_problem(deltas: dict[str, torch.Tensor], weight_norms: dict[str, float
             return f"{name}: {bad} of {d.numel()} delta values are NaN/Inf"
         norm, w = float(d.double().norm()), weight_norms[name]
         if norm > max_delta_norm * w:
-            return (f"{name}: delta norm {norm:.4g} is {norm / max(w, 1e-30):.3g}x the weight's norm {w:.4g} "
-                    f"(limit: max_delta_norm = {max_delta_norm:g})")
+            return (
+                f"{name}: delta norm {norm:.4g} is {norm / max(w, 1e-30):.3g}x the weight's norm {w:.4g} "
+                f"(limit: max_delta_norm = {max_delta_norm:g})"
+            )
     return None

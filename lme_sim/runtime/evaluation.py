@@ -109,11 +109,15 @@ class EvalPool:
     def _resync(self, p: _Pending, at: int) -> None:
         p.resyncs += 1
         if p.resyncs > EVALUATOR_RESTARTS + 1:
-            raise RuntimeError(f"evaluator {p.evaluator} keeps losing its replica (evaluation {p.request.eval_id})")
+            raise RuntimeError(
+                f"evaluator {p.evaluator} keeps losing its replica (evaluation {p.request.eval_id})"
+            )
         ev = self.evaluators[p.evaluator]
         if self.console is not None:
-            self.console.print(f"evaluation {p.request.eval_id}: evaluator {p.evaluator} was restarted (its replica "
-                               f"was at version {at}); re-synced to version {p.version} and submitted again")
+            self.console.print(
+                f"evaluation {p.request.eval_id}: evaluator {p.evaluator} was restarted (its replica "
+                f"was at version {at}); re-synced to version {p.version} and submitted again"
+            )
         ev.load.remote(self.cum_at(p.version), p.version)
         p.ref = ev.evaluate.remote(p.request, version=p.version)
         ev.load.remote(self.cum, self.version)  # back to the current version for what follows

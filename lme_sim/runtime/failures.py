@@ -38,8 +38,9 @@ def actor_roles(handles: dict[str, object]) -> dict[str, str]:
     return {h._actor_id.hex(): role for role, h in handles.items()}
 
 
-def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str], resume_hint: str,
-             log_dir: Path) -> RunFailed:
+def stop_run(
+    ray, exc: BaseException, logger, run_id: str, roles: dict[str, str], resume_hint: str, log_dir: Path
+) -> RunFailed:
     """Mark the run failed (where it was started) and say why in one line: the actor that died, an
     interruption, or the error (its traceback written to ``log_dir/<run_id>.error.txt``)."""
     status = "marked failed"
@@ -50,8 +51,11 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
             ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
             ray.get(logger.close.remote(), timeout=60)
         except Exception as e:  # the logger itself is gone
-            log.warning("run %s: could not mark it failed and close its database through the logger actor (%s)",
-                        run_id, first_line(e))
+            log.warning(
+                "run %s: could not mark it failed and close its database through the logger actor (%s)",
+                run_id,
+                first_line(e),
+            )
             status = "left as 'running' (its logger is gone)"
     died = dead_actor(exc) if ray is not None else None
     if died is not None:
@@ -67,8 +71,10 @@ def stop_run(ray, exc: BaseException, logger, run_id: str, roles: dict[str, str]
         what = f"{first_line(exc)} (traceback in {trace})"
     if logger is None:
         return RunFailed(f"run {run_id} could not start: {what}")
-    return RunFailed(f"run {run_id} stopped: {what}; the run is {status}, its committed batches are kept; "
-                     f"continue it with: {resume_hint}")
+    return RunFailed(
+        f"run {run_id} stopped: {what}; the run is {status}, its committed batches are kept; "
+        f"continue it with: {resume_hint}"
+    )
 
 
 def first_line(exc: BaseException) -> str:

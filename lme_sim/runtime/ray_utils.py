@@ -33,9 +33,15 @@ def init_ray(address: str | None = None, object_store_mb: int = 256, shard_slots
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         # "local": always a private cluster, never one that `ray start` left running on this machine
-        ray.init(address="local", num_cpus=os.cpu_count() or 2, object_store_memory=object_store_mb << 20,
-                 resources={SHARD_RESOURCE: shard_slots}, include_dashboard=False, runtime_env=env,
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 2,
+            object_store_memory=object_store_mb << 20,
+            resources={SHARD_RESOURCE: shard_slots},
+            include_dashboard=False,
+            runtime_env=env,
+            log_to_driver=False,
+        )
     _started["local"] = not address
     return ray
 
@@ -48,12 +54,22 @@ def worker_env() -> dict[str, str]:
     a driver that sets the same variable again."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
-    return {k: v for k, v in os.environ.items()
-            if (k.startswith(("LME_SIM_", "HF_")) or k in RAY_ENV) and k not in taken}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith(("LME_SIM_", "HF_")) or k in RAY_ENV) and k not in taken
+    }
 
 
-def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
-                 strategy: str = "PACK", dtype: str | None = None, timeout_s: float | None = None) -> ShardedBackbone:
+def start_shards(
+    model_name: str,
+    n_shards: int,
+    n_layers: int,
+    gpus: float = 0,
+    strategy: str = "PACK",
+    dtype: str | None = None,
+    timeout_s: float | None = None,
+) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
     ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
     ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its layers from
@@ -73,14 +89,23 @@ def start_shards(model_name: str, n_shards: int, n_layers: int, gpus: float = 0,
         raise PlacementError(
             f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, placed {strategy}"
             f"{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; after {timeout_s:.0f} s the "
-            f"cluster offers {res} per node: {offered}" + ("" if gpus else
-            f". Nodes of a CPU cluster need --resources '{{\"{SHARD_RESOURCE}\": N}}' in ray start"))
+            f"cluster offers {res} per node: {offered}"
+            + (
+                ""
+                if gpus
+                else f". Nodes of a CPU cluster need --resources '{{\"{SHARD_RESOURCE}\": N}}' in ray start"
+            )
+        )
     where = {"num_gpus": float(gpus)} if gpus else {"num_gpus": 0, "resources": {SHARD_RESOURCE: 1}}
     actor = ray.remote(ModelShard)
-    handles = [actor.options(num_cpus=0, **where,
-                             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
-               .remote(model_name, r, "cuda" if gpus else "cpu", dtype)
-               for i, r in enumerate(split_layers(n_layers, n_shards))]
+    handles = [
+        actor.options(
+            num_cpus=0,
+            **where,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(model_name, r, "cuda" if gpus else "cpu", dtype)
+        for i, r in enumerate(split_layers(n_layers, n_shards))
+    ]
     backbone = ShardedBackbone(handles)
     backbone.placement_group = pg
     return backbone
@@ -93,8 +118,10 @@ def placement_summary(backbone: ShardedBackbone) -> str:
 
     nodes = placement_group_table(backbone.placement_group)["bundles_to_node_id"]
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-    return "; ".join(f"layers {r.start}-{r.stop - 1} on node {nodes[i][:8]} ({ips.get(nodes[i], '?')})"
-                     for i, r in enumerate(backbone.ranges))
+    return "; ".join(
+        f"layers {r.start}-{r.stop - 1} on node {nodes[i][:8]} ({ips.get(nodes[i], '?')})"
+        for i, r in enumerate(backbone.ranges)
+    )
 
 
 def on_this_node() -> dict:
@@ -103,7 +130,11 @@ def on_this_node() -> dict:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+    return {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+    }
 
 
 def evaluator_options(backend: str, tensor_parallel_size: int, gpus: float) -> dict:

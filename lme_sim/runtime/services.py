@@ -54,8 +54,15 @@ class EditorService:
     (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas.
     ``device``: where the editor's own work runs (its solves, AlphaEdit's projectors)."""
 
-    def __init__(self, model_name: str, shards: list, method: str, hparams: dict,
-                 max_delta_norm: float = DEFAULT_MAX_DELTA_NORM, device: str = "cpu"):
+    def __init__(
+        self,
+        model_name: str,
+        shards: list,
+        method: str,
+        hparams: dict,
+        max_delta_norm: float = DEFAULT_MAX_DELTA_NORM,
+        device: str = "cpu",
+    ):
         self.max_delta_norm = max_delta_norm
         self.backbone = ShardedBackbone(shards)
         self.local = None
@@ -64,8 +71,16 @@ class EditorService:
             self.tok, self.world, self.local = lm.tok, lm.world, LocalBackbone(lm.model)
         else:
             self.tok, self.world = load_tokenizer(model_name)
-        self.editor = make_editor(method, self.local or self.backbone, self.tok, model_name, hparams,
-                                  world=self.world, progress=False, device=device)
+        self.editor = make_editor(
+            method,
+            self.local or self.backbone,
+            self.tok,
+            model_name,
+            hparams,
+            world=self.world,
+            progress=False,
+            device=device,
+        )
         self.layers = list(self.editor.hp.layers)
         self.weight_stats()  # records the unedited weights where they live
 
@@ -87,7 +102,9 @@ class EditorService:
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
-        return [{"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers]
+        return [
+            {"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers
+        ]
 
     def restore(self, cum: dict[str, torch.Tensor], state: dict) -> None:
         """Bring the shards (and a local replica) and the editor to a checkpoint (resume): the unedited
@@ -141,9 +158,16 @@ class Evaluator:
     ``options``: VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy
     on the unedited model is the reference for ``general_ability_retention``."""
 
-    def __init__(self, model_name: str, rows_per_pass: int = 64, backend: str = "hf",
-                 options: dict | None = None, general_items: list[MCItem] | None = None, device: str = "cpu",
-                 dtype: str = "float32"):
+    def __init__(
+        self,
+        model_name: str,
+        rows_per_pass: int = 64,
+        backend: str = "hf",
+        options: dict | None = None,
+        general_items: list[MCItem] | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         if backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer
@@ -156,8 +180,11 @@ class Evaluator:
         self.rows_per_pass = rows_per_pass
         self.version = 0
         self.general_items = list(general_items or [])
-        self.general_before = (mc_accuracy(self.backbone, self.tok, self.general_items, rows_per_pass)
-                               if self.general_items else None)
+        self.general_before = (
+            mc_accuracy(self.backbone, self.tok, self.general_items, rows_per_pass)
+            if self.general_items
+            else None
+        )
         self.cum: dict[str, torch.Tensor] = {}  # the sum of the deltas applied so far
 
     def follow(self, deltas: dict[str, torch.Tensor], version: int) -> int:
@@ -200,7 +227,10 @@ class Evaluator:
         if probes:
             metrics["retention"] = (sum(p.correct for p in probes) / len(probes), len(probes))
         if req.fluency_prompts:
-            metrics["fluency"] = (fluency(self.backbone, self.tok, req.fluency_prompts), len(req.fluency_prompts))
+            metrics["fluency"] = (
+                fluency(self.backbone, self.tok, req.fluency_prompts),
+                len(req.fluency_prompts),
+            )
         if self.general_items:
             acc = mc_accuracy(self.backbone, self.tok, self.general_items, self.rows_per_pass)
             metrics["general_ability"] = (acc, len(self.general_items))
@@ -221,8 +251,20 @@ class Evaluator:
         out, k = [], 0
         for r in items:
             n = 1 + len([v for v in r.earlier if v != r.value])
-            lp, acc = scores.mean_logprob[k:k + n], scores.token_acc[k:k + n]
-            out.append(ProbeRecord(req.eval_id, self.version, req.step, r.edit_id, "retention", r.prompt, r.value,
-                                   float(lp[0]), float(acc[0]), retained(lp, acc)))
+            lp, acc = scores.mean_logprob[k : k + n], scores.token_acc[k : k + n]
+            out.append(
+                ProbeRecord(
+                    req.eval_id,
+                    self.version,
+                    req.step,
+                    r.edit_id,
+                    "retention",
+                    r.prompt,
+                    r.value,
+                    float(lp[0]),
+                    float(acc[0]),
+                    retained(lp, acc),
+                )
+            )
             k += n
         return out

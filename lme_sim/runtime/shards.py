@@ -24,8 +24,17 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
-from ..backbone import (Backbone, Inject, Output, Plan, add_deltas, restore_weights, run_plan, save_weights,
-                        weight_health)
+from ..backbone import (
+    Backbone,
+    Inject,
+    Output,
+    Plan,
+    add_deltas,
+    restore_weights,
+    run_plan,
+    save_weights,
+    weight_health,
+)
 from ..linalg import nullspace_projector
 from ..suffix import supports_suffix
 
@@ -71,11 +80,16 @@ class ModelShard:
         self._prefixes: dict[int, Any] = {}  # batch key -> lme_sim.suffix.PrefixCache of this shard's blocks
 
     def info(self) -> dict[str, Any]:
-        return {"layers": (self.layers.start, self.layers.stop), "n_layers": n_layers(self.model),
-                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
-                "config": self.model.config, "transposed": arch_of(self.model).transposed,
-                "suffix": supports_suffix(self.model),
-                "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers}}
+        return {
+            "layers": (self.layers.start, self.layers.stop),
+            "n_layers": n_layers(self.model),
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "config": self.model.config,
+            "transposed": arch_of(self.model).transposed,
+            "suffix": supports_suffix(self.model),
+            "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers},
+        }
 
     def forward(self, req: int, input_ids, attention_mask, plan: Plan, hidden_in=None, grad: bool = False):
         """Run this shard's part of ``plan``. Returns (Output, hidden states for the next shard or None).
@@ -84,7 +98,9 @@ class ModelShard:
         """
         leaves: dict = {}  # what this shard differentiates with respect to
         if grad:
-            leaves["hidden"] = hidden_in = hidden_in.detach().requires_grad_(True) if hidden_in is not None else None
+            leaves["hidden"] = hidden_in = (
+                hidden_in.detach().requires_grad_(True) if hidden_in is not None else None
+            )
             inject, rotate = plan.inject, dict(plan.rotate)
             if inject is not None and inject.layer in self.layers:
                 inject = Inject(inject.layer, inject.at, inject.values.detach().requires_grad_(True))
@@ -128,7 +144,9 @@ class ModelShard:
         ``"inject"``, ``("rotate", layer)`` and ``("tap", layer)`` where it owns them (None where unused)."""
         leaves, result = self._graphs.pop(req)
         leaves = {k: v for k, v in leaves.items() if v is not None}
-        grads = torch.autograd.grad(result, list(leaves.values()), grad_out.to(result.device), allow_unused=True)
+        grads = torch.autograd.grad(
+            result, list(leaves.values()), grad_out.to(result.device), allow_unused=True
+        )
         return {k: (g.cpu() if g is not None else None) for k, g in zip(leaves, grads)}
 
     def drop(self, req: int) -> None:
@@ -143,8 +161,9 @@ class ModelShard:
         stays here under ``key``. Returns (logits or None, hidden states for the next shard or None)."""
         from ..suffix import prefix_pass
 
-        pc, out, boundary = prefix_pass(self.model, input_ids, attention_mask, start, layer, logits,
-                                        self.layers, hidden_in)
+        pc, out, boundary = prefix_pass(
+            self.model, input_ids, attention_mask, start, layer, logits, self.layers, hidden_in
+        )
         if pc.h is not None or pc.kv:
             self._prefixes[key] = pc
         return (out.cpu() if out is not None else None), (boundary.cpu() if boundary is not None else None)
@@ -164,8 +183,9 @@ class ModelShard:
             logits, boundary = suffix_pass(self.model, pc, rows, values, at, self.layers, hidden_in)
         if grad:
             self._graphs[req] = (leaves, logits if boundary is None else boundary)
-        return (logits.detach().cpu() if logits is not None else None), \
-            (boundary.detach().cpu() if boundary is not None else None)
+        return (logits.detach().cpu() if logits is not None else None), (
+            boundary.detach().cpu() if boundary is not None else None
+        )
 
     def drop_prefix(self, key: int) -> None:
         self._prefixes.pop(key, None)
@@ -186,8 +206,10 @@ class ModelShard:
 
 def _on_cpu(out: Output) -> Output:
     """``out`` with every tensor detached and on the CPU (what a shard hands to other processes)."""
+
     def cpu(d):
         return {k: v.detach().cpu() for k, v in d.items()}
+
     out.keys, out.hidden, out.key_moments = cpu(out.keys), cpu(out.hidden), cpu(out.key_moments)
     out.logits = out.logits.detach().cpu() if out.logits is not None else None
     return out
@@ -213,8 +235,11 @@ class ShardedBackbone(Backbone):
         infos = [call(s, "info") for s in shards]
         self.ranges = [range(*i["layers"]) for i in infos]
         self.n_layers = infos[0]["n_layers"]
-        if [r.start for r in self.ranges[1:]] != [r.stop for r in self.ranges[:-1]] or \
-                self.ranges[0].start != 0 or self.ranges[-1].stop != self.n_layers:
+        if (
+            [r.start for r in self.ranges[1:]] != [r.stop for r in self.ranges[:-1]]
+            or self.ranges[0].start != 0
+            or self.ranges[-1].stop != self.n_layers
+        ):
             raise ValueError(f"shards must cover layers 0..{self.n_layers} contiguously, got {self.ranges}")
         self.config = infos[0]["config"]
         self._transposed = infos[0]["transposed"]
@@ -230,8 +255,16 @@ class ShardedBackbone(Backbone):
             out = Output()
             rot_layers = sorted(plan.rotate)
             inj = plan.inject.values if plan.inject is not None else None
-            out.logits = _ShardedLogits.apply(self, input_ids, attention_mask, plan, out, rot_layers, inj,
-                                              *[plan.rotate[l] for l in rot_layers])
+            out.logits = _ShardedLogits.apply(
+                self,
+                input_ids,
+                attention_mask,
+                plan,
+                out,
+                rot_layers,
+                inj,
+                *[plan.rotate[l] for l in rot_layers],
+            )
             return out
         return self._chain(next(self._requests), input_ids, attention_mask, plan, grad_from=None)
 
@@ -314,8 +347,11 @@ class ShardedBackbone(Backbone):
             for shard in self.shards[first:]:
                 call(shard, "drop", req)
             raise
-        return ({l: merged.keys[l].float() for l in layers}, {l: found[("tap", l)].float() for l in layers},
-                nll.detach())
+        return (
+            {l: merged.keys[l].float() for l in layers},
+            {l: found[("tap", l)].float() for l in layers},
+            nll.detach(),
+        )
 
     def supports_suffix(self) -> bool:
         return self._suffix
@@ -336,7 +372,9 @@ class ShardedBackbone(Backbone):
 
     def _suffix_chain(self, req, handle, rows, values, at, grad: bool):
         logits, hidden = None, None
-        for shard in self.shards[self._owner(handle.layer):]:  # shards before it hold nothing a delta changes
+        for shard in self.shards[
+            self._owner(handle.layer) :
+        ]:  # shards before it hold nothing a delta changes
             logits, hidden = call(shard, "suffix_forward", req, handle.key, rows, values, at, hidden, grad)
         return logits
 
@@ -377,16 +415,34 @@ class _ShardedLogits(torch.autograd.Function):
     """Logits as a differentiable function of the injected vectors and rotation matrices, across shards."""
 
     @staticmethod
-    def forward(ctx, backbone: ShardedBackbone, input_ids, attention_mask, plan: Plan, out: Output,
-                rot_layers: list[int], values, *rotations):
+    def forward(
+        ctx,
+        backbone: ShardedBackbone,
+        input_ids,
+        attention_mask,
+        plan: Plan,
+        out: Output,
+        rot_layers: list[int],
+        values,
+        *rotations,
+    ):
         req = next(backbone._requests)
         layers = rot_layers + ([plan.inject.layer] if plan.inject is not None else [])
         first = min(backbone._owner(l) for l in layers)
-        detached = replace(plan, rotate={l: m.detach() for l, m in zip(rot_layers, rotations)},
-                           inject=None if plan.inject is None else
-                           Inject(plan.inject.layer, plan.inject.at, values.detach()))
+        detached = replace(
+            plan,
+            rotate={l: m.detach() for l, m in zip(rot_layers, rotations)},
+            inject=None
+            if plan.inject is None
+            else Inject(plan.inject.layer, plan.inject.at, values.detach()),
+        )
         merged = backbone._chain(req, input_ids, attention_mask, detached, grad_from=first)
-        out.keys, out.hidden, out.key_moments, out.n_tokens = merged.keys, merged.hidden, merged.key_moments, merged.n_tokens
+        out.keys, out.hidden, out.key_moments, out.n_tokens = (
+            merged.keys,
+            merged.hidden,
+            merged.key_moments,
+            merged.n_tokens,
+        )
         ctx.backbone, ctx.req, ctx.first, ctx.rot_layers = backbone, req, first, rot_layers
         ctx.meta = [(t.dtype, t.device) if t is not None else None for t in (values, *rotations)]
         return merged.logits
@@ -399,6 +455,8 @@ class _ShardedLogits(torch.autograd.Function):
             grad = grads.pop("hidden", None)
             found.update(grads)
         keys = ["inject"] + [("rotate", l) for l in ctx.rot_layers]
-        out = [found[k].to(device=m[1], dtype=m[0]) if m is not None and found.get(k) is not None else None
-               for k, m in zip(keys, ctx.meta)]
+        out = [
+            found[k].to(device=m[1], dtype=m[0]) if m is not None and found.get(k) is not None else None
+            for k, m in zip(keys, ctx.meta)
+        ]
         return (None, None, None, None, None, None, *out)

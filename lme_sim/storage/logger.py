@@ -82,8 +82,9 @@ class RunLogger:
         self._buffers: dict[str, list[dict]] = {t: [] for t in WRITABLE}
 
     # ---- runs ---------------------------------------------------------------------------------
-    def start_run(self, run_id, name, scenario_path, scenario: dict, model, method,
-                  resume: bool = False) -> None:
+    def start_run(
+        self, run_id, name, scenario_path, scenario: dict, model, method, resume: bool = False
+    ) -> None:
         """Register a run as running; an existing run_id is an error unless ``resume=True``."""
         from lme_sim import __version__
 
@@ -97,9 +98,17 @@ class RunLogger:
             return
         self.con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?, ?)",
-            [run_id, name, None if scenario_path is None else str(scenario_path),
-             json.dumps(scenario, default=str), model, method, _now(), SCHEMA_VERSION,
-             __version__],
+            [
+                run_id,
+                name,
+                None if scenario_path is None else str(scenario_path),
+                json.dumps(scenario, default=str),
+                model,
+                method,
+                _now(),
+                SCHEMA_VERSION,
+                __version__,
+            ],
         )
 
     def finish_run(self, run_id, status: str = "finished") -> None:
@@ -129,10 +138,12 @@ class RunLogger:
 
     def _arrow(self, table: str, rows: list[dict]) -> pa.Table:
         """Rows as an Arrow table with the column types of ``table``."""
-        return pa.table({
-            col: pa.array([_convert(r.get(col), dtype) for r in rows], type=_ARROW_TYPES[dtype])
-            for col, dtype in self.columns[table].items()
-        })
+        return pa.table(
+            {
+                col: pa.array([_convert(r.get(col), dtype) for r in rows], type=_ARROW_TYPES[dtype])
+                for col, dtype in self.columns[table].items()
+            }
+        )
 
     def _write(self, tables: dict[str, list[dict]]) -> None:
         """Insert each table's rows with one Arrow insert, all in one transaction."""
@@ -145,9 +156,7 @@ class RunLogger:
             self.con.execute("BEGIN TRANSACTION")
             try:
                 for table in arrow:
-                    self.con.execute(
-                        f"INSERT INTO {table} BY NAME SELECT * FROM _lme_rows_{table}"
-                    )
+                    self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _lme_rows_{table}")
                 self.con.execute("COMMIT")
             except Exception:
                 self.con.execute("ROLLBACK")
@@ -182,8 +191,14 @@ class RunLogger:
         later batches with their edits and weight stats, batches rejected after it, and the evaluations
         from its own on (they are redone). Resuming replays those batches from the stream."""
         self.flush()
-        deletes = [("batches", "batch_id > ?"), ("edits", "batch_id > ?"), ("weight_stats", "batch_id > ?"),
-                   ("rejected_batches", "after_batch >= ?"), ("probes", "step >= ?"), ("metrics", "step >= ?")]
+        deletes = [
+            ("batches", "batch_id > ?"),
+            ("edits", "batch_id > ?"),
+            ("weight_stats", "batch_id > ?"),
+            ("rejected_batches", "after_batch >= ?"),
+            ("probes", "step >= ?"),
+            ("metrics", "step >= ?"),
+        ]
         self.con.execute("BEGIN TRANSACTION")
         try:
             for table, where in deletes:
@@ -196,9 +211,7 @@ class RunLogger:
     # ---- reading ------------------------------------------------------------------------------
     def last_committed_batch(self, run_id) -> int | None:
         """Highest committed batch_id of the run, None if none."""
-        return self.con.execute(
-            "SELECT max(batch_id) FROM batches WHERE run_id = ?", [run_id]
-        ).fetchone()[0]
+        return self.con.execute("SELECT max(batch_id) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]
 
     def committed_edit_ids(self, run_id) -> set[int]:
         """edit_ids of the run already in the database."""

@@ -238,6 +238,4 @@ def create_schema(con, path="<database>") -> None:
     for name, sql in VIEWS.items():
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     if stored_version(con) is None:
-        con.execute(
-            "INSERT INTO schema_info VALUES (?, now()::TIMESTAMP)", [SCHEMA_VERSION]
-        )
+        con.execute("INSERT INTO schema_info VALUES (?, now()::TIMESTAMP)", [SCHEMA_VERSION])
