@@ -123,7 +123,7 @@ def step_flops(lm, cases, contexts, layer: int, overrides: dict, reps: int = 3) 
     for name, h in (("reference_step", None), ("suffix_step", handle)):
         delta = torch.zeros(n, lm.model.config.hidden_size, requires_grad=True)
 
-        def step():
+        def step(delta=delta, h=h):
             nll, kl_logp = rw.forward(bb, layer, delta, torch.arange(n), h)
             (nll.sum() + kl_logp.exp().sum()).backward()
 

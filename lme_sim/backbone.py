@@ -4,7 +4,8 @@ A plan says, for one batch of token ids, which activations to read (W's input "k
 block's output "hidden", at given (row, position) pairs, or the second moment of the keys over
 every real token), where to add a vector to a block's output (``inject``), which edited
 matrices to multiply on their input side by a block-diagonal matrix (``rotate``: W x becomes
-W M x, i.e. W' = W M, without forming W M), and at which positions to return next-token logits. :class:`LocalBackbone` runs a plan on an in-process
+W M x, i.e. W' = W M, without forming W M), and at which positions to return next-token logits.
+:class:`LocalBackbone` runs a plan on an in-process
 Hugging Face model with forward hooks; the runtime's sharded backbone runs the same plan over
 layer-range shards (Ray actors), so every editor works unchanged on 1 or N shards.
 

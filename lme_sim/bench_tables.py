@@ -102,7 +102,8 @@ def probes_table(rows: list[dict], result: dict, console: Console) -> None:
 
 
 def history_marks(rows: list[dict], marks) -> list[tuple[int, float, float, dict]]:
-    """(mark, median wall and CPU seconds of batches mark-1..mark+1, the mark's own row) per reported batch."""
+    """(mark, median wall and CPU seconds of batches mark-1..mark+1, the mark's own row) per reported
+    batch."""
     by_step = {r["step"]: r for r in rows}
     out = []
     for k in marks:

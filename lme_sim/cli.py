@@ -33,7 +33,7 @@ def world_build(name: str) -> None:
     try:
         cfg = get_world_config(name)
     except ValueError as e:
-        raise click.UsageError(str(e))
+        raise click.UsageError(str(e)) from None
     model, tok, w = load_world_model(cfg)
     stats = world_stats(name)
     click.echo(

@@ -369,7 +369,8 @@ def _find_subject(subject: str, prompt: str) -> str | None:
 def load_known_facts(
     path_or_id: str | Path, limit: int | None = None, *, split: str = "train"
 ) -> list[EditCase]:
-    """ROME ``known_1000.json``: facts the model already knows (``target_new == target_true``), for retention probes."""
+    """ROME ``known_1000.json``: facts the model already knows (``target_new == target_true``), for
+    retention probes."""
     return _take(map(_known_case, _records("known_facts", path_or_id, split, "known_id")), limit)
 
 
@@ -425,6 +426,7 @@ def load_cases(spec: str | Mapping[str, Any]) -> list[EditCase]:
     unknown = set(options) - allowed - {"path"}
     if unknown:
         raise DataError(
-            f"data spec for {kind!r}: unknown field(s) {sorted(unknown)} (allowed: {sorted(allowed | {'path'})})"
+            f"data spec for {kind!r}: unknown field(s) {sorted(unknown)} "
+            f"(allowed: {sorted(allowed | {'path'})})"
         )
     return loader(options.pop("path"), **options)

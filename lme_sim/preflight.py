@@ -54,7 +54,7 @@ def check(scn: Scenario, path: str | Path) -> None:
                 f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
                 "the GPU machines (docs/evaluators.md), or set backend: hf"
             )
-    for i, spec in enumerate(scn.editors):
+    for i in range(len(scn.editors)):
         _check_editor(path, scn, i, n_layers)
 
 

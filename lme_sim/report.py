@@ -71,7 +71,8 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     rows = _rows(
         db,
         "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, k.collapse_edits "
-        "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) order by c.n_edits, c.eval_id",
+        "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) "
+        "order by c.n_edits, c.eval_id",
         [list(run_ids)],
     )
     for rid in run_ids:

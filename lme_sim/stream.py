@@ -1,4 +1,5 @@
-"""The edit stream: a scenario's timeline turned into timed ``edit`` / ``update`` / ``revert`` / ``eval`` events.
+"""The edit stream: a scenario's timeline turned into timed ``edit`` / ``update`` / ``revert`` / ``eval``
+events.
 
 Pure Python; the Ray actor of the distributed runtime is a thin shell around :class:`EditStream`.
 

@@ -135,7 +135,7 @@ def _writer(adds: dict[str, torch.Tensor], sets: dict[str, torch.Tensor]):
         except Exception:  # not initialized: a single process
             rank, world = 0, 1
         params = dict(model.named_parameters())
-        for name, d in {**adds, **sets}.items():
+        for name in {**adds, **sets}:
             if name not in params:
                 raise KeyError(f"vLLM model has no parameter {name!r} to apply a delta to")
         master = model.__dict__.setdefault("_lme_sim_master", {})  # float32 copies of edited 16-bit weights

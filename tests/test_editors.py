@@ -117,7 +117,7 @@ def test_nullspace_projector_is_a_projector():
 
 def test_alphaedit_covariance_of_edited_keys_accumulates_and_round_trips(alphaedit_run):
     _, editor, _, _ = alphaedit_run
-    for layer, c in editor.cache_c.items():
+    for c in editor.cache_c.values():
         assert c.shape == (512, 512) and torch.trace(c) > 0
     state = editor.state_dict()
     editor.cache_c = {l: torch.zeros_like(c) for l, c in editor.cache_c.items()}
@@ -147,7 +147,7 @@ def test_ft_edits_within_its_norm_constraint(fresh_small_world, stream):
     after = summarize(case_metrics(model, tok, stream[:10]))
     print("FT on 10 edits:", after, result.stats)
     assert after["efficacy"] >= 0.8
-    for name, d in result.deltas.items():
+    for d in result.deltas.values():
         assert d.abs().max() <= hp.norm_constraint + 1e-7
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set(result.deltas)

@@ -128,7 +128,7 @@ def test_mose_same_on_1_and_2_shards_and_state_round_trips(small_world):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
         editor = make_editor("mose", bb, tok, MODEL, {"num_steps": 10}, world=world, progress=False)
         runs[n] = ([editor.edit(cases[i : i + 10]).deltas for i in (0, 10)], editor)
-    (d1, e1), (d2, e2) = runs[1], runs[2]
+    (d1, _), (d2, e2) = runs[1], runs[2]
     for b1, b2 in zip(d1, d2):
         assert b1.keys() == b2.keys()
         for k in b1:

@@ -47,7 +47,7 @@ class FT(Editor):
         with timer("solve"), frozen(model):
             for p in params:
                 p.requires_grad_(True)
-            for steps in range(hp.num_steps):
+            for steps in range(hp.num_steps):  # noqa: B007  (the count is reported)
                 rows, lp, _ = target_logprobs(backbone, batch)
                 per_row = torch.zeros(len(batch), device=lp.device).index_add(0, rows.to(lp.device), -lp)
                 loss = (per_row / batch.target_len.to(lp.device)).mean()

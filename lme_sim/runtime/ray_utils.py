@@ -72,8 +72,8 @@ def start_shards(
 ) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
     ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
-    ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its layers from
-    ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
+    ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its
+    layers from ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
     hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`)."""
     import ray
     from ray.util.placement_group import placement_group
@@ -87,8 +87,9 @@ def start_shards(
         (res,) = bundle
         offered = {n["NodeID"][:8]: n["Resources"].get(res, 0) for n in ray.nodes() if n["Alive"]}
         raise PlacementError(
-            f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, placed {strategy}"
-            f"{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; after {timeout_s:.0f} s the "
+            f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, "
+            f"placed {strategy}{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; "
+            f"after {timeout_s:.0f} s the "
             f"cluster offers {res} per node: {offered}"
             + (
                 ""

@@ -202,7 +202,8 @@ VIEWS = {
     "weight_health": """
         SELECT w.run_id, w.batch_id, w.module, w.frobenius, w.spectral, w.condition, w.delta_norm,
                w.cum_delta_norm,
-               w.condition / first_value(w.condition) OVER (PARTITION BY w.run_id, w.module ORDER BY w.batch_id)
+               w.condition / first_value(w.condition)
+                   OVER (PARTITION BY w.run_id, w.module ORDER BY w.batch_id)
                    AS condition_growth
         FROM weight_stats w
         ORDER BY w.run_id, w.module, w.batch_id""",
