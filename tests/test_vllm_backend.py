@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from lme_sim.backbone import LocalBackbone, add_to_param
+from lme_sim.backbone import LocalBackbone, add_deltas
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
 from lme_sim.scoring import greedy_generate, score_targets
@@ -23,7 +23,7 @@ vllm = pytest.mark.vllm
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_engine_writer_keeps_16_bit_weights_with_the_shards(dtype):
     """50 small deltas written into a 16-bit engine parameter in place (what ``VLLMScorer.apply_deltas``
-    runs on each vLLM worker) end where the shards' weights end (``add_to_param`` with a float32
+    runs on each vLLM worker) end where the shards' weights end (``add_deltas`` with a float32
     master copy), not where 50 roundings of 16-bit sums drift to."""
     torch.manual_seed(0)
     engine, shard = torch.nn.Linear(64, 32, bias=False), torch.nn.Linear(64, 32, bias=False)
@@ -34,7 +34,7 @@ def test_the_engine_writer_keeps_16_bit_weights_with_the_shards(dtype):
     for _ in range(50):
         d = 1e-4 * torch.randn(32, 64)  # well below a 16-bit step of weights of ~0.1
         _writer({"weight": d}, {})(engine)
-        add_to_param(shard, "weight", d, master)
+        add_deltas(shard, {"weight": d}, master)
         exact += d.double()
     step = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)  # the dtype's resolution
     assert ((shard.weight.double() - exact).abs() <= step).all()  # the shards follow the exact sum
