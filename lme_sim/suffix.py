@@ -188,22 +188,46 @@ def length_groups(length: torch.Tensor, overhead: int = 32) -> list[torch.Tensor
 
 def _run_blocks(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, h: torch.Tensor, blocks: list[int]):
     """Blocks ``blocks`` on ``h`` (b, S, d), the suffixes of ``rows``, attending to their cached prefixes."""
+    start = pc.start[rows]
+    P = int(start.max())
+    kv = {
+        l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P]) for l, (k, v) in pc.kv.items() if l in blocks
+    }
+    return run_on_prefix(model, kv, start, pc.length[rows], h, blocks)
+
+
+def run_on_prefix(
+    model: nn.Module,
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    start: torch.Tensor,
+    length: torch.Tensor,
+    h: torch.Tensor,
+    blocks: list[int],
+) -> torch.Tensor:
+    """Blocks ``blocks`` on ``h`` (b, S, d): row r's positions start_r + j (j < length_r real, the rest
+    padding), attending to the cached keys and values ``kv`` (block -> K, V (b, kv heads, >= max start,
+    head dim)) of its positions < start_r. Returns the last block's output (b, S, d)."""
     dev = h.device
-    start, length = pc.start[rows], pc.length[rows]
+    start, length = start.cpu(), length.cpu()
     P, S = int(start.max()), h.shape[1]
     pos = (start[:, None] + torch.arange(S)).to(dev)  # (b, S) absolute positions
     mask = suffix_mask(start, length, P, S, h.dtype).to(dev)  # (b, 1, S, P + S)
-    kv = _PrefixKV(
-        {
-            l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
-            for l, (k, v) in pc.kv.items()
-            if l in blocks
-        }
-    )
+    cache = _PrefixKV({l: (k[:, :, :P], v[:, :, :P]) for l, (k, v) in kv.items() if l in blocks})
     kwargs = _block_kwargs(model, h, pos)
     for l in blocks:
-        h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=kv, **kwargs))
+        h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=cache, **kwargs))
     return h
+
+
+def embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The input of block 0 for token ``ids`` (b, S) at absolute positions ``pos`` (b, S)."""
+    h = model.get_input_embeddings()(ids)
+    kind = model.config.model_type
+    if kind == "gpt2":
+        return h + model.base_model.wpe(pos)
+    if kind == "llama":
+        return h  # RoPE is applied inside the blocks (:func:`_block_kwargs`)
+    raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
 
 
 def suffix_pass(

@@ -44,6 +44,49 @@ def test_batched_scoring_multi_token_targets_with_rotary_model(small_world):
     assert torch.allclose(batched.sum_logprob, batched.mean_logprob * batched.n_tokens, atol=1e-6)
 
 
+def _llama(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_scoring_by_prompt_equals_one_row_per_pair(small_world):
+    """Targets that share a prompt continue from its attention cache: the same log-probs and token
+    accuracies as a row per pair, on GPT-2 (the world) and Llama (rotary) blocks, for shared and
+    distinct prompts, repeated pairs, and targets of one to three tokens."""
+    from lme_sim.backbone import LocalBackbone
+    from lme_sim.scoring import score_by_prompt, score_each
+    from lme_sim.tokens import encode_pairs
+
+    world_model, tok, world = small_world
+    cases = world.edit_cases(12, seed=3)
+    prompts, targets = [], []
+    for c in cases:
+        prompts += [c.prompt, c.prompt, c.paraphrases[-1], c.prompt]
+        targets += [c.target_new, c.target_true, c.target_new, c.target_new]  # the last one repeats
+    prompts += ["The job of " + world.subjects[0]] * 3 + ["The"]
+    targets += ["is a", "and of the", world.objects[world.relations[0]][0], "I You The"]
+    batch = encode_pairs(tok, prompts, targets)
+    assert sorted(set(batch.target_len.tolist())) == [1, 2, 3]
+    for model in (world_model, _llama(tok)):
+        ref = score_each(LocalBackbone(model), batch, batch_size=5)
+        got = score_by_prompt(model, batch, batch_size=3)
+        assert torch.allclose(got.mean_logprob, ref.mean_logprob, atol=1e-4)
+        assert torch.equal(got.token_acc, ref.token_acc)
+        assert torch.equal(got.n_tokens, ref.n_tokens)
+        # score_targets takes this path for an in-process model
+        assert torch.allclose(score_targets(model, tok, prompts, targets).mean_logprob, ref.mean_logprob, atol=1e-4)
+    assert ref.mean_logprob.std() > 0.1  # real, differing scores
+
+
 def test_greedy_generation_batched_equals_single(small_world):
     model, tok, world = small_world
     prompts = [c.prompt for c in world.edit_cases(5, seed=2)]
