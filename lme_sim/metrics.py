@@ -22,16 +22,19 @@ from statistics import mean
 import torch
 
 from .cases import EditCase
-from .scoring import greedy_generate, score_targets
+from .scoring import TargetScores, greedy_generate, score_targets
 
 CONSISTENCY_UNAVAILABLE = "consistency: skipped (no reference text of the new objects in this dataset)"
 
 
-def case_metrics(model, tok, cases: list[EditCase], batch_size: int = 64) -> list[dict]:
-    """Per case: efficacy, generalization, specificity and the ZsRE token accuracies."""
+Probe = tuple[int, str, int]  # (case, probe kind, probe number)
+
+
+def case_probes(cases: list[EditCase]) -> tuple[list[str], list[str], list[Probe]]:
+    """Every (prompt, target) pair the papers' metrics read for ``cases``, and which probe each is."""
     prompts: list[str] = []
     targets: list[str] = []
-    index: list[tuple[int, str, int]] = []  # (case, probe kind, probe number)
+    index: list[Probe] = []
 
     def add(i: int, kind: str, j: int, prompt: str, target: str) -> None:
         prompts.append(prompt)
@@ -49,9 +52,19 @@ def case_metrics(model, tok, cases: list[EditCase], batch_size: int = 64) -> lis
         for j, (p, answer) in enumerate(c.neighborhood):
             add(i, "nb_true", j, p, answer)
             add(i, "nb_new", j, p, c.target_new)
-    s = score_targets(model, tok, prompts, targets, batch_size)
-    lp: dict[tuple[int, str, int], float] = {}
-    acc: dict[tuple[int, str, int], float] = {}
+    return prompts, targets, index
+
+
+def case_metrics(model, tok, cases: list[EditCase], batch_size: int = 64) -> list[dict]:
+    """Per case: efficacy, generalization, specificity and the ZsRE token accuracies."""
+    prompts, targets, index = case_probes(cases)
+    return case_rows(cases, index, score_targets(model, tok, prompts, targets, batch_size))
+
+
+def case_rows(cases: list[EditCase], index: list[Probe], s: TargetScores) -> list[dict]:
+    """The per-case metrics from the scores ``s`` of the pairs :func:`case_probes` listed as ``index``."""
+    lp: dict[Probe, float] = {}
+    acc: dict[Probe, float] = {}
     for k, key in enumerate(index):
         lp[key], acc[key] = s.mean_logprob[k].item(), s.token_acc[k].item()
 

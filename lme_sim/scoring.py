@@ -26,6 +26,9 @@ class TargetScores:
     token_acc: torch.Tensor  # (N,) fraction of target tokens that are the argmax (teacher forcing)
     n_tokens: torch.Tensor  # (N,)
 
+    def __getitem__(self, rows: slice) -> TargetScores:
+        return TargetScores(self.mean_logprob[rows], self.sum_logprob[rows], self.token_acc[rows], self.n_tokens[rows])
+
 
 class PairScorer:
     """A scoring engine outside torch (the vLLM backend): scores pair batches and generates greedily.

@@ -357,7 +357,12 @@ class Run:
             ids = sorted(random.Random(st.eval_id).sample(ids, spec.retention_sample))
         facts = list(latest.values())
         if not final and len(facts) > spec.retention_sample:
-            facts = random.Random(-st.eval_id).sample(facts, spec.retention_sample)
+            if len(facts) == len(st.committed):  # one edit per fact: the sampled edits' facts, which
+                # share their prompts with the edits' probes (one pass for both, scoring.score_by_prompt)
+                keys = {self.by_edit[i].fact_key for i in ids}
+                facts = [r for k, r in latest.items() if k in keys]
+            else:
+                facts = random.Random(-st.eval_id).sample(facts, spec.retention_sample)
         recent = (
             [self.by_edit[i].case.prompt for i in st.committed[-spec.fluency_prompts :]]
             if spec.fluency_prompts

@@ -22,10 +22,10 @@ from ..cases import EditCase
 from ..editors import editor_class, make_editor
 from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
-from ..metrics import case_metrics, fluency, retained, summarize
+from ..metrics import case_probes, case_rows, fluency, retained, summarize
 from ..models import load_model, load_tokenizer
 from ..scenario import DEFAULT_MAX_DELTA_NORM
-from ..scoring import score_targets
+from ..scoring import TargetScores, score_targets
 from ..storage.records import MetricRecord, ProbeRecord
 from .delta_guard import delta_problem
 from .shards import ShardedBackbone
@@ -128,6 +128,16 @@ class RetentionItem:
     earlier: list[str]
 
 
+def retention_pairs(items: list[RetentionItem]) -> tuple[list[str], list[str]]:
+    """(prompt, value) pairs: each item's latest value, then each distinct earlier value."""
+    prompts, targets = [], []
+    for r in items:
+        for value in [r.value] + [v for v in r.earlier if v != r.value]:
+            prompts.append(r.prompt)
+            targets.append(value)
+    return prompts, targets
+
+
 @dataclass
 class EvalRequest:
     eval_id: int
@@ -219,10 +229,17 @@ class Evaluator:
         if version is not None and version != self.version:
             return Behind(self.version)
         version, ev = self.version, req.eval_id
-        probes = self._retention(req)
+        # retention and the papers' metrics in one scoring call: pairs that share a prompt (a fact's
+        # values, an edit's new and true object) share its pass (scoring.score_by_prompt)
+        r_prompts, r_targets = retention_pairs(req.retention)
+        c_prompts, c_targets, index = case_probes(req.cases)
+        scores = score_targets(
+            self.backbone, self.tok, r_prompts + c_prompts, r_targets + c_targets, self.rows_per_pass
+        )
+        probes = self._retention(req, scores[: len(r_prompts)])
         metrics: dict[str, tuple[float, int]] = {}
         if req.cases:
-            rows = case_metrics(self.backbone, self.tok, req.cases, self.rows_per_pass)
+            rows = case_rows(req.cases, index, scores[len(r_prompts) :])
             metrics.update({k: (v, sum(k in r for r in rows)) for k, v in summarize(rows).items()})
         if probes:
             metrics["retention"] = (sum(p.correct for p in probes) / len(probes), len(probes))
@@ -239,15 +256,10 @@ class Evaluator:
         rows = [MetricRecord(ev, version, req.step, name, float(v), n) for name, (v, n) in metrics.items()]
         return Evaluation(ev, version, probes, rows)
 
-    def _retention(self, req: EvalRequest) -> list[ProbeRecord]:
-        """Every item's latest value against each of its earlier values, all in one batched scoring."""
+    def _retention(self, req: EvalRequest, scores: TargetScores) -> list[ProbeRecord]:
+        """Every item's latest value against each of its earlier values (``scores``: of
+        :func:`retention_pairs`)."""
         items = req.retention
-        prompts, targets = [], []
-        for r in items:
-            for value in [r.value] + [v for v in r.earlier if v != r.value]:
-                prompts.append(r.prompt)
-                targets.append(value)
-        scores = score_targets(self.backbone, self.tok, prompts, targets, self.rows_per_pass)
         out, k = [], 0
         for r in items:
             n = 1 + len([v for v in r.earlier if v != r.value])
