@@ -27,7 +27,9 @@ class TargetScores:
     n_tokens: torch.Tensor  # (N,)
 
     def __getitem__(self, rows: slice) -> TargetScores:
-        return TargetScores(self.mean_logprob[rows], self.sum_logprob[rows], self.token_acc[rows], self.n_tokens[rows])
+        return TargetScores(
+            self.mean_logprob[rows], self.sum_logprob[rows], self.token_acc[rows], self.n_tokens[rows]
+        )
 
 
 class PairScorer:
@@ -155,9 +157,7 @@ def score_by_prompt(model, batch: PairBatch, batch_size: int = 64) -> TargetScor
         labels = ids[rows[:, None], (at + 1).clamp_max(ids.shape[1] - 1)]
         pos = (start[o_m][:, None] + j).to(dev)
         h = embed(model, x.to(dev), pos)
-        kv = {
-            l: (layer.keys[o_m.to(dev)], layer.values[o_m.to(dev)]) for l, layer in enumerate(cache.layers)
-        }
+        kv = {l: (layer.keys[o_m.to(dev)], layer.values[o_m.to(dev)]) for l, layer in enumerate(cache.layers)}
         h = run_on_prefix(model, kv, start[o_m], length, h, list(range(n_layers(model))))
         r, c = real.nonzero(as_tuple=True)
         lp = torch.log_softmax(head(norm(h[r.to(dev), c.to(dev)])).float(), -1)

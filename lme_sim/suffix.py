@@ -191,7 +191,9 @@ def _run_blocks(model: nn.Module, pc: PrefixCache, rows: torch.Tensor, h: torch.
     start = pc.start[rows]
     P = int(start.max())
     kv = {
-        l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P]) for l, (k, v) in pc.kv.items() if l in blocks
+        l: (k[rows.to(k.device), :, :P], v[rows.to(v.device), :, :P])
+        for l, (k, v) in pc.kv.items()
+        if l in blocks
     }
     return run_on_prefix(model, kv, start, pc.length[rows], h, blocks)
 

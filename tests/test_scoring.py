@@ -83,7 +83,9 @@ def test_scoring_by_prompt_equals_one_row_per_pair(small_world):
         assert torch.equal(got.token_acc, ref.token_acc)
         assert torch.equal(got.n_tokens, ref.n_tokens)
         # score_targets takes this path for an in-process model
-        assert torch.allclose(score_targets(model, tok, prompts, targets).mean_logprob, ref.mean_logprob, atol=1e-4)
+        assert torch.allclose(
+            score_targets(model, tok, prompts, targets).mean_logprob, ref.mean_logprob, atol=1e-4
+        )
     assert ref.mean_logprob.std() > 0.1  # real, differing scores
 
 
