@@ -112,3 +112,9 @@ def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
             f"{path}: field '{where}.layers': no layer {missing[0]} in {scn.model!r} "
             f"(layers 0..{n_layers - 1})"
         )
+    stats = getattr(hp, "stats", None)
+    if stats is not None and stats.kind == "file" and not Path(stats.path or "").expanduser().is_file():
+        raise ScenarioError(
+            f"{path}: field '{where}.stats.path': file {stats.path!r} not found (make a corpus of "
+            "CounterFact's true facts with: lme-sim corpus --from COUNTERFACT_JSON --out FILE)"
+        )

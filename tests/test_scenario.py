@@ -1,6 +1,7 @@
 """Bad scenarios stop at validation: one message naming the file and the field, exit code 2,
 nothing written."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,10 @@ CASES = {
     "bad method in a list": (GOOD + "editor: [{method: mose}, {method: rome9}]\n", "editor.1.method"),
     "bad hparam in a list": (GOOD + "editor: [{method: mose, hparams: {lr: fast}}]\n", "editor.0.hparams.lr"),
     "empty method list": (GOOD + "editor: []\n", "editor"),
+    "missing stats corpus": (
+        GOOD + "editor: {method: alphaedit, hparams: {stats: {kind: file, path: ./no/corpus.txt}}}\n",
+        "editor.hparams.stats.path",
+    ),
 }
 
 
@@ -82,6 +87,11 @@ def _shipped_scenarios():
 def test_shipped_scenarios_validate(path, monkeypatch):
     assert path is not None, f"no scenario files found under {ROOT / 'scenarios'}"
     monkeypatch.chdir(ROOT)  # data paths in shipped scenarios are relative to the checkout
+    for corpus in re.findall(r"runs/corpus/[\w.-]+\.txt", path.read_text()):
+        if not Path(corpus).is_file():  # made as the scenario's header says (runs/ is git-ignored)
+            source = "../shared/data/counterfact-train.json"
+            r = CliRunner().invoke(main, ["corpus", "--from", source, "--out", corpus])
+            assert r.exit_code == 0, r.output
     load_scenario(path)
 
 
