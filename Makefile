@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.lme-sim-installed
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.lme-sim-installed
 
-.PHONY: setup run test lint format test-slow test-vllm test-gpu bench bench-smollm2 clean
+.PHONY: setup run test lint format test-slow test-vllm test-gpu bench bench-smollm2 bench-locate-edit clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: setup                    ## edits/s per method and phase, probes/s, histo
 
 bench-smollm2: setup            ## batched vs one-at-a-time target optimization on SmolLM2-135M
 	$(PY) benchmarks/target_batching.py
+
+# issue 16's setting (AlphaEdit paper hparams, 20 CounterFact edits): reference vs suffix passes in one
+# run, at one torch thread (~15 min on 2 CPU cores); needs ../shared/data/counterfact-{edit,train}.json
+bench-locate-edit: setup        ## s per edit of AlphaEdit on SmolLM2: the reference passes vs the suffix passes
+	OMP_NUM_THREADS=1 LME_SIM_CACHE=$${LME_SIM_CACHE:-$$HOME/.cache/lme_sim} $(PY) benchmarks/locate_edit_speed.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache
