@@ -61,7 +61,12 @@ def validate(scenario: str) -> None:
     help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).",
 )
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
-def run(scenario: str, db: str | None, address: str | None, resume: str | None) -> None:
+@click.option(
+    "--methods",
+    default=None,
+    help="Comma-separated: run only these of the scenario's editors (default: all of them).",
+)
+def run(scenario: str, db: str | None, address: str | None, resume: str | None, methods: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
 
     A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
@@ -71,6 +76,17 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
     scn = _load_scenario_or_exit(scenario)
     db = db or scn.db
     specs = scn.editors
+    tagged = len(specs) > 1  # a list of methods: each run id names its method
+    if methods:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        if missing := [m for m in chosen if m not in {s.method for s in specs}]:
+            click.echo(
+                f"error: --methods: {scenario} has no {missing[0]!r} editor "
+                f"(its editors: {', '.join(s.method for s in specs)})",
+                err=True,
+            )
+            sys.exit(2)
+        specs = [s for s in specs if s.method in chosen]
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     if resume is not None:
         method = _resumable_run_or_exit(db, resume, scn.name)
@@ -91,7 +107,7 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None) 
                 db=db,
                 address=address,
                 resume=resume,
-                tag=spec.method if len(specs) > 1 else None,
+                tag=spec.method if tagged and resume is None else None,
             )
             for spec in specs
         ]

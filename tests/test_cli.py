@@ -136,6 +136,16 @@ def _one_error_line(r, *words):
     assert all(w in errors[0] for w in words), (words, errors[0])
 
 
+def test_methods_not_in_the_scenario_are_an_error_and_write_nothing(tmp_path):
+    db = tmp_path / "m.duckdb"
+    scn = _write(
+        tmp_path, f"name: m\nmodel: world:small\neditor: [{{method: mose}}, {{method: memit}}]\ndb: {db}\n"
+    )
+    r = CliRunner().invoke(main, ["run", scn, "--methods", "memit,rome"])
+    assert r.exit_code == 2 and "error: --methods" in r.output and "'rome'" in r.output
+    assert not db.exists()
+
+
 def test_resume_of_an_unknown_run_is_an_error_and_writes_nothing(tmp_path):
     db = tmp_path / "none.duckdb"
     r, before, after = _resume(tmp_path, db, "nonexistent-run")
