@@ -1,4 +1,5 @@
-"""``lme-sim bench``: how fast lme-sim edits and evaluates, measured on the embedded world models.
+"""``lme-sim bench``: how fast lme-sim edits and evaluates, measured on the embedded world models or
+on a real model (``--model smollm2-135m --data COUNTERFACT_JSON``: the :data:`SMOLLM2` preset).
 
 Sections, each a list of result rows (written to a JSON file and to the ``bench_results`` table of a
 DuckDB file, every row with the machine and the versions it ran on):
@@ -11,7 +12,10 @@ DuckDB file, every row with the machine and the versions it ran on):
 * ``history``: one long AlphaEdit stream with every batch timed: the cost per batch stays flat
   because its state is a fixed-size key covariance, not a list of earlier keys (``state_mb``).
 * ``shards``: the same small scenario through the real Ray runtime (shard actors, editor,
-  evaluator, logger) on 1, 2, 4 shards; those runs land in the same DuckDB file.
+  evaluator, logger) on 1, 2, 4 shards with ``shards_method``; those runs land in the same DuckDB file.
+
+Edit cases and probes come from the world model's facts, or, for a real model, from a CounterFact file
+(``data``; :func:`data_cases`, :func:`case_probe_set`). The history section runs on world models only.
 
 Work in this process runs on ``threads`` torch threads (default 1, what the runtime's Ray actors
 get: Ray sets OMP_NUM_THREADS=1 for them), so in-process and Ray figures compare. The world models'
@@ -40,7 +44,7 @@ from .sysinfo import Measure, machine_info, versions
 SECTIONS = ("edits", "probes", "history", "shards")
 BACKENDS = ("hf", "vllm")
 HISTORY_METHOD = "alphaedit"
-SHARDS_METHOD = "alphaedit"
+SHARDS_METHOD = "alphaedit"  # the default of BenchConfig.shards_method
 # --quick trains the learned editors' networks on this budget (the shipped one takes minutes): the same
 # networks, so the same edit speed, but edit quality is not representative.
 QUICK_TRAINING = {"rollouts": 2, "rollout_batches": 2}
@@ -67,7 +71,10 @@ class BenchConfig:
     shard_counts: tuple[int, ...] = (1, 2, 4)
     shard_edits: int = 100
     shard_batch_size: int = 10
+    # the editor of the shard runs; the probes' sync deltas cover its layers
+    shards_method: str = SHARDS_METHOD
     sections: tuple[str, ...] = SECTIONS
+    data: str | None = None  # a CounterFact file (real models): where the cases and probes come from
     device: str = "cpu"
     threads: int = 1  # torch threads of this process
 
@@ -86,6 +93,23 @@ QUICK = dataclasses.replace(
     history_marks=(1, 10, 30),
     shard_edits=30,
 )
+# A real model (--model smollm2-135m): UltraEdit at batches of 100 on CounterFact cases (--data), probes
+# from their prompts, paraphrases and neighborhood prompts, and the same editor on 2 shard actors.
+SMOLLM2 = dataclasses.replace(
+    FULL,
+    preset="smollm2",
+    model="smollm2-135m",
+    methods=("ultraedit",),
+    batch_sizes=(100,),
+    batches=3,
+    warmup=1,
+    probes=2000,
+    sections=("edits", "probes", "shards"),
+    shard_counts=(2,),
+    shard_edits=400,
+    shard_batch_size=100,
+    shards_method="ultraedit",
+)
 
 
 def bench_config(
@@ -95,10 +119,21 @@ def bench_config(
     sections: str | None = None,
     device: str = "auto",
     threads: int = 1,
+    model: str | None = None,
+    data: str | None = None,
 ) -> BenchConfig:
-    """The preset (quick or full) with the command line's choices on top; a bad one is a BenchError."""
+    """The preset (quick or full on a world model, :data:`SMOLLM2` on a real one) with the command
+    line's choices on top; a bad one is a BenchError. ``data`` (a CounterFact file) is read here, so a
+    missing or unreadable one fails before any work."""
     cfg = QUICK if quick else FULL
-    changes: dict = {"device": _device(device), "threads": threads}
+    if model is not None:
+        _check_model(model)
+        if not is_world(model):
+            if quick:
+                raise BenchError(f"--quick: the small world preset; not with a real model ({model!r})")
+            cfg = SMOLLM2
+        cfg = dataclasses.replace(cfg, model=model)
+    changes: dict = {"device": _device(device), "threads": threads, "data": data}
     if methods:
         from .editors.registry import known_methods
 
@@ -115,12 +150,54 @@ def bench_config(
         changes["batch_sizes"] = sizes
     cfg = dataclasses.replace(cfg, **changes)
     check_config(cfg)
+    if cfg.data is not None:  # a file that cannot be read fails here, before any work
+        found = len(_read_data(cfg.data, records_needed(cfg)))
+        if "shards" in cfg.sections and found < cfg.shard_edits:
+            raise BenchError(
+                f"--data: {found} CounterFact records in {cfg.data!r}; the shards section edits "
+                f"{cfg.shard_edits} distinct ones"
+            )
     return cfg
+
+
+def is_world(model: str) -> bool:
+    return model.startswith("world:")
+
+
+def _check_model(model: str) -> None:
+    from .models import model_n_layers
+    from .world import WORLDS
+
+    if is_world(model):
+        if model.split(":", 1)[1] not in WORLDS:
+            raise BenchError(
+                f"--model: unknown world {model!r} (known: {', '.join('world:' + w for w in WORLDS)})"
+            )
+    elif model_n_layers(model) is None:
+        raise BenchError(
+            f"--model: {model!r} is not a registered model (world:<name>, smollm2-135m), a local model "
+            "folder, or a hub id reachable from here"
+        )
 
 
 def check_config(cfg: BenchConfig) -> None:
     from .models import model_n_layers
 
+    if is_world(cfg.model) and cfg.data is not None:
+        raise BenchError(
+            f"--data: a world model edits its own facts; CounterFact cases need a real model "
+            f"(e.g. --model smollm2-135m), not {cfg.model!r}"
+        )
+    if not is_world(cfg.model) and cfg.data is None:
+        raise BenchError(
+            f"--data: {cfg.model} edits CounterFact cases: name a CounterFact JSON file, "
+            "e.g. --data ../shared/data/counterfact-edit.json"
+        )
+    if not is_world(cfg.model) and "history" in cfg.sections:
+        raise BenchError(
+            "--sections: history runs on world models only (one long AlphaEdit stream); "
+            f"choose from edits,probes,shards for {cfg.model}"
+        )
     if cfg.threads < 1:
         raise BenchError(f"--threads: at least 1, got {cfg.threads}")
     if any(b <= 0 for b in cfg.batch_sizes):
@@ -133,6 +210,8 @@ def check_config(cfg: BenchConfig) -> None:
             f"actors to start and is not timed), got {cfg.shard_edits}"
         )
     n_layers = model_n_layers(cfg.model)
+    if n_layers is None:
+        raise BenchError(f"--model: cannot find the layer count of {cfg.model!r}")
     if "shards" in cfg.sections and max(cfg.shard_counts) > n_layers:
         raise BenchError(
             f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
@@ -230,6 +309,62 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
     return rows, total
 
 
+def records_needed(cfg: BenchConfig) -> int:
+    """CounterFact records the configured sections use (at most; the probes take fewer where a case
+    gives several)."""
+    need = {
+        "edits": (cfg.warmup + cfg.batches) * max(cfg.batch_sizes),
+        "probes": cfg.probes,
+        "shards": cfg.shard_edits,
+    }
+    return max([1] + [n for s, n in need.items() if s in cfg.sections])
+
+
+def data_cases(path: str, n: int) -> list[EditCase]:
+    """The first ``n`` cases of the CounterFact file at ``path`` (flat EasyEdit or nested ROME format,
+    :func:`lme_sim.data.load_counterfact`); a shorter file is repeated (each pass edits its cases
+    again). A file that cannot be read, or holds no case, is a BenchError naming ``--data``."""
+    cases = _read_data(path, n)
+    return (cases * -(-n // len(cases)))[:n]
+
+
+def _read_data(path: str, n: int) -> list[EditCase]:
+    """At most ``n`` cases of the file, at least one; else a BenchError."""
+    from .data import DataError, load_counterfact
+
+    try:
+        cases = load_counterfact(path, limit=n)
+    except DataError as e:
+        raise BenchError(f"--data: {e}") from None
+    if not cases:
+        raise BenchError(f"--data: no CounterFact records in {path!r}")
+    return cases
+
+
+def case_probe_set(cases: list[EditCase], n: int) -> tuple[list[str], list[str]]:
+    """``n`` (prompt, target) probes of edit cases, as an evaluation scores them before the edits:
+    each case's prompt and paraphrases with its true object (the new one where a case has none), then
+    its neighborhood prompts with their answers; repeated as needed."""
+    pairs = []
+    for c in cases:
+        target = c.target_true if c.target_true is not None else c.target_new
+        pairs += [(p, target) for p in (c.prompt, *c.paraphrases)] + list(c.neighborhood)
+    pairs = (pairs * (n // len(pairs) + 1))[:n]
+    return [p for p, _ in pairs], [t for _, t in pairs]
+
+
+def bench_cases(cfg: BenchConfig, lm, n: int) -> list[EditCase]:
+    """``n`` edit cases: the world's facts, or the CounterFact file's cases."""
+    return stream_cases(lm.world, n) if cfg.data is None else data_cases(cfg.data, n)
+
+
+def bench_probe_set(cfg: BenchConfig, lm, n: int) -> tuple[list[str], list[str]]:
+    """``n`` probes: the world's facts in every phrasing, or the CounterFact cases' prompts."""
+    if cfg.data is None:
+        return probe_set(lm.world, n)
+    return case_probe_set(data_cases(cfg.data, records_needed(cfg)), n)
+
+
 def stream_cases(world, n: int) -> list[EditCase]:
     """``n`` edit cases of a world; past its number of facts the facts are edited again (each pass
     toward other random objects), so a stream can be as long as a benchmark needs."""
@@ -288,7 +423,7 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             step(f"edits: {method}, batches of {bs}" + (" (training its networks)" if learned else ""))
             model = copy.deepcopy(lm.model)
             replica = LocalBackbone(copy.deepcopy(lm.model))  # an evaluator's copy, following by deltas
-            cases = stream_cases(lm.world, (cfg.warmup + cfg.batches) * bs)
+            cases = bench_cases(cfg, lm, (cfg.warmup + cfg.batches) * bs)
             batches = [cases[i : i + bs] for i in range(0, len(cases), bs)]
             with Measure(cfg.device) as setup:
                 editor = make_editor(
@@ -346,9 +481,9 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     from .scoring import score_targets
     from .vllm_scorer import vllm_available
 
-    prompts, targets = probe_set(lm.world, cfg.probes)
+    prompts, targets = bench_probe_set(cfg, lm, cfg.probes)
     local = LocalBackbone(lm.model)
-    names = [local.edit_param_name(l) for l in load_hparams(HISTORY_METHOD, cfg.model).layers]
+    names = [local.edit_param_name(l) for l in load_hparams(cfg.shards_method, cfg.model).layers]
     params = dict(lm.model.named_parameters())
     deltas = {n: 1e-6 * torch.randn(params[n].shape) for n in names}  # a batch's deltas, on the CPU as sent
     rows = []
@@ -453,15 +588,19 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     rows = []
     try:
         for n in cfg.shard_counts:
-            step(f"shards: {SHARDS_METHOD} on {n} shard actor(s)")
+            step(f"shards: {cfg.shards_method} on {n} shard actor(s)")
             gpus = (
                 cfg.device == "cuda" and torch.cuda.device_count() >= n + 1
             )  # a GPU per shard and evaluator
             scn = Scenario(
                 name=f"bench-shards{n}",
                 model=cfg.model,
-                data=DataSpec(n_edits=cfg.shard_edits),
-                editor=EditorSpec(method=SHARDS_METHOD),
+                data=(
+                    DataSpec(n_edits=cfg.shard_edits)
+                    if cfg.data is None
+                    else DataSpec(kind="counterfact", path=cfg.data, n_edits=cfg.shard_edits)
+                ),
+                editor=EditorSpec(method=cfg.shards_method),
                 stream=StreamSpec(batch_size=cfg.shard_batch_size),
                 eval=EvalSpec(every=cfg.shard_edits, fluency_prompts=0),  # one evaluation, at the end
                 runtime=RuntimeSpec(shards=n, gpus=int(gpus)),
@@ -488,7 +627,7 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
                 note += f"; shards on the CPU ({n + 1} GPUs needed, {torch.cuda.device_count()} here)"
             rows.append(
                 {
-                    "method": SHARDS_METHOD,
+                    "method": cfg.shards_method,
                     "batch_size": cfg.shard_batch_size,
                     "shards": n,
                     "n": edits,

@@ -256,14 +256,32 @@ def corpus(source: str, out: str, records: int | None) -> None:
     help="The small world and short streams (a few minutes on 2 CPU cores); "
     "learned editors train on a small budget.",
 )
-@click.option("--methods", default=None, help="Comma-separated editors (default: every registered one).")
+@click.option(
+    "--model",
+    default=None,
+    help="world:<name> (default: world:default; --quick: world:small), or a real model such as "
+    "smollm2-135m: then UltraEdit at batches of 100 on the --data cases, probes and 2 shard actors.",
+)
+@click.option(
+    "--data",
+    default=None,
+    help="CounterFact JSON (flat or nested) the cases and probes of a real model come from, "
+    "e.g. ../shared/data/counterfact-edit.json.",
+)
+@click.option(
+    "--methods",
+    default=None,
+    help="Comma-separated editors (default: every registered one; a real model: ultraedit).",
+)
 @click.option(
     "--batch-sizes",
     default=None,
-    help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100).",
+    help="Comma-separated edits per batch (default: 1,10; without --quick 1,10,100; a real model: 100).",
 )
 @click.option(
-    "--sections", default=None, help="Comma-separated parts (default: edits,probes,history,shards)."
+    "--sections",
+    default=None,
+    help="Comma-separated parts (default: edits,probes,history,shards; a real model: edits,probes,shards).",
 )
 @click.option(
     "--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one)."
@@ -284,6 +302,8 @@ def corpus(source: str, out: str, records: int | None) -> None:
 )
 def bench(
     quick: bool,
+    model: str | None,
+    data: str | None,
     methods: str | None,
     batch_sizes: str | None,
     sections: str | None,
@@ -293,12 +313,13 @@ def bench(
     db: str,
 ) -> None:
     """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
-    and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows."""
+    and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows. With a real model
+    (--model smollm2-135m --data COUNTERFACT_JSON): UltraEdit in process and on 2 shards, and probes/s."""
     from .bench import BenchError, bench_config, run_bench
     from .bench_tables import print_result
 
     try:
-        cfg = bench_config(quick, methods, batch_sizes, sections, device, threads)
+        cfg = bench_config(quick, methods, batch_sizes, sections, device, threads, model, data)
     except BenchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -8,7 +8,17 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from lme_sim.bench import QUICK, BenchError, bench_config, run_bench
+from lme_sim.bench import (
+    QUICK,
+    SMOLLM2,
+    BenchError,
+    bench_cases,
+    bench_config,
+    bench_probe_set,
+    case_probe_set,
+    data_cases,
+    run_bench,
+)
 from lme_sim.bench_tables import print_result
 from lme_sim.cli import main
 from lme_sim.editors.base import PHASES
@@ -127,3 +137,110 @@ def test_bench_command_prints_the_table(tmp_path, small_world):
     assert r.exit_code == 0, r.output
     assert "evaluator throughput" in r.output and "bench_results" in r.output
     assert [x["backend"] for x in json.loads(out.read_text())["results"]] == ["hf", "vllm"]
+
+
+# ---- a real model: cases and probes from a CounterFact file (no model is loaded here) ----------------
+
+
+def _counterfact(path, n: int):
+    """A tiny CounterFact file in the flat format of ../shared/data/counterfact-edit.json."""
+    records = [
+        {
+            "case_id": i,
+            "prompt": f"The mother tongue of Person {i} is",
+            "target_new": "English",
+            "subject": f"Person {i}",
+            "ground_truth": "French",
+            "rephrase_prompt": f"Where Person {i} is from, people speak the language of",
+            "locality_prompt": f"Neighbor {i} is a native speaker of",
+            "locality_ground_truth": "Dutch",
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_counterfact_cases_and_probes(tmp_path):
+    path = str(_counterfact(tmp_path / "cf.json", 3))
+    cases = data_cases(path, 7)  # a file shorter than asked for is repeated
+    assert [c.case_id for c in cases] == ["0", "1", "2", "0", "1", "2", "0"]
+    assert cases[1].prompt == "The mother tongue of Person 1 is" and cases[1].target_new == "English"
+    prompts, targets = case_probe_set(cases[:3], 8)
+    assert prompts[:3] == [
+        "The mother tongue of Person 0 is",
+        "Where Person 0 is from, people speak the language of",
+        "Neighbor 0 is a native speaker of",
+    ]
+    assert targets[:3] == ["French", "French", "Dutch"]  # before the edits: true objects, neighbors' answers
+    assert len(prompts) == len(targets) == 8 and prompts[5] == "Neighbor 1 is a native speaker of"
+    assert case_probe_set(cases[:1], 5)[0][3:] == prompts[:2]  # repeated as needed
+
+    cfg = bench_config(model="smollm2-135m", data=path, sections="edits,probes", device="cpu")
+    assert (cfg.preset, cfg.methods, cfg.batch_sizes, cfg.shards_method) == (
+        "smollm2",
+        ("ultraedit",),
+        (100,),
+        "ultraedit",
+    )
+    assert cfg.data == path and cfg.probes == 2000 and cfg.shard_counts == (2,)
+    # the sections' plumbing: lm is not needed where the cases come from the file
+    assert [c.case_id for c in bench_cases(cfg, None, 4)] == ["0", "1", "2", "0"]
+    assert bench_probe_set(cfg, None, 10)[0][9] == "The mother tongue of Person 0 is"
+    with pytest.raises(BenchError, match="--data: 3 CounterFact records .* shards section edits 400"):
+        bench_config(model="smollm2-135m", data=path, device="cpu")
+    overridden = bench_config(
+        model="smollm2-135m", data=path, methods="memit", batch_sizes="10", sections="edits", device="cpu"
+    )
+    assert overridden.methods == ("memit",) and overridden.batch_sizes == (10,)
+    assert SMOLLM2.sections == ("edits", "probes", "shards") and SMOLLM2.shard_edits == 400
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "smollm2-135m"], "error: --data: smollm2-135m edits CounterFact cases"),
+        (["--model", "smollm2-135m", "--data", "{tmp}/missing.json"], "error: --data: counterfact: file"),
+        (
+            ["--model", "smollm2-135m", "--data", "{tmp}/bad.json"],
+            "error: --data: {tmp}/bad.json: invalid JSON",
+        ),
+        (["--model", "smollm2-135m", "--data", "{tmp}/empty.json"], "error: --data: no CounterFact records"),
+        (["--data", "{tmp}/cf.json"], "error: --data: a world model edits its own facts"),
+        (
+            ["--model", "smollm2-135m", "--data", "{tmp}/cf.json", "--sections", "history"],
+            "error: --sections: history runs on world models only",
+        ),
+        (["--model", "world:nope"], "error: --model: unknown world 'world:nope'"),
+        (["--model", "{tmp}"], "is not a registered model"),
+        (["--model", "smollm2-135m", "--quick", "--data", "{tmp}/cf.json"], "error: --quick"),
+    ],
+)
+def test_bench_rejects_bad_model_or_data(tmp_path, args, message):
+    _counterfact(tmp_path / "cf.json", 3)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "empty.json").write_text("[]")
+    out = tmp_path / "out" / "b.json"
+    args = [a.format(tmp=tmp_path) for a in args]
+    r = CliRunner().invoke(main, ["bench", *args, "--out", str(out), "--db", str(tmp_path / "out" / "b.db")])
+    assert r.exit_code == 2, r.output
+    assert r.stdout == "" and r.stderr.splitlines() == [r.stderr.strip()], r.output  # one line
+    assert r.stderr.startswith("error: ") and message.format(tmp=tmp_path) in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_bench_world_edits_and_probes_in_process(tmp_path, small_world):
+    """The generic path on a world model, without Ray: UltraEdit's edits and HF probes."""
+    cfg = dataclasses.replace(
+        TINY, methods=("ultraedit",), sections=("edits", "probes"), backends=("hf",), device="cpu"
+    )
+    result = run_bench(cfg, tmp_path / "b.json", tmp_path / "b.duckdb", console=Console(quiet=True))
+    edits, probes = result["results"]
+    assert (edits["section"], edits["model"], edits["method"], edits["n"]) == (
+        "edits",
+        "world:small",
+        "ultraedit",
+        2,
+    )
+    assert {"keys", "solve", "apply", "sync"} <= set(edits["phases"]) and edits["rate"] > 0
+    assert (probes["section"], probes["backend"], probes["status"], probes["n"]) == ("probes", "hf", "ok", 40)
