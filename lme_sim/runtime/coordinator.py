@@ -212,16 +212,18 @@ class Run:
                 completed=ray.get(self.stream.state_dict.remote())["position"],
             )
             while (item := ray.get(self.stream.next_batch.remote())) is not None:
-                clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
+                paced = clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
                 position = ray.get(self.stream.state_dict.remote())["position"]
                 if isinstance(item, Event):  # an eval checkpoint: score asynchronously
                     self.evaluate(final=position == len(self.events))
                 else:
-                    self.edit_batch(item)
+                    self.edit_batch(item, paced)
                 self._log_evaluations(self.pool.collect(wait=False))
                 progress.update(bar, completed=position)
 
-    def edit_batch(self, batch: list[Event]) -> None:
+    def edit_batch(self, batch: list[Event], paced: float = 0.0) -> None:
+        """Edit, guard, commit and log one batch; ``paced``: the seconds the stream's clock held it
+        back (``stream.speedup``), logged as the batch's ``pace_wait`` timing."""
         ray, st, t0 = self.ray, self.state, time.perf_counter()
         waited = time.perf_counter()
         self._log_evaluations(self.pool.wait_for_room())  # at most eval.max_pending evaluations in flight
@@ -259,7 +261,11 @@ class Run:
         }
         st.committed += [e.edit_id for e in batch]
         checkpoint = self._checkpoint() if self._checkpoint_due(batch) else None
-        timings = {**result.timings, **({"eval_wait": waited} if waited > 1e-3 else {})}
+        timings = {
+            **result.timings,
+            **({"eval_wait": waited} if waited > 1e-3 else {}),
+            **({"pace_wait": paced} if paced > 1e-3 else {}),
+        }
         batch_row = BatchRecord(
             st.batch_id,
             st.batch_id,
