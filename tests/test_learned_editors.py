@@ -264,3 +264,54 @@ def test_train_editor_cli_starts_hiedit_from_a_given_rledit_checkpoint(trained, 
     assert bad.exit_code == 2 and "--init-from" in bad.output and "not 'rledit'" in bad.output
     wrong = CliRunner().invoke(main, [*args[:2], "rledit", *args[3:], "--init-from", str(rledit)])
     assert wrong.exit_code == 2 and "only HiEdit" in wrong.output
+
+
+def test_a_training_file_is_used_whole_by_default(tmp_path):
+    """``--data`` is a separate training split: nothing held out unless ``holdout`` says so; the
+    file's kind (CounterFact flat / ZsRE) is read from its first record."""
+    import json
+
+    from lme_sim.editors.editor_training import training_cases
+
+    records = [
+        {
+            "case_id": i,
+            "prompt": f"Subject{i} plays the",
+            "subject": f"Subject{i}",
+            "target_new": "piano",
+            "ground_truth": "guitar",
+            "rephrase_prompt": f"Subject{i} is good at the",
+            "locality_prompt": f"Other{i} plays the",
+            "locality_ground_truth": "drums",
+        }
+        for i in range(30)
+    ]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    assert load_hparams("rledit", "smollm2-135m").holdout == 0
+    groups, loc = training_cases("m", None, str(path), 0)
+    assert [g[0].case_id for g in groups] == [str(i) for i in range(30)]
+    assert loc == [f"Other{i} plays the" for i in range(30)]
+    groups, _ = training_cases("m", None, str(path), 5)
+    assert groups[0][0].case_id == "5"
+    with pytest.raises(ValueError, match="need at least 20"):
+        training_cases("m", None, str(path), 15)
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(
+        json.dumps(
+            [
+                {
+                    "subject": f"S{i}",
+                    "src": f"What is S{i}?",
+                    "answers": ["x"],
+                    "alt": "y",
+                    "rephrase": f"Say S{i}?",
+                    "loc": "nq question: who",
+                    "loc_ans": "z",
+                }
+                for i in range(20)
+            ]
+        )
+    )
+    groups, _ = training_cases("m", None, str(zsre), 0)
+    assert len(groups) == 20 and groups[0][0].source == "zsre"

@@ -179,7 +179,8 @@ class RLEditHParams(HParams):
     mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
     locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
     locality_prompts: int = Field(32, gt=0)
-    holdout: int = Field(2000, ge=0)  # dataset files: the first `holdout` records are left for evaluation
+    # --data files: skip the first `holdout` records (a separate training split, the default, skips none)
+    holdout: int = Field(0, ge=0)
     seed: int = 0
 
 
