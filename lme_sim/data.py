@@ -398,12 +398,27 @@ _LOADERS: dict[str, Callable[..., list[EditCase]]] = {
 }
 
 
+def file_kind(path: str | Path) -> str:
+    """ "zsre" or "counterfact": the kind of a local json / jsonl file, read from its first record (a
+    ZsRE (MEND) record has ``src``)."""
+    with Path(path).expanduser().open(encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip().lstrip("[").lstrip()
+    try:
+        record, _ = json.JSONDecoder().raw_decode(head)
+    except json.JSONDecodeError:
+        record = {}
+    return "zsre" if isinstance(record, dict) and "src" in record else "counterfact"
+
+
 def load_cases(spec: str | Mapping[str, Any]) -> list[EditCase]:
-    """Load cases from ``"kind:path"`` or ``{"kind": ..., "path": ..., "limit": ..., **options}``.
+    """Load cases from a local CounterFact / ZsRE file (its kind: :func:`file_kind`), ``"kind:path"``
+    or ``{"kind": ..., "path": ..., "limit": ..., **options}``.
 
     Kinds: counterfact, zsre, known_facts. Options are the loader's keyword arguments
     (``target`` for zsre, ``split`` for hub ids).
     """
+    if isinstance(spec, str) and Path(spec).expanduser().is_file():
+        spec = {"kind": file_kind(spec), "path": spec}
     if isinstance(spec, str):
         kind, sep, path = spec.partition(":")
         if not sep or not path:

@@ -69,33 +69,15 @@ def training_cases(
             [world.case(f, o, among=facts) for o in world.objects[f.relation] if o != f.obj] for f in facts
         ]
         return groups, [world.prompt(f) for f in facts]
-    cases = training_file_cases(data_path)[holdout:]
+    from ..data import load_cases
+
+    cases = load_cases(data_path)[holdout:]
     if len(cases) < 20:
         raise ValueError(
             f"{data_path}: {len(cases)} records after the first {holdout} held out (holdout); "
             "need at least 20 to train on"
         )
     return [[c] for c in cases], [p for c in cases for p, _ in c.neighborhood] or [c.prompt for c in cases]
-
-
-def training_file_cases(data_path: str) -> list[EditCase]:
-    """The cases of ``--data``: a CounterFact or ZsRE (MEND) json/jsonl file, its kind read from its
-    first record, or a ``kind:path`` spec (:func:`lme_sim.data.load_cases`)."""
-    import json
-
-    from ..data import load_cases, load_counterfact, load_zsre
-
-    path = Path(data_path).expanduser()
-    if not path.is_file():
-        return load_cases(data_path)
-    with path.open(encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
-    first = head.lstrip("[").lstrip()
-    try:  # the first record (json list or json lines) decides the kind
-        record, _ = json.JSONDecoder().raw_decode(first)
-    except json.JSONDecodeError:
-        record = {}
-    return load_zsre(path) if isinstance(record, dict) and "src" in record else load_counterfact(path)
 
 
 def _probe_batch(tok, cases: list[EditCase]):
