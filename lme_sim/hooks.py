@@ -17,6 +17,14 @@ class Positions:
     pos: torch.Tensor
 
 
+class PassThrough(nn.Module):
+    """Stands in for a block that runs elsewhere (another shard, or a pass computed once before):
+    returns its input hidden states."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 class _StopForward(Exception):
     """Ends a shard's forward pass after its last block."""
 

@@ -35,15 +35,9 @@ from ..backbone import (
     save_weights,
     weight_health,
 )
+from ..hooks import PassThrough
 from ..linalg import nullspace_projector
 from ..suffix import supports_suffix
-
-
-class PassThrough(nn.Module):
-    """Stands in for a block another shard owns: returns its input hidden states."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 def split_layers(n: int, n_shards: int) -> list[range]:
