@@ -16,14 +16,14 @@ gradient back through the shards).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .arch import arch_of, edit_module_path, layer_path, n_layers, weight_view
-from .hooks import Positions, _hidden, _replace_input, _StopForward
+from .arch import arch_of, edit_module_path, layer_path, layers_of, n_layers, weight_view
+from .hooks import PassThrough, Positions, _hidden, _replace_input, _StopForward
 from .linalg import nullspace_projector
 from .weights import add_delta, matrix_stats
 
@@ -388,6 +388,37 @@ def run_plan(
         h = result.last_hidden_state[plan.logits.rows.to(dev), plan.logits.pos.to(dev)]
         out.logits = model.get_output_embeddings()(h).float()
     return out, (boundary[0] if boundary else None)
+
+
+def input_of_block(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int):
+    """(rows, tokens, d_model) input of block ``start`` (the output of the blocks below it); None for
+    block 0. For passes that change nothing below ``start`` (:func:`starting_at`)."""
+    if start == 0:
+        return None
+    with torch.no_grad():
+        return run_plan(model, input_ids, attention_mask, Plan(stop=start - 1), layers=range(start))[1]
+
+
+@contextmanager
+def starting_at(model: nn.Module, start: int, hidden: torch.Tensor | None):
+    """Inside, a forward pass runs blocks ``start``.. only: block ``start`` takes ``hidden`` (from
+    :func:`input_of_block` on the same ids and mask) as its input and the blocks below are
+    :class:`~lme_sim.hooks.PassThrough`. Equal to the whole pass when nothing below ``start`` changed
+    since ``hidden`` was computed."""
+    if hidden is None:
+        yield
+        return
+    blocks = layers_of(model)
+    below = [blocks[i] for i in range(start)]
+    try:
+        with ExitStack() as stack:
+            for i in range(start):
+                blocks[i] = PassThrough()
+            _replace_input(blocks[start], hidden, stack)
+            yield
+    finally:
+        for i, b in enumerate(below):
+            blocks[i] = b
 
 
 def rotate_input(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,21 @@ def _trained_method(ctx, param, value: str) -> str:
     "--data",
     "data_path",
     default=None,
-    help="CounterFact/ZsRE file to train on (default for world models: the world's train split).",
+    help="CounterFact/ZsRE file to train on (default: the world's train split for world models, "
+    "else the hparams' train_data).",
 )
-@click.option("--out", default=None, help="Checkpoint file (default: runs/editors/<method>-<model>.pt).")
+@click.option(
+    "--out",
+    default=None,
+    help="Checkpoint file (default: the cache that scenarios read when they name no checkpoint).",
+)
+@click.option(
+    "--snapshot-every",
+    "snapshot_every",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Also save the networks every N rollouts, as <out>-r<N>.pt (a quality-vs-budget curve).",
+)
 @click.option(
     "--hparams",
     "overrides",
@@ -169,6 +181,7 @@ def train_editor_cmd(
     out: str | None,
     overrides: str,
     init_from: str | None,
+    snapshot_every: int,
 ) -> None:
     """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint.
 
@@ -176,7 +189,7 @@ def train_editor_cmd(
     import yaml
 
     from .editors.checkpoints import save_checkpoint
-    from .editors.editor_training import train_editor
+    from .editors.editor_training import checkpoint_path, train_editor
     from .editors.hparams import HParamsError, load_hparams
     from .models import load_model
 
@@ -188,8 +201,24 @@ def train_editor_cmd(
     except (HParamsError, yaml.YAMLError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    if data_path is not None and not Path(data_path).is_file():
-        click.echo(f"error: --data: file {data_path!r} not found", err=True)
+    if data_path is not None:
+        if not Path(data_path).is_file():
+            click.echo(f"error: --data: file {data_path!r} not found", err=True)
+            sys.exit(2)
+        hp = hp.model_copy(update={"train_data": data_path})
+    elif not model_name.startswith("world:") and hp.train_data is None:
+        click.echo(
+            f"error: --data: model {model_name!r} has no embedded world; name a file to train on", err=True
+        )
+        sys.exit(2)
+    elif (
+        hp.train_data is not None
+        and not model_name.startswith("world:")
+        and not Path(hp.train_data).is_file()
+    ):
+        click.echo(
+            f"error: --hparams train_data: file {hp.train_data!r} not found (or pass --data)", err=True
+        )
         sys.exit(2)
     if init_from is not None and method != "hiedit":
         click.echo(
@@ -205,10 +234,25 @@ def train_editor_cmd(
         except (ValueError, FileNotFoundError) as e:
             click.echo(f"error: --init-from: {e}", err=True)
             sys.exit(2)
-    out = out or f"runs/editors/{method}-{model_name.replace(':', '_').replace('/', '_')}.pt"
     lm = load_model(model_name)
+    out = Path(out or checkpoint_path(method, model_name, hp, lm.model))
+
+    def snapshot(rollouts: int, ckpt: dict) -> None:
+        save_checkpoint(ckpt, out.with_name(f"{out.stem}-r{rollouts}{out.suffix}"))
+
     try:
-        ckpt = train_editor(method, lm.model, lm.tok, model_name, hp, lm.world, data_path, init=init)
+        ckpt = train_editor(
+            method,
+            lm.model,
+            lm.tok,
+            model_name,
+            hp,
+            lm.world,
+            data_path,
+            init=init,
+            snapshot_every=snapshot_every,
+            on_snapshot=snapshot,
+        )
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

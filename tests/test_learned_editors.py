@@ -315,3 +315,79 @@ def test_a_training_file_is_used_whole_by_default(tmp_path):
     )
     groups, _ = training_cases("m", None, str(zsre), 0)
     assert len(groups) == 20 and groups[0][0].source == "zsre"
+
+
+@pytest.mark.parametrize("method", ["rledit", "hiedit"])
+def test_a_rollout_from_the_cached_lower_blocks_equals_whole_passes(small_world, method):
+    """Training runs the blocks below the lowest edited one once per rollout (``_Rollout``): every
+    step's edit loss, the networks' gradients and the deltas written equal those of whole passes
+    (start 0). The locality term's ``before``, carried from the previous step's pass, equals a
+    fresh pass on the edited model."""
+    from lme_sim.editors.editor_training import _NextToken, _Rollout, _Trainer
+    from lme_sim.editors.hypernet import HiEditHParams, HyperNet, Router
+
+    model0, tok, world = small_world
+    layers = [2, 3]
+    hp = HiEditHParams(layers=layers, lookback=2, locality_prompts=8, router_locality=5.0, balance=0.5)
+    d_model, d_ff = model0.get_submodule(edit_module_path(model0, 2)).weight.T.shape
+    torch.manual_seed(0)
+    net0 = HyperNet(d_ff=d_ff, d_model=d_model, n_modules=2, rank=8, n_blocks=2, init_lr=1.0, init_lambda=1.0)
+    router0 = Router(d_ff + d_model, 2) if method == "hiedit" else None
+    with torch.no_grad():  # residual blocks off zero, so that every parameter shapes the deltas
+        for p in list(net0.parameters()) + (list(router0.parameters()) if router0 else []):
+            p.add_(0.05 * torch.randn_like(p))
+    facts = world.split_facts("train")
+    cases = world.edit_cases(12, seed=4, split="train")
+    batches = [cases[i : i + 4] for i in range(0, 12, 4)]
+    loc = [world.prompt(f) for f in facts[:8]]
+
+    def rollout(start: int):
+        """trainer.rollout's steps, with the rollout's rows at hand."""
+        model, net, router = copy.deepcopy(model0), copy.deepcopy(net0), copy.deepcopy(router0)
+        trainer = _Trainer(
+            model, tok, net, router, 1 if router else None, hp, torch.Generator().manual_seed(0)
+        )
+        trainer.start = start
+        rows = _Rollout.prepare(model, tok, batches, loc, start, neighbors=3 if router is not None else 0)
+        unrelated = _NextToken(model, rows.unrelated)
+        losses = [trainer.step(batches, rows, unrelated, t) for t in range(len(batches))]
+        params = list(net.parameters()) + (list(router.parameters()) if router else [])
+        return model, losses, [p.grad.clone() for p in params], unrelated
+
+    model_c, losses_c, grads_c, unrelated = rollout(2)
+    model_w, losses_w, grads_w, _ = rollout(0)
+    assert unrelated.rows.hidden is not None  # the cached path really ran from block 2
+    assert losses_c == pytest.approx(losses_w, rel=1e-5)
+    for gc, gw in zip(grads_c, grads_w):
+        assert torch.allclose(gc, gw, rtol=1e-4, atol=1e-6)
+    for l in layers:
+        w = model_w.get_submodule(edit_module_path(model_w, l)).weight
+        assert torch.allclose(model_c.get_submodule(edit_module_path(model_c, l)).weight, w, atol=1e-6)
+    fresh = _NextToken(model_c, unrelated.rows).before  # a pass on the model with every delta written
+    assert torch.allclose(unrelated.before, fresh, atol=1e-5)
+
+
+def test_a_real_model_needs_a_checkpoint_or_an_existing_training_file():
+    """Without a checkpoint, RLEdit on a model with no embedded world trains on ``train_data``: one
+    error line naming the field when neither is usable (before any model loads)."""
+    from lme_sim.editors.hparams import HParamsError
+    from lme_sim.editors.rledit import RLEdit
+
+    hp = load_hparams("rledit", "smollm2-135m", {"train_data": None})
+    with pytest.raises(HParamsError, match=r"^editor.hparams.checkpoint: rledit on 'smollm2-135m' needs"):
+        RLEdit.check_hparams("smollm2-135m", hp, "editor.hparams")
+    hp = load_hparams("rledit", "smollm2-135m", {"train_data": "missing.json"})
+    with pytest.raises(HParamsError, match=r"^editor.hparams.train_data: file 'missing.json' not found"):
+        RLEdit.check_hparams("smollm2-135m", hp, "editor.hparams")
+
+
+def test_the_cache_keys_networks_by_model_and_training_hyperparameters(small_world):
+    from lme_sim.editors.editor_training import checkpoint_path
+
+    model, _, _ = small_world
+    hp = load_hparams("rledit", MODEL)
+    path = checkpoint_path("rledit", MODEL, hp, model)
+    assert checkpoint_path("rledit", MODEL, load_hparams("rledit", MODEL), model) == path
+    assert checkpoint_path("rledit", MODEL, hp.model_copy(update={"checkpoint": "x.pt"}), model) == path
+    assert checkpoint_path("rledit", MODEL, hp.model_copy(update={"lookback": 1}), model) != path
+    assert checkpoint_path("hiedit", MODEL, hp, model) != path

@@ -9,8 +9,8 @@ import torch
 from lme_sim.backbone import LocalBackbone, Plan, Positions
 from lme_sim.editors.covariance import cached_projectors, corpus_texts, second_moment, stats_folder
 from lme_sim.editors.hparams import load_hparams
-from lme_sim.linalg import nullspace_projector
 from lme_sim.hooks import PassThrough
+from lme_sim.linalg import nullspace_projector
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_texts
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, weight_view
-from ..backbone import LocalBackbone
+from ..backbone import LocalBackbone, input_of_block, starting_at
 from ..cases import EditCase
 from ..paths import cache_root
 from ..scoring import logits_at
@@ -91,6 +91,73 @@ def _probe_batch(tok, cases: list[EditCase]):
     return encode_pairs(tok, prompts, targets), torch.tensor(owner)
 
 
+@dataclass
+class _Batch:
+    """Rows that a rollout runs at several steps, and the input of its lowest edited block for them:
+    no delta changes the blocks below it, so they run once per rollout, not at every pass."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    hidden: torch.Tensor | None  # (rows, tokens, d_model) input of block ``start``
+    start: int
+    pairs: object = None  # the PairBatch of prompt + target rows, when the rows are pairs
+    owner: torch.Tensor | None = None  # (rows,) the edit each row belongs to
+
+    @classmethod
+    def of(cls, model, start: int, pairs=None, texts=None, owner=None) -> _Batch:
+        ids, mask = (pairs.input_ids, pairs.attention_mask) if pairs is not None else texts
+        return cls(ids, mask, input_of_block(model, ids, mask, start), start, pairs, owner)
+
+    def running(self, model):
+        """Inside, the model's passes on these rows start at block ``start``."""
+        return starting_at(model, self.start, self.hidden)
+
+    def select(self, rows: torch.Tensor) -> _Batch:
+        """The given rows (of a batch of pairs), trimmed to their longest one."""
+        pairs = self.pairs.select(rows)
+        width = pairs.input_ids.shape[1]
+        hidden = None if self.hidden is None else self.hidden[rows, :width]
+        return _Batch(pairs.input_ids, pairs.attention_mask, hidden, self.start, pairs)
+
+
+def _first_rows(owner: torch.Tensor) -> torch.Tensor:
+    """Index of each owner's first row (owners numbered 0.. in row order)."""
+    return torch.cat([torch.tensor([0]), torch.nonzero(owner[1:] != owner[:-1]).flatten() + 1])
+
+
+@dataclass
+class _Rollout:
+    """One rollout's rows, prepared once: per step t, the edits' own prompt + target rows (keys and
+    gradients), the probe rows of the look-back loss, and (HiEdit) the edits' neighborhood prompts;
+    and the unrelated prompts of the locality term, the same at every step."""
+
+    edits: list[_Batch]
+    probes: list[_Batch]
+    neighbors: list[_Batch | None]
+    unrelated: _Batch
+
+    @classmethod
+    def prepare(cls, model, tok, batches, loc_prompts: list[str], start: int, neighbors: int) -> _Rollout:
+        """``neighbors``: how many neighborhood prompts of each edit the router's reward reads (0: none)."""
+
+        def nbr(b):
+            near = [c.neighborhood[:neighbors] for c in b]
+            owner = torch.tensor([i for i, n in enumerate(near) for _ in n], dtype=torch.long)
+            if not neighbors or not len(owner):
+                return None
+            texts = encode_texts(tok, [p for n in near for p, _ in n])
+            return _Batch.of(model, start, texts=texts, owner=owner)
+
+        edits, probes = [], []
+        for b in batches:
+            pairs, owner = _probe_batch(tok, b)
+            p = _Batch.of(model, start, pairs, owner=owner)
+            probes.append(p)
+            edits.append(p.select(_first_rows(owner)))  # each edit's own prompt + target
+        unrelated = _Batch.of(model, start, texts=encode_texts(tok, loc_prompts))
+        return cls(edits, probes, [nbr(b) for b in batches], unrelated)
+
+
 def _per_case_mean(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """(n,) mean of each case's rows (NLLs, KLs)."""
     total = torch.zeros(n).index_add(0, owner, rows)
@@ -114,10 +181,15 @@ def train_editor(
     data_path: str | None = None,
     progress: bool = True,
     init: dict | None = None,
+    snapshot_every: int = 0,
+    on_snapshot=None,
 ) -> dict:
     """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
     The model's weights are the same afterwards. HiEdit starts from ``init``, an RLEdit checkpoint
-    for this model and these layers (trained here first when None)."""
+    for this model and these layers (trained here first when None). Data: the world's train split,
+    else ``data_path``, else ``hp.train_data``. Every ``snapshot_every`` rollouts (0: never)
+    ``on_snapshot(rollouts, checkpoint)`` receives the networks as they are then (a budget curve)."""
+    data_path = data_path or (None if world is not None else hp.train_data)
     if method == "hiedit" and init is None:
         init = train_editor("rledit", model, tok, model_name, init_hparams(hp), world, data_path, progress)
     torch.manual_seed(hp.seed)
@@ -163,6 +235,25 @@ def train_editor(
     net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
     history = []
     t0 = time.perf_counter()
+
+    def checkpoint() -> dict:
+        return _checkpoint_dict(
+            method,
+            model,
+            model_name,
+            layers,
+            net_config,
+            net,
+            router,
+            router0,
+            top_k,
+            hp,
+            history,
+            time.perf_counter() - t0,
+            len(groups),
+            init,
+        )
+
     bar = _progress(progress, hp.rollouts, f"training {method} on {model_name}")
     router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
     try:
@@ -172,32 +263,51 @@ def train_editor(
                     rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))
                 ]  # distinct facts
                 batches = [seq[i : i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
-                probes = [_probe_batch(tok, b) for b in batches]
                 opt.zero_grad()
-                losses = []
-                for t in range(len(batches)):
-                    losses.append(
-                        trainer.step(
-                            batches,
-                            probes,
-                            t,
-                            rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))),
-                        )
-                    )
+                losses = trainer.rollout(
+                    batches, rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts)))
+                )
                 opt.step()
                 for l in layers:  # the next rollout starts from the unedited model
                     weight_view(model, l).data.copy_(original[l])
                 history.append(sum(losses) / len(losses))
                 bar(r, history[-1])
+                if snapshot_every and (r + 1) % snapshot_every == 0 and r + 1 < hp.rollouts:
+                    on_snapshot(r + 1, checkpoint())
     finally:
         for l in layers:
             weight_view(model, l).data.copy_(original[l])
         bar(None, None)
-    seconds = time.perf_counter() - t0
+    ckpt = checkpoint()
+    log.info(
+        "trained %s in %.0f s; edit loss %.3f -> %.3f",
+        method,
+        ckpt["train"]["seconds"],
+        history[0],
+        history[-1],
+    )
+    return ckpt
+
+
+def _checkpoint_dict(
+    method,
+    model,
+    model_name,
+    layers,
+    net_config,
+    net,
+    router,
+    router0,
+    top_k,
+    hp,
+    history,
+    seconds,
+    n_facts,
+    init,
+):
     changed = None
     if router is not None:
         changed = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(router.parameters(), router0))
-    log.info("trained %s in %.0f s; edit loss %.3f -> %.3f", method, seconds, history[0], history[-1])
     return {
         "method": method,
         "model": model_name,
@@ -206,15 +316,16 @@ def train_editor(
         "layers": layers,
         "module_names": [LocalBackbone(model).edit_param_name(l) for l in layers],
         "net_config": net_config,
-        "net": net.state_dict(),
-        "router": router.state_dict() if router is not None else None,
+        "net": {k: v.clone() for k, v in net.state_dict().items()},
+        "router": {k: v.clone() for k, v in router.state_dict().items()} if router is not None else None,
         "top_k": top_k,
         "hparams": hp.model_dump(),
         "train": {
             "seconds": seconds,
-            "edit_loss": history,
+            "rollouts": len(history),
+            "edit_loss": list(history),
             "router_param_change": changed,
-            "n_facts": len(groups),
+            "n_facts": n_facts,
         },
         "init": None if init is None else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
     }
@@ -238,21 +349,22 @@ def _check_init(init: dict, model, layers: list[int], net_config: dict) -> None:
 
 class _NextToken:
     """Next-token log-probabilities at the last position of fixed prompts, and their KL divergence
-    from the values when this was made (the locality terms)."""
+    from ``before`` (the locality terms)."""
 
-    def __init__(self, backbone, tok, prompts: list[str]):
-        self.backbone = backbone
-        self.ids, self.mask = encode_texts(tok, prompts)
-        self.at = (torch.arange(len(prompts)), self.mask.sum(1) - 1)
+    def __init__(self, model, rows: _Batch):
+        self.model, self.rows = model, rows
+        self.at = (torch.arange(len(rows.ids)), rows.mask.sum(1) - 1)
         with torch.no_grad():
             self.before = self.logprobs()
 
     def logprobs(self) -> torch.Tensor:
-        return torch.log_softmax(logits_at(self.backbone, self.ids, self.mask, *self.at), -1)
+        with self.rows.running(self.model):
+            logits = logits_at(LocalBackbone(self.model), self.rows.ids, self.rows.mask, *self.at)
+        return torch.log_softmax(logits, -1)
 
-    def kl(self) -> torch.Tensor:
-        """(n_prompts,) KL(before || now)."""
-        return (self.before.exp() * (self.before - self.logprobs())).sum(-1)
+    def kl(self, now: torch.Tensor) -> torch.Tensor:
+        """(n_prompts,) KL(before || now), ``now`` from :meth:`logprobs`."""
+        return (self.before.exp() * (self.before - now)).sum(-1)
 
 
 @dataclass
@@ -270,63 +382,75 @@ class _Trainer:
 
     def __post_init__(self):
         self.backbone, self.layers = LocalBackbone(self.model), list(self.hp.layers)
+        self.start = min(self.layers)  # no delta changes the blocks below: they run once per rollout
 
-    def step(self, batches, probes, t: int, loc_prompts: list[str]) -> float:
-        """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
-        added to the networks'), then the deltas written. Returns the step's edit loss."""
-        model, tok, backbone, net, router, top_k, layers, hp, gen = (
+    def rollout(self, batches, loc_prompts: list[str]) -> list[float]:
+        """Edit ``batches`` in turn from the current model, adding each step's gradient to the
+        networks'; returns the steps' edit losses. The deltas stay written."""
+        rows = _Rollout.prepare(
             self.model,
             self.tok,
+            batches,
+            loc_prompts,
+            self.start,
+            neighbors=self.hp.router_neighbors if self.router is not None and self.hp.router_locality else 0,
+        )
+        unrelated = _NextToken(self.model, rows.unrelated)
+        return [self.step(batches, rows, unrelated, t) for t in range(len(batches))]
+
+    def step(self, batches, rows: _Rollout, unrelated: _NextToken, t: int) -> float:
+        """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
+        added to the networks'), then the deltas written. ``unrelated.before`` holds the locality
+        prompts' next-token distribution on the model before this step (the previous step's pass
+        computed it, with the deltas that were then written); it moves on to the edited model.
+        Returns the step's edit loss."""
+        model, backbone, net, router, top_k, layers, hp = (
+            self.model,
             self.backbone,
             self.net,
             self.router,
             self.top_k,
             self.layers,
             self.hp,
-            self.gen,
         )
-        b = batches[t]
-        sig = keys_and_grads(
-            model, encode_pairs(tok, [c.prompt for c in b], [c.target_new for c in b]), layers
-        )
+        n = len(batches[t])
+        with rows.edits[t].running(model):
+            sig = keys_and_grads(model, rows.edits[t].pairs, layers)
         net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
         net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
-        unrelated = _NextToken(backbone, tok, loc_prompts)
 
         def step_loss(deltas):
-            """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits)."""
+            """(loss, look-back edit loss, (n_edits,) edit loss of batch t's own edits, the locality
+            prompts' log-probabilities)."""
+            per_case = []
             with weight_offsets(model, deltas):
-                per_case = [
-                    _per_case_mean(
-                        per_row_nll(model, probes[t - i][0]), probes[t - i][1], len(batches[t - i])
-                    )
-                    for i in range(min(hp.lookback, t) + 1)
-                ]
-                kl = unrelated.kl().mean()
+                for i in range(min(hp.lookback, t) + 1):
+                    p = rows.probes[t - i]
+                    with p.running(model):
+                        nll = per_row_nll(model, p.pairs)
+                    per_case.append(_per_case_mean(nll, p.owner, len(batches[t - i])))
+                now = unrelated.logprobs()
             edit = sum(hp.mu**i * c.mean() for i, c in enumerate(per_case))
-            return edit + hp.locality * kl, edit, per_case[0]
+            return edit + hp.locality * unrelated.kl(now).mean(), edit, per_case[0], now
 
         deltas, sel, log_pi = plan_deltas(
-            net, sig, layers, len(b), router, top_k, sample=router is not None and hp.explore, generator=gen
+            net, sig, layers, n, router, top_k, sample=router is not None and hp.explore, generator=self.gen
         )
-        loss, edit, own = step_loss(deltas)
+        loss, edit, own, now = step_loss(deltas)
         if router is not None:
-            owner = torch.tensor([i for i, c in enumerate(b) for _ in c.neighborhood], dtype=torch.long)
-            neighbors = (
-                _NextToken(backbone, tok, [p for c in b for p, _ in c.neighborhood])
-                if len(owner) and hp.router_locality
-                else None
-            )
+            nb = rows.neighbors[t]
+            neighbors = _NextToken(model, nb) if nb is not None else None
 
             def cost(deltas, own_loss):
                 """Per edit: its own edit loss + router_locality x the mean KL on its neighborhood prompts."""
                 if neighbors is None:
                     return own_loss
                 with weight_offsets(model, deltas):
-                    return own_loss + hp.router_locality * _per_case_mean(neighbors.kl(), owner, len(b))
+                    kl = neighbors.kl(neighbors.logprobs())
+                return own_loss + hp.router_locality * _per_case_mean(kl, nb.owner, n)
 
             with torch.no_grad():
-                all_deltas, _, _ = plan_deltas(net, sig, layers, len(b))
+                all_deltas, _, _ = plan_deltas(net, sig, layers, n)
                 advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(
                     deltas, own
                 )  # > 0: the subset is better
@@ -339,6 +463,7 @@ class _Trainer:
         (loss / len(batches)).backward()
         for l, d in deltas.items():
             apply_layer_delta(backbone, l, d.detach())
+        unrelated.before = now.detach()
         return edit.item()
 
 
@@ -360,27 +485,31 @@ def _progress(enabled: bool, total: int, label: str):
     return update
 
 
-def default_checkpoint(
-    method: str, model_name: str | None, hp: RLEditHParams, model, tok, world, progress: bool
-) -> Path:
-    """The cached checkpoint for a ``world:*`` model (trained now if missing; HiEdit's starts from the
-    cached RLEdit one); other models must name one in ``editor.hparams.checkpoint``."""
-    if not model_name or not model_name.startswith("world:"):
-        raise FileNotFoundError(
-            f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
-            f"`lme-sim train-editor --method {method} --model {model_name}`"
-        )
+def checkpoint_path(method: str, model_name: str, hp: RLEditHParams, model) -> Path:
+    """Where the networks of ``method`` for ``model`` and ``hp`` are cached (under ``$LME_SIM_CACHE``):
+    keyed by the model's fingerprint and every hyperparameter that shapes or trains them."""
     import hashlib
     import json
 
     key = hashlib.sha256(
         json.dumps(hp.model_dump(exclude={"checkpoint", "batch_size"}), sort_keys=True).encode()
     ).hexdigest()[:10]
-    path = (
-        cache_root()
-        / "editors"
-        / f"{method}-{model_name.replace(':', '_')}-{model_fingerprint(model)}-{key}.pt"
-    )
+    name = model_name.replace(":", "_").replace("/", "_")
+    return cache_root() / "editors" / f"{method}-{name}-{model_fingerprint(model)}-{key}.pt"
+
+
+def default_checkpoint(
+    method: str, model_name: str | None, hp: RLEditHParams, model, tok, world, progress: bool
+) -> Path:
+    """The cached checkpoint (:func:`checkpoint_path`), trained now if missing: on the world's train
+    split for ``world:*`` models, else on ``hp.train_data`` (HiEdit's starts from the cached RLEdit
+    one). Without either, ``editor.hparams.checkpoint`` must name one."""
+    if world is None and hp.train_data is None:
+        raise FileNotFoundError(
+            f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
+            f"`lme-sim train-editor --method {method} --model {model_name}`, or train_data to a training file"
+        )
+    path = checkpoint_path(method, model_name, hp, model)
     if not path.is_file():
         init = None
         if method == "hiedit":

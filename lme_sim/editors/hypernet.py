@@ -179,7 +179,10 @@ class RLEditHParams(HParams):
     mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
     locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
     locality_prompts: int = Field(32, gt=0)
-    # --data files: skip the first `holdout` records (a separate training split, the default, skips none)
+    # models without an embedded world train on this file (--data overrides it): a split disjoint from
+    # the edits evaluated, such as CounterFact's counterfact-train.json
+    train_data: str | None = None
+    # training files: skip the first `holdout` records (validation); a separate training split needs none
     holdout: int = Field(0, ge=0)
     seed: int = 0
 
@@ -194,6 +197,7 @@ class HiEditHParams(RLEditHParams):
     router_locality: float = Field(
         0.0, ge=0
     )  # router reward: weight of the KL on each edit's neighborhood prompts
+    router_neighbors: int = Field(10, gt=0)  # ... the first this many of them (CounterFact has 10)
 
 
 def plan_deltas(

@@ -12,8 +12,10 @@ changes only through the tokens of the edits that picked it, and each edit's row
 (:func:`.editor_training.train_editor`).
 
 The networks come from a checkpoint made by ``lme-sim train-editor`` (:mod:`.editor_training`);
-a checkpoint made for another model is refused. For ``world:*`` models without an explicit
-``checkpoint`` one is trained on first use and cached.
+a checkpoint made for another model is refused. Without an explicit ``checkpoint`` the editor
+uses the cached one for this model and these hyperparameters (what ``lme-sim train-editor`` writes
+without ``--out``), training it first if missing: ``world:*`` models on their train split, others
+on ``train_data``.
 """
 
 from __future__ import annotations
@@ -65,11 +67,14 @@ class RLEdit(Editor):
         """The networks must be trained for this model (``world:*`` models train their own on first use)."""
         field, ckpt = f"{where}.checkpoint", hp.checkpoint
         if ckpt is None:
+            if hp.train_data is not None:
+                if not Path(hp.train_data).is_file():
+                    raise HParamsError(f"{where}.train_data: file {hp.train_data!r} not found")
+                return  # the cached networks, or trained on it first
             if not model_name.startswith("world:"):
                 raise HParamsError(
-                    f"{field}: {cls.method} on {model_name!r} needs a checkpoint; make one with "
-                    f"`lme-sim train-editor --method {cls.method} --model {model_name} --data <file> "
-                    "--out <path>`"
+                    f"{field}: {cls.method} on {model_name!r} needs a checkpoint or train_data; make one "
+                    f"with `lme-sim train-editor --method {cls.method} --model {model_name} --data <file>`"
                 )
             return
         if not Path(ckpt).is_file():
