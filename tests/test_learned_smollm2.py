@@ -59,8 +59,9 @@ def test_checkpoints_carry_the_model_modules_and_a_snapshot(smollm2, checkpoints
         assert ckpt["model"] == "smollm2-135m" and ckpt["layers"] == list(range(24, 30))
         assert ckpt["module_names"][0] == "model.layers.24.mlp.down_proj.weight"
         assert ckpt["train"]["rollouts"] == 2 and len(ckpt["train"]["edit_loss"]) == 2
-        snap = load_checkpoint(path.with_name(f"{path.stem}-r1.pt"), method)
-        assert snap["train"]["rollouts"] == 1  # the networks after the first rollout
+        for r in (0, 1):  # the networks before training and after the first rollout
+            snap = load_checkpoint(path.with_name(f"{path.stem}-r{r}.pt"), method)
+            assert snap["train"]["rollouts"] == r
     assert load_checkpoint(checkpoints["hiedit"], "hiedit")["top_k"] == 3  # half of 6 candidates
 
 

@@ -187,8 +187,9 @@ def train_editor(
     """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
     The model's weights are the same afterwards. HiEdit starts from ``init``, an RLEdit checkpoint
     for this model and these layers (trained here first when None). Data: the world's train split,
-    else ``data_path``, else ``hp.train_data``. Every ``snapshot_every`` rollouts (0: never)
-    ``on_snapshot(rollouts, checkpoint)`` receives the networks as they are then (a budget curve)."""
+    else ``data_path``, else ``hp.train_data``. Before the first rollout and every ``snapshot_every``
+    rollouts (0: never) ``on_snapshot(rollouts, checkpoint)`` receives the networks as they are then
+    (a budget curve)."""
     data_path = data_path or (None if world is not None else hp.train_data)
     if method == "hiedit" and init is None:
         init = train_editor("rledit", model, tok, model_name, init_hparams(hp), world, data_path, progress)
@@ -256,6 +257,8 @@ def train_editor(
 
     bar = _progress(progress, hp.rollouts, f"training {method} on {model_name}")
     router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
+    if snapshot_every:
+        on_snapshot(0, checkpoint())  # the untrained networks: where the curve starts
     try:
         with frozen(model):
             for r in range(hp.rollouts):
