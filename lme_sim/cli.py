@@ -172,7 +172,7 @@ def _trained_method(ctx, param, value: str) -> str:
     "init_from",
     default=None,
     help="hiedit: the RLEdit checkpoint (same model and layers) whose network HiEdit starts from "
-    "(default: train one first).",
+    "(default: the cached one for these hyperparameters, trained first when missing).",
 )
 def train_editor_cmd(
     method: str,
@@ -185,11 +185,12 @@ def train_editor_cmd(
 ) -> None:
     """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint.
 
-    HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or it is trained first."""
+    HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or the cached one
+    for these hyperparameters is used (trained first, and cached, when missing)."""
     import yaml
 
     from .editors.checkpoints import save_checkpoint
-    from .editors.editor_training import checkpoint_path, train_editor
+    from .editors.editor_training import checkpoint_path, default_checkpoint, init_hparams, train_editor
     from .editors.hparams import HParamsError, load_hparams
     from .models import load_model
 
@@ -236,6 +237,13 @@ def train_editor_cmd(
             sys.exit(2)
     lm = load_model(model_name)
     out = Path(out or checkpoint_path(method, model_name, hp, lm.model))
+    if (
+        method == "hiedit" and init is None
+    ):  # the cached RLEdit network to start from, trained first if missing
+        from .editors.checkpoints import load_checkpoint
+
+        rledit = default_checkpoint("rledit", model_name, init_hparams(hp), lm.model, lm.tok, lm.world, True)
+        init = load_checkpoint(rledit, "rledit")
 
     def snapshot(rollouts: int, ckpt: dict) -> None:
         save_checkpoint(ckpt, out.with_name(f"{out.stem}-r{rollouts}{out.suffix}"))
