@@ -238,22 +238,33 @@ def train_editor(
     t0 = time.perf_counter()
 
     def checkpoint() -> dict:
-        return _checkpoint_dict(
-            method,
-            model,
-            model_name,
-            layers,
-            net_config,
-            net,
-            router,
-            router0,
-            top_k,
-            hp,
-            history,
-            time.perf_counter() - t0,
-            len(groups),
-            init,
-        )
+        """The networks as they are now, with what trained them."""
+        changed = None
+        if router is not None:
+            changed = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(router.parameters(), router0))
+        return {
+            "method": method,
+            "model": model_name,
+            "fingerprint": model_fingerprint(model),
+            "arch": arch_of(model).layers + "/" + arch_of(model).edit_module,
+            "layers": layers,
+            "module_names": [LocalBackbone(model).edit_param_name(l) for l in layers],
+            "net_config": net_config,
+            "net": {k: v.clone() for k, v in net.state_dict().items()},
+            "router": {k: v.clone() for k, v in router.state_dict().items()} if router is not None else None,
+            "top_k": top_k,
+            "hparams": hp.model_dump(),
+            "train": {
+                "seconds": time.perf_counter() - t0,
+                "rollouts": len(history),
+                "edit_loss": list(history),
+                "router_param_change": changed,
+                "n_facts": len(groups),
+            },
+            "init": None
+            if init is None
+            else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
+        }
 
     bar = _progress(progress, hp.rollouts, f"training {method} on {model_name}")
     router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
@@ -290,48 +301,6 @@ def train_editor(
         history[-1],
     )
     return ckpt
-
-
-def _checkpoint_dict(
-    method,
-    model,
-    model_name,
-    layers,
-    net_config,
-    net,
-    router,
-    router0,
-    top_k,
-    hp,
-    history,
-    seconds,
-    n_facts,
-    init,
-):
-    changed = None
-    if router is not None:
-        changed = max(float((p.detach() - p0).abs().max()) for p, p0 in zip(router.parameters(), router0))
-    return {
-        "method": method,
-        "model": model_name,
-        "fingerprint": model_fingerprint(model),
-        "arch": arch_of(model).layers + "/" + arch_of(model).edit_module,
-        "layers": layers,
-        "module_names": [LocalBackbone(model).edit_param_name(l) for l in layers],
-        "net_config": net_config,
-        "net": {k: v.clone() for k, v in net.state_dict().items()},
-        "router": {k: v.clone() for k, v in router.state_dict().items()} if router is not None else None,
-        "top_k": top_k,
-        "hparams": hp.model_dump(),
-        "train": {
-            "seconds": seconds,
-            "rollouts": len(history),
-            "edit_loss": list(history),
-            "router_param_change": changed,
-            "n_facts": n_facts,
-        },
-        "init": None if init is None else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
-    }
 
 
 def _check_init(init: dict, model, layers: list[int], net_config: dict) -> None:
