@@ -5,15 +5,34 @@ from lme_sim.editors.targets import compute_targets
 
 
 def test_batched_targets_equal_one_at_a_time(small_world):
+    """All requests at once, in chunks that fit ``batch_size`` rows (3 rows each: 2 contexts + KL;
+    7 rows: 2 requests at a time, the last alone) and one at a time give the same targets."""
     model, tok, world = small_world
-    cases = world.edit_cases(6, seed=5)
-    hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 12})
+    cases = world.edit_cases(5, seed=5)
     contexts = ["{}", "The job of . {}"]
-    batched = compute_targets(model, tok, cases, 2, contexts, hp, batched=True)
-    single = compute_targets(model, tok, cases, 2, contexts, hp, batched=False)
-    assert torch.equal(batched.steps, single.steps)
-    assert torch.allclose(batched.z, single.z, atol=1e-4)
-    assert torch.allclose(batched.loss, single.loss, atol=1e-4)
+    single = compute_targets(model, tok, cases, 2, contexts, _hp(64), batched=False)
+    for rows in (64, 7):
+        batched = compute_targets(model, tok, cases, 2, contexts, _hp(rows), batched=True)
+        assert torch.equal(batched.steps, single.steps)
+        assert torch.allclose(batched.z, single.z, atol=1e-4)
+        assert torch.allclose(batched.loss, single.loss, atol=1e-4)
+    assert not torch.equal(single.steps, torch.zeros_like(single.steps))  # the targets really moved
+
+
+def test_target_optimization_runs_at_most_batch_size_rows_per_pass(small_world, monkeypatch):
+    """Memory: the rows of one optimization (requests x (contexts + KL)) never exceed ``batch_size``."""
+    from lme_sim.editors import targets
+
+    model, tok, world = small_world
+    seen = []
+    build = targets._RowBatch.build
+    monkeypatch.setattr(targets._RowBatch, "build", lambda *a: seen.append(len((rb := build(*a)).ids)) or rb)
+    compute_targets(model, tok, world.edit_cases(10, seed=2), 2, ["{}", "A . {}"], _hp(9))
+    assert seen == [9, 9, 9, 3]  # 3 requests of 3 rows at a time, then the tenth
+
+
+def _hp(rows: int):
+    return load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 12, "batch_size": rows})
 
 
 def test_targets_make_the_model_predict_the_new_object(small_world):

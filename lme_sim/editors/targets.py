@@ -8,9 +8,9 @@ optimized with Adam so that the model predicts the new object:
            + v_weight_decay * ||delta_r|| / ||h_r||^2
 
 with early stop once loss_r < v_loss_stop and ||delta_r|| clamped to clamp_norm_factor * ||h_r||.
-All requests of a batch share one forward/backward per step. Because the losses are summed and
-Adam is element-wise, each delta_r follows exactly the trajectory it would follow alone; a
-request that has converged is frozen and its rows leave the batch.
+The requests of a batch (as many as fit ``batch_size`` rows at a time) share one forward/backward
+per step. Because the losses are summed and Adam is element-wise, each delta_r follows exactly the
+trajectory it would follow alone; a request that has converged is frozen and its rows leave the batch.
 
 With ``reuse`` (the default, where the backbone supports it) one pass per batch keeps what no delta
 can change (positions before the subject's last token, blocks up to L; :mod:`lme_sim.suffix`) and
@@ -69,11 +69,19 @@ def compute_targets(
     batched: bool = True,
     reuse: bool = True,
 ) -> Targets:
-    """Targets for every case; ``batched=False`` runs the same math one request at a time; ``reuse=False``
-    runs every step through the whole model (the reference for the suffix passes)."""
+    """Targets for every case. Requests are optimized together, as many at a time as fit in
+    ``hp.batch_size`` rows (each has a row per context and a KL row): the backward keeps every
+    block's activations of these rows, so this bounds memory (on SmolLM2-135M ~17 MB per row; all
+    100 requests of a batch at once peaked at 12 GB in one shard). ``batched=False`` runs the same
+    math one request at a time; ``reuse=False`` runs every step through the whole model (the
+    reference for the suffix passes)."""
     model = as_backbone(model)
-    if not batched:
-        parts = [compute_targets(model, tok, [c], layer, contexts, hp, reuse=reuse) for c in cases]
+    per = max(1, hp.batch_size // (len(contexts) + 1)) if batched else 1
+    if len(cases) > per:
+        parts = [
+            compute_targets(model, tok, cases[i : i + per], layer, contexts, hp, reuse=reuse)
+            for i in range(0, len(cases), per)
+        ]
         return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
     n = len(cases)
     subjects = [c.subject for c in cases]
