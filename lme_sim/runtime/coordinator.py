@@ -205,6 +205,7 @@ class Run:
     # ---- the loop ---------------------------------------------------------------------------------
     def loop(self) -> None:
         ray, clock = self.ray, SimClock(self.scn.stream.speedup)
+        self._editor_ready()
         with Progress(console=self.console, transient=True) as progress:
             bar = progress.add_task(
                 f"{self.scn.editor.method} on {self.scn.model}",
@@ -220,6 +221,16 @@ class Run:
                     self.edit_batch(item, paced)
                 self._log_evaluations(self.pool.collect(wait=False))
                 progress.update(bar, completed=position)
+
+    def _editor_ready(self) -> None:
+        """Wait for the editor actor's set-up, which on a model's first use includes its key
+        statistics over the corpus (MEMIT, AlphaEdit: tens of minutes for SmolLM2 on 2 CPU cores,
+        then read from ``$LME_SIM_CACHE``); say how long it took when that was more than a moment."""
+        t0, method = time.perf_counter(), self.scn.editor.method
+        with self.console.status(f"starting the {method} editor (first use on a model: key statistics)"):
+            self.ray.get(self.editor.weight_stats.remote())
+        if (waited := time.perf_counter() - t0) > 30:
+            self.console.print(f"{method} editor ready after {waited / 60:.1f} min")
 
     def edit_batch(self, batch: list[Event], paced: float = 0.0) -> None:
         """Edit, guard, commit and log one batch; ``paced``: the seconds the stream's clock held it
