@@ -126,3 +126,20 @@ def test_placement_must_be_a_ray_strategy(tmp_path, bad):
     path.write_text(f"name: x\nmodel: world:small\nruntime: {{shards: 2, placement: {bad}}}\n")
     with pytest.raises(ScenarioError, match=r"s.yaml: field 'runtime.placement'"):
         load_scenario(path)
+
+
+def test_no_graph_stays_on_the_shards_after_target_optimization(small_world):
+    """Each optimization's last forward has no backward (every request converged or ran out of
+    steps): the graphs it left on the shards go with it, on the suffix path and the whole passes."""
+    from lme_sim.editors.targets import compute_targets
+
+    model, tok, world = small_world
+    shards = _shards(model, 2)
+    hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 4})
+    for reuse in (True, False):
+        t = compute_targets(
+            ShardedBackbone(shards), tok, world.edit_cases(4, seed=1), 2, ["{}"], hp, reuse=reuse
+        )
+        assert (t.steps == 3).any()  # a last forward whose backward never ran
+        assert [len(s._graphs) for s in shards] == [0, 0]
+        assert [len(s._prefixes) for s in shards] == [0, 0]

@@ -209,6 +209,29 @@ def _on_cpu(out: Output) -> Output:
     return out
 
 
+def send(shard, method: str, *args) -> None:
+    """Call a method on a plain shard, or on a Ray actor handle without waiting for it."""
+    fn = getattr(shard, method)
+    fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
+
+
+class _Graphs:
+    """The graphs a differentiable forward left on the shards, for its backward. When the forward's
+    autograd node goes away (it holds this object) they are dropped, backward or not: a forward whose
+    backward never runs (the last step of a target optimization) would otherwise keep its rows'
+    activations on every shard for good, one more per batch."""
+
+    def __init__(self, shards: list, req: int):
+        self.shards, self.req = shards, req
+
+    def __del__(self):
+        try:
+            for shard in self.shards:
+                send(shard, "drop", self.req)  # after a backward: nothing left to drop
+        except Exception:  # interpreter or Ray shutting down: the shards go with it
+            pass
+
+
 def call(shard, method: str, *args):
     """Call a method on a plain shard or on a Ray actor handle (and wait for it)."""
     fn = getattr(shard, method)
@@ -392,6 +415,7 @@ class _ShardedSuffixLogits(torch.autograd.Function):
         req = next(backbone._requests)
         logits = backbone._suffix_chain(req, handle, rows, values.detach(), at, grad=True)
         ctx.backbone, ctx.req, ctx.first = backbone, req, backbone._owner(handle.layer)
+        ctx.graphs = _Graphs(backbone.shards[ctx.first :], req)
         ctx.meta = (values.dtype, values.device)
         return logits
 
@@ -438,6 +462,7 @@ class _ShardedLogits(torch.autograd.Function):
             merged.n_tokens,
         )
         ctx.backbone, ctx.req, ctx.first, ctx.rot_layers = backbone, req, first, rot_layers
+        ctx.graphs = _Graphs(backbone.shards[first:], req)
         ctx.meta = [(t.dtype, t.device) if t is not None else None for t in (values, *rotations)]
         return merged.logits
 
