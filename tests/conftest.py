@@ -2,6 +2,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# One torch thread per process: on 2 shared cores a second thread is slower (the Ray actors the tests
+# start compete for the same cores), and the quality figures asserted below were measured so.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same in the processes the tests start
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
