@@ -17,7 +17,7 @@ from lme_sim.metrics import case_metrics, summarize
 from lme_sim.tokens import encode_pairs
 
 MODEL = "world:small"
-# the shipped world hyperparameters: 200 rollouts each, RLEdit ~2.5 min and HiEdit ~4 min at one thread
+# the shipped world hyperparameters: 200 rollouts each, RLEdit ~5 min and HiEdit ~7 min at one thread
 # (conftest); at 100 rollouts HiEdit's efficacy falls below RLEdit's (0.74 vs 0.78)
 TRAIN = {}
 
