@@ -405,6 +405,13 @@ class _Trainer:
             edit = sum(hp.mu**i * c.mean() for i, c in enumerate(per_case))
             return edit + hp.locality * unrelated.kl(now).mean(), edit, per_case[0], now
 
+        def own_loss(deltas):
+            """(n_edits,) edit loss of batch t's own edits with ``deltas`` written: step_loss's
+            per_case[0] alone (no look-back batches, no locality prompts)."""
+            p = rows.probes[t]
+            with weight_offsets(model, deltas), p.running(model):
+                return _per_case_mean(per_row_nll(model, p.pairs), p.owner, n)
+
         deltas, sel, log_pi = plan_deltas(
             net, sig, layers, n, router, top_k, sample=router is not None and hp.explore, generator=self.gen
         )
@@ -423,9 +430,7 @@ class _Trainer:
 
             with torch.no_grad():
                 all_deltas, _, _ = plan_deltas(net, sig, layers, n)
-                advantage = cost(all_deltas, step_loss(all_deltas)[2]) - cost(
-                    deltas, own
-                )  # > 0: the subset is better
+                advantage = cost(all_deltas, own_loss(all_deltas)) - cost(deltas, own)  # > 0: subset better
             loss = loss - (advantage * log_pi).mean()
             if (
                 hp.balance
