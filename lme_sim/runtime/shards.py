@@ -222,12 +222,14 @@ class _Graphs:
     activations on every shard for good, one more per batch."""
 
     def __init__(self, shards: list, req: int):
-        self.shards, self.req = shards, req
+        self.shards, self.req, self.used = shards, req, False  # used: the backward took them
 
     def __del__(self):
+        if self.used:
+            return
         try:
             for shard in self.shards:
-                send(shard, "drop", self.req)  # after a backward: nothing left to drop
+                send(shard, "drop", self.req)
         except Exception:  # interpreter or Ray shutting down: the shards go with it
             pass
 
@@ -422,6 +424,7 @@ class _ShardedSuffixLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits):
         backbone, grad, found = ctx.backbone, grad_logits.cpu(), None
+        ctx.graphs.used = True
         for i in range(len(backbone.shards) - 1, ctx.first - 1, -1):
             grads = call(backbone.shards[i], "backward", ctx.req, grad)
             grad = grads.pop("hidden", None)
@@ -469,6 +472,7 @@ class _ShardedLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits):
         backbone, grad, found = ctx.backbone, grad_logits.cpu(), {}
+        ctx.graphs.used = True
         for i in range(len(backbone.shards) - 1, ctx.first - 1, -1):
             grads = call(backbone.shards[i], "backward", ctx.req, grad)
             grad = grads.pop("hidden", None)
