@@ -364,6 +364,44 @@ def test_a_rollout_from_the_cached_lower_blocks_equals_whole_passes(small_world,
     assert torch.allclose(unrelated.before, fresh, atol=1e-5)
 
 
+def test_a_rollout_applied_in_parts_adds_up_to_its_whole_gradient(small_world):
+    """``steps_per_update``: a rollout of 4 steps in parts of 2 steps the optimizer twice, and (the
+    networks held still by a zero learning rate) its parts' gradients add up to the gradient that the
+    whole rollout applies at once: no step's gradient is lost, counted twice or left for the next part."""
+    from lme_sim.editors.editor_training import _Trainer
+    from lme_sim.editors.hypernet import HyperNet, RLEditHParams
+
+    model0, tok, world = small_world
+    cases = world.edit_cases(16, seed=5, split="train")
+    batches = [cases[i : i + 4] for i in range(0, 16, 4)]
+    loc = [world.prompt(f) for f in world.split_facts("train")[:8]]
+    d_model, d_ff = model0.get_submodule(edit_module_path(model0, 2)).weight.T.shape
+    torch.manual_seed(0)
+    net0 = HyperNet(d_ff=d_ff, d_model=d_model, n_modules=2, rank=8, n_blocks=2, init_lr=1.0, init_lambda=1.0)
+    with torch.no_grad():  # residual blocks off zero, so that every parameter shapes the deltas
+        for p in net0.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            self.seen.append([p.grad.clone() for p in self.param_groups[0]["params"]])
+
+    def rollout(steps_per_update: int) -> list[list[torch.Tensor]]:
+        hp = RLEditHParams(layers=[2, 3], lookback=2, locality_prompts=8, steps_per_update=steps_per_update)
+        model, net = copy.deepcopy(model0), copy.deepcopy(net0)
+        opt = Recording(net.parameters(), lr=0.0)
+        opt.seen = []
+        _Trainer(model, tok, net, None, None, hp, torch.Generator()).rollout(batches, loc, opt)
+        return opt.seen
+
+    (whole,), parts = rollout(0), rollout(2)
+    assert len(parts) == 2
+    for w, a, b in zip(whole, *parts):
+        assert w.abs().max() > 0
+        assert torch.allclose(a + b, 2 * w, rtol=1e-4, atol=1e-7)  # parts average 2 steps, the whole 4
+        assert not torch.allclose(a, b, rtol=1e-2)
+
+
 def test_a_real_model_needs_a_checkpoint_or_an_existing_training_file():
     """Without a checkpoint, RLEdit on a model with no embedded world trains on ``train_data``: one
     error line naming the field when neither is usable (before any model loads)."""

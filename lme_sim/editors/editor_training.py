@@ -8,8 +8,10 @@ gradients on the current model W_{t-1}; the step's loss (the negative reward) is
     sum_{i=0..lookback} mu^i * NLL(paraphrases and prompts of batch t-i | W_{t-1} + Delta_t)
     + locality * KL(P_{W_{t-1}} || P_{W_{t-1} + Delta_t})   on unrelated prompts
 
-differentiated through the ridge solve into the networks; then Delta_t is written and the next
-step starts from it. Gradients of a rollout are summed and applied in one optimizer step.
+differentiated through the ridge solve into the networks; then Delta_t is written (detached) and the
+next step starts from it. Gradients of a rollout are summed and applied in one optimizer step, or in
+one per ``steps_per_update`` steps: no gradient crosses a written delta, so the parts add up to the
+rollout's gradient (taken at the networks of their own part).
 
 HiEdit (hierarchical: a high-level router over a low-level hypernetwork) starts from a trained
 RLEdit network for the same model and modules: the low-level policy first learns to edit with
@@ -277,11 +279,9 @@ def train_editor(
                     rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))
                 ]  # distinct facts
                 batches = [seq[i : i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
-                opt.zero_grad()
                 losses = trainer.rollout(
-                    batches, rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts)))
+                    batches, rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))), opt
                 )
-                opt.step()
                 for l in layers:  # the next rollout starts from the unedited model
                     weight_view(model, l).data.copy_(original[l])
                 history.append(sum(losses) / len(losses))
@@ -356,9 +356,10 @@ class _Trainer:
         self.backbone, self.layers = LocalBackbone(self.model), list(self.hp.layers)
         self.start = min(self.layers)  # no delta changes the blocks below: they run once per rollout
 
-    def rollout(self, batches, loc_prompts: list[str]) -> list[float]:
+    def rollout(self, batches, loc_prompts: list[str], opt: torch.optim.Optimizer) -> list[float]:
         """Edit ``batches`` in turn from the current model, adding each step's gradient to the
-        networks'; returns the steps' edit losses. The deltas stay written."""
+        networks' and stepping ``opt`` every ``steps_per_update`` steps (0: at the end); returns the
+        steps' edit losses. The deltas stay written."""
         rows = _Rollout.prepare(
             self.model,
             self.tok,
@@ -368,14 +369,22 @@ class _Trainer:
             neighbors=self.hp.router_neighbors if self.router is not None and self.hp.router_locality else 0,
         )
         unrelated = _NextToken(self.model, rows.unrelated)
-        return [self.step(batches, rows, unrelated, t) for t in range(len(batches))]
+        every = self.hp.steps_per_update or len(batches)
+        losses = []
+        opt.zero_grad()
+        for t in range(len(batches)):
+            losses.append(self.step(batches, rows, unrelated, t, scale=1 / every))
+            if (t + 1) % every == 0 or t + 1 == len(batches):
+                opt.step()
+                opt.zero_grad()
+        return losses
 
-    def step(self, batches, rows: _Rollout, unrelated: _NextToken, t: int) -> float:
-        """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient
-        added to the networks'), then the deltas written. ``unrelated.before`` holds the locality
-        prompts' next-token distribution on the model before this step (the previous step's pass
-        computed it, with the deltas that were then written); it moves on to the edited model.
-        Returns the step's edit loss."""
+    def step(self, batches, rows: _Rollout, unrelated: _NextToken, t: int, scale: float = 1.0) -> float:
+        """One edit step of a rollout: deltas for batch t, the look-back loss with them (its gradient,
+        times ``scale``, added to the networks'), then the deltas written. ``unrelated.before`` holds
+        the locality prompts' next-token distribution on the model before this step (the previous
+        step's pass computed it, with the deltas that were then written); it moves on to the edited
+        model. Returns the step's edit loss."""
         model, backbone, net, router, top_k, layers, hp = (
             self.model,
             self.backbone,
@@ -437,7 +446,7 @@ class _Trainer:
             ):  # Switch Transformer's usage penalty (arXiv 2101.03961 eq. 4): 1 when usage is even
                 share = sel.mean(0) * len(layers) / top_k
                 loss = loss + hp.balance * (share**2).mean()
-        (loss / len(batches)).backward()
+        (loss * scale).backward()
         for l, d in deltas.items():
             apply_layer_delta(backbone, l, d.detach())
         unrelated.before = now.detach()

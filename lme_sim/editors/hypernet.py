@@ -172,8 +172,12 @@ class RLEditHParams(HParams):
     init_lr: float = Field(1.0, gt=0)  # step size eta per module at the start of training
     init_lambda: float = Field(1.0, gt=0)  # ridge term lambda per module at the start of training
     train_lr: float = Field(1e-3, gt=0)  # Adam on the networks
-    rollouts: int = Field(300, gt=0)  # sequences of edit batches (one optimizer step each)
+    rollouts: int = Field(300, gt=0)  # sequences of edit batches
     rollout_batches: int = Field(10, gt=0)  # batches per sequence
+    # edit steps per optimizer step (0: one per rollout). No gradient crosses a written delta, so a
+    # rollout's gradient is the sum of its steps' and it may be applied in parts: long rollouts (the
+    # state of a model already edited many times) at as many updates as short ones
+    steps_per_update: int = Field(0, ge=0)
     edits_per_batch: int = Field(10, gt=0)
     lookback: int = Field(3, ge=0)  # reward counts the paraphrases of the last `lookback` earlier batches too
     mu: float = Field(0.5, ge=0)  # ... weighted mu^i for the batch i steps back
