@@ -190,7 +190,13 @@ def train_editor_cmd(
     import yaml
 
     from .editors.checkpoints import save_checkpoint
-    from .editors.editor_training import checkpoint_path, default_checkpoint, init_hparams, train_editor
+    from .editors.editor_training import (
+        TrainingDiverged,
+        checkpoint_path,
+        default_checkpoint,
+        init_hparams,
+        train_editor,
+    )
     from .editors.hparams import HParamsError, load_hparams
     from .models import load_model
 
@@ -264,6 +270,9 @@ def train_editor_cmd(
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except TrainingDiverged as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     path = save_checkpoint(ckpt, out)
     t = ckpt["train"]
     start = f" after an RLEdit start of {ckpt['init']['seconds']:.0f} s" if ckpt.get("init") else ""

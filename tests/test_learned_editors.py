@@ -402,6 +402,65 @@ def test_a_rollout_applied_in_parts_adds_up_to_its_whole_gradient(small_world):
         assert not torch.allclose(a, b, rtol=1e-2)
 
 
+def _one_step_grads(small_world, **hparams) -> list[torch.Tensor]:
+    """The networks' gradients after the first step of a rollout (a fixed, slightly perturbed network)."""
+    from lme_sim.editors.editor_training import _NextToken, _Rollout, _Trainer
+    from lme_sim.editors.hypernet import HyperNet, RLEditHParams
+
+    model0, tok, world = small_world
+    batches = [world.edit_cases(4, seed=6, split="train")]
+    loc = [world.prompt(f) for f in world.split_facts("train")[:8]]
+    d_model, d_ff = model0.get_submodule(edit_module_path(model0, 2)).weight.T.shape
+    torch.manual_seed(0)
+    net = HyperNet(d_ff=d_ff, d_model=d_model, n_modules=2, rank=8, n_blocks=2, init_lr=1.0, init_lambda=1.0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hp = RLEditHParams(layers=[2, 3], locality_prompts=8, **hparams)
+    model = copy.deepcopy(model0)
+    trainer = _Trainer(model, tok, net, None, None, hp, torch.Generator())
+    rows = _Rollout.prepare(model, tok, batches, loc, trainer.start, neighbors=0)
+    trainer.step(batches, rows, _NextToken(model, rows.unrelated), 0)
+    return [p.grad.clone() for p in net.parameters()], net, trainer
+
+
+def test_the_l2_term_adds_the_gradient_of_the_squared_deltas(small_world):
+    """``reg``: the step loss gains reg * sum_l ||Delta_l||_F^2 (RLEdit's published L2 term), and the
+    gradient exactly that term's gradient, on top of the loss without it."""
+    from lme_sim.editors.edit_signals import keys_and_grads
+    from lme_sim.editors.hypernet import plan_deltas
+
+    plain, _, _ = _one_step_grads(small_world)
+    reg, net, trainer = _one_step_grads(small_world, reg=0.3)
+    net.zero_grad()
+    model0, tok, world = small_world
+    cases = world.edit_cases(4, seed=6, split="train")
+    pairs = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
+    sig = keys_and_grads(model0, pairs, [2, 3])
+    deltas, _, _ = plan_deltas(net, sig, [2, 3], len(cases))
+    (0.3 * sum(d.pow(2).sum() for d in deltas.values())).backward()
+    extra = [p.grad for p in net.parameters()]
+    assert any(e.abs().max() > 0 for e in extra)
+    for a, b, e in zip(plain, reg, extra):
+        assert torch.allclose(b, a + e, rtol=1e-3, atol=1e-6)
+
+
+def test_a_diverging_training_stops_with_one_error_line(small_world, tmp_path):
+    """Deltas that break the model (here a step size of 1e30) end training with one ``error:`` line
+    naming the rollout, exit 1, and no checkpoint, instead of a linear-algebra traceback."""
+    from click.testing import CliRunner
+
+    from lme_sim.cli import main
+
+    out = tmp_path / "net.pt"
+    hp = "{init_lr: 1.0e+30, rollouts: 2, rollout_batches: 4, locality_prompts: 8}"
+    args = ["train-editor", "--method", "rledit", "--model", MODEL, "--hparams", hp, "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: training rledit diverged in rollout 1")
+    assert not out.exists()
+
+
 def test_a_real_model_needs_a_checkpoint_or_an_existing_training_file():
     """Without a checkpoint, RLEdit on a model with no embedded world trains on ``train_data``: one
     error line naming the field when neither is usable (before any model loads)."""

@@ -7,6 +7,7 @@ gradients on the current model W_{t-1}; the step's loss (the negative reward) is
 
     sum_{i=0..lookback} mu^i * NLL(paraphrases and prompts of batch t-i | W_{t-1} + Delta_t)
     + locality * KL(P_{W_{t-1}} || P_{W_{t-1} + Delta_t})   on unrelated prompts
+    + reg * sum_l ||Delta_t,l||_F^2                           (the published code's L2 term)
 
 differentiated through the ridge solve into the networks; then Delta_t is written (detached) and the
 next step starts from it. Gradients of a rollout are summed and applied in one optimizer step, or in
@@ -53,6 +54,10 @@ from .hypernet import HyperNet, RLEditHParams, Router, plan_deltas
 from .targets import frozen
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The deltas written in a rollout broke the model (non-finite activations)."""
 
 
 def training_cases(
@@ -268,7 +273,7 @@ def train_editor(
             else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
         }
 
-    bar = _progress(progress, hp.rollouts, f"training {method} on {model_name}")
+    bar = _progress(progress, hp.rollouts * hp.rollout_batches, f"training {method} on {model_name}")
     router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
     if snapshot_every:
         on_snapshot(0, checkpoint())  # the untrained networks: where the curve starts
@@ -279,19 +284,24 @@ def train_editor(
                     rng.choice(g) for g in rng.sample(groups, min(per_rollout, len(groups)))
                 ]  # distinct facts
                 batches = [seq[i : i + hp.edits_per_batch] for i in range(0, len(seq), hp.edits_per_batch)]
-                losses = trainer.rollout(
-                    batches, rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))), opt
-                )
+                try:
+                    losses = trainer.rollout(
+                        batches, rng.sample(loc_prompts, min(hp.locality_prompts, len(loc_prompts))), opt, bar
+                    )
+                except TrainingDiverged as e:
+                    raise TrainingDiverged(
+                        f"training {method} diverged in rollout {r + 1}: {e}; lower init_lr or train_lr, "
+                        "raise reg, or shorten rollout_batches"
+                    ) from None
                 for l in layers:  # the next rollout starts from the unedited model
                     weight_view(model, l).data.copy_(original[l])
                 history.append(sum(losses) / len(losses))
-                bar(r, history[-1])
                 if snapshot_every and (r + 1) % snapshot_every == 0 and r + 1 < hp.rollouts:
                     on_snapshot(r + 1, checkpoint())
     finally:
         for l in layers:
             weight_view(model, l).data.copy_(original[l])
-        bar(None, None)
+        bar(None)
     ckpt = checkpoint()
     log.info(
         "trained %s in %.0f s; edit loss %.3f -> %.3f",
@@ -356,10 +366,12 @@ class _Trainer:
         self.backbone, self.layers = LocalBackbone(self.model), list(self.hp.layers)
         self.start = min(self.layers)  # no delta changes the blocks below: they run once per rollout
 
-    def rollout(self, batches, loc_prompts: list[str], opt: torch.optim.Optimizer) -> list[float]:
+    def rollout(
+        self, batches, loc_prompts: list[str], opt: torch.optim.Optimizer, on_step=None
+    ) -> list[float]:
         """Edit ``batches`` in turn from the current model, adding each step's gradient to the
         networks' and stepping ``opt`` every ``steps_per_update`` steps (0: at the end); returns the
-        steps' edit losses. The deltas stay written."""
+        steps' edit losses (each also to ``on_step``). The deltas stay written."""
         rows = _Rollout.prepare(
             self.model,
             self.tok,
@@ -374,6 +386,8 @@ class _Trainer:
         opt.zero_grad()
         for t in range(len(batches)):
             losses.append(self.step(batches, rows, unrelated, t, scale=1 / every))
+            if on_step is not None:
+                on_step(losses[-1])
             if (t + 1) % every == 0 or t + 1 == len(batches):
                 opt.step()
                 opt.zero_grad()
@@ -397,6 +411,10 @@ class _Trainer:
         n = len(batches[t])
         with rows.edits[t].running(model):
             sig = keys_and_grads(model, rows.edits[t].pairs, layers)
+        if not all(sig.keys[l].isfinite().all() and sig.grads[l].isfinite().all() for l in layers):
+            raise TrainingDiverged(
+                f"at step {t + 1} of {len(batches)} the edited model's keys or gradients are not finite"
+            )
         net.key_norm.update(torch.cat([sig.keys[l] for l in layers]))
         net.grad_norm.update(torch.cat([sig.grads[l] for l in layers]))
 
@@ -412,7 +430,10 @@ class _Trainer:
                     per_case.append(_per_case_mean(nll, p.owner, len(batches[t - i])))
                 now = unrelated.logprobs()
             edit = sum(hp.mu**i * c.mean() for i, c in enumerate(per_case))
-            return edit + hp.locality * unrelated.kl(now).mean(), edit, per_case[0], now
+            loss = edit + hp.locality * unrelated.kl(now).mean()
+            if hp.reg:
+                loss = loss + hp.reg * sum(d.pow(2).sum() for d in deltas.values())
+            return loss, edit, per_case[0], now
 
         def own_loss(deltas):
             """(n_edits,) edit loss of batch t's own edits with ``deltas`` written: step_loss's
@@ -454,15 +475,15 @@ class _Trainer:
 
 
 def _progress(enabled: bool, total: int, label: str):
-    """A tqdm bar (or nothing): ``update(i, loss)``, ``update(None, None)`` closes it."""
+    """A tqdm bar over edit steps (or nothing): ``update(loss)`` after each, ``update(None)`` closes it."""
     if not enabled:
-        return lambda i, loss: None
+        return lambda loss: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=label, unit="rollout")
+    bar = tqdm(total=total, desc=label, unit="step")
 
-    def update(i, loss):
-        if i is None:
+    def update(loss):
+        if loss is None:
             bar.close()
             return
         bar.update(1)
