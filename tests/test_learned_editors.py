@@ -461,6 +461,28 @@ def test_a_diverging_training_stops_with_one_error_line(small_world, tmp_path):
     assert not out.exists()
 
 
+def test_a_failing_ridge_solve_in_training_is_the_same_one_error_line(small_world, tmp_path, monkeypatch):
+    """Pseudo keys can be finite and still too large for the ridge system (a singular solve, seen on
+    SmolLM2 with 50-batch rollouts): that too ends training with the divergence error, not a traceback."""
+    from click.testing import CliRunner
+
+    from lme_sim.cli import main
+    from lme_sim.editors import hypernet
+
+    def singular(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.solve: the input matrix is singular")
+
+    monkeypatch.setattr(hypernet, "ridge_delta", singular)
+    out = tmp_path / "net.pt"
+    hp = "{rollouts: 2, rollout_batches: 4, locality_prompts: 8}"
+    args = ["train-editor", "--method", "rledit", "--model", MODEL, "--hparams", hp, "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: training rledit diverged in rollout 1: at step 1 of 4 the ridge solve")
+    assert not out.exists()
+
+
 def test_a_real_model_needs_a_checkpoint_or_an_existing_training_file():
     """Without a checkpoint, RLEdit on a model with no embedded world trains on ``train_data``: one
     error line naming the field when neither is usable (before any model loads)."""

@@ -442,10 +442,16 @@ class _Trainer:
             with weight_offsets(model, deltas), p.running(model):
                 return _per_case_mean(per_row_nll(model, p.pairs), p.owner, n)
 
-        deltas, sel, log_pi = plan_deltas(
-            net, sig, layers, n, router, top_k, sample=router is not None and hp.explore, generator=self.gen
-        )
+        try:
+            explore = router is not None and hp.explore
+            deltas, sel, log_pi = plan_deltas(net, sig, layers, n, router, top_k, explore, self.gen)
+        except torch.linalg.LinAlgError as e:  # pseudo keys too large for the ridge system
+            raise TrainingDiverged(
+                f"at step {t + 1} of {len(batches)} the ridge solve failed ({e})"
+            ) from None
         loss, edit, own, now = step_loss(deltas)
+        if not loss.isfinite():
+            raise TrainingDiverged(f"at step {t + 1} of {len(batches)} the step loss is {loss.item()}")
         if router is not None:
             nb = rows.neighbors[t]
             neighbors = _NextToken(model, nb) if nb is not None else None
