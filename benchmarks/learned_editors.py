@@ -93,9 +93,10 @@ def main() -> None:
         for spec in args.editor:
             method, _, ckpt = spec.partition("=")
             model = copy.deepcopy(lm.model)
-            editor = make_editor(
-                method, model, lm.tok, args.model, {"checkpoint": ckpt} if ckpt else {}, progress=False
-            )
+            over = {}
+            if ckpt:  # the checkpoint's own candidate modules
+                over = {"checkpoint": ckpt, "layers": torch.load(ckpt, weights_only=False)["layers"]}
+            editor = make_editor(method, model, lm.tok, args.model, over, progress=False)
             t0 = time.perf_counter()
             touched, per_edit = [], []
             for i in tqdm(range(0, len(cases), args.batch), desc=f"{spec} on {text}", unit="batch"):

@@ -281,7 +281,10 @@ def train_editor_cmd(
         f"{t['seconds']:.0f} s{start}; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; "
         f"saved {path}"
     )
-    click.echo(f"use it with  editor: {{method: {method}, hparams: {{checkpoint: {path}}}}}")
+    layers = ", ".join(map(str, hp.layers))  # the editor refuses a checkpoint made for other layers
+    click.echo(
+        f"use it with  editor: {{method: {method}, hparams: {{checkpoint: {path}, layers: [{layers}]}}}}"
+    )
 
 
 @main.command()

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import yaml
 
 from lme_sim.arch import edit_module_path
 from lme_sim.editors import make_editor
@@ -257,6 +258,8 @@ def test_train_editor_cli_starts_hiedit_from_a_given_rledit_checkpoint(trained, 
     assert result.exit_code == 0, result.output
     ckpt = torch.load(out, weights_only=False)
     assert ckpt["init"] is not None and ckpt["router"] is not None
+    hint = yaml.safe_load(result.output.strip().splitlines()[-1].split("use it with")[1])["editor"]
+    assert hint == {"method": "hiedit", "hparams": {"checkpoint": str(out), "layers": ckpt["layers"]}}
     bad = CliRunner().invoke(main, [*args, "--init-from", str(hiedit)])
     assert bad.exit_code == 2 and "--init-from" in bad.output and "not 'rledit'" in bad.output
     wrong = CliRunner().invoke(main, [*args[:2], "rledit", *args[3:], "--init-from", str(rledit)])
