@@ -223,6 +223,33 @@ def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_wo
         )
 
 
+@pytest.mark.parametrize("scale, expected", [(None, 2.0), (1.0, 1.0), (1.5, 1.5)])
+def test_hiedit_starts_from_the_rledit_step_sizes_times_the_handover_scale(small_world, scale, expected):
+    """At the hand-over HiEdit's step sizes are the RLEdit start's times ``handover_scale``; by default
+    n_candidates / top_k (4 / 2 here), since each edit then writes into half of the modules."""
+    model, tok, world = small_world
+    few = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}
+    rledit = train_editor(
+        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, few), world, progress=False
+    )
+    starts = []
+    hp = load_hparams("hiedit", MODEL, {**few, "handover_scale": scale})
+    train_editor(
+        "hiedit",
+        model,
+        tok,
+        MODEL,
+        hp,
+        world,
+        progress=False,
+        init=rledit,
+        snapshot_every=1,
+        on_snapshot=lambda r, ck: starts.append(ck["net"]["log_lr"]) if r == 0 else None,
+    )
+    ratio = (starts[0] - rledit["net"]["log_lr"]).exp()
+    assert torch.allclose(ratio, torch.full_like(ratio, expected))
+
+
 def test_training_neighborhoods_stay_in_the_training_split(small_world):
     """The router's locality reward reads each training edit's neighborhood prompts: they must not
     be facts of held-out subjects."""

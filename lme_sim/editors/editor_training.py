@@ -18,8 +18,10 @@ HiEdit (hierarchical: a high-level router over a low-level hypernetwork) starts 
 RLEdit network for the same model and modules: the low-level policy first learns to edit with
 every candidate, then router and hypernetwork train together with the mask, at the lower
 ``router_phase_lr`` so that the hypernetwork stays near the RLEdit one while the router learns.
-At the hand-over each module's step size is multiplied by n_candidates / top_k, since every
-edit's value shift is now written into top_k modules instead of all of them. The router picks
+At the hand-over each module's step size is multiplied by ``handover_scale`` (default
+n_candidates / top_k, since every edit's value shift is now written into top_k modules instead of
+all of them; 1 keeps the RLEdit step sizes, for a start whose steps are already as large as the
+model bears). The router picks
 ``top_k`` modules per edit (Gumbel top-k while training, to explore), with an optional penalty on
 uneven module usage (``balance``) that keeps it from settling on one subset for every edit. It
 learns from two signals that really reach its parameters: the straight-through gradient of the
@@ -229,7 +231,7 @@ def train_editor(
         _check_init(init, model, layers, net_config)
         net.load_state_dict(init["net"])
         with torch.no_grad():  # each edit now writes into top_k modules, not all of them
-            net.log_lr += math.log(len(layers) / top_k)
+            net.log_lr += math.log(hp.handover_scale or len(layers) / top_k)
     params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
     opt = torch.optim.Adam(params, lr=hp.router_phase_lr if method == "hiedit" else hp.train_lr)
     original = {l: weight_view(model, l).detach().clone() for l in layers}

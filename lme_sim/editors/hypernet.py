@@ -201,6 +201,9 @@ class HiEditHParams(RLEditHParams):
     explore: bool = True  # training draws each edit's subset (Gumbel top-k) instead of taking the best
     balance: float = Field(0.0, ge=0)  # weight of a penalty on uneven module usage while training
     router_phase_lr: float = Field(1e-3, gt=0)  # Adam after the RLEdit start (train_lr trains that start)
+    # the RLEdit start's step sizes times this at the hand-over; null: n_candidates / top_k (each
+    # edit now writes into top_k modules, not all of them)
+    handover_scale: float | None = Field(None, gt=0)
     router_locality: float = Field(
         0.0, ge=0
     )  # router reward: weight of the KL on each edit's neighborhood prompts
