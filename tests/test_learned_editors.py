@@ -52,6 +52,37 @@ def test_a_module_leaves_the_tokens_of_edits_that_did_not_pick_it_unchanged():
     assert torch.allclose(out[mask == 1], v[mask == 1], atol=1e-6)  # the chosen edits' value shifts
 
 
+def test_a_weighted_ridge_fit_drops_rows_of_weight_zero_and_keeps_their_gradient():
+    """ridge_delta with row weights is the weighted least-squares fit: 0/1 weights give the fit of the
+    weight-1 rows alone (HiEdit with fit_others false), and the weights still get a gradient."""
+    K, V = torch.randn(8, 20, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    lam = torch.tensor(0.3, dtype=torch.float64)
+    rows = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 0], dtype=torch.float64, requires_grad=True)
+    keep = rows.detach() > 0
+    assert torch.allclose(ridge_delta(K, V, lam, rows), ridge_delta(K[keep], V[keep], lam), atol=1e-10)
+    c = torch.rand(8, dtype=torch.float64) + 0.1  # any positive weights: the weighted normal equations
+    D = ridge_delta(K, V, lam, c)
+    normal = D @ (K.T @ (c[:, None] * K) + lam * torch.eye(20, dtype=torch.float64)) - V.T @ (c[:, None] * K)
+    assert normal.abs().max() < 1e-10
+    ridge_delta(K, V, lam, rows).sum().backward()
+    assert rows.grad[~keep].abs().min() > 0  # a dropped row still tells the router what choosing it would do
+
+
+def test_without_fit_others_a_module_fits_only_the_edits_that_chose_it():
+    from lme_sim.editors.hypernet import HyperNet
+
+    torch.manual_seed(0)
+    net = HyperNet(d_ff=32, d_model=8, n_modules=2, rank=4).double()
+    keys, grads = torch.randn(6, 32, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    net.key_norm.update(keys)
+    net.grad_norm.update(grads)
+    mask = torch.tensor([1.0, 0, 1, 0, 0, 1], dtype=torch.float64)
+    keep = mask > 0
+    D = net.delta(keys, grads, 1, mask, fit_others=False)
+    assert torch.allclose(D, net.delta(keys[keep], grads[keep], 1), atol=1e-10)
+    assert not torch.allclose(D, net.delta(keys, grads, 1, mask), atol=1e-3)
+
+
 def test_top_k_mask_is_hard_forward_and_passes_gradients():
     scores = torch.randn(5, 4, requires_grad=True)
     mask, log_pi = top_k_mask(scores, 2)

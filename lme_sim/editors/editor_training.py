@@ -446,7 +446,9 @@ class _Trainer:
 
         try:
             explore = router is not None and hp.explore
-            deltas, sel, log_pi = plan_deltas(net, sig, layers, n, router, top_k, explore, self.gen)
+            deltas, sel, log_pi = plan_deltas(
+                net, sig, layers, n, router, top_k, explore, self.gen, getattr(hp, "fit_others", True)
+            )
         except torch.linalg.LinAlgError as e:  # pseudo keys too large for the ridge system
             raise TrainingDiverged(
                 f"at step {t + 1} of {len(batches)} the ridge solve failed ({e})"

@@ -73,10 +73,19 @@ class LowRankBlock(nn.Module):
         return x + self.up(torch.relu(self.down(x))) * (1 + self.scale(module)) + self.shift(module)
 
 
-def ridge_delta(pseudo_keys: torch.Tensor, values: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """Delta = V^T (K K^T + lam I)^-1 K for K (n, d_in), V (n, d_out): (d_out, d_in)."""
+def ridge_delta(
+    pseudo_keys: torch.Tensor, values: torch.Tensor, lam: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Delta = V^T (K K^T + lam I)^-1 K for K (n, d_in), V (n, d_out): (d_out, d_in).
+
+    ``rows`` (n,): weights c_i of a weighted fit, argmin sum_i c_i ||Delta k_i - v_i||^2 + lam ||Delta||^2
+    = V^T C (K K^T C + lam I)^-1 K with C = diag(c) (push-through of the normal equations); a row of
+    weight 0 drops out of the fit exactly, and the weights stay differentiable."""
     n = pseudo_keys.shape[0]
-    A = pseudo_keys @ pseudo_keys.T + lam * torch.eye(n, dtype=pseudo_keys.dtype, device=pseudo_keys.device)
+    gram = pseudo_keys @ pseudo_keys.T
+    if rows is not None:
+        gram, values = gram * rows[None, :], values * rows[:, None]
+    A = gram + lam * torch.eye(n, dtype=pseudo_keys.dtype, device=pseudo_keys.device)
     return values.T @ torch.linalg.solve(A, pseudo_keys)
 
 
@@ -118,16 +127,27 @@ class HyperNet(nn.Module):
         return pk, -self.log_lr[module].exp() * pg
 
     def delta(
-        self, keys: torch.Tensor, grads: torch.Tensor, module: int, weight: torch.Tensor | None = None
+        self,
+        keys: torch.Tensor,
+        grads: torch.Tensor,
+        module: int,
+        weight: torch.Tensor | None = None,
+        fit_others: bool = True,
     ) -> torch.Tensor:
         """Delta (d_model, d_ff) of one module. ``weight`` (n,): HiEdit's 0/1 mask of the tokens whose
-        edit chose this module; it scales their value shifts only, so the tokens of the other edits
-        stay in the ridge system with target shift 0: the module is fit to leave their outputs as
-        they are (measured on the small world: efficacy 0.81 -> 0.87 against dropping those rows)."""
+        edit chose this module. ``fit_others``: it scales their value shifts only, so the tokens of
+        the other edits stay in the ridge system with target shift 0 and the module is fit to leave
+        their outputs as they are (small world: efficacy 0.81 -> 0.87 against dropping those rows);
+        else those rows drop out of the fit. On SmolLM2 the edits' tokens share near-equal keys
+        (template words), and opposite targets on them blow the fit up (training edit loss 9 -> 18
+        over 4 steps where dropping them gives 5 -> 6, docs/methods.md)."""
         pk, v = self(keys, grads, module)
-        if weight is not None:
-            v = v * weight[:, None]
-        return ridge_delta(pk, v, self.log_lambda[module].exp())
+        lam = self.log_lambda[module].exp()
+        if weight is None:
+            return ridge_delta(pk, v, lam)
+        if fit_others:
+            return ridge_delta(pk, v * weight[:, None], lam)
+        return ridge_delta(pk, v, lam, rows=weight)
 
 
 class Router(nn.Module):
@@ -204,6 +224,9 @@ class HiEditHParams(RLEditHParams):
     # the RLEdit start's step sizes times this at the hand-over; null: n_candidates / top_k (each
     # edit now writes into top_k modules, not all of them)
     handover_scale: float | None = Field(None, gt=0)
+    # the tokens of edits that did not choose a module stay in its ridge fit with target shift 0
+    # (true), or drop out of it (false); see HyperNet.delta
+    fit_others: bool = True
     router_locality: float = Field(
         0.0, ge=0
     )  # router reward: weight of the KL on each edit's neighborhood prompts
@@ -219,6 +242,7 @@ def plan_deltas(
     top_k: int | None = None,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    fit_others: bool = True,
 ):
     """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
     chosen modules (straight-through) and log pi of each edit's choice."""
@@ -234,7 +258,7 @@ def plan_deltas(
     deltas = {}
     for i, l in enumerate(layers):
         weight = mask[signals.owner, i] if mask is not None else None
-        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight)
+        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight, fit_others)
     return deltas, mask, log_pi
 
 

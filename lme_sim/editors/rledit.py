@@ -61,6 +61,7 @@ class RLEdit(Editor):
             )
         self.net, self.router = build_networks(ckpt)
         self.top_k = ckpt.get("top_k")
+        self.fit_others = ckpt["hparams"].get("fit_others", True)  # as the networks were trained
 
     @classmethod
     def check_hparams(cls, model_name: str, hp: RLEditHParams, where: str) -> None:
@@ -102,7 +103,9 @@ class RLEdit(Editor):
             batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
             signals = keys_and_grads(model, batch, layers)
         with timer("solve"):
-            deltas, mask, _ = plan_deltas(self.net, signals, layers, len(cases), self.router, self.top_k)
+            deltas, mask, _ = plan_deltas(
+                self.net, signals, layers, len(cases), self.router, self.top_k, fit_others=self.fit_others
+            )
         names = {l: self.model.edit_param_name(l) for l in layers}
         touched = [
             [names[l] for i, l in enumerate(layers) if mask is None or mask[e, i] > 0]
