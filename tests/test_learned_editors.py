@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from lme_sim.arch import edit_module_path
+from lme_sim.backbone import LocalBackbone
 from lme_sim.editors import make_editor
 from lme_sim.editors.edit_signals import keys_and_grads, per_row_nll
 from lme_sim.editors.editor_training import save_checkpoint, train_editor
@@ -279,6 +280,39 @@ def test_hiedit_starts_from_the_rledit_step_sizes_times_the_handover_scale(small
     )
     ratio = (starts[0] - rledit["net"]["log_lr"]).exp()
     assert torch.allclose(ratio, torch.full_like(ratio, expected))
+
+
+def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
+    """A HiEdit checkpoint trained with ``fit_others: false`` edits that way: its deltas are the
+    hypernetwork's with the other edits' rows dropped, whatever the scenario's hparams say."""
+    from lme_sim.editors.hypernet import build_networks, plan_deltas
+
+    model, tok, world = small_world
+    few = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}
+    rledit = train_editor(
+        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, few), world, progress=False
+    )
+    hp = load_hparams("hiedit", MODEL, {**few, "fit_others": False})
+    ckpt = train_editor("hiedit", model, tok, MODEL, hp, world, progress=False, init=rledit)
+    path = save_checkpoint(ckpt, tmp_path / "hi.pt")
+    facts = world.split_facts("eval")[:6]
+    cases = [world.case(f, next(o for o in world.objects[f.relation] if o != f.obj)) for f in facts]
+    edited = copy.deepcopy(model)
+    editor = make_editor("hiedit", edited, tok, MODEL, {"checkpoint": str(path)}, progress=False)
+    batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
+    signals = keys_and_grads(edited, batch, hp.layers)
+    net, router = build_networks(ckpt)
+    args = (net, signals, list(hp.layers), len(cases), router, ckpt["top_k"])
+    dropped, mask, _ = plan_deltas(*args, fit_others=False)
+    kept, _, _ = plan_deltas(*args)
+    result = editor.edit(cases)
+    for l in hp.layers:
+        name = LocalBackbone(edited).edit_param_name(l)
+        if name in result.deltas:
+            d = result.deltas[name].float()
+            d = d if d.shape == dropped[l].shape else d.T  # stored in the parameter's layout
+            assert torch.allclose(d, dropped[l].float(), atol=1e-5)
+    assert any(not torch.allclose(dropped[l], kept[l], atol=1e-4) for l in hp.layers)
 
 
 def test_training_neighborhoods_stay_in_the_training_split(small_world):
