@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from lme_sim.data import load_cases
 from lme_sim.editors import make_editor
+from lme_sim.editors.checkpoints import load_checkpoint
 from lme_sim.general_ability import mc_accuracy, probe_items
 from lme_sim.metrics import case_metrics, summarize
 from lme_sim.models import load_model
@@ -95,7 +96,7 @@ def main() -> None:
             model = copy.deepcopy(lm.model)
             over = {}
             if ckpt:  # the checkpoint's own candidate modules
-                over = {"checkpoint": ckpt, "layers": torch.load(ckpt, weights_only=False)["layers"]}
+                over = {"checkpoint": ckpt, "layers": load_checkpoint(ckpt, method)["layers"]}
             editor = make_editor(method, model, lm.tok, args.model, over, progress=False)
             t0 = time.perf_counter()
             touched, per_edit = [], []

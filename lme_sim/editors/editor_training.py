@@ -444,8 +444,8 @@ class _Trainer:
             with weight_offsets(model, deltas), p.running(model):
                 return _per_case_mean(per_row_nll(model, p.pairs), p.owner, n)
 
+        explore = router is not None and hp.explore
         try:
-            explore = router is not None and hp.explore
             deltas, sel, log_pi = plan_deltas(
                 net, sig, layers, n, router, top_k, explore, self.gen, getattr(hp, "fit_others", True)
             )
