@@ -12,6 +12,11 @@ token is v = -eta_l g~, and the module's delta is the ridge least-squares fit (M
 solved in the n x n token space, with a learned step eta_l and ridge term lambda_l per module.
 At initialization the residual blocks are zero, so k~ = k, g~ = g: a ridge-preconditioned
 gradient step. The HiEdit router scores every candidate module per edit from the same features.
+
+The published RLEdit/MALMEN code differs in form: k~ and g~ stay in the normalized space, a token's
+shift is v = -eta_l <k, k~> g~, and the ridge fit uses the raw keys. On SmolLM2 that form edited
+0.08-0.10 worse untrained and lost efficacy in training (docs/methods.md, third round), so lme-sim
+keeps the form above.
 """
 
 from __future__ import annotations
