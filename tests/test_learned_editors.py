@@ -22,6 +22,7 @@ MODEL = "world:small"
 # the shipped world hyperparameters: 200 rollouts each, RLEdit ~5 min and HiEdit ~7 min at one thread
 # (conftest); at 100 rollouts HiEdit's efficacy falls below RLEdit's (0.74 vs 0.78)
 TRAIN = {}
+FEW = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}  # the tiny training of the hand-over tests
 
 
 def test_ridge_delta_is_the_regularized_least_squares_fit():
@@ -260,12 +261,11 @@ def test_hiedit_starts_from_the_rledit_step_sizes_times_the_handover_scale(small
     """At the hand-over HiEdit's step sizes are the RLEdit start's times ``handover_scale``; by default
     n_candidates / top_k (4 / 2 here), since each edit then writes into half of the modules."""
     model, tok, world = small_world
-    few = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}
     rledit = train_editor(
-        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, few), world, progress=False
+        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, FEW), world, progress=False
     )
     starts = []
-    hp = load_hparams("hiedit", MODEL, {**few, "handover_scale": scale})
+    hp = load_hparams("hiedit", MODEL, {**FEW, "handover_scale": scale})
     train_editor(
         "hiedit",
         model,
@@ -288,11 +288,10 @@ def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
     from lme_sim.editors.hypernet import build_networks, plan_deltas
 
     model, tok, world = small_world
-    few = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}
     rledit = train_editor(
-        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, few), world, progress=False
+        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, FEW), world, progress=False
     )
-    hp = load_hparams("hiedit", MODEL, {**few, "fit_others": False})
+    hp = load_hparams("hiedit", MODEL, {**FEW, "fit_others": False})
     ckpt = train_editor("hiedit", model, tok, MODEL, hp, world, progress=False, init=rledit)
     path = save_checkpoint(ckpt, tmp_path / "hi.pt")
     facts = world.split_facts("eval")[:6]
