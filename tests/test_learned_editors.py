@@ -85,6 +85,36 @@ def test_without_fit_others_a_module_fits_only_the_edits_that_chose_it():
     assert not torch.allclose(D, net.delta(keys, grads, 1, mask), atol=1e-3)
 
 
+def test_batch_routing_writes_every_edit_into_the_one_subset_the_batch_mean_picks():
+    """HiEdit with ``route: batch`` (the published code's gate): the router scores the mean features
+    of all the batch's tokens once, every edit gets that subset, a chosen module's delta is the fit of
+    all the batch's tokens and an unchosen one's is zero."""
+    from types import SimpleNamespace
+
+    from lme_sim.editors.hypernet import HyperNet, Router, plan_deltas
+
+    torch.manual_seed(0)
+    net = HyperNet(d_ff=32, d_model=8, n_modules=4, rank=4).double()
+    router = Router(40, 4).double()
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    keys = {l: torch.randn(8, 32, dtype=torch.float64) for l in range(4)}
+    grads = {l: torch.randn(8, 8, dtype=torch.float64) for l in range(4)}
+    for l in range(4):
+        net.key_norm.update(keys[l])
+        net.grad_norm.update(grads[l])
+    sig = SimpleNamespace(keys=keys, grads=grads, owner=owner)
+    deltas, mask, log_pi = plan_deltas(net, sig, [0, 1, 2, 3], 4, router, 2, route="batch")
+    assert mask.shape == (4, 4) and (mask == mask[0]).all() and mask[0].sum() == 2
+    scores = router(torch.stack([net.features(keys[l], grads[l]).mean(0) for l in range(4)])[None])
+    assert torch.equal(mask[0].nonzero()[:, 0].sort().values, scores[0].topk(2).indices.sort().values)
+    assert torch.allclose(log_pi, log_pi[0].expand(4))
+    for i in range(4):
+        expected = net.delta(keys[i], grads[i], i) if mask[0, i] else torch.zeros(8, 32, dtype=torch.float64)
+        assert torch.allclose(deltas[i], expected, atol=1e-10)
+    _, per_edit, _ = plan_deltas(net, sig, [0, 1, 2, 3], 4, router, 2)
+    assert per_edit.shape == (4, 4)  # the default routes each edit on its own features
+
+
 def test_top_k_mask_is_hard_forward_and_passes_gradients():
     scores = torch.randn(5, 4, requires_grad=True)
     mask, log_pi = top_k_mask(scores, 2)

@@ -447,7 +447,16 @@ class _Trainer:
         explore = router is not None and hp.explore
         try:
             deltas, sel, log_pi = plan_deltas(
-                net, sig, layers, n, router, top_k, explore, self.gen, getattr(hp, "fit_others", True)
+                net,
+                sig,
+                layers,
+                n,
+                router,
+                top_k,
+                explore,
+                self.gen,
+                getattr(hp, "fit_others", True),
+                getattr(hp, "route", "edit"),
             )
         except torch.linalg.LinAlgError as e:  # pseudo keys too large for the ridge system
             raise TrainingDiverged(

@@ -22,6 +22,7 @@ keeps the form above.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -236,6 +237,10 @@ class HiEditHParams(RLEditHParams):
         0.0, ge=0
     )  # router reward: weight of the KL on each edit's neighborhood prompts
     router_neighbors: int = Field(10, gt=0)  # ... the first this many of them (CounterFact has 10)
+    # "edit": a subset per edit, from the edit's mean features; "batch": one subset for the whole
+    # batch, from the mean over all its tokens (the published HiEdit code's gate), so every token of
+    # the batch is fit in the same modules and fit_others does not arise
+    route: Literal["edit", "batch"] = "edit"
 
 
 def plan_deltas(
@@ -248,18 +253,25 @@ def plan_deltas(
     sample: bool = False,
     generator: torch.Generator | None = None,
     fit_others: bool = True,
+    route: str = "edit",
 ):
     """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
-    chosen modules (straight-through) and log pi of each edit's choice."""
+    chosen modules (straight-through) and log pi of each edit's choice (``route="batch"``: one choice
+    for the batch, repeated on each of its edits)."""
     mask = log_pi = None
     if router is not None:
         feats = []
         for l in layers:
-            f = net.features(signals.keys[l], signals.grads[l])
-            summed = torch.zeros(n_edits, f.shape[1]).index_add(0, signals.owner, f)
+            f = net.features(signals.keys[l], signals.grads[l])  # (n_tokens, dim)
+            if route == "batch":
+                feats.append(f.mean(0, keepdim=True))
+                continue
+            summed = f.new_zeros(n_edits, f.shape[1]).index_add(0, signals.owner, f)
             counts = torch.bincount(signals.owner, minlength=n_edits).clamp_min(1)[:, None]
             feats.append(summed / counts)
         mask, log_pi = top_k_mask(router(torch.stack(feats, 1)), top_k, sample, generator)
+        if route == "batch":  # (1, n_layers) -> every edit of the batch
+            mask, log_pi = mask.expand(n_edits, -1), log_pi.expand(n_edits)
     deltas = {}
     for i, l in enumerate(layers):
         weight = mask[signals.owner, i] if mask is not None else None

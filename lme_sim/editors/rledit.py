@@ -61,7 +61,9 @@ class RLEdit(Editor):
             )
         self.net, self.router = build_networks(ckpt)
         self.top_k = ckpt.get("top_k")
-        self.fit_others = ckpt["hparams"].get("fit_others", True)  # as the networks were trained
+        # as the networks were trained
+        self.fit_others = ckpt["hparams"].get("fit_others", True)
+        self.route = ckpt["hparams"].get("route", "edit")
 
     @classmethod
     def check_hparams(cls, model_name: str, hp: RLEditHParams, where: str) -> None:
@@ -104,7 +106,14 @@ class RLEdit(Editor):
             signals = keys_and_grads(model, batch, layers)
         with timer("solve"):
             deltas, mask, _ = plan_deltas(
-                self.net, signals, layers, len(cases), self.router, self.top_k, fit_others=self.fit_others
+                self.net,
+                signals,
+                layers,
+                len(cases),
+                self.router,
+                self.top_k,
+                fit_others=self.fit_others,
+                route=self.route,
             )
         names = {l: self.model.edit_param_name(l) for l in layers}
         touched = [
