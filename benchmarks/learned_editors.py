@@ -19,7 +19,11 @@ The held-out evaluation (CounterFact's edit split, 3 streams of 500 edits in bat
         --stream 0:500 --stream 500:1000 --stream 1000:1500 --editor rledit --editor hiedit
 
 ``--editor METHOD`` uses the method's defaults for the model (for RLEdit/HiEdit: the cached
-networks); ``METHOD=CHECKPOINT`` a given checkpoint.
+networks); ``METHOD=CHECKPOINT`` a given checkpoint; ``--hparams METHOD=YAML`` overrides fields, e.g.
+AlphaEdit's key statistics from the local corpus (``lme-sim corpus``) instead of the hub:
+
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/learned_editors.py --stream 0:500 --editor alphaedit \\
+        --hparams "alphaedit={stats: {kind: file, path: runs/corpus/counterfact-train.txt, n_samples: 20000}}"
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from lme_sim.data import load_cases
@@ -61,11 +66,19 @@ def main() -> None:
     ap.add_argument("--stream", action="append", required=True, help="start:stop records of --data")
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--editor", action="append", required=True, help="METHOD or METHOD=CHECKPOINT")
+    ap.add_argument(
+        "--hparams",
+        action="append",
+        default=[],
+        help="METHOD=YAML mapping on top of the method's defaults, e.g. "
+        "alphaedit='{stats: {kind: file, path: runs/corpus/counterfact-train.txt}}'",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--out", default=None, help="append the JSON lines to this file too")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    extra = {m: yaml.safe_load(text) for m, _, text in (h.partition("=") for h in args.hparams)}
 
     lm = load_model(args.model, progress=False)
     records = load_cases(args.data)
@@ -94,7 +107,7 @@ def main() -> None:
         for spec in args.editor:
             method, _, ckpt = spec.partition("=")
             model = copy.deepcopy(lm.model)
-            over = {}
+            over = dict(extra.get(method) or {})
             if ckpt:  # the checkpoint's own candidate modules
                 over = {"checkpoint": ckpt, "layers": load_checkpoint(ckpt, method)["layers"]}
             editor = make_editor(method, model, lm.tok, args.model, over, progress=False)
