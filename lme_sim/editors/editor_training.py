@@ -455,8 +455,8 @@ class _Trainer:
                 top_k,
                 explore,
                 self.gen,
-                getattr(hp, "fit_others", True),
-                getattr(hp, "route", "edit"),
+                fit_others=getattr(hp, "fit_others", True),
+                route=getattr(hp, "route", "edit"),
             )
         except torch.linalg.LinAlgError as e:  # pseudo keys too large for the ridge system
             raise TrainingDiverged(
