@@ -109,7 +109,7 @@ def main() -> None:
             model = copy.deepcopy(lm.model)
             over = dict(extra.get(method) or {})
             if ckpt:  # the checkpoint's own candidate modules
-                over = {"checkpoint": ckpt, "layers": load_checkpoint(ckpt, method)["layers"]}
+                over.update(checkpoint=ckpt, layers=load_checkpoint(ckpt, method)["layers"])
             editor = make_editor(method, model, lm.tok, args.model, over, progress=False)
             t0 = time.perf_counter()
             touched, per_edit = [], []
