@@ -11,8 +11,11 @@ from .storage.logger import read_only_query
 
 SUMMARY_COLUMNS = (
     "efficacy",
+    "gen_efficacy",
     "generalization",
+    "gen_generalization",
     "specificity",
+    "gen_specificity",
     "fluency",
     "consistency",
     "retention",
@@ -79,6 +82,7 @@ def comparison_table(db, run_ids: list[str]):
         table.add_row(col, *[_fmt(r[col], col) for r in rows])
     table.add_row("collapse step", *[_collapse(r["collapse_step"]) for r in rows])
     table.add_row("collapse edits", *[_collapse(r["collapse_edits"]) for r in rows])
+    table.add_row("gen collapse edits", *[_collapse(r["gen_collapse_edits"]) for r in rows])
     return table
 
 

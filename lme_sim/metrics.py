@@ -6,6 +6,11 @@ Every probe of every case is scored in one batched call (:func:`lme_sim.scoring.
 * ZsRE style: teacher-forced token accuracy of the new target on the rewrite prompt
   (rewrite_acc) and paraphrases (paraphrase_acc); locality_acc on the neighborhood answers.
 * fluency: n-gram entropy of generations (ROME: (2/3) H2 + (4/3) H3 in bits, x100).
+* generative (WILD, arXiv 2502.11177: edits judged by what the model generates, not by teacher
+  forcing): greedy continuations of the rewrite, paraphrase and neighborhood prompts;
+  gen_efficacy / gen_generalization: the continuation begins with the new object;
+  gen_specificity: a neighborhood continuation still begins with its true object
+  (:func:`begins_with` is the comparison rule).
 * retention: an edit is in force when its latest value scores above every value the fact had
   before; an edit with no earlier value (a ZsRE case without a prediction) when every token of its
   value is the model's top choice under teacher forcing (:func:`retained`), never vacuously.
@@ -85,6 +90,80 @@ def case_rows(cases: list[EditCase], index: list[Probe], s: TargetScores) -> lis
             row["locality_acc"] = mean(acc[(i, "nb_true", j)] for j in n)
         rows.append(row)
     return rows
+
+
+# greedy tokens generated past the longest target of an evaluation: room for the word boundary that
+# :func:`begins_with` reads, and for a tokenizer that spells the object with a leading space token
+GEN_EXTRA_TOKENS = 3
+
+
+def normalize(text: str) -> str:
+    """Lower case, runs of whitespace as one space, no leading or trailing space."""
+    return " ".join(text.split()).lower()
+
+
+def begins_with(text: str, target: str) -> bool:
+    """Whether a generated ``text`` begins with ``target``, after :func:`normalize` of both, at a word
+    boundary: the next character (if any) is not a letter or digit ("Paris." and "Paris is" match
+    "Paris"; "Parisian" does not). An empty target never matches."""
+    t, g = normalize(target), normalize(text)
+    if not t or not g.startswith(t):
+        return False
+    return len(g) == len(t) or not g[len(t)].isalnum()
+
+
+def generation_probes(cases: list[EditCase]) -> tuple[list[str], list[str], list[Probe]]:
+    """The (prompt, expected object) pairs the generative metrics read: each case's rewrite prompt and
+    paraphrases with the new object, its neighborhood prompts with their true objects."""
+    prompts: list[str] = []
+    expected: list[str] = []
+    index: list[Probe] = []
+    for i, c in enumerate(cases):
+        pairs = [("rw", 0, c.prompt, c.target_new)]
+        pairs += [("pp", j, p, c.target_new) for j, p in enumerate(c.paraphrases)]
+        pairs += [("nb", j, p, answer) for j, (p, answer) in enumerate(c.neighborhood)]
+        for kind, j, prompt, target in pairs:
+            prompts.append(prompt)
+            expected.append(target)
+            index.append((i, kind, j))
+    return prompts, expected, index
+
+
+def generation_rows(cases: list[EditCase], index: list[Probe], hits: list[bool]) -> list[dict]:
+    """Per case: gen_efficacy, gen_generalization (mean over paraphrases), gen_specificity (mean over
+    neighborhood prompts), from ``hits[k]``: :func:`begins_with` of the continuation of pair ``index[k]``
+    of :func:`generation_probes`."""
+    by: dict[tuple[int, str], list[float]] = {}
+    for (i, kind, _), hit in zip(index, hits):
+        by.setdefault((i, kind), []).append(float(hit))
+    names = {"rw": "gen_efficacy", "pp": "gen_generalization", "nb": "gen_specificity"}
+    return [
+        {"case_id": c.case_id, **{name: mean(by[(i, k)]) for k, name in names.items() if (i, k) in by}}
+        for i, c in enumerate(cases)
+    ]
+
+
+def generation_budget(tok, expected: list[str]) -> int:
+    """Tokens to generate: the longest expected object's token count (as it follows a prompt) plus
+    :data:`GEN_EXTRA_TOKENS`."""
+    return GEN_EXTRA_TOKENS + max(
+        len(ids) for ids in tok([f" {t}" for t in expected], add_special_tokens=False)["input_ids"]
+    )
+
+
+def generation_metrics(
+    model, tok, cases: list[EditCase], batch_size: int = 32
+) -> tuple[list[dict], list[str], list[Probe]]:
+    """:func:`generation_rows` of ``cases``: every probe prompt's greedy continuation in one batched,
+    KV-cached call (:func:`~lme_sim.scoring.greedy_generate`; one ``generate`` call on the vLLM backend),
+    up to the longest expected object's token count plus :data:`GEN_EXTRA_TOKENS`. Also returns the
+    continuations and their probes."""
+    prompts, expected, index = generation_probes(cases)
+    if not prompts:
+        return [], [], []
+    texts = greedy_generate(model, tok, prompts, generation_budget(tok, expected), batch_size)
+    hits = [begins_with(text, target) for text, target in zip(texts, expected)]
+    return generation_rows(cases, index, hits), texts, index
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:

@@ -67,10 +67,11 @@ def plot_metrics(db, run_ids, label, axes) -> None:
 def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     """Efficacy at each evaluation against the edits committed by then (``efficacy_curve``), one line
     per run; the sample size (``efficacy_n``) in the legend where the run logged it, and the run's
-    collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x."""
+    collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x. Generative efficacy
+    (``gen_efficacy``), where the run measured it, is the dashed line of the same colour."""
     rows = _rows(
         db,
-        "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, k.collapse_edits "
+        "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, c.gen_efficacy, k.collapse_edits "
         "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) "
         "order by c.n_edits, c.eval_id",
         [list(run_ids)],
@@ -88,13 +89,19 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
             ms=3,
             label=f"{label(rid)}{n}",
         )
+        gen = [(r["n_edits"], r["gen_efficacy"]) for r in mine if r["gen_efficacy"] is not None]
+        if gen:
+            ax.plot(
+                *zip(*gen), ls="--", marker=".", color=line.get_color(), label=f"{label(rid)}, generative"
+            )
         at = mine[0]["collapse_edits"]
         if at is not None:
             y = next(r["efficacy"] for r in mine if r["n_edits"] == at)
             ax.plot([at], [y], marker="x", ms=10, mew=2, ls="", color=line.get_color())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(
-        title="Efficacy over the edits against the number of edits (x: collapse, below 0.5)",
+        title="Efficacy over the edits against the number of edits\n"
+        "(solid: teacher-forced, dashed: generative; x: collapse, below 0.5)",
         xlabel="edits committed at the evaluation",
         ylabel="efficacy (n: edits it was computed over)",
         ylim=(-0.02, 1.02),

@@ -111,6 +111,8 @@ class EvalSpec(Strict):
     # an evaluation probes a uniform sample of at most this many of the edits so far (the last one: all)
     retention_sample: int = Field(500, gt=0)
     fluency_prompts: int = Field(16, ge=0)  # recent prompts whose greedy generations measure fluency
+    # generative metrics (gen_efficacy, gen_generalization, gen_specificity) on the same sample
+    generative: bool = True
     rows_per_pass: int = Field(64, gt=0)  # probes per forward pass
     max_pending: int = Field(4, gt=0)  # evaluations in flight at most; the editor waits for room
     general_ability: GeneralAbilitySpec = GeneralAbilitySpec()

@@ -387,7 +387,13 @@ class Run:
         )
         self.pool.submit(
             EvalRequest(
-                st.eval_id, st.batch_id, facts, [self.by_edit[i].case for i in ids], len(st.committed), recent
+                eval_id=st.eval_id,
+                step=st.batch_id,
+                retention=facts,
+                cases=[self.by_edit[i].case for i in ids],
+                n_edits=len(st.committed),
+                fluency_prompts=recent,
+                generative=spec.generative,
             )
         )
 

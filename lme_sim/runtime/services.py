@@ -22,7 +22,7 @@ from ..cases import EditCase
 from ..editors import editor_class, make_editor
 from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
-from ..metrics import case_probes, case_rows, fluency, retained, summarize
+from ..metrics import case_probes, case_rows, fluency, generation_metrics, retained, summarize
 from ..models import load_model, load_tokenizer
 from ..scenario import DEFAULT_MAX_DELTA_NORM
 from ..scoring import TargetScores, score_targets
@@ -146,6 +146,7 @@ class EvalRequest:
     cases: list[EditCase]  # the papers' metrics are taken on these: a uniform sample of the edits so far
     n_edits: int  # edits committed so far (the sample is drawn from them)
     fluency_prompts: list[str] = field(default_factory=list)
+    generative: bool = True  # also the generative metrics on ``cases`` (metrics.generation_metrics)
 
 
 @dataclass
@@ -240,6 +241,9 @@ class Evaluator:
         metrics: dict[str, tuple[float, int]] = {}
         if req.cases:
             rows = case_rows(req.cases, index, scores[len(r_prompts) :])
+            if req.generative:  # greedy continuations of the same probes' prompts, one batched call
+                gen = generation_metrics(self.backbone, self.tok, req.cases, self.rows_per_pass)[0]
+                rows = [{**r, **g} for r, g in zip(rows, gen)]
             metrics.update({k: (v, sum(k in r for r in rows)) for k, v in summarize(rows).items()})
         if probes:
             metrics["retention"] = (sum(p.correct for p in probes) / len(probes), len(probes))

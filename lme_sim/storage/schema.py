@@ -153,26 +153,32 @@ VIEWS = {
     # Efficacy at every evaluation against the number of edits committed by then (the sum of
     # batches.n_edits up to the evaluation's step); efficacy_n: how many edits it was computed over
     # (metrics.n).
+    # gen_efficacy: the generative efficacy of the same evaluation (NULL where it was not measured).
     "efficacy_curve": """
         SELECT m.run_id, m.eval_id, m.step,
                (SELECT coalesce(sum(b.n_edits), 0) FROM batches b
                 WHERE b.run_id = m.run_id AND b.step <= m.step) AS n_edits,
-               m.value AS efficacy, m.n AS efficacy_n
-        FROM metrics m WHERE m.name = 'efficacy'
+               m.value AS efficacy, m.n AS efficacy_n, g.value AS gen_efficacy
+        FROM metrics m LEFT JOIN metrics g
+          ON g.run_id = m.run_id AND g.eval_id = m.eval_id AND g.name = 'gen_efficacy'
+        WHERE m.name = 'efficacy'
         ORDER BY m.run_id, m.step, m.eval_id""",
     # The collapse point (NAS, arXiv 2602.02543): per run, the first evaluation step at which
     # efficacy fell below 0.5, and the edits committed by then; NULL if it never did.
     # Other thresholds: lme_sim.analysis.collapse_points(db, run_ids, threshold).
+    # gen_collapse_*: the same for generative efficacy.
     "collapse": """
         SELECT r.run_id, r.method, 0.5 AS threshold,
                min(c.step) FILTER (WHERE c.efficacy < 0.5) AS collapse_step,
-               arg_min(c.n_edits, c.step) FILTER (WHERE c.efficacy < 0.5) AS collapse_edits
+               arg_min(c.n_edits, c.step) FILTER (WHERE c.efficacy < 0.5) AS collapse_edits,
+               min(c.step) FILTER (WHERE c.gen_efficacy < 0.5) AS gen_collapse_step,
+               arg_min(c.n_edits, c.step) FILTER (WHERE c.gen_efficacy < 0.5) AS gen_collapse_edits
         FROM runs r LEFT JOIN efficacy_curve c ON c.run_id = r.run_id
         GROUP BY r.run_id, r.method""",
     # The papers' Table-1 columns per run, from its last evaluation (NULL: not measured in this run;
     # consistency needs reference texts none of the shipped datasets has; general_ability is the
     # multiple-choice accuracy, general_ability_retention that accuracy over the unedited model's;
-    # collapse_step / collapse_edits: the run's row of the ``collapse`` view).
+    # collapse_step / collapse_edits: the run's row of the ``collapse`` view; gen_*: generative metrics).
     "method_summary": """
         WITH last AS (
             SELECT m.* FROM metrics m
@@ -183,12 +189,17 @@ VIEWS = {
                max(l.value) FILTER (WHERE l.name = 'efficacy') AS efficacy,
                max(l.value) FILTER (WHERE l.name = 'generalization') AS generalization,
                max(l.value) FILTER (WHERE l.name = 'specificity') AS specificity,
+               max(l.value) FILTER (WHERE l.name = 'gen_efficacy') AS gen_efficacy,
+               max(l.value) FILTER (WHERE l.name = 'gen_generalization') AS gen_generalization,
+               max(l.value) FILTER (WHERE l.name = 'gen_specificity') AS gen_specificity,
                max(l.value) FILTER (WHERE l.name = 'fluency') AS fluency,
                max(l.value) FILTER (WHERE l.name = 'consistency') AS consistency,
                max(l.value) FILTER (WHERE l.name = 'retention') AS retention,
                max(l.value) FILTER (WHERE l.name = 'general_ability') AS general_ability,
                max(l.value) FILTER (WHERE l.name = 'general_ability_retention') AS general_ability_retention,
-               any_value(c.collapse_step) AS collapse_step, any_value(c.collapse_edits) AS collapse_edits
+               any_value(c.collapse_step) AS collapse_step, any_value(c.collapse_edits) AS collapse_edits,
+               any_value(c.gen_collapse_step) AS gen_collapse_step,
+               any_value(c.gen_collapse_edits) AS gen_collapse_edits
         FROM runs r LEFT JOIN last l ON l.run_id = r.run_id LEFT JOIN collapse c ON c.run_id = r.run_id
         GROUP BY r.run_id, r.name, r.method, r.model, r.created_at
         ORDER BY r.created_at""",
