@@ -75,7 +75,7 @@ def comparison_table(db, run_ids: list[str]):
     table = Table(title="lifelong editing: final evaluation", caption=f"{db}")
     table.add_column("")
     for r in rows:
-        table.add_column(f"{r['method']}\n{r['run_id']}", justify="right")
+        table.add_column(f"{r['method']}, batch {r['batch_size']}\n{r['run_id']}", justify="right")
     table.add_row("model", *[str(r["model"]) for r in rows])
     table.add_row("edits", *[str(r["n_edits"]) for r in rows])
     for col in SUMMARY_COLUMNS:

@@ -77,23 +77,23 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
     db = db or scn.db
     specs = scn.editors
     tagged = len(specs) > 1  # a list of methods: each run id names its method
-    if methods:
+    if methods:  # a method (all its editors) or an editor's label (mose-b1: MOSE in batches of 1)
         chosen = [m.strip() for m in methods.split(",") if m.strip()]
-        if missing := [m for m in chosen if m not in {s.method for s in specs}]:
+        if missing := [m for m in chosen if m not in {s.method for s in specs} | {s.label() for s in specs}]:
             click.echo(
                 f"error: --methods: {scenario} has no {missing[0]!r} editor "
-                f"(its editors: {', '.join(s.method for s in specs)})",
+                f"(its editors: {', '.join(s.label() for s in specs)})",
                 err=True,
             )
             sys.exit(2)
-        specs = [s for s in specs if s.method in chosen]
+        specs = [s for s in specs if s.method in chosen or s.label() in chosen]
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     if resume is not None:
-        method = _resumable_run_or_exit(db, resume, scn.name)
-        specs = [s for s in specs if s.method == method]
+        label = _resumable_run_or_exit(db, resume, scn.name)
+        specs = [s for s in specs if s.label() == label]
         if not specs:
             click.echo(
-                f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} editor",
+                f"error: {db}: run {resume!r} is a {label} run, but {scenario} has no {label} editor",
                 err=True,
             )
             sys.exit(2)
@@ -107,7 +107,7 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
                 db=db,
                 address=address,
                 resume=resume,
-                tag=spec.method if tagged and resume is None else None,
+                tag=spec.label() if tagged and resume is None else None,
             )
             for spec in specs
         ]
@@ -489,25 +489,31 @@ def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tupl
 
 
 def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
-    """The method of run ``run_id`` of scenario ``name`` in ``db`` (read-only), or one ``error:``
+    """The editor label (:meth:`EditorSpec.label`) of run ``run_id`` of scenario ``name`` in ``db``
+    (read-only), or one ``error:``
     line naming the database and the id and exit code 2 (no such database, no such run, a run of
     another scenario)."""
     if not Path(db).exists():
         click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
         sys.exit(2)
-    rows = _query_or_exit(db, "select name, method from runs where run_id = ?", [run_id])[1]
+    rows = _query_or_exit(
+        db,
+        "select name, method, json_extract_string(scenario, '$.editor.batch_size') from runs "
+        "where run_id = ?",
+        [run_id],
+    )[1]
     if not rows:
         click.echo(
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method),) = rows
+    ((run_name, method, batch_size),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
         )
         sys.exit(2)
-    return method
+    return method if batch_size is None else f"{method}-b{batch_size}"
 
 
 def _analysis_or_exit(fn, *args):

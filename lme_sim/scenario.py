@@ -38,6 +38,14 @@ class EditorSpec(Strict):
     hparams: dict[str, Any] = {}
     # a batch whose delta of some matrix has ||delta|| > max_delta_norm * ||W|| (or NaN/Inf) is rejected
     max_delta_norm: float = Field(DEFAULT_MAX_DELTA_NORM, gt=0)
+    # edits per batch for this editor: its protocol (e.g. MOSE's paper edits one request at a time);
+    # None: stream.batch_size. The stream's events and evaluation points stay the scenario's, so every
+    # editor of a list sees the same edits and is evaluated at the same edit counts.
+    batch_size: int | None = Field(None, gt=0)
+
+    def label(self) -> str:
+        """The run id's tag in a list of editors: the method, and its batch size where it sets one."""
+        return self.method if self.batch_size is None else f"{self.method}-b{self.batch_size}"
 
 
 class StreamSpec(Strict):
@@ -136,8 +144,17 @@ class Scenario(Strict):
         return self.editor if isinstance(self.editor, list) else [self.editor]
 
     def with_editor(self, spec: EditorSpec) -> Scenario:
-        """This scenario with one editing method (how a list of methods is run, one run each)."""
-        return self.model_copy(update={"editor": spec})
+        """This scenario with one editing method (how a list of methods is run, one run each). An editor
+        with its own ``batch_size`` takes the scenario's events as they are (the fixed timeline is fixed
+        here, from the scenario's batch size) in batches of its own size, and checkpoints at the same
+        edit counts as the scenario's batch size would."""
+        bs = spec.batch_size
+        if bs is None or bs == self.stream.batch_size:
+            return self.model_copy(update={"editor": spec})
+        every = max(1, self.checkpoint_every() * self.stream.batch_size // bs)
+        runtime = self.runtime.model_copy(update={"checkpoint_every": every})
+        stream = self.stream.model_copy(update={"timeline": self.timeline(), "batch_size": bs})
+        return self.model_copy(update={"editor": spec, "stream": stream, "runtime": runtime})
 
     def checkpoint_every(self) -> int:
         every = self.runtime.checkpoint_every
@@ -189,6 +206,11 @@ def load_scenario(path: str | Path) -> Scenario:
         )
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
+    labels = [e.label() for e in scn.editors]
+    if twice := next((x for x in labels if labels.count(x) > 1), None):
+        raise ScenarioError(
+            f"{path}: field 'editor': two editors are {twice!r}; a list runs each method once per batch_size"
+        )
     return scn
 
 

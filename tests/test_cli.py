@@ -54,8 +54,9 @@ def test_world_build(small_world):
     assert r.exit_code != 0 and "unknown world" in r.output
 
 
-def _run_two_batches(tmp_path, name, editor, seed):
-    """Run 20 small-world edits in 2 batches over 2 shards (evaluated at the end); the DuckDB path."""
+def _run_two_batches(tmp_path, name, editor, seed, every=2):
+    """Run 20 small-world edits in 2 batches over 2 shards (evaluated after every ``every`` batches and
+    at the end); the DuckDB path."""
     db = tmp_path / f"{name}.duckdb"
     scn = _write(
         tmp_path,
@@ -65,7 +66,7 @@ model: world:small
 data: {{kind: world, n_edits: 20, seed: {seed}}}
 editor: {editor}
 stream: {{batch_size: 10}}
-eval: {{every: 2, fluency_prompts: 0}}
+eval: {{every: {every}, fluency_prompts: 0}}
 runtime: {{shards: 2}}
 db: {db}
 """,
@@ -76,16 +77,33 @@ db: {db}
 
 
 def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session):
+    """Each editor of a list is its own run on the same stream; one with its own batch_size (its
+    protocol) edits in batches of that size and is evaluated at the same edit counts as the others."""
     db = _run_two_batches(
-        tmp_path, "cmp", "[{method: mose, hparams: {num_steps: 10}}, {method: memit}]", seed=5
+        tmp_path,
+        "cmp",
+        "[{method: mose, hparams: {num_steps: 10}}, {method: memit}, {method: memit, batch_size: 5}]",
+        seed=5,
+        every=1,
     )
-    _, runs = read_only_query(db, "select method, run_id, status from runs order by method")
-    assert [m for m, *_ in runs] == ["memit", "mose"] and all(s == "finished" for *_, s in runs)
-    assert all(f"cmp-{m}-" in rid for m, rid, _ in runs)
+    _, runs = read_only_query(db, "select method, run_id, status from runs order by run_id")
+    assert [m for m, *_ in runs] == ["memit", "memit", "mose"] and all(s == "finished" for *_, s in runs)
+    assert [rid.rsplit("-", 1)[0] for _, rid, _ in runs] == ["cmp-memit", "cmp-memit-b5", "cmp-mose"]
     _, streams = read_only_query(
         db, "select run_id, list(case_id order by edit_id) from edits group by run_id"
     )
-    assert len(streams) == 2 and streams[0][1] == streams[1][1]  # the same stream for both
+    assert len(streams) == 3 and streams[0][1] == streams[1][1] == streams[2][1]  # the same stream
+    _, protocol = read_only_query(
+        db,
+        "select s.batch_size,"
+        " (select list(n_edits order by batch_id) from batches b where b.run_id = s.run_id),"
+        " (select list(n_edits order by eval_id) from efficacy_curve c where c.run_id = s.run_id)"
+        " from method_summary s order by s.run_id",
+    )
+    assert protocol == [(10, [10, 10], [10, 20]), (5, [5, 5, 5, 5], [10, 20]), (10, [10, 10], [10, 20])]
+    ids = [rid for _, rid, _ in runs]
+    r = CliRunner().invoke(main, ["compare", *ids, "--db", str(db)])
+    assert r.exit_code == 0 and "memit, batch 5" in r.output and "mose, batch 10" in r.output, r.output
     _, cond = read_only_query(
         db,
         "select r.method, w.module, max(w.condition) / min(w.condition) from weight_stats w "

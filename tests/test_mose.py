@@ -137,3 +137,30 @@ def test_mose_same_on_1_and_2_shards_and_state_round_trips(small_world):
     fresh.load_state_dict(e2.state_dict())
     for l in e2.hp.layers:
         assert torch.equal(fresh.theta[l], e2.theta[l]) and fresh.theta[l].abs().sum() > 0
+
+
+def test_micro_batch_is_the_published_schedule(small_world):
+    """``micro_batch: k`` takes one Adam step per chunk of k requests per epoch (the published loop,
+    ``num_steps`` x N steps for N requests at k = 1) on the chunk's token-mean NLL; one chunk holding the
+    whole batch of equal-length targets is the whole-batch step exactly, and one step per request moves
+    the rotation elsewhere than one step per batch."""
+    from lme_sim.editors.mose import micro_batches
+
+    assert micro_batches(5, None) == [None]
+    assert [c.tolist() for c in micro_batches(5, 2)] == [[0, 1], [2, 3], [4]]
+    model, tok, world = small_world
+    cases = world.edit_cases(40, seed=6)
+    width = {c.case_id: len(tok(" " + c.target_new, add_special_tokens=False)["input_ids"]) for c in cases}
+    cases = [c for c in cases if width[c.case_id] == 1][:4]  # token mean == mean of per-request means
+    assert len(cases) == 4
+    out = {}
+    for micro in (None, 4, 1):
+        editor = make_editor(
+            "mose", copy.deepcopy(model), tok, MODEL, {"num_steps": 3, "micro_batch": micro}, world=world
+        )
+        r = editor.edit(cases)
+        out[micro] = (r.deltas, r.stats["steps"])
+    assert out[None][1] == out[4][1] == 3 and out[1][1] == 12
+    for k, d in out[None][0].items():
+        assert torch.allclose(d, out[4][0][k], atol=1e-6), k
+        assert (d - out[1][0][k]).norm() > 1e-3 * d.norm(), k

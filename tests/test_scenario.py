@@ -34,6 +34,11 @@ CASES = {
     "bad method in a list": (GOOD + "editor: [{method: mose}, {method: rome9}]\n", "editor.1.method"),
     "bad hparam in a list": (GOOD + "editor: [{method: mose, hparams: {lr: fast}}]\n", "editor.0.hparams.lr"),
     "empty method list": (GOOD + "editor: []\n", "editor"),
+    "one editor twice": (
+        GOOD + "editor: [{method: mose, batch_size: 1}, {method: mose, batch_size: 1}]\n",
+        "editor",
+    ),
+    "zero editor batch": (GOOD + "editor: [{method: mose, batch_size: 0}]\n", "editor.0.batch_size"),
     "missing stats corpus": (
         GOOD + "editor: {method: alphaedit, hparams: {stats: {kind: file, path: ./no/corpus.txt}}}\n",
         "editor.hparams.stats.path",
@@ -109,3 +114,18 @@ def test_a_vllm_evaluator_without_vllm_stops_at_validation(tmp_path):
     ok = tmp_path / "hf.yaml"
     ok.write_text(GOOD + "evaluator: {backend: hf}\n")
     assert load_scenario(ok).evaluator.backend == "hf"
+
+
+def test_an_editor_with_its_own_batch_size_keeps_the_scenarios_events():
+    """An editor's batch_size (its protocol) changes how the events are batched, not the events: the
+    same fixed timeline (so the same edits, times and evaluation points) and checkpoints at the same
+    edit counts."""
+    from lme_sim.scenario import EditorSpec, Scenario
+
+    scn = Scenario(name="x", model="world:small", stream={"batch_size": 100}, eval={"every": 2})
+    one = scn.with_editor(EditorSpec(method="mose", batch_size=1))
+    assert one.timeline() == scn.timeline() and one.timeline().eval_every == 200
+    assert one.stream.batch_size == 1 and one.editors[0].label() == "mose-b1"
+    assert one.checkpoint_every() * 1 == scn.checkpoint_every() * 100
+    same = scn.with_editor(EditorSpec(method="mose"))
+    assert same.stream == scn.stream and same.editors[0].label() == "mose"

@@ -7,9 +7,19 @@ skew-symmetric matrix built from trainable parameters theta_b:
     S_b = (theta_b - theta_b^T) / 2,     Q_b = (I - S_b)(I + S_b)^-1
 
 so singular values, norms and condition number of W' are those of W0 however many edits come.
-theta is fitted to each batch by Adam on the new objects' NLL (published defaults: 4 blocks,
-lr 5e-4, 25 steps; optionally the COFT projection ||theta_b||_F <= eps b^2 / sqrt(n_blocks) of
-the published code) and carries over to the next batch: edits accumulate into one rotation.
+theta is fitted to each batch by Adam on the new objects' NLL and carries over to the next batch:
+edits accumulate into one rotation. Published defaults (famoustourist/MOSE, hparams/OFT/llama3-8b.yaml:
+4 blocks, Adam lr 5e-4, ``num_steps: 25``, ``batch_size: 1``; optionally the COFT projection
+||theta_b||_F <= eps b^2 / sqrt(n_blocks), ``project_batch`` in easyeditor/models/oft/oft_main.py
+lines 212-220, applied before every forward pass, line 128).
+
+The schedule. The published loop (``execute_oft``, oft_main.py lines 362-405) runs ``num_steps``
+*epochs*; each epoch takes one Adam step per chunk of ``batch_size`` requests, on the chunk's
+token-mean NLL (``pred.loss``). With its ``batch_size: 1`` a call with N requests takes 25 N
+single-request steps. ``micro_batch`` reproduces that (``micro_batch: 1`` is the published
+schedule); ``micro_batch: null``, lme-sim's default, is lme-sim's own choice: one step per epoch on
+the whole batch (the mean over requests of each request's token-mean NLL), 25 steps per call however
+large the batch. The two coincide for one request per call, the paper's protocol.
 
 The model holds W_cur = W0 Q_old; the forward pass during fitting multiplies W's input by
 M = Q_old^T Q(theta) block by block (W_cur M = W0 Q(theta)), so no d_ff x d_ff matrix and no
@@ -39,7 +49,10 @@ class MOSEHParams(HParams):
     n_blocks: int = Field(4, gt=0)  # diagonal blocks of Q (d_ff must be divisible by it)
     optimizer: Literal["adam", "sgd"] = "adam"  # on the rotation parameters (published: Adam)
     lr: float = 5e-4
-    num_steps: int = Field(25, gt=0)
+    num_steps: int = Field(25, gt=0)  # epochs: passes over the batch (see micro_batch)
+    # requests per Adam step within an epoch; 1: the published schedule (num_steps x N steps for N
+    # requests); null: lme-sim's choice, one step per epoch on the whole batch
+    micro_batch: int | None = Field(None, gt=0)
     loss_stop: float = 0.0  # stop a batch's fit once the mean NLL is below this (0: never, as published)
     coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
 
@@ -65,6 +78,20 @@ def coft_project(theta: torch.Tensor, eps: float) -> torch.Tensor:
     bound = eps * b * b / n**0.5
     norms = theta.flatten(1).norm(dim=1).clamp_min(1e-30)
     return theta * torch.clamp(bound / norms, max=1.0)[:, None, None]
+
+
+def micro_batches(n: int, size: int | None) -> list[torch.Tensor | None]:
+    """The chunks of an epoch: ``[None]`` (the whole batch, one step) or the row indices of each chunk
+    of ``size`` requests in order, as the published loop's ``chunks(texts, batch_size)``."""
+    if size is None:
+        return [None]
+    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def request_mean_nll(rows: torch.Tensor, logp: torch.Tensor, target_len: torch.Tensor) -> torch.Tensor:
+    """The mean over requests of each request's token-mean NLL (the whole-batch loss)."""
+    per = torch.zeros(len(target_len), device=logp.device).index_add(0, rows.to(logp.device), -logp)
+    return (per / target_len.to(logp.device)).mean()
 
 
 @register
@@ -100,24 +127,32 @@ class MOSE(Editor):
         opt = (torch.optim.Adam if hp.optimizer == "adam" else torch.optim.SGD)(
             list(params.values()), lr=hp.lr
         )
+        chunks = micro_batches(len(batch), hp.micro_batch)
         loss_value, steps = float("nan"), 0
         with timer("solve"), frozen(model):
-            for steps in range(1, hp.num_steps + 1):
-                rotate = {l: q_old_t[l] @ cayley(p) for l, p in params.items()}
-                rows, lp, _ = target_logprobs(model, batch, rotate=rotate)
-                per_case = torch.zeros(len(batch), device=lp.device).index_add(0, rows.to(lp.device), -lp)
-                loss = (per_case / batch.target_len.to(lp.device)).mean()
-                loss_value = loss.item()
+            for _epoch in range(hp.num_steps):
+                losses = []
+                for rows in chunks:
+                    part = batch if rows is None else batch.select(rows)
+                    rotate = {l: q_old_t[l] @ cayley(p) for l, p in params.items()}
+                    r, lp, _ = target_logprobs(model, part, rotate=rotate)
+                    loss = (
+                        request_mean_nll(r, lp, part.target_len) if rows is None else -lp.mean()
+                    )  # the published chunk loss is the token mean (HF's pred.loss)
+                    losses.append(loss.item())
+                    if rows is None and losses[-1] < hp.loss_stop:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if hp.coft_eps is not None:
+                        with torch.no_grad():
+                            for p in params.values():
+                                p.copy_(coft_project(p, hp.coft_eps))
+                loss_value = sum(losses) / len(losses)
                 if loss_value < hp.loss_stop:
-                    steps -= 1
                     break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if hp.coft_eps is not None:
-                    with torch.no_grad():
-                        for p in params.values():
-                            p.copy_(coft_project(p, hp.coft_eps))
         deltas, stats = {}, {"loss": loss_value, "steps": steps}
         self._pending = {l: p.detach().clone() for l, p in params.items()}
         with timer("apply"):

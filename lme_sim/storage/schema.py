@@ -178,12 +178,14 @@ VIEWS = {
     # The papers' Table-1 columns per run, from its last evaluation (NULL: not measured in this run;
     # consistency needs reference texts none of the shipped datasets has; general_ability is the
     # multiple-choice accuracy, general_ability_retention that accuracy over the unedited model's;
-    # collapse_step / collapse_edits: the run's row of the ``collapse`` view; gen_*: generative metrics).
+    # collapse_step / collapse_edits: the run's row of the ``collapse`` view; gen_*: generative metrics;
+    # batch_size: the run's edits per batch, its protocol).
     "method_summary": """
         WITH last AS (
             SELECT m.* FROM metrics m
             WHERE m.eval_id = (SELECT max(eval_id) FROM metrics x WHERE x.run_id = m.run_id))
         SELECT r.run_id, r.name, r.method, r.model,
+               CAST(json_extract(any_value(r.scenario), '$.stream.batch_size') AS INTEGER) AS batch_size,
                (SELECT count(*) FROM edits e WHERE e.run_id = r.run_id) AS n_edits,
                max(l.step) AS final_step,
                max(l.value) FILTER (WHERE l.name = 'efficacy') AS efficacy,
