@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ def world_build(name: str) -> None:
 def validate(scenario: str) -> None:
     """Check a scenario file without running it."""
     scn = _load_scenario_or_exit(scenario)
-    methods = ", ".join(e.method for e in scn.editors)
+    methods = ", ".join(e.label() for e in scn.editors)
     click.echo(f"{scenario}: ok ({methods} on {scn.model}, {scn.data.n_edits} edits)")
 
 
@@ -498,8 +499,7 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
         sys.exit(2)
     rows = _query_or_exit(
         db,
-        "select name, method, json_extract_string(scenario, '$.editor.batch_size') from runs "
-        "where run_id = ?",
+        "select name, method, json_extract(scenario, '$.editor') from runs where run_id = ?",
         [run_id],
     )[1]
     if not rows:
@@ -507,13 +507,15 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method, batch_size),) = rows
+    ((run_name, method, editor),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
         )
         sys.exit(2)
-    return method if batch_size is None else f"{method}-b{batch_size}"
+    from .scenario import EditorSpec
+
+    return EditorSpec.model_validate(json.loads(editor)).label() if editor else method
 
 
 def _analysis_or_exit(fn, *args):

@@ -42,9 +42,14 @@ class EditorSpec(Strict):
     # None: stream.batch_size. The stream's events and evaluation points stay the scenario's, so every
     # editor of a list sees the same edits and is evaluated at the same edit counts.
     batch_size: int | None = Field(None, gt=0)
+    # this editor's name in a list (run ids, --methods, resume); default: the method, and -b<batch_size>
+    # where it sets one. Two editors of one method and batch size (e.g. with and without an hparam) need it.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
     def label(self) -> str:
-        """The run id's tag in a list of editors: the method, and its batch size where it sets one."""
+        """The run id's tag in a list of editors: ``name``, else the method and its batch size."""
+        if self.name is not None:
+            return self.name
         return self.method if self.batch_size is None else f"{self.method}-b{self.batch_size}"
 
 
@@ -209,7 +214,7 @@ def load_scenario(path: str | Path) -> Scenario:
     labels = [e.label() for e in scn.editors]
     if twice := next((x for x in labels if labels.count(x) > 1), None):
         raise ScenarioError(
-            f"{path}: field 'editor': two editors are {twice!r}; a list runs each method once per batch_size"
+            f"{path}: field 'editor': two editors are named {twice!r}; give one a `name` of its own"
         )
     return scn
 

@@ -127,5 +127,6 @@ def test_an_editor_with_its_own_batch_size_keeps_the_scenarios_events():
     assert one.timeline() == scn.timeline() and one.timeline().eval_every == 200
     assert one.stream.batch_size == 1 and one.editors[0].label() == "mose-b1"
     assert one.checkpoint_every() * 1 == scn.checkpoint_every() * 100
+    assert EditorSpec(method="alphaedit", name="alphaedit-nas").label() == "alphaedit-nas"
     same = scn.with_editor(EditorSpec(method="mose"))
     assert same.stream == scn.stream and same.editors[0].label() == "mose"
