@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import field_path
+from .norm_anchor import NormAnchorHParams
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -52,6 +53,8 @@ class TargetHParams(HParams):
     kl_prompt: str = "{} is a"
     context_templates: list[tuple[int, int]] = [(10, 5)]  # (length, count) of generated prefixes
     stats: StatsHParams = StatsHParams()
+    # Norm-Anchor Scaling (NAS, arXiv 2602.02543; editors/norm_anchor.py): null: off
+    norm_anchor: NormAnchorHParams | None = None
 
 
 class HParamsError(ValueError):

@@ -22,8 +22,9 @@ from .activations import activations_at, compute_keys, context_templates
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .covariance import cached_second_moment
 from .hparams import TargetHParams
+from .norm_anchor import anchor_deltas, mlp_values, reference_norm
 from .registry import register
-from .targets import compute_targets
+from .targets import Targets, compute_targets
 
 
 class MEMITHParams(TargetHParams):
@@ -40,6 +41,8 @@ class MEMIT(Editor):
         super().__init__(model, tok, hparams, **kw)
         self.contexts = context_templates(model, tok, hparams.context_templates)
         self.load_statistics()
+        anchor = hparams.norm_anchor  # NAS: the reference ||v*||, on the unedited model (cached)
+        self.anchor_norm = None if anchor is None else reference_norm(self, anchor, hparams.layers[-1])
 
     def load_statistics(self) -> None:
         """C0 of every edited layer (cached on disk; computed through the shards on first use)."""
@@ -56,13 +59,25 @@ class MEMIT(Editor):
         """Hook for state updates once the whole batch is written; ``keys``: layer -> K (n, d_ff) of the
         batch on the edited model, where known."""
 
+    def targets(self, cases: list[EditCase]) -> Targets:
+        """The target z of layer L (the last edited) for every case; with ``norm_anchor`` (NAS), each
+        shift read as a change of the MLP's value and anchored to the reference norm
+        (:func:`~.norm_anchor.anchor_deltas`)."""
+        hp, z_layer = self.hp, self.hp.layers[-1]
+        t = compute_targets(self.model, self.tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
+        if hp.norm_anchor is None:
+            return t
+        v0 = mlp_values(self.model, self.tok, cases, z_layer, hp.batch_size)
+        shift = anchor_deltas(t.delta, v0, self.anchor_norm, hp.norm_anchor.skip_factor)
+        return Targets(z=t.h_init + shift, h_init=t.h_init, steps=t.steps, loss=t.loss)
+
     def edit(self, cases: list[EditCase]) -> EditResult:
         self.commit()  # the previous batch's pending state, where nobody committed it
         hp, model, tok = self.hp, self.model, self.tok
         timer = PhaseTimer()
         z_layer = hp.layers[-1]
         with timer("targets"):
-            targets = compute_targets(model, tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
+            targets = self.targets(cases)
         prompts, subjects = [c.prompt for c in cases], [c.subject for c in cases]
         keys: dict[int, torch.Tensor] = {}
         deltas, stats = (
