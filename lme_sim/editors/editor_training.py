@@ -9,7 +9,9 @@ gradients on the current model W_{t-1}; the step's loss (the negative reward) is
     + locality * KL(P_{W_{t-1}} || P_{W_{t-1} + Delta_t})   on unrelated prompts
     + reg * sum_l ||Delta_t,l||_F^2                           (the published code's L2 term)
 
-differentiated through the ridge solve into the networks; then Delta_t is written (detached) and the
+differentiated through the ridge solve into the networks (in RLEdit's published code the L2 term
+carries no gradient, and HiEdit's router gets none of the reward: docs/methods.md, "HiEdit's and
+RLEdit's published training, as the code runs it"); then Delta_t is written (detached) and the
 next step starts from it. Gradients of a rollout are summed and applied in one optimizer step, or in
 one per ``steps_per_update`` steps: no gradient crosses a written delta, so the parts add up to the
 rollout's gradient (taken at the networks of their own part).

@@ -210,7 +210,8 @@ class RLEditHParams(HParams):
     locality: float = Field(1.0, ge=0)  # weight of KL(before || after) on unrelated prompts
     locality_prompts: int = Field(32, gt=0)
     # weight of sum_l ||Delta_l||_F^2 in the step loss (the L2 term on parameter shifts of RLEdit's
-    # published code, reg_coef): keeps the written deltas from growing over long rollouts
+    # published code, reg_coef, which there is computed from shifts built without a graph and so adds
+    # no gradient; here it does, docs/methods.md): keeps the written deltas from growing over long rollouts
     reg: float = Field(0.0, ge=0)
     # models without an embedded world train on this file (--data overrides it): a split disjoint from
     # the edits evaluated, such as CounterFact's counterfact-train.json
