@@ -92,7 +92,7 @@ def case_rows(cases: list[EditCase], index: list[Probe], s: TargetScores) -> lis
     return rows
 
 
-# greedy tokens generated past the longest target of an evaluation: room for the word boundary that
+# greedy tokens generated past a probe's expected object: room for the word boundary that
 # :func:`begins_with` reads, and for a tokenizer that spells the object with a leading space token
 GEN_EXTRA_TOKENS = 3
 
@@ -143,21 +143,20 @@ def generation_rows(cases: list[EditCase], index: list[Probe], hits: list[bool])
     ]
 
 
-def generation_budget(tok, expected: list[str]) -> int:
-    """Tokens to generate: the longest expected object's token count (as it follows a prompt) plus
-    :data:`GEN_EXTRA_TOKENS`."""
-    return GEN_EXTRA_TOKENS + max(
-        len(ids) for ids in tok([f" {t}" for t in expected], add_special_tokens=False)["input_ids"]
-    )
+def generation_budget(tok, expected: list[str]) -> list[int]:
+    """Tokens to generate for each probe: its expected object's token count (as it follows a prompt)
+    plus :data:`GEN_EXTRA_TOKENS`."""
+    ids = tok([f" {t}" for t in expected], add_special_tokens=False)["input_ids"]
+    return [len(i) + GEN_EXTRA_TOKENS for i in ids]
 
 
 def generation_metrics(
     model, tok, cases: list[EditCase], batch_size: int = 32
 ) -> tuple[list[dict], list[str], list[Probe]]:
-    """:func:`generation_rows` of ``cases``: every probe prompt's greedy continuation in one batched,
-    KV-cached call (:func:`~lme_sim.scoring.greedy_generate`; one ``generate`` call on the vLLM backend),
-    up to the longest expected object's token count plus :data:`GEN_EXTRA_TOKENS`. Also returns the
-    continuations and their probes."""
+    """:func:`generation_rows` of ``cases``: every probe prompt's greedy continuation, batched and
+    KV-cached (:func:`~lme_sim.scoring.greedy_generate`; one ``generate`` call on the vLLM backend), up
+    to its expected object's token count plus :data:`GEN_EXTRA_TOKENS`. Also returns the continuations
+    and their probes."""
     prompts, expected, index = generation_probes(cases)
     if not prompts:
         return [], [], []

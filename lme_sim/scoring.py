@@ -40,7 +40,8 @@ class PairScorer:
     def score_pairs(self, batch: PairBatch) -> TargetScores:
         raise NotImplementedError
 
-    def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int | list[int]) -> list[list[int]]:
+        """Greedy continuations, ``max_new_tokens`` each (one number, or one per prompt)."""
         raise NotImplementedError
 
 
@@ -180,13 +181,16 @@ def generate(
     model,
     tok,
     prompts: list[str],
-    max_new_tokens: int = 32,
+    max_new_tokens: int | list[int] = 32,
     batch_size: int = 32,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     cache: bool | None = None,
 ) -> list[str]:
     """Continuations of many prompts: greedy, or sampled from the top ``top_k`` tokens.
+
+    ``max_new_tokens``: one number for every prompt, or one per prompt (the prompts of one budget are
+    batched together, so no row runs past its own; a :class:`PairScorer` takes the list in one call).
 
     An in-process model (an ``nn.Module`` or a :class:`~lme_sim.backbone.LocalBackbone`) generates
     with its KV cache (:func:`_generate_cached`: one pass over the prompts, then one token per row
@@ -202,6 +206,14 @@ def generate(
             raise ValueError("a PairScorer generates greedily only")
         ids = tok(list(prompts))["input_ids"]
         return tok.batch_decode(model.greedy_ids(ids, max_new_tokens), skip_special_tokens=True)
+    if not isinstance(max_new_tokens, int):  # one budget per prompt: one group per budget
+        out: list[str] = [""] * len(prompts)
+        for n in sorted(set(max_new_tokens)):
+            rows = [i for i, m in enumerate(max_new_tokens) if m == n]
+            texts = generate(model, tok, [prompts[i] for i in rows], n, batch_size, top_k, generator, cache)
+            for i, text in zip(rows, texts):
+                out[i] = text
+        return out
     backbone = as_backbone(model)
     if (top_k is None if cache is None else cache) and isinstance(backbone, LocalBackbone):
         return _generate_cached(backbone.model, tok, prompts, max_new_tokens, batch_size, top_k, generator)
@@ -284,7 +296,12 @@ def _generate_cached(
 
 
 def greedy_generate(
-    model, tok, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 32, cache: bool | None = None
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int | list[int] = 32,
+    batch_size: int = 32,
+    cache: bool | None = None,
 ) -> list[str]:
     return generate(model, tok, prompts, max_new_tokens, batch_size, cache=cache)
 

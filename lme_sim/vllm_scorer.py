@@ -87,12 +87,13 @@ class VLLMScorer(PairScorer):
         n_tok = batch.target_len.double()
         return TargetScores(total / n_tok, total, hits / n_tok, batch.target_len)
 
-    def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy_ids(self, prompt_ids: list[list[int]], max_new_tokens: int | list[int]) -> list[list[int]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=max_new_tokens, temperature=0.0, detokenize=False, ignore_eos=True
-        )  # as the HF backend: a fixed number of new tokens
+        budgets = [max_new_tokens] * len(prompt_ids) if isinstance(max_new_tokens, int) else max_new_tokens
+        params = [  # as the HF backend: a fixed number of new tokens per prompt
+            SamplingParams(max_tokens=n, temperature=0.0, detokenize=False, ignore_eos=True) for n in budgets
+        ]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 

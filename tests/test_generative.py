@@ -90,3 +90,15 @@ def test_the_evaluator_reports_generative_beside_teacher_forced_metrics(small_wo
         assert names[name] == pytest.approx(sum(r[name] for r in rows) / len(rows))
     off = ev.evaluate(EvalRequest(eval_id=2, step=0, retention=[], cases=cases, n_edits=6, generative=False))
     assert not any(m.name.startswith("gen_") for m in off.metrics)
+
+
+def test_one_budget_per_prompt_is_what_each_prompt_gets_alone(small_world):
+    """Per-prompt token budgets (the generative metrics give each probe its object's length + 3): each
+    row's continuation equals that prompt generated alone with its budget, cached or not."""
+    model, tok, world = small_world
+    prompts = [c.prompt for c in world.edit_cases(5, seed=9)]
+    budgets = [1, 4, 2, 4, 3]
+    alone = [greedy_generate(model, tok, [p], n, cache=False)[0] for p, n in zip(prompts, budgets)]
+    assert greedy_generate(model, tok, prompts, budgets) == alone
+    assert greedy_generate(model, tok, prompts, budgets, cache=False) == alone
+    assert len(set(alone)) > 1 and len(alone[0]) < len(alone[1])
