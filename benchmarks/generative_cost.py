@@ -1,7 +1,8 @@
 """What the generative metrics add to an evaluation on SmolLM2-135M: one evaluator (HF, in process, one
 torch thread) scores the same request with ``generative`` off and on, alternately, ``repeats`` times
 each (so both sides see the same load); prints the median seconds of each and their ratio, and writes
-a JSON line to ``--out``.
+a JSON line to ``--out``. Beside wall seconds it records the process's CPU seconds (one thread:
+the work itself, which other jobs on a shared machine do not inflate).
 
 The request is what a long-horizon run sends: N CounterFact edits (their rewrite, paraphrase and
 neighborhood probes), each edit's retention probe, 16 fluency prompts and the general-ability set.
@@ -39,6 +40,7 @@ def main() -> None:
     retention = [RetentionItem(i, c.prompt, c.target_new, [c.target_true]) for i, c in enumerate(cases)]
     fluency = [c.prompt for c in cases[:16]]
     seconds: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     metrics = {}
     for r in range(args.repeats):
         for generative in (False, True):
@@ -51,25 +53,36 @@ def main() -> None:
                 fluency_prompts=fluency,
                 generative=generative,
             )
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = ev.evaluate(req)
             seconds[generative].append(time.perf_counter() - t0)
+            cpu[generative].append(time.process_time() - c0)
             metrics[generative] = {m.name: round(m.value, 4) for m in out.metrics}
-            print(f"repeat {r}, generative={generative}: {seconds[generative][-1]:.1f} s", flush=True)
+            print(
+                f"repeat {r}, generative={generative}: {seconds[generative][-1]:.1f} s wall, "
+                f"{cpu[generative][-1]:.1f} s CPU",
+                flush=True,
+            )
     off, on = statistics.median(seconds[False]), statistics.median(seconds[True])
+    cpu_off, cpu_on = statistics.median(cpu[False]), statistics.median(cpu[True])
     row = {
         "cases": len(cases),
         "probe_prompts": sum(1 + len(c.paraphrases) + len(c.neighborhood) for c in cases),
         "seconds_teacher_forced": off,
         "seconds_with_generative": on,
         "ratio": on / off,
+        "cpu_seconds_teacher_forced": cpu_off,
+        "cpu_seconds_with_generative": cpu_on,
+        "cpu_ratio": cpu_on / cpu_off,
         "all_seconds": {"off": seconds[False], "on": seconds[True]},
+        "all_cpu_seconds": {"off": cpu[False], "on": cpu[True]},
         "metrics_with_generative": metrics[True],
         "machine": machine_info(),
     }
     print(
         f"{len(cases)} cases: teacher-forced only {off:.1f} s, with generative {on:.1f} s: "
-        f"{on / off:.2f}x (median of {args.repeats})"
+        f"{on / off:.2f}x (median of {args.repeats}); "
+        f"CPU {cpu_off:.1f} s and {cpu_on:.1f} s: {cpu_on / cpu_off:.2f}x"
     )
     print("metrics:", metrics[True])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
