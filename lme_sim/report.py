@@ -27,7 +27,8 @@ def _rows(db, sql: str, params: list) -> list[dict]:
 
 
 def _label(db, run_ids):
-    methods = {r["run_id"]: r["method"] for r in summary_rows(db, run_ids)}
+    """A run's legend label: its method and protocol (edits per batch), then its id."""
+    methods = {r["run_id"]: f"{r['method']}, batch {r['batch_size']}" for r in summary_rows(db, run_ids)}
     return lambda rid: f"{methods[rid]} ({rid})"
 
 
@@ -68,10 +69,12 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     """Efficacy at each evaluation against the edits committed by then (``efficacy_curve``), one line
     per run; the sample size (``efficacy_n``) in the legend where the run logged it, and the run's
     collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x. Generative efficacy
-    (``gen_efficacy``), where the run measured it, is the dashed line of the same colour."""
+    (``gen_efficacy``), where the run measured it, is the dashed line of the same colour, its own
+    collapse point (``gen_collapse_edits``) an x on it."""
     rows = _rows(
         db,
-        "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, c.gen_efficacy, k.collapse_edits "
+        "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, c.gen_efficacy, k.collapse_edits, "
+        "k.gen_collapse_edits "
         "from efficacy_curve c join collapse k using (run_id) where c.run_id = any(?) "
         "order by c.n_edits, c.eval_id",
         [list(run_ids)],
@@ -94,10 +97,11 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
             ax.plot(
                 *zip(*gen), ls="--", marker=".", color=line.get_color(), label=f"{label(rid)}, generative"
             )
-        at = mine[0]["collapse_edits"]
-        if at is not None:
-            y = next(r["efficacy"] for r in mine if r["n_edits"] == at)
-            ax.plot([at], [y], marker="x", ms=10, mew=2, ls="", color=line.get_color())
+        k = mine[0]  # the run's collapse points, teacher-forced and generative
+        for metric, at in (("efficacy", k["collapse_edits"]), ("gen_efficacy", k["gen_collapse_edits"])):
+            if at is not None:
+                y = next(r[metric] for r in mine if r["n_edits"] == at)
+                ax.plot([at], [y], marker="x", ms=10, mew=2, ls="", color=line.get_color())
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(
         title="Efficacy over the edits against the number of edits\n"
