@@ -414,9 +414,7 @@ class Run:
             found = rows(out.probes + out.metrics)
             for table in ("probes", "metrics"):
                 if found.get(table):
-                    self.ray.get(
-                        self.logger.append.remote(table, [{"run_id": self.id, **r} for r in found[table]])
-                    )
+                    self.ray.get(self.logger.append.remote(table, found[table]))
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:

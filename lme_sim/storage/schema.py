@@ -131,6 +131,10 @@ TABLES = {
         rejected_at TIMESTAMP""",
 }
 
+# the tables whose every row belongs to one run (``run_id``); ``bench_results.run_id`` only names a
+# run a benchmark timed
+RUN_TABLES = tuple(t for t in TABLES if t not in ("schema_info", "bench_results"))
+
 VIEWS = {
     # Mean correctness of retention probes per run, eval step and edit age (probe step - edit step).
     "forgetting_curve": """
