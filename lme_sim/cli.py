@@ -60,7 +60,13 @@ def validate(scenario: str) -> None:
     default=None,
     help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).",
 )
-@click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
+@click.option(
+    "--resume",
+    "resume",
+    default=None,
+    metavar="RUN_ID",
+    help="Continue a killed or failed run (a finished one: nothing to do, exit code 0).",
+)
 @click.option(
     "--methods",
     default=None,
@@ -89,14 +95,8 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
         specs = [s for s in specs if s.method in chosen]
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     if resume is not None:
-        method = _resumable_run_or_exit(db, resume, scn.name)
+        method = _resumable_run_or_exit(db, resume, scn.name, scenario, {s.method for s in specs})
         specs = [s for s in specs if s.method == method]
-        if not specs:
-            click.echo(
-                f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} editor",
-                err=True,
-            )
-            sys.exit(2)
     from .runtime.ray_utils import PlacementError
 
     try:
@@ -488,25 +488,35 @@ def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tupl
         sys.exit(2)
 
 
-def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
-    """The method of run ``run_id`` of scenario ``name`` in ``db`` (read-only), or one ``error:``
-    line naming the database and the id and exit code 2 (no such database, no such run, a run of
-    another scenario)."""
+def _resumable_run_or_exit(db: str, run_id: str, name: str, scenario: str, methods: set[str]) -> str:
+    """The method of run ``run_id`` of scenario ``name`` (file ``scenario``, editors ``methods``) in
+    ``db`` (read-only), or one ``error:`` line naming the database and the id and exit code 2 (no
+    such database, no such run, a run of another scenario or method); a finished run: one line
+    saying so and exit code 0 (nothing to do)."""
     if not Path(db).exists():
         click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
         sys.exit(2)
-    rows = _query_or_exit(db, "select name, method from runs where run_id = ?", [run_id])[1]
+    rows = _query_or_exit(db, "select name, method, status from runs where run_id = ?", [run_id])[1]
     if not rows:
         click.echo(
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method),) = rows
+    ((run_name, method, status),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
         )
         sys.exit(2)
+    if method not in methods:
+        click.echo(
+            f"error: {db}: run {run_id!r} is a {method} run, but {scenario} has no {method} editor",
+            err=True,
+        )
+        sys.exit(2)
+    if status == "finished":  # resuming it again would change nothing: say so and succeed
+        click.echo(f"{db}: run {run_id!r} is finished; nothing to resume")
+        sys.exit(0)
     return method
 
 

@@ -159,6 +159,21 @@ def test_resume_of_an_unknown_run_is_an_error_and_writes_nothing(tmp_path):
     assert runs == [("tiny-0000abcd", "finished")]
 
 
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
+    """One line saying it is finished, exit code 0, the database untouched, no run started."""
+    from lme_sim.runtime import coordinator
+
+    def run_again(*args, **kw):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(coordinator, "run_distributed", run_again)
+    db = _db_with_a_run(tmp_path / "lme.duckdb")
+    r, before, after = _resume(tmp_path, db, "tiny-0000abcd")
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert r.output == f"{db}: run 'tiny-0000abcd' is finished; nothing to resume\n"
+    assert before == after
+
+
 def test_a_quoted_resume_id_matches_no_run(tmp_path):
     """The id is a query parameter: ``x' or '1'='1`` does not match every run."""
     db = _db_with_a_run(tmp_path / "lme.duckdb")
