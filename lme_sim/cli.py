@@ -447,10 +447,12 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
 @main.command()
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
-    """List the runs in a results database."""
+    """List the runs in a results database (a run whose logger died shows as interrupted)."""
+    from .storage.logger import run_status_sql
+
     cols, rows = _query_or_exit(
         db,
-        "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
+        f"select r.run_id, r.name, r.model, r.method, {run_status_sql('r.status')} as status, r.created_at, "
         "(select count(*) from edits e where e.run_id = r.run_id) as edits "
         "from runs r order by r.created_at",
     )

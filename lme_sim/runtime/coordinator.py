@@ -164,7 +164,7 @@ class Run:
                 },
             }
         )
-        ray.get(
+        self.was = ray.get(
             self.logger.start_run.remote(
                 self.id,
                 scn.name,
@@ -192,7 +192,7 @@ class Run:
         )
         ray.get(self.logger.rollback_after.remote(self.id, found[0][0] if found else -1))
         if not found:
-            self.console.print(f"resuming {self.id} from its start (no checkpoint yet)")
+            self.console.print(f"resuming {self.id} ({self.was}) from its start (no checkpoint yet)")
             return
         ckpt = torch.load(found[0][1], weights_only=False)
         ray.get(self.editor.restore.remote(ckpt["deltas"], ckpt["editor"]))
@@ -200,7 +200,7 @@ class Run:
         ray.get(self.stream.load_state_dict.remote(ckpt["stream"]))
         st.batch_id, st.version, st.eval_id = ckpt["batch_id"], ckpt["version"], ckpt["eval_id"]
         st.cum, st.committed = ckpt["deltas"], ckpt["committed"]
-        self.console.print(f"resuming {self.id} after batch {st.batch_id} (its checkpoint)")
+        self.console.print(f"resuming {self.id} ({self.was}) after batch {st.batch_id} (its checkpoint)")
 
     # ---- the loop ---------------------------------------------------------------------------------
     def loop(self) -> None:

@@ -82,24 +82,28 @@ class RunLogger:
         }
         self._buffers: dict[str, list[dict]] = {t: [] for t in WRITABLE}
         self.run_id: str | None = None  # the run of this logger (``start_run``)
+        # DuckDB lets one process write a file: a run it still lists as running has no logger, it
+        # was interrupted (its logger died before it could mark the run failed)
+        self.con.execute(f"UPDATE runs SET status = '{INTERRUPTED}' WHERE status = 'running'")
 
     # ---- runs ---------------------------------------------------------------------------------
     def start_run(
         self, run_id, name, scenario_path, scenario: dict, model, method, resume: bool = False
-    ) -> None:
+    ) -> str | None:
         """Register a run as running and bind the logger to it (rows without a ``run_id`` get this
-        one); an existing run_id is an error unless ``resume=True``."""
+        one); an existing run_id is an error unless ``resume=True``. Returns the status the run had
+        (failed, interrupted; None: a new run)."""
         from lme_sim import __version__
 
-        exists = self.con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        if exists and not resume:
+        before = self.con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if before and not resume:
             raise ValueError(f"{self.path}: run {run_id!r} already exists (pass resume=True)")
         self.run_id = run_id
-        if exists:
+        if before:
             self.con.execute(
                 "UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id]
             )
-            return
+            return before[0]
         self.con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?, ?)",
             [
@@ -114,6 +118,7 @@ class RunLogger:
                 __version__,
             ],
         )
+        return None
 
     def finish_run(self, run_id, status: str = "finished") -> None:
         """Flush pending rows and mark the run finished (or failed)."""
@@ -256,6 +261,15 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+INTERRUPTED = "interrupted"
+
+
+def run_status_sql(column: str = "status") -> str:
+    """A run's status read from a database opened read-only, where a run listed as running is
+    :data:`INTERRUPTED`: the file opened, so no logger has it (DuckDB lets one process write it)."""
+    return f"CASE {column} WHEN 'running' THEN '{INTERRUPTED}' ELSE {column} END"
 
 
 class DatabaseError(RuntimeError):

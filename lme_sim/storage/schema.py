@@ -24,7 +24,7 @@ TABLES = {
         scenario JSON,
         model VARCHAR,
         method VARCHAR,
-        status VARCHAR,            -- running | finished | failed
+        status VARCHAR,            -- running | finished | failed | interrupted (its logger died)
         created_at TIMESTAMP,
         finished_at TIMESTAMP,
         schema_version INTEGER,
