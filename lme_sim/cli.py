@@ -448,13 +448,17 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
     """List the runs in a results database (a run whose logger died shows as interrupted)."""
-    from .storage.logger import run_status_sql
+    from .storage.logger import INTERRUPTED
 
+    # the file opened read-only, so no logger has it (DuckDB lets one process write it): a run it
+    # lists as running was interrupted
     cols, rows = _query_or_exit(
         db,
-        f"select r.run_id, r.name, r.model, r.method, {run_status_sql('r.status')} as status, r.created_at, "
+        "select r.run_id, r.name, r.model, r.method, "
+        "case r.status when 'running' then ? else r.status end as status, r.created_at, "
         "(select count(*) from edits e where e.run_id = r.run_id) as edits "
         "from runs r order by r.created_at",
+        [INTERRUPTED],
     )
     click.echo("\t".join(cols))
     for r in rows:

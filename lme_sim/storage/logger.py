@@ -20,6 +20,8 @@ import pyarrow as pa
 from .schema import RUN_TABLES, SCHEMA_VERSION, TABLES, check_version, create_schema
 
 WRITABLE = tuple(t for t in TABLES if t != "schema_info")
+# the status of a run left 'running' in a database no logger has open: its logger died
+INTERRUPTED = "interrupted"
 
 _ARROW_TYPES = {
     "INTEGER": pa.int32(),
@@ -84,7 +86,7 @@ class RunLogger:
         self.run_id: str | None = None  # the run of this logger (``start_run``)
         # DuckDB lets one process write a file: a run it still lists as running has no logger, it
         # was interrupted (its logger died before it could mark the run failed)
-        self.con.execute(f"UPDATE runs SET status = '{INTERRUPTED}' WHERE status = 'running'")
+        self.con.execute("UPDATE runs SET status = ? WHERE status = 'running'", [INTERRUPTED])
 
     # ---- runs ---------------------------------------------------------------------------------
     def start_run(
@@ -261,15 +263,6 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
-
-
-INTERRUPTED = "interrupted"
-
-
-def run_status_sql(column: str = "status") -> str:
-    """A run's status read from a database opened read-only, where a run listed as running is
-    :data:`INTERRUPTED`: the file opened, so no logger has it (DuckDB lets one process write it)."""
-    return f"CASE {column} WHEN 'running' THEN '{INTERRUPTED}' ELSE {column} END"
 
 
 class DatabaseError(RuntimeError):
