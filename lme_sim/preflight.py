@@ -2,8 +2,8 @@
 world and its facts, data files and hub ids, the probe set, the editors (registered methods, their
 hyperparameters, layers and checkpoints) and the vLLM install.
 
-:func:`load_checked` is what the CLI, the coordinator and bench use; every problem is one
-:class:`~lme_sim.scenario.ScenarioError` naming the file and the field.
+:func:`load_checked` is what the CLI's ``validate`` and ``run`` read a scenario file with; every
+problem is one :class:`~lme_sim.scenario.ScenarioError` naming the file and the field.
 """
 
 from __future__ import annotations

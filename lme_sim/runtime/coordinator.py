@@ -54,8 +54,6 @@ from .services import Edited, EditorService, EvalRequest, Evaluator, RetentionIt
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
-
 
 def run_distributed(
     scn: Scenario,
