@@ -217,6 +217,32 @@ def test_a_run_whose_logger_was_killed_shows_as_interrupted(tmp_path):
         assert log.query("select status from runs") == [("running",)]
 
 
+def test_the_summary_gives_fluency_its_unit(tmp_path):
+    """``compare`` (and the end of a run, which prints the same table) names fluency's unit."""
+    from lme_sim.storage.logger import RunLogger
+
+    db = tmp_path / "lme.duckdb"
+    with RunLogger(db) as log:
+        log.start_run("tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit")
+        log.commit_batch("tiny-0000abcd", {"batch_id": 0, "step": 0, "n_edits": 1}, {})
+        log.append(
+            "metrics",
+            [
+                {"eval_id": 1, "step": 0, "name": n, "value": v}
+                for n, v in (("efficacy", 0.9), ("fluency", 494.612))
+            ],
+        )
+        log.finish_run("tiny-0000abcd")
+    r = CliRunner().invoke(main, ["compare", "tiny-0000abcd", "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    lines = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in r.output.splitlines()
+        if line.count("│") == 3
+    }
+    assert lines["fluency (bits x100)"] == "494.6" and lines["efficacy"] == "0.900", r.output
+
+
 def test_a_quoted_resume_id_matches_no_run(tmp_path):
     """The id is a query parameter: ``x' or '1'='1`` does not match every run."""
     db = _db_with_a_run(tmp_path / "lme.duckdb")

@@ -416,11 +416,19 @@ class Run:
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:
-        ray = self.ray
+        """The last evaluations, the run marked finished, and its summary (read back once the
+        logger has closed the database)."""
+        from ..analysis import comparison_table
+
         self._log_evaluations(self.pool.collect(wait=True))
-        ray.get(self.logger.finish_run.remote(self.id))
-        self._print_summary()
-        ray.get(self.logger.close.remote())
+        self.ray.get(self.logger.finish_run.remote(self.id))
+        self.ray.get(self.logger.close.remote())
+        self.console.print(comparison_table(self.db, [self.id]))
+        self.console.print(CONSISTENCY_UNAVAILABLE)
+        self.console.print(
+            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
+            f"--db {self.db}"
+        )
 
     def failed(self, e: BaseException) -> BaseException:
         """What to raise for ``e``: a :class:`PlacementError` as it is (nothing was written yet), anything
@@ -443,30 +451,6 @@ class Run:
                     first_line(e),
                 )
             self.actors = []
-
-    def _print_summary(self) -> None:
-        from rich.table import Table
-
-        q = self.logger.query.remote
-        rows_ = self.ray.get(
-            q(
-                "select name, value, n from metrics where run_id = ? and eval_id = "
-                "(select max(eval_id) from metrics where run_id = ?)",
-                [self.id, self.id],
-            )
-        )
-        n_edits = self.ray.get(q("select count(*) from edits where run_id = ?", [self.id]))[0][0]
-        table = Table(title=f"run {self.id}", caption=f"{n_edits} edits; final evaluation")
-        for col, just in (("metric", "left"), ("final", "right"), ("over", "right")):
-            table.add_column(col, justify=just)
-        for name, value, n in sorted(rows_):
-            table.add_row(name, f"{value:.3f}", "" if n is None else str(n))
-        self.console.print(table)
-        self.console.print(CONSISTENCY_UNAVAILABLE)
-        self.console.print(
-            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
-            f"--db {self.db}"
-        )
 
 
 def scenario_cases(scn: Scenario, world) -> list[EditCase]:
