@@ -75,7 +75,7 @@ class MEMIT(Editor):
         for i, layer in enumerate(hp.layers):
             with timer("keys"):
                 K = keys[layer] = compute_keys(
-                    model, tok, cases, [layer], self.contexts, hp.batch_size, early_stop=self.reuse
+                    model, tok, cases, [layer], self.contexts, hp.rows_per_pass, early_stop=self.reuse
                 )[layer]
                 cur = activations_at(
                     model,
@@ -84,7 +84,7 @@ class MEMIT(Editor):
                     subjects,
                     [z_layer],
                     kind="hidden",
-                    batch_size=hp.batch_size,
+                    batch_size=hp.rows_per_pass,
                     early_stop=self.reuse,
                 )[z_layer]
             with timer("solve"):
