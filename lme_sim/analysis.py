@@ -22,6 +22,9 @@ SUMMARY_COLUMNS = (
     "general_ability",
     "general_ability_retention",
 )
+# the unit of a summary column that is not a fraction in [0, 1]: ROME's fluency, the weighted n-gram
+# entropy of greedy generations in bits, x100 (lme_sim.metrics.fluency)
+UNITS = {"fluency": "bits x100"}
 EXPORT_TABLES = ("runs", "batches", "edits", "probes", "metrics", "weight_stats", "rejected_batches")
 
 
@@ -68,7 +71,8 @@ def collapse_points(db, run_ids: list[str], threshold: float = 0.5) -> list[dict
 
 
 def comparison_table(db, run_ids: list[str]):
-    """A rich Table: one column per run, the papers' metrics as rows (n/a where not measured)."""
+    """A rich Table: one column per run, the papers' metrics as rows (n/a where not measured), each
+    from its run's last evaluation (:func:`summary_rows`); what ``compare`` and the end of a run print."""
     from rich.table import Table
 
     rows = summary_rows(db, run_ids)
@@ -79,7 +83,7 @@ def comparison_table(db, run_ids: list[str]):
     table.add_row("model", *[str(r["model"]) for r in rows])
     table.add_row("edits", *[str(r["n_edits"]) for r in rows])
     for col in SUMMARY_COLUMNS:
-        table.add_row(col, *[_fmt(r[col], col) for r in rows])
+        table.add_row(f"{col} ({UNITS[col]})" if col in UNITS else col, *[_fmt(r[col], col) for r in rows])
     table.add_row("collapse step", *[_collapse(r["collapse_step"]) for r in rows])
     table.add_row("collapse edits", *[_collapse(r["collapse_edits"]) for r in rows])
     table.add_row("gen collapse edits", *[_collapse(r["gen_collapse_edits"]) for r in rows])

@@ -61,7 +61,13 @@ def validate(scenario: str) -> None:
     default=None,
     help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).",
 )
-@click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
+@click.option(
+    "--resume",
+    "resume",
+    default=None,
+    metavar="RUN_ID",
+    help="Continue a killed or failed run (a finished one: nothing to do, exit code 0).",
+)
 @click.option(
     "--methods",
     default=None,
@@ -90,14 +96,8 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
         specs = [s for s in specs if s.method in chosen or s.label() in chosen]
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     if resume is not None:
-        label = _resumable_run_or_exit(db, resume, scn.name)
+        label = _resumable_run_or_exit(db, resume, scn.name, scenario, {s.label() for s in specs})
         specs = [s for s in specs if s.label() == label]
-        if not specs:
-            click.echo(
-                f"error: {db}: run {resume!r} is a {label} run, but {scenario} has no {label} editor",
-                err=True,
-            )
-            sys.exit(2)
     from .runtime.ray_utils import PlacementError
 
     try:
@@ -448,12 +448,18 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
 @main.command()
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:
-    """List the runs in a results database."""
+    """List the runs in a results database (a run whose logger died shows as interrupted)."""
+    from .storage.logger import INTERRUPTED
+
+    # the file opened read-only, so no logger has it (DuckDB lets one process write it): a run it
+    # lists as running was interrupted
     cols, rows = _query_or_exit(
         db,
-        "select r.run_id, r.name, r.model, r.method, r.status, r.created_at, "
+        "select r.run_id, r.name, r.model, r.method, "
+        "case r.status when 'running' then ? else r.status end as status, r.created_at, "
         "(select count(*) from edits e where e.run_id = r.run_id) as edits "
         "from runs r order by r.created_at",
+        [INTERRUPTED],
     )
     click.echo("\t".join(cols))
     for r in rows:
@@ -489,17 +495,17 @@ def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tupl
         sys.exit(2)
 
 
-def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
-    """The editor label (:meth:`EditorSpec.label`) of run ``run_id`` of scenario ``name`` in ``db``
-    (read-only), or one ``error:``
-    line naming the database and the id and exit code 2 (no such database, no such run, a run of
-    another scenario)."""
+def _resumable_run_or_exit(db: str, run_id: str, name: str, scenario: str, labels: set[str]) -> str:
+    """The editor's name (:meth:`EditorSpec.label`) of run ``run_id`` of scenario ``name`` (file
+    ``scenario``, editors ``labels``) in ``db`` (read-only), or one ``error:`` line naming the
+    database and the id and exit code 2 (no such database, no such run, a run of another scenario or
+    editor); a finished run: one line saying so and exit code 0 (nothing to do)."""
     if not Path(db).exists():
         click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
         sys.exit(2)
     rows = _query_or_exit(
         db,
-        "select name, method, json_extract(scenario, '$.editor') from runs where run_id = ?",
+        "select name, method, status, json_extract(scenario, '$.editor') from runs where run_id = ?",
         [run_id],
     )[1]
     if not rows:
@@ -507,7 +513,7 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method, editor),) = rows
+    ((run_name, method, status, editor),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
@@ -515,7 +521,17 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
         sys.exit(2)
     from .scenario import EditorSpec
 
-    return EditorSpec.model_validate(json.loads(editor)).label() if editor else method
+    label = EditorSpec.model_validate(json.loads(editor)).label() if editor else method
+    if label not in labels:
+        click.echo(
+            f"error: {db}: run {run_id!r} is a {label} run, but {scenario} has no {label} editor",
+            err=True,
+        )
+        sys.exit(2)
+    if status == "finished":  # resuming it again would change nothing: say so and succeed
+        click.echo(f"{db}: run {run_id!r} is finished; nothing to resume")
+        sys.exit(0)
+    return label
 
 
 def _analysis_or_exit(fn, *args):

@@ -2,8 +2,8 @@
 world and its facts, data files and hub ids, the probe set, the editors (registered methods, their
 hyperparameters, layers and checkpoints) and the vLLM install.
 
-:func:`load_checked` is what the CLI, the coordinator and bench use; every problem is one
-:class:`~lme_sim.scenario.ScenarioError` naming the file and the field.
+:func:`load_checked` is what the CLI's ``validate`` and ``run`` read a scenario file with; every
+problem is one :class:`~lme_sim.scenario.ScenarioError` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -91,15 +91,13 @@ def _check_data_path(path: Path, data_path: str) -> None:
 
 def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
     from .editors.hparams import HParamsError, load_hparams
-    from .editors.registry import editor_class, known_methods
+    from .editors.registry import editor_class, known_methods, unknown_method
 
     spec = scn.editors[i]
     listed = isinstance(scn.editor, list)
     if spec.method not in known_methods():
         field = f"editor.{i}.method" if listed else "editor.method"
-        raise ScenarioError(
-            f"{path}: field '{field}': unknown method {spec.method!r} (known: {', '.join(known_methods())})"
-        )
+        raise ScenarioError(f"{path}: field '{field}': unknown method {unknown_method(spec.method)}")
     where = f"editor.{i}.hparams" if listed else "editor.hparams"
     try:
         hp = load_hparams(spec.method, scn.model, spec.hparams, where=where)

@@ -191,20 +191,6 @@ class Event:
         """The object in force for the fact after this event."""
         return self.case.target_new if self.case else None
 
-    def as_row(self) -> dict:
-        """Flat record for logging."""
-        c = self.case
-        return {
-            "kind": self.kind,
-            "time": self.time,
-            "edit_id": self.edit_id,
-            "fact_key": self.fact_key,
-            "supersedes": self.supersedes,
-            "case_id": c.case_id if c else None,
-            "target_new": c.target_new if c else None,
-            "target_true": c.target_true if c else None,
-        }
-
 
 @dataclass
 class _Fact:

@@ -177,6 +177,90 @@ def test_resume_of_an_unknown_run_is_an_error_and_writes_nothing(tmp_path):
     assert runs == [("tiny-0000abcd", "finished")]
 
 
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, monkeypatch):
+    """One line saying it is finished, exit code 0, the database untouched, no run started."""
+    from lme_sim.runtime import coordinator
+
+    def run_again(*args, **kw):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(coordinator, "run_distributed", run_again)
+    db = _db_with_a_run(tmp_path / "lme.duckdb")
+    r, before, after = _resume(tmp_path, db, "tiny-0000abcd")
+    assert r.exit_code == 0 and r.exception is None, r.output
+    assert r.output == f"{db}: run 'tiny-0000abcd' is finished; nothing to resume\n"
+    assert before == after
+
+
+def test_a_run_whose_logger_was_killed_shows_as_interrupted(tmp_path):
+    """kill -9 of the process that holds the run's logger: the database still lists the run as
+    running; ``lme-sim runs`` shows it as interrupted, and so does the next logger that opens the
+    file (it marks it, and a resume of it says what it continues)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from lme_sim.storage.logger import RunLogger
+
+    db = tmp_path / "lme.duckdb"
+    logger = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from lme_sim.storage.logger import RunLogger\n"
+            "log = RunLogger(sys.argv[1])\n"
+            "log.start_run('tiny-0000abcd', 'tiny', 'scn.yaml', {}, 'world:small', 'alphaedit')\n"
+            "log.commit_batch('tiny-0000abcd', {'batch_id': 0, 'step': 0, 'n_edits': 1}, {})\n"
+            "print('committed', flush=True)\n"
+            "time.sleep(600)\n",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert logger.stdout.readline() == "committed\n"
+    finally:
+        os.kill(logger.pid, signal.SIGKILL)
+        logger.wait()
+    assert read_only_query(db, "select status from runs")[1] == [("running",)]
+    r = CliRunner().invoke(main, ["runs", "--db", str(db)])
+    assert r.exit_code == 0 and r.output.splitlines()[1].split("\t")[4] == "interrupted", r.output
+    with RunLogger(db) as log:
+        assert log.start_run(
+            "tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit", resume=True
+        ) == ("interrupted")
+        assert log.query("select status from runs") == [("running",)]
+
+
+def test_the_summary_gives_fluency_its_unit(tmp_path):
+    """``compare`` (and the end of a run, which prints the same table) names fluency's unit."""
+    from lme_sim.storage.logger import RunLogger
+
+    db = tmp_path / "lme.duckdb"
+    with RunLogger(db) as log:
+        log.start_run("tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit")
+        log.commit_batch("tiny-0000abcd", {"batch_id": 0, "step": 0, "n_edits": 1}, {})
+        log.append(
+            "metrics",
+            [
+                {"eval_id": 1, "step": 0, "name": n, "value": v}
+                for n, v in (("efficacy", 0.9), ("fluency", 494.612))
+            ],
+        )
+        log.finish_run("tiny-0000abcd")
+    r = CliRunner().invoke(main, ["compare", "tiny-0000abcd", "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    lines = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in r.output.splitlines()
+        if line.count("│") == 3
+    }
+    assert lines["fluency (bits x100)"] == "494.6" and lines["efficacy"] == "0.900", r.output
+
+
 def test_a_quoted_resume_id_matches_no_run(tmp_path):
     """The id is a query parameter: ``x' or '1'='1`` does not match every run."""
     db = _db_with_a_run(tmp_path / "lme.duckdb")

@@ -163,3 +163,33 @@ def test_hparams_errors_name_the_field():
     with pytest.raises(HParamsError, match="unknown editing method"):
         load_hparams("rome2", MODEL)
     assert load_hparams("alphaedit", MODEL, {"L2": 3}).L2 == 3
+
+
+def test_rows_per_pass_is_read_under_its_old_name_with_a_deprecation_message():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped defaults use the new name
+        assert load_hparams("ultraedit", MODEL).rows_per_pass == 25
+        assert load_hparams("memit", MODEL, {"rows_per_pass": 8}).rows_per_pass == 8
+    with pytest.warns(FutureWarning, match="editor.hparams.batch_size is deprecated: .*rows_per_pass"):
+        assert load_hparams("ultraedit", MODEL, {"batch_size": 8}).rows_per_pass == 8
+    with pytest.raises(HParamsError, match="editor.hparams.batch_size: the old name of rows_per_pass"):
+        load_hparams("memit", MODEL, {"batch_size": 8, "rows_per_pass": 8})
+
+
+def test_the_registry_refuses_a_taken_name_and_suggests_close_ones():
+    from lme_sim.editors import EDITORS, Editor, editor_class, register
+
+    memit = editor_class("memit")
+
+    class Impostor(Editor):
+        method = "memit"
+
+    with pytest.raises(ValueError, match="'memit' is already registered by lme_sim.editors.memit.MEMIT"):
+        register(Impostor)
+    assert EDITORS["memit"] is memit and register(memit) is memit  # the same class again is fine
+    with pytest.raises(KeyError, match="'alphaedt' \\(did you mean 'alphaedit'\\? known: alphaedit, "):
+        editor_class("alphaedt")
+    with pytest.raises(KeyError, match="'zzz' \\(known: "):
+        editor_class("zzz")

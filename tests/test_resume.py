@@ -118,8 +118,8 @@ def _finish(proc, timeout=900):
     return out
 
 
-def _resume_to_the_end(path, run_id, db) -> None:
-    """``lme-sim run --resume``: it finishes, with each of the 50 edits written exactly once."""
+def _resume_to_the_end(path, run_id, db) -> str:
+    """``lme-sim run --resume``: it finishes, with each of the 50 edits written exactly once; its output."""
     proc = _lme_sim("run", str(path), "--resume", run_id)
     out = _finish(proc)
     assert proc.returncode == 0, out
@@ -129,6 +129,7 @@ def _resume_to_the_end(path, run_id, db) -> None:
     assert edits == [(50, 50, 0, 49)]
     _, status = read_only_query(db, "select status from runs")
     assert status == [("finished",)]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +207,9 @@ def _stops_cleanly(proc, db, role: str, status: str = "failed") -> tuple[str, in
 
 def test_each_killed_actor_stops_the_run_and_resume_finishes_it(tmp_path, reference):
     """A shard, then the editor, then the stream, then the logger die in turn, each in a resumed run;
-    every death stops the run cleanly (the logger's leaves it "running": nobody is left to mark it),
-    and the last resume finishes with the reference's metrics, redone evaluations replaced."""
+    every death stops the run cleanly (the logger's leaves it "running": nobody is left to mark it;
+    ``lme-sim runs`` and the resume show it as interrupted), and the last resume finishes with the
+    reference's metrics, redone evaluations replaced."""
     path, db = _scenario(tmp_path, "actors")
     run = _lme_sim("run", str(path))
     _wait_for_checkpoint(run, db, 1)
@@ -225,7 +227,11 @@ def test_each_killed_actor_stops_the_run_and_resume_finishes_it(tmp_path, refere
         found, last = _stops_cleanly(again, db, role, status=status)
         assert found == run_id
 
-    _resume_to_the_end(path, run_id, db)
+    listed = _lme_sim("runs", "--db", str(db))
+    out = _finish(listed)
+    assert listed.returncode == 0 and out.splitlines()[1].split("\t")[4] == "interrupted", out
+    out = _resume_to_the_end(path, run_id, db)
+    assert f"resuming {run_id} (interrupted)" in " ".join(out.split()), out
     _, evals = read_only_query(
         db, "select eval_id, count(*) from metrics group by 1 having count(*) <> count(distinct name)"
     )

@@ -17,6 +17,7 @@ CASES = {
     "not a mapping": ("- a\n- b\n", "mapping"),
     "unknown field": (GOOD + "colour: blue\n", "colour"),
     "unknown method": (GOOD + "editor: {method: rome9}\n", "editor.method"),
+    "misspelt method": (GOOD + "editor: {method: alphedit}\n", "'alphedit' (did you mean 'alphaedit'"),
     "unknown hparam": (GOOD + "editor: {method: memit, hparams: {L2: 1}}\n", "editor.hparams.L2"),
     "ill-typed hparam": (GOOD + "editor: {method: alphaedit, hparams: {L2: lots}}\n", "editor.hparams.L2"),
     "unknown world": ("name: x\nmodel: world:nope\n", "model"),

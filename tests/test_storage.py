@@ -62,6 +62,22 @@ def test_append_flush_and_missing_columns(tmp_path):
     lg.close()
 
 
+def test_a_run_s_rows_carry_its_run_id(tmp_path):
+    """The logger is bound to its run: rows without a run_id get it; unbound, they are refused."""
+    unbound = RunLogger(tmp_path / "u.duckdb")
+    with pytest.raises(ValueError, match="rejected_batches.*run_id"):
+        unbound.append("rejected_batches", [{"after_batch": 0, "reason": "x"}])
+    unbound.append("bench_results", [{"bench_id": "b"}])  # not a run's table
+    unbound.close()
+    lg = _logger(tmp_path)
+    lg.append("rejected_batches", [{"after_batch": 0, "reason": "x"}])
+    lg.append("probes", [{"run_id": "other", "probe": "rewrite"}])  # a row's own run_id is kept
+    lg.commit_batch("r", {"batch_id": 0}, {"edits": [{"edit_id": 0}]})
+    for table, run_id in (("rejected_batches", "r"), ("probes", "other"), ("batches", "r"), ("edits", "r")):
+        assert lg.query(f"SELECT list(run_id) FROM {table}") == [([run_id],)], table
+    lg.close()
+
+
 def test_unknown_table_or_column(tmp_path):
     lg = _logger(tmp_path)
     with pytest.raises(ValueError, match="nosuch"):

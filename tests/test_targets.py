@@ -32,7 +32,7 @@ def test_target_optimization_runs_at_most_batch_size_rows_per_pass(small_world, 
 
 
 def _hp(rows: int):
-    return load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 12, "batch_size": rows})
+    return load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 12, "rows_per_pass": rows})
 
 
 def test_targets_make_the_model_predict_the_new_object(small_world):

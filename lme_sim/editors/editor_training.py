@@ -520,7 +520,7 @@ def checkpoint_path(method: str, model_name: str, hp: RLEditHParams, model) -> P
     import json
 
     key = hashlib.sha256(
-        json.dumps(hp.model_dump(exclude={"checkpoint", "batch_size"}), sort_keys=True).encode()
+        json.dumps(hp.model_dump(exclude={"checkpoint", "rows_per_pass"}), sort_keys=True).encode()
     ).hexdigest()[:10]
     name = model_name.replace(":", "_").replace("/", "_")
     return cache_root() / "editors" / f"{method}-{name}-{model_fingerprint(model)}-{key}.pt"

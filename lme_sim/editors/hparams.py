@@ -7,6 +7,7 @@ A scenario's overrides go on top; an unknown or ill-typed field is an error nami
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import field_path
-from .norm_anchor import NormAnchorHParams
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -23,7 +23,11 @@ class HParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] = Field(min_length=1)
-    batch_size: int = 64  # rows per forward pass (memory bound, not an editing choice)
+    rows_per_pass: int = 64  # rows per forward pass (memory bound, not an editing choice)
+
+
+# hyperparameters renamed: the old name is still read, with a deprecation message (old -> new)
+RENAMED = {"batch_size": "rows_per_pass"}  # stream.batch_size is the edits per batch
 
 
 class StatsHParams(BaseModel):
@@ -39,6 +43,20 @@ class StatsHParams(BaseModel):
     text_field: str = "text"
     n_samples: int = 100_000  # texts
     max_length: int = 128  # tokens per text
+
+
+class NormAnchorHParams(BaseModel):
+    """Norm-Anchor Scaling's settings (published defaults; :mod:`.norm_anchor`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # requests the reference norm is taken over: a CounterFact or ZsRE JSON file; None: the embedded
+    # world's edit cases (world:* models only)
+    path: str | None = None
+    n_samples: int = Field(1000, gt=0)  # published nas_restart: 1000
+    upper_quantile: float = Field(0.95, gt=0, le=1)  # norms above this quantile leave the mean
+    skip_factor: float = Field(2.0, gt=0)  # a v* above skip_factor x the reference is not written
+    seed: int = 0  # which requests are sampled (published: 0)
 
 
 class TargetHParams(HParams):
@@ -76,9 +94,13 @@ def load_hparams(
         cls = editor_class(method)
     except KeyError as e:
         raise HParamsError(e.args[0]) from None
-    table = yaml.safe_load(cls.hparams_file().read_text()) or {}
-    merged = _merge(table.get("default", {}), table.get(model_family(model_name), {}))
-    merged = _merge(merged, overrides or {})
+    file = cls.hparams_file()
+    table = yaml.safe_load(file.read_text()) or {}
+    merged = _merge(
+        _renamed(table.get("default", {}), f"{file}: default"),
+        _renamed(table.get(model_family(model_name), {}), f"{file}: {model_family(model_name)}"),
+    )
+    merged = _merge(merged, _renamed(overrides or {}, where))
     if "layers" not in merged:
         raise HParamsError(
             f"{where}.layers: no default for model {model_name!r} with method {method!r}; "
@@ -89,6 +111,24 @@ def load_hparams(
     except ValidationError as e:
         err = e.errors()[0]
         raise HParamsError(f"{where}.{field_path(err['loc'])}: {err['msg']}") from None
+
+
+def _renamed(section: dict, where: str) -> dict:
+    """``section`` with the old names of :data:`RENAMED` replaced by the new ones (a FutureWarning
+    says so); both names at once is an error."""
+    out = dict(section)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise HParamsError(f"{where}.{old}: the old name of {new}; give only {new}")
+        warnings.warn(
+            f"{where}.{old} is deprecated: it is now {where}.{new} (rows per forward pass)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        out[new] = out.pop(old)
+    return out
 
 
 def _merge(base: dict, top: dict) -> dict:

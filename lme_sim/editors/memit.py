@@ -67,7 +67,7 @@ class MEMIT(Editor):
         t = compute_targets(self.model, self.tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
         if hp.norm_anchor is None:
             return t
-        v0 = mlp_values(self.model, self.tok, cases, z_layer, hp.batch_size)
+        v0 = mlp_values(self.model, self.tok, cases, z_layer, hp.rows_per_pass)
         shift = anchor_deltas(t.delta, v0, self.anchor_norm, hp.norm_anchor.skip_factor)
         return Targets(z=t.h_init + shift, h_init=t.h_init, steps=t.steps, loss=t.loss)
 
@@ -90,7 +90,7 @@ class MEMIT(Editor):
         for i, layer in enumerate(hp.layers):
             with timer("keys"):
                 K = keys[layer] = compute_keys(
-                    model, tok, cases, [layer], self.contexts, hp.batch_size, early_stop=self.reuse
+                    model, tok, cases, [layer], self.contexts, hp.rows_per_pass, early_stop=self.reuse
                 )[layer]
                 cur = activations_at(
                     model,
@@ -99,7 +99,7 @@ class MEMIT(Editor):
                     subjects,
                     [z_layer],
                     kind="hidden",
-                    batch_size=hp.batch_size,
+                    batch_size=hp.rows_per_pass,
                     early_stop=self.reuse,
                 )[z_layer]
             with timer("solve"):

@@ -27,27 +27,13 @@ import logging
 import random
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..cases import EditCase
 from ..paths import cache_root
 from .activations import activations_at
+from .hparams import NormAnchorHParams
 
 log = logging.getLogger(__name__)
-
-
-class NormAnchorHParams(BaseModel):
-    """NAS's settings (published defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # requests the reference norm is taken over: a CounterFact or ZsRE JSON file; None: the embedded
-    # world's edit cases (world:* models only)
-    path: str | None = None
-    n_samples: int = Field(1000, gt=0)  # published nas_restart: 1000
-    upper_quantile: float = Field(0.95, gt=0, le=1)  # norms above this quantile leave the mean
-    skip_factor: float = Field(2.0, gt=0)  # a v* above skip_factor x the reference is not written
-    seed: int = 0  # which requests are sampled (published: 0)
 
 
 def anchor_deltas(delta: torch.Tensor, v0: torch.Tensor, ref: float, skip_factor: float) -> torch.Tensor:
@@ -107,7 +93,7 @@ def reference_norm(editor, spec: NormAnchorHParams, layer: int) -> float:
     cases = reference_cases(spec, editor.world)
     log.info("NAS: the reference norm over %d requests at layer %d", len(cases), layer)
     norms = []
-    chunk = max(1, hp.batch_size // (len(editor.contexts) + 1))
+    chunk = max(1, hp.rows_per_pass // (len(editor.contexts) + 1))
     from tqdm.auto import tqdm
 
     for s in tqdm(
@@ -115,7 +101,7 @@ def reference_norm(editor, spec: NormAnchorHParams, layer: int) -> float:
     ):
         part = cases[s : s + chunk]
         t = compute_targets(editor.model, editor.tok, part, layer, editor.contexts, hp, reuse=editor.reuse)
-        v0 = mlp_values(editor.model, editor.tok, part, layer, hp.batch_size)
+        v0 = mlp_values(editor.model, editor.tok, part, layer, hp.rows_per_pass)
         norms.append((v0 + t.delta).norm(dim=1))
     ref = upper_trimmed_mean(torch.cat(norms), spec.upper_quantile)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,9 +22,19 @@ _discovered = False
 
 def register(cls: type[Editor]) -> type[Editor]:
     """Class decorator: make ``cls`` available as ``editor.method: <cls.method>`` (tests may register
-    their own editors too)."""
+    their own editors too). A name another class has taken is an error, never a silent replacement."""
+    taken = EDITORS.get(cls.method)
+    if taken is not None and _where(taken) != _where(cls):  # the same class again: a re-import
+        raise ValueError(
+            f"editing method {cls.method!r} is already registered by {_where(taken)}; "
+            f"{_where(cls)} needs another name"
+        )
     EDITORS[cls.method] = cls
     return cls
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def discover() -> None:
@@ -45,5 +55,16 @@ def known_methods() -> list[str]:
 def editor_class(method: str) -> type[Editor]:
     discover()
     if method not in EDITORS:
-        raise KeyError(f"unknown editing method {method!r}; known: {', '.join(sorted(EDITORS))}")
+        raise KeyError(f"unknown editing method {unknown_method(method)}")
     return EDITORS[method]
+
+
+def unknown_method(method: str) -> str:
+    """``'<method>' (did you mean '<close name>'? known: ...)``: how an unknown method is named in
+    errors, with the registered names closest to it."""
+    import difflib
+
+    known = known_methods()
+    close = difflib.get_close_matches(method, known, n=2, cutoff=0.6)
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{method!r} ({guess}known: {', '.join(known)})"

@@ -8,7 +8,7 @@ optimized with Adam so that the model predicts the new object:
            + v_weight_decay * ||delta_r|| / ||h_r||^2
 
 with early stop once loss_r < v_loss_stop and ||delta_r|| clamped to clamp_norm_factor * ||h_r||.
-The requests of a batch (as many as fit ``batch_size`` rows at a time) share one forward/backward
+The requests of a batch (as many as fit ``rows_per_pass`` rows at a time) share one forward/backward
 per step. Because the losses are summed and Adam is element-wise, each delta_r follows exactly the
 trajectory it would follow alone; a request that has converged is frozen and its rows leave the batch.
 
@@ -70,13 +70,13 @@ def compute_targets(
     reuse: bool = True,
 ) -> Targets:
     """Targets for every case. Requests are optimized together, as many at a time as fit in
-    ``hp.batch_size`` rows (each has a row per context and a KL row): the backward keeps every
+    ``hp.rows_per_pass`` rows (each has a row per context and a KL row): the backward keeps every
     block's activations of these rows, so this bounds memory (on SmolLM2-135M ~17 MB per row; all
     100 requests of a batch at once peaked at 12 GB in one shard). ``batched=False`` runs the same
     math one request at a time; ``reuse=False`` runs every step through the whole model (the
     reference for the suffix passes)."""
     model = as_backbone(model)
-    per = max(1, hp.batch_size // (len(contexts) + 1)) if batched else 1
+    per = max(1, hp.rows_per_pass // (len(contexts) + 1)) if batched else 1
     if len(cases) > per:
         parts = [
             compute_targets(model, tok, cases[i : i + per], layer, contexts, hp, reuse=reuse)
@@ -92,7 +92,7 @@ def compute_targets(
         subjects,
         [layer],
         kind="hidden",
-        batch_size=hp.batch_size,
+        batch_size=hp.rows_per_pass,
         early_stop=reuse,
     )[layer]
     rw = _RowBatch.build(tok, cases, contexts, hp.kl_prompt)

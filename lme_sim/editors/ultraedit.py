@@ -84,7 +84,7 @@ def ultraedit_delta(
 
 class UltraEditHParams(HParams):
     """UltraEdit (arXiv 2505.14679): lifelong-normalized pseudo-values and a ridge solve per batch.
-    ``batch_size``: rows per forward/backward pass (rows sorted by length, see edit_signals)."""
+    ``rows_per_pass``: rows per forward/backward pass (rows sorted by length, see edit_signals)."""
 
     lr: float = Field(1e-3, gt=0)  # v = -lr ||k^||^2 g^
     ridge: float = Field(1.0, gt=0)  # lambda in (K^T K + lambda I)^-1 K^T V (published: 1)
@@ -113,7 +113,7 @@ class UltraEdit(Editor):
         hp, timer, layers = self.hp, PhaseTimer(), list(self.hp.layers)
         with timer("keys"):
             batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
-            signals = answer_keys_and_grads(self.model, batch, layers, hp.batch_size)
+            signals = answer_keys_and_grads(self.model, batch, layers, hp.rows_per_pass)
         with timer("solve"):
             update_normalizers(norms, signals.keys, signals.grads)  # before they are applied
             deltas = {

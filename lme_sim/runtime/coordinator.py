@@ -54,8 +54,6 @@ from .services import Edited, EditorService, EvalRequest, Evaluator, RetentionIt
 
 log = logging.getLogger(__name__)
 
-SUMMARY_METRICS = ("efficacy", "generalization", "specificity", "retention")
-
 
 def run_distributed(
     scn: Scenario,
@@ -164,7 +162,7 @@ class Run:
                 },
             }
         )
-        ray.get(
+        self.was = ray.get(
             self.logger.start_run.remote(
                 self.id,
                 scn.name,
@@ -192,7 +190,7 @@ class Run:
         )
         ray.get(self.logger.rollback_after.remote(self.id, found[0][0] if found else -1))
         if not found:
-            self.console.print(f"resuming {self.id} from its start (no checkpoint yet)")
+            self.console.print(f"resuming {self.id} ({self.was}) from its start (no checkpoint yet)")
             return
         ckpt = torch.load(found[0][1], weights_only=False)
         ray.get(self.editor.restore.remote(ckpt["deltas"], ckpt["editor"]))
@@ -200,7 +198,7 @@ class Run:
         ray.get(self.stream.load_state_dict.remote(ckpt["stream"]))
         st.batch_id, st.version, st.eval_id = ckpt["batch_id"], ckpt["version"], ckpt["eval_id"]
         st.cum, st.committed = ckpt["deltas"], ckpt["committed"]
-        self.console.print(f"resuming {self.id} after batch {st.batch_id} (its checkpoint)")
+        self.console.print(f"resuming {self.id} ({self.was}) after batch {st.batch_id} (its checkpoint)")
 
     # ---- the loop ---------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -414,17 +412,23 @@ class Run:
             found = rows(out.probes + out.metrics)
             for table in ("probes", "metrics"):
                 if found.get(table):
-                    self.ray.get(
-                        self.logger.append.remote(table, [{"run_id": self.id, **r} for r in found[table]])
-                    )
+                    self.ray.get(self.logger.append.remote(table, found[table]))
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:
-        ray = self.ray
+        """The last evaluations, the run marked finished, and its summary (read back once the
+        logger has closed the database)."""
+        from ..analysis import comparison_table
+
         self._log_evaluations(self.pool.collect(wait=True))
-        ray.get(self.logger.finish_run.remote(self.id))
-        self._print_summary()
-        ray.get(self.logger.close.remote())
+        self.ray.get(self.logger.finish_run.remote(self.id))
+        self.ray.get(self.logger.close.remote())
+        self.console.print(comparison_table(self.db, [self.id]))
+        self.console.print(CONSISTENCY_UNAVAILABLE)
+        self.console.print(
+            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
+            f"--db {self.db}"
+        )
 
     def failed(self, e: BaseException) -> BaseException:
         """What to raise for ``e``: a :class:`PlacementError` as it is (nothing was written yet), anything
@@ -447,30 +451,6 @@ class Run:
                     first_line(e),
                 )
             self.actors = []
-
-    def _print_summary(self) -> None:
-        from rich.table import Table
-
-        q = self.logger.query.remote
-        rows_ = self.ray.get(
-            q(
-                "select name, value, n from metrics where run_id = ? and eval_id = "
-                "(select max(eval_id) from metrics where run_id = ?)",
-                [self.id, self.id],
-            )
-        )
-        n_edits = self.ray.get(q("select count(*) from edits where run_id = ?", [self.id]))[0][0]
-        table = Table(title=f"run {self.id}", caption=f"{n_edits} edits; final evaluation")
-        for col, just in (("metric", "left"), ("final", "right"), ("over", "right")):
-            table.add_column(col, justify=just)
-        for name, value, n in sorted(rows_):
-            table.add_row(name, f"{value:.3f}", "" if n is None else str(n))
-        self.console.print(table)
-        self.console.print(CONSISTENCY_UNAVAILABLE)
-        self.console.print(
-            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
-            f"--db {self.db}"
-        )
 
 
 def scenario_cases(scn: Scenario, world) -> list[EditCase]:

@@ -56,7 +56,7 @@ def stop_run(
                 run_id,
                 first_line(e),
             )
-            status = "left as 'running' (its logger is gone)"
+            status = "left as 'running' (its logger is gone; lme-sim runs shows it as interrupted)"
     died = dead_actor(exc) if ray is not None else None
     if died is not None:
         role = roles.get(getattr(died, "actor_id", None), "an actor")

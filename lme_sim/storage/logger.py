@@ -4,7 +4,8 @@ DuckDB allows one writer process, so one ``RunLogger`` owns the connection (in t
 runtime it is wrapped as a Ray actor) and every other component sends it row batches.  Rows are
 buffered per table and written with one Arrow insert per table (never row by row);
 ``commit_batch`` writes a batch and its rows in one transaction, so a batch is either fully in the
-database or not at all, which is what resuming relies on.
+database or not at all, which is what resuming relies on. ``start_run`` binds the logger to its run:
+every row of a run's table it writes carries that ``run_id`` (a row without one is refused).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .schema import SCHEMA_VERSION, TABLES, check_version, create_schema
+from .schema import RUN_TABLES, SCHEMA_VERSION, TABLES, check_version, create_schema
 
 WRITABLE = tuple(t for t in TABLES if t != "schema_info")
+# the status of a run left 'running' in a database no logger has open: its logger died
+INTERRUPTED = "interrupted"
 
 _ARROW_TYPES = {
     "INTEGER": pa.int32(),
@@ -80,22 +83,29 @@ class RunLogger:
             for t in WRITABLE
         }
         self._buffers: dict[str, list[dict]] = {t: [] for t in WRITABLE}
+        self.run_id: str | None = None  # the run of this logger (``start_run``)
+        # DuckDB lets one process write a file: a run it still lists as running has no logger, it
+        # was interrupted (its logger died before it could mark the run failed)
+        self.con.execute("UPDATE runs SET status = ? WHERE status = 'running'", [INTERRUPTED])
 
     # ---- runs ---------------------------------------------------------------------------------
     def start_run(
         self, run_id, name, scenario_path, scenario: dict, model, method, resume: bool = False
-    ) -> None:
-        """Register a run as running; an existing run_id is an error unless ``resume=True``."""
+    ) -> str | None:
+        """Register a run as running and bind the logger to it (rows without a ``run_id`` get this
+        one); an existing run_id is an error unless ``resume=True``. Returns the status the run had
+        (failed, interrupted; None: a new run)."""
         from lme_sim import __version__
 
-        exists = self.con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone()
-        if exists and not resume:
+        before = self.con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        if before and not resume:
             raise ValueError(f"{self.path}: run {run_id!r} already exists (pass resume=True)")
-        if exists:
+        self.run_id = run_id
+        if before:
             self.con.execute(
                 "UPDATE runs SET status = 'running', finished_at = NULL WHERE run_id = ?", [run_id]
             )
-            return
+            return before[0]
         self.con.execute(
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?, ?)",
             [
@@ -110,6 +120,7 @@ class RunLogger:
                 __version__,
             ],
         )
+        return None
 
     def finish_run(self, run_id, status: str = "finished") -> None:
         """Flush pending rows and mark the run finished (or failed)."""
@@ -128,9 +139,22 @@ class RunLogger:
                 if key not in cols:
                     raise ValueError(f"table {table!r} has no column {key!r}")
 
+    def _stamped(self, table: str, rows: list[dict], run_id=None) -> list[dict]:
+        """The rows of a run's table with their ``run_id``: the row's own, else ``run_id``, else the
+        logger's run; a row left without one is an error (it would be lost to every per-run query)."""
+        if table not in RUN_TABLES:
+            return rows
+        run_id = run_id or self.run_id
+        stamped = [{**r, "run_id": r.get("run_id") or run_id} for r in rows]
+        if any(r["run_id"] is None for r in stamped):
+            raise ValueError(f"rows of table {table!r} need a run_id (start_run binds the logger to its run)")
+        return stamped
+
     def append(self, table: str, rows: list[dict]) -> None:
-        """Buffer rows for ``table``; missing columns become NULL. Flushes at ``flush_rows``."""
+        """Buffer rows for ``table`` (a run's rows get the logger's ``run_id`` where they have none);
+        missing columns become NULL. Flushes at ``flush_rows``."""
         self._check(table, rows)
+        rows = self._stamped(table, rows)
         self._buffers[table].extend(rows)
         if len(self._buffers[table]) >= self.flush_rows:
             self._write({table: self._buffers[table]})
@@ -176,13 +200,12 @@ class RunLogger:
         ``run_id`` is filled in where a row lacks it, ``committed_at`` defaults to now.  On error
         nothing of the batch is written and the previously buffered rows stay buffered.
         """
-        batch_row = {"run_id": run_id, "committed_at": _now(), **batch_row}
+        self._check("batches", [batch_row])
         pending = {t: list(r) for t, r in self._buffers.items()}
-        pending["batches"].append(batch_row)
+        pending["batches"].extend(self._stamped("batches", [{"committed_at": _now(), **batch_row}], run_id))
         for table, table_rows in rows.items():
             self._check(table, table_rows)
-            pending[table].extend({"run_id": run_id, **r} for r in table_rows)
-        self._check("batches", [batch_row])
+            pending[table].extend(self._stamped(table, table_rows, run_id))
         self._write(pending)
         self._buffers = {t: [] for t in WRITABLE}
 

@@ -24,7 +24,7 @@ TABLES = {
         scenario JSON,
         model VARCHAR,
         method VARCHAR,
-        status VARCHAR,            -- running | finished | failed
+        status VARCHAR,            -- running | finished | failed | interrupted (its logger died)
         created_at TIMESTAMP,
         finished_at TIMESTAMP,
         schema_version INTEGER,
@@ -130,6 +130,10 @@ TABLES = {
         reason VARCHAR,            -- the module and what was wrong with its delta
         rejected_at TIMESTAMP""",
 }
+
+# the tables whose every row belongs to one run (``run_id``); ``bench_results.run_id`` only names a
+# run a benchmark timed
+RUN_TABLES = tuple(t for t in TABLES if t not in ("schema_info", "bench_results"))
 
 VIEWS = {
     # Mean correctness of retention probes per run, eval step and edit age (probe step - edit step).
