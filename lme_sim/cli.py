@@ -43,13 +43,26 @@ def world_build(name: str) -> None:
     )
 
 
+METHODS_HELP = "Comma-separated: only these of the scenario's editors (default: all of them)."
+
+
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-def validate(scenario: str) -> None:
+@click.option("--methods", default=None, help=METHODS_HELP + " Only their settings are checked.")
+def validate(scenario: str, methods: str | None) -> None:
     """Check a scenario file without running it."""
-    scn = _load_scenario_or_exit(scenario)
-    methods = ", ".join(e.method for e in scn.editors)
-    click.echo(f"{scenario}: ok ({methods} on {scn.model}, {scn.data.n_edits} edits)")
+    scn, specs = _load_scenario_or_exit(scenario, methods)
+    from .catalog import data_dir, local_path
+    from .preflight import named_datasets
+
+    names = ", ".join(s.method for s in specs)
+    click.echo(f"{scenario}: ok ({names} on {scn.model}, {scn.data.n_edits} edits)")
+    chosen = [s.method for s in specs]
+    if missing := [n for n in named_datasets(scn, chosen) if not local_path(n).is_file()]:
+        click.echo(
+            f"datasets not yet in {data_dir()}: {', '.join(missing)} (lme-sim run downloads them, "
+            f"or: lme-sim data get NAME)"
+        )
 
 
 @main.command()
@@ -61,33 +74,20 @@ def validate(scenario: str) -> None:
     help="Ray cluster address, e.g. auto or <head>:6379 (default: $RAY_ADDRESS, else start Ray locally).",
 )
 @click.option("--resume", "resume", default=None, metavar="RUN_ID", help="Continue a killed run.")
-@click.option(
-    "--methods",
-    default=None,
-    help="Comma-separated: run only these of the scenario's editors (default: all of them).",
-)
+@click.option("--methods", default=None, help=METHODS_HELP)
 def run(scenario: str, db: str | None, address: str | None, resume: str | None, methods: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
 
-    A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
+    A scenario whose ``editor`` is a list runs the same stream once per method (one run each).
+    Named datasets (``data.source``, ``stats: {kind: cases, ...}``) missing here are downloaded first."""
     from .runtime.coordinator import run_distributed
     from .runtime.failures import RunFailed
 
-    scn = _load_scenario_or_exit(scenario)
+    scn, specs = _load_scenario_or_exit(scenario, methods)
     db = db or scn.db
-    specs = scn.editors
-    tagged = len(specs) > 1  # a list of methods: each run id names its method
-    if methods:
-        chosen = [m.strip() for m in methods.split(",") if m.strip()]
-        if missing := [m for m in chosen if m not in {s.method for s in specs}]:
-            click.echo(
-                f"error: --methods: {scenario} has no {missing[0]!r} editor "
-                f"(its editors: {', '.join(s.method for s in specs)})",
-                err=True,
-            )
-            sys.exit(2)
-        specs = [s for s in specs if s.method in chosen]
+    tagged = len(scn.editors) > 1  # a list of methods: each run id names its method
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
+    _datasets_or_exit(scn, [s.method for s in specs], "run")
     if resume is not None:
         method = _resumable_run_or_exit(db, resume, scn.name)
         specs = [s for s in specs if s.method == method]
@@ -529,16 +529,98 @@ def _analysis_or_exit(fn, *args):
         sys.exit(2)
 
 
-def _load_scenario_or_exit(path: str):
-    """The validated scenario, or one line naming the file and field and exit code 2."""
+def _load_scenario_or_exit(path: str, methods: str | None = None):
+    """The validated scenario and its editors that ``--methods`` chose (all where None; only those
+    are checked), or one line naming the file and field (or the option) and exit code 2."""
     from .preflight import load_checked
-    from .scenario import ScenarioError
+    from .scenario import ScenarioError, load_scenario
 
+    chosen = None
+    if methods:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        try:
+            known = [s.method for s in load_scenario(path).editors]
+        except ScenarioError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        if missing := [m for m in chosen if m not in known]:
+            click.echo(
+                f"error: --methods: {path} has no {missing[0]!r} editor (its editors: {', '.join(known)})",
+                err=True,
+            )
+            sys.exit(2)
     try:
-        return load_checked(path)
+        scn = load_checked(path, chosen)
     except ScenarioError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    return scn, [s for s in scn.editors if chosen is None or s.method in chosen]
+
+
+def _datasets_or_exit(scn, methods: list[str], command: str) -> None:
+    """Download the catalog datasets the scenario reads that are not here yet, or one ``error:`` line
+    naming the command and the source and exit code 2 (nothing half-written)."""
+    from .catalog import CatalogError, get, local_path
+    from .preflight import named_datasets
+
+    for name in named_datasets(scn, methods):
+        fresh = not local_path(name).is_file()
+        try:
+            path = get(name, progress=sys.stderr.isatty())
+        except CatalogError as e:
+            click.echo(f"error: lme-sim {command}: {e}", err=True)
+            sys.exit(2)
+        if fresh:
+            click.echo(f"downloaded {name} to {path}")
+
+
+@main.group()
+def data() -> None:
+    """Named public datasets (CounterFact, ZsRE, ...): download them, list what is here.
+
+    They live in $LME_SIM_DATA, else $LME_SIM_CACHE/data (~/.cache/lme_sim/data)."""
+
+
+@data.command("get")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--url", default=None, help="Download from this mirror instead of the dataset's source.")
+@click.option(
+    "--sha256",
+    default=None,
+    help="Also check the file against this digest (one NAME only). Datasets without a published "
+    "digest get theirs recorded at the first download and checked thereafter.",
+)
+def data_get(names: tuple[str, ...], url: str | None, sha256: str | None) -> None:
+    """Download datasets into the data folder (those already there are checked, not downloaded)."""
+    from .catalog import CatalogError, dataset, get, local_path, verify
+
+    if (url or sha256) and len(names) > 1:
+        click.echo("error: lme-sim data get: --url and --sha256 go with one dataset name", err=True)
+        sys.exit(2)
+    for name in names:
+        try:
+            ds = dataset(name)
+            there = local_path(name).is_file()
+            path = get(name, url=url, sha256=sha256, progress=sys.stderr.isatty())
+            how = verify(name, sha256)
+        except CatalogError as e:
+            click.echo(f"error: lme-sim data get: {e}", err=True)
+            sys.exit(2)
+        click.echo(
+            f"{name}\t{path}\t{'already here' if there else 'downloaded from ' + (url or ds.url)}; {how}"
+        )
+
+
+@data.command("list")
+def data_list() -> None:
+    """Every known dataset: whether it is here, its size and checksum state, and its source."""
+    from .catalog import data_dir, listing
+
+    click.echo(f"data folder: {data_dir()}")
+    click.echo("\t".join(("name", "kind", "size", "status", "source")))
+    for r in listing():
+        size = "" if r["size"] is None else f"{r['size']:,}"
+        click.echo("\t".join((r["name"], r["kind"], size, r["status"], r["source"])))
 
 
 if __name__ == "__main__":

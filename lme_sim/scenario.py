@@ -28,6 +28,8 @@ DEFAULT_MAX_DELTA_NORM = 1000.0
 class DataSpec(Strict):
     kind: Literal["world", "counterfact", "zsre"] = "world"
     path: str | None = None  # counterfact / zsre: a local JSON file or a datasets hub id
+    # or a named public dataset (lme_sim.catalog; `lme-sim data get NAME` downloads it), e.g. counterfact
+    source: str | None = None
     n_edits: int = Field(100, gt=0)
     seed: int = 0
     zsre_target: Literal["answers", "alt"] = "answers"
@@ -181,8 +183,7 @@ def load_scenario(path: str | Path) -> Scenario:
         err = max(e.errors(), key=lambda x: len(x["loc"]))  # the most specific (a union tries each branch)
         field = field_path(p for p in err["loc"] if not _is_type_tag(p))
         raise ScenarioError(f"{path}: field '{field}': {err['msg']}") from None
-    if scn.data.kind != "world" and not scn.data.path:
-        raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
+    _check_data(path, scn.data)
     if scn.data.kind == "world" and not scn.model.startswith("world:"):
         raise ScenarioError(
             f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}"
@@ -190,6 +191,29 @@ def load_scenario(path: str | Path) -> Scenario:
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
     return scn
+
+
+def _check_data(path: Path, data: DataSpec) -> None:
+    """Real data names a local path or a catalog dataset of its kind (one of the two)."""
+    from .catalog import DATASETS
+
+    if data.kind == "world":
+        if data.source is not None:
+            raise ScenarioError(f"{path}: field 'data.source': world data comes from the model's world")
+        return
+    if (data.path is None) == (data.source is None):
+        raise ScenarioError(
+            f"{path}: field 'data.path': data.kind {data.kind!r} needs a local path or hub id (data.path) "
+            f"or a named dataset (data.source: {', '.join(DATASETS)}), one of the two"
+        )
+    if data.source is not None:
+        ds = DATASETS.get(data.source)
+        if ds is None or ds.kind != data.kind:
+            mine = [d.name for d in DATASETS.values() if d.kind == data.kind]
+            raise ScenarioError(
+                f"{path}: field 'data.source': {data.source!r} is not a {data.kind} dataset "
+                f"(known: {', '.join(mine)})"
+            )
 
 
 def _is_type_tag(part) -> bool:

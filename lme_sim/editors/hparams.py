@@ -32,6 +32,8 @@ class StatsHParams(BaseModel):
 
     kind: str = "world"  # world | file | hub | cases
     path: str | None = None  # file: one text per line (.txt) or a JSON list of strings
+    # cases: a named CounterFact dataset (lme_sim.catalog) whose true facts make the corpus (lme_sim.corpus)
+    source: str | None = None
     hub_id: str | None = None
     hub_config: str | None = None
     split: str = "train"

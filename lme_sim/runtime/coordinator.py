@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..cases import EditCase
+from ..catalog import resolve
 from ..data import load_counterfact, load_zsre
 from ..general_ability import MCItem, probe_items
 from ..metrics import CONSISTENCY_UNAVAILABLE
@@ -477,9 +478,10 @@ def scenario_cases(scn: Scenario, world) -> list[EditCase]:
     d = scn.data
     if d.kind == "world":
         return world.edit_cases(d.n_edits, seed=d.seed)
+    path = d.path if d.path is not None else resolve(d.source)  # a named dataset: its downloaded file
     if d.kind == "counterfact":
-        return load_counterfact(d.path, limit=d.n_edits)
-    return load_zsre(d.path, target=d.zsre_target, limit=d.n_edits)
+        return load_counterfact(path, limit=d.n_edits)
+    return load_zsre(path, target=d.zsre_target, limit=d.n_edits)
 
 
 def scenario_events(scn: Scenario) -> list[Event]:
