@@ -88,9 +88,10 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
     tagged = len(scn.editors) > 1  # a list of methods: each run id names its method
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     _datasets_or_exit(scn, [s.method for s in specs], "run")
+    seeds = scn.seeds or [scn.data.seed]
     if resume is not None:
-        method = _resumable_run_or_exit(db, resume, scn.name)
-        specs = [s for s in specs if s.method == method]
+        method, seed = _resumable_run_or_exit(db, resume, scn.name)
+        specs, seeds = [s for s in specs if s.method == method], [seed]
         if not specs:
             click.echo(
                 f"error: {db}: run {resume!r} is a {method} run, but {scenario} has no {method} editor",
@@ -102,14 +103,15 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
     try:
         run_ids = [
             run_distributed(
-                scn.with_editor(spec),
+                scn.with_editor(spec).with_seed(seed),
                 scenario,
                 db=db,
                 address=address,
                 resume=resume,
-                tag=spec.method if tagged and resume is None else None,
+                tag=_run_tag(spec.method if tagged else None, seed if scn.seeds else None, resume),
             )
             for spec in specs
+            for seed in seeds
         ]
     except PlacementError as e:
         click.echo(f"error: {scenario}: {e}", err=True)
@@ -119,6 +121,15 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
         sys.exit(1)
     if len(run_ids) > 1:
         click.echo("runs: " + " ".join(run_ids))
+
+
+def _run_tag(method: str | None, seed: int | None, resume: str | None) -> str | None:
+    """What a run id says between the scenario's name and its random part: the method (a list of
+    methods) and ``s<seed>`` (a list of seeds); a resumed run keeps its id."""
+    if resume is not None:
+        return None
+    parts = ([method] if method else []) + ([f"s{seed}"] if seed is not None else [])
+    return "-".join(parts) or None
 
 
 def _trained_method(ctx, param, value: str) -> str:
@@ -488,26 +499,28 @@ def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tupl
         sys.exit(2)
 
 
-def _resumable_run_or_exit(db: str, run_id: str, name: str) -> str:
-    """The method of run ``run_id`` of scenario ``name`` in ``db`` (read-only), or one ``error:``
-    line naming the database and the id and exit code 2 (no such database, no such run, a run of
-    another scenario)."""
+def _resumable_run_or_exit(db: str, run_id: str, name: str) -> tuple[str, int]:
+    """The method and the data seed of run ``run_id`` of scenario ``name`` in ``db`` (read-only), or
+    one ``error:`` line naming the database and the id and exit code 2 (no such database, no such run,
+    a run of another scenario)."""
     if not Path(db).exists():
         click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
         sys.exit(2)
-    rows = _query_or_exit(db, "select name, method from runs where run_id = ?", [run_id])[1]
+    rows = _query_or_exit(
+        db, "select name, method, scenario->>'$.data.seed' from runs where run_id = ?", [run_id]
+    )[1]
     if not rows:
         click.echo(
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method),) = rows
+    ((run_name, method, seed),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
         )
         sys.exit(2)
-    return method
+    return method, int(seed or 0)
 
 
 def _analysis_or_exit(fn, *args):

@@ -132,6 +132,10 @@ class Scenario(Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     output_dir: str = "runs"
     db: str = "runs/lme.duckdb"
+    # one run per seed (per method), each with data.seed set to it: the seed draws the stream's edits
+    # and their order (world data: which facts; counterfact/zsre: n_edits cases of the whole file);
+    # None: one run at data.seed (counterfact/zsre: the file's first n_edits, in order)
+    seeds: list[int] | None = Field(None, min_length=1)
 
     @property
     def editors(self) -> list[EditorSpec]:
@@ -140,6 +144,10 @@ class Scenario(Strict):
     def with_editor(self, spec: EditorSpec) -> Scenario:
         """This scenario with one editing method (how a list of methods is run, one run each)."""
         return self.model_copy(update={"editor": spec})
+
+    def with_seed(self, seed: int) -> Scenario:
+        """This scenario's run for one of its ``seeds`` (the seed goes to ``data.seed``)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"seed": seed})})
 
     def checkpoint_every(self) -> int:
         every = self.runtime.checkpoint_every
@@ -190,6 +198,8 @@ def load_scenario(path: str | Path) -> Scenario:
         )
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")
+    if scn.seeds is not None and len(set(scn.seeds)) < len(scn.seeds):
+        raise ScenarioError(f"{path}: field 'seeds': {scn.seeds} repeats a seed (one run per seed)")
     return scn
 
 
