@@ -174,3 +174,14 @@ def test_a_seeded_scenario_runs_once_per_seed(tmp_path, ray_session, monkeypatch
     monkeypatch.setenv("COLUMNS", "300")
     r = CliRunner().invoke(main, ["compare", runs[0][0], runs[1][0], "--db", str(db)])
     assert r.exit_code == 0 and "n = 2" in r.output and "3, 4" in r.output, r.output
+
+
+def test_resume_continues_a_run_at_its_own_seed(tmp_path):
+    from lme_sim.cli import _resumable_run_or_exit
+
+    db = tmp_path / "r.duckdb"
+    with RunLogger(db) as log:
+        log.start_run("sd-s4-x", "sd", None, {"data": {"seed": 4}, "seeds": [3, 4]}, "world:small", "ft")
+        log.start_run("old-x", "sd", None, {}, "world:small", "ft")  # a run logged without a seed
+    assert _resumable_run_or_exit(str(db), "sd-s4-x", "sd") == ("ft", 4)
+    assert _resumable_run_or_exit(str(db), "old-x", "sd") == ("ft", 0)  # data.seed's default
