@@ -6,8 +6,9 @@ A scenario names one (``data: {kind: counterfact, source: counterfact-edit}``) i
 
 Checksums: a dataset whose sha256 is established from a public source (the files of a public git
 repository at a pinned commit) is checked against it. The ROME/MEMIT files are served from their
-project sites with no published checksum: their sha256 and size are recorded beside the file at the
-first download (``<file>.sha256``) and checked thereafter; ``--sha256`` checks a digest you trust.
+project sites, with no published checksum that we found (and they could not be fetched where this was
+written): their sha256 and size are recorded beside the file at the first download (``<file>.sha256``)
+and checked thereafter; ``--sha256`` checks a digest you trust.
 """
 
 from __future__ import annotations
