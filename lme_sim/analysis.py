@@ -158,12 +158,15 @@ def _spread_table(db, groups: list[dict]):
 
 
 def _spread(values: list, col: str) -> str:
-    """``mean ± std``, with ``(n of N)`` where some runs did not measure it; n/a where none did."""
+    """``mean ± std``, with ``(n of N)`` where some runs did not measure it; n/a where none did; the
+    value alone for a method of one run."""
     ms = mean_std(values)
     if ms is None:
         return "n/a"
     mean, std, n = ms
     digits = 0 if col == "edits" else 1 if col == "fluency" else 3
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
     part = "" if n == len(values) else f" ({n} of {len(values)})"
     return f"{mean:.{digits}f} ± {std:.{digits}f}{part}"
 
@@ -174,7 +177,7 @@ def _spread_collapse(values: list) -> str:
     if ms is None:
         return "none"
     mean, std, n = ms
-    return f"{mean:.4g} ± {std:.2g} ({n} of {len(values)})"
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ± {std:.2g} ({n} of {len(values)})"
 
 
 def _collapse(v) -> str:
