@@ -70,9 +70,58 @@ def collapse_points(db, run_ids: list[str], threshold: float = 0.5) -> list[dict
     return [by_id[r] for r in run_ids]
 
 
+def run_configs(db, run_ids: list[str]) -> dict[str, dict]:
+    """Each run's scenario as it ran (the ``runs.scenario`` JSON), by run id."""
+    import json
+
+    _, rows = read_only_query(db, "select run_id, scenario from runs where run_id = any(?)", [list(run_ids)])
+    return {rid: json.loads(cfg) if cfg else {} for rid, cfg in rows}
+
+
+def run_protocol(config: dict) -> str | None:
+    """A run's protocol, from its config: its edits per batch, "batch N" (None for a config without
+    one)."""
+    size = (config.get("stream") or {}).get("batch_size")
+    return None if size is None else f"batch {size}"
+
+
+def run_groups(db, run_ids: list[str]) -> list[dict]:
+    """The runs grouped by editor and protocol, in the order first asked: per group its ``method`` (the
+    editor's ``name`` where it has one, e.g. alphaedit-nas beside alphaedit), ``protocol`` (None where
+    the configs say none), ``runs`` (their method_summary rows, each with its ``seed``: the run's
+    data.seed) and ``label``."""
+    configs = run_configs(db, run_ids)
+    groups: dict[tuple, dict] = {}
+    for row in summary_rows(db, run_ids):
+        cfg = configs.get(row["run_id"], {})
+        editor = cfg.get("editor") if isinstance(cfg.get("editor"), dict) else {}
+        key = (editor.get("name") or row["method"], run_protocol(cfg))
+        group = groups.setdefault(key, {"method": key[0], "protocol": key[1], "runs": []})
+        group["runs"].append({**row, "seed": (cfg.get("data") or {}).get("seed")})
+    for g in groups.values():
+        g["label"] = g["method"] + (f" ({g['protocol']})" if g["protocol"] else "")
+    return list(groups.values())
+
+
+def mean_std(values) -> tuple[float, float, int] | None:
+    """Mean, sample standard deviation (0 for one value) and count of the values that are not None;
+    None where there are none."""
+    import statistics
+
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)
+
+
 def comparison_table(db, run_ids: list[str]):
-    """A rich Table: one column per run, the papers' metrics as rows (n/a where not measured), each
-    from its run's last evaluation (:func:`summary_rows`); what ``compare`` and the end of a run print."""
+    """A rich Table, the papers' metrics as rows (n/a where not measured), each from its run's last
+    evaluation (:func:`summary_rows`): one column per run, or, where several runs share a method and
+    protocol (seeds), one column per method with mean ± std and n. What ``compare`` and the end of a
+    run print."""
+    groups = run_groups(db, run_ids)
+    if any(len(g["runs"]) > 1 for g in groups):
+        return _spread_table(db, groups)
     from rich.table import Table
 
     rows = summary_rows(db, run_ids)
@@ -88,6 +137,55 @@ def comparison_table(db, run_ids: list[str]):
     table.add_row("collapse edits", *[_collapse(r["collapse_edits"]) for r in rows])
     table.add_row("gen collapse edits", *[_collapse(r["gen_collapse_edits"]) for r in rows])
     return table
+
+
+def _spread_table(db, groups: list[dict]):
+    """One column per method (and protocol): mean ± std over its runs (sample std; n runs)."""
+    from rich.table import Table
+
+    table = Table(
+        title="lifelong editing: final evaluation, mean ± std over runs",
+        caption=f"{db}; std: sample standard deviation over the n runs (n/a: not measured)",
+    )
+    table.add_column("")
+    for g in groups:
+        table.add_column(f"{g['label']}\nn = {len(g['runs'])}", justify="right")
+    table.add_row("runs", *[" ".join(r["run_id"] for r in g["runs"]) for g in groups])
+    table.add_row("seeds", *[", ".join(str(r["seed"]) for r in g["runs"]) for g in groups])
+    table.add_row("model", *[", ".join(dict.fromkeys(str(r["model"]) for r in g["runs"])) for g in groups])
+    table.add_row("edits", *[_spread([r["n_edits"] for r in g["runs"]], "edits") for g in groups])
+    for col in SUMMARY_COLUMNS:
+        table.add_row(col, *[_spread([r[col] for r in g["runs"]], col) for g in groups])
+    for col, name in (
+        ("collapse_step", "collapse step"),
+        ("collapse_edits", "collapse edits"),
+        ("gen_collapse_edits", "gen collapse edits"),
+    ):
+        table.add_row(name, *[_spread_collapse([r[col] for r in g["runs"]]) for g in groups])
+    return table
+
+
+def _spread(values: list, col: str) -> str:
+    """``mean ± std``, with ``(n of N)`` where some runs did not measure it; n/a where none did; the
+    value alone for a method of one run."""
+    ms = mean_std(values)
+    if ms is None:
+        return "n/a"
+    mean, std, n = ms
+    digits = 0 if col == "edits" else 1 if col == "fluency" else 3
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    part = "" if n == len(values) else f" ({n} of {len(values)})"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{part}"
+
+
+def _spread_collapse(values: list) -> str:
+    """Over the runs that collapsed: mean ± std, and how many of them did; "none" where none did."""
+    ms = mean_std(values)
+    if ms is None:
+        return "none"
+    mean, std, n = ms
+    return f"{mean:.4g}" if len(values) == 1 else f"{mean:.4g} ± {std:.2g} ({n} of {len(values)})"
 
 
 def _collapse(v) -> str:

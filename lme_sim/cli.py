@@ -44,13 +44,26 @@ def world_build(name: str) -> None:
     )
 
 
+METHODS_HELP = "Comma-separated: only these of the scenario's editors (default: all of them)."
+
+
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-def validate(scenario: str) -> None:
+@click.option("--methods", default=None, help=METHODS_HELP + " Only their settings are checked.")
+def validate(scenario: str, methods: str | None) -> None:
     """Check a scenario file without running it."""
-    scn = _load_scenario_or_exit(scenario)
-    methods = ", ".join(e.label() for e in scn.editors)
-    click.echo(f"{scenario}: ok ({methods} on {scn.model}, {scn.data.n_edits} edits)")
+    scn, specs = _load_scenario_or_exit(scenario, methods)
+    from .catalog import data_dir, local_path
+    from .preflight import named_datasets
+
+    names = ", ".join(s.label() for s in specs)
+    click.echo(f"{scenario}: ok ({names} on {scn.model}, {scn.data.n_edits} edits)")
+    chosen = [s.method for s in specs]
+    if missing := [n for n in named_datasets(scn, chosen) if not local_path(n).is_file()]:
+        click.echo(
+            f"datasets not yet in {data_dir()}: {', '.join(missing)} (lme-sim run downloads them, "
+            f"or: lme-sim data get NAME)"
+        )
 
 
 @main.command()
@@ -68,49 +81,38 @@ def validate(scenario: str) -> None:
     metavar="RUN_ID",
     help="Continue a killed or failed run (a finished one: nothing to do, exit code 0).",
 )
-@click.option(
-    "--methods",
-    default=None,
-    help="Comma-separated: run only these of the scenario's editors (default: all of them).",
-)
+@click.option("--methods", default=None, help=METHODS_HELP)
 def run(scenario: str, db: str | None, address: str | None, resume: str | None, methods: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
 
-    A scenario whose ``editor`` is a list runs the same stream once per method (one run each)."""
+    A scenario whose ``editor`` is a list runs the same stream once per method (one run each).
+    Named datasets (``data.source``, ``stats: {kind: cases, ...}``) missing here are downloaded first."""
     from .runtime.coordinator import run_distributed
     from .runtime.failures import RunFailed
 
-    scn = _load_scenario_or_exit(scenario)
+    scn, specs = _load_scenario_or_exit(scenario, methods)
     db = db or scn.db
-    specs = scn.editors
-    tagged = len(specs) > 1  # a list of methods: each run id names its method
-    if methods:  # a method (all its editors) or an editor's label (mose-b1: MOSE in batches of 1)
-        chosen = [m.strip() for m in methods.split(",") if m.strip()]
-        if missing := [m for m in chosen if m not in {s.method for s in specs} | {s.label() for s in specs}]:
-            click.echo(
-                f"error: --methods: {scenario} has no {missing[0]!r} editor "
-                f"(its editors: {', '.join(s.label() for s in specs)})",
-                err=True,
-            )
-            sys.exit(2)
-        specs = [s for s in specs if s.method in chosen or s.label() in chosen]
+    tagged = len(scn.editors) > 1  # a list of editors: each run id names its editor
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
+    _datasets_or_exit(scn, [s.method for s in specs], "run")
+    seeds = scn.seeds or [scn.data.seed]
     if resume is not None:
-        label = _resumable_run_or_exit(db, resume, scn.name, scenario, {s.label() for s in specs})
-        specs = [s for s in specs if s.label() == label]
+        label, seed = _resumable_run_or_exit(db, resume, scn.name, scenario, {s.label() for s in specs})
+        specs, seeds = [s for s in specs if s.label() == label], [seed]
     from .runtime.ray_utils import PlacementError
 
     try:
         run_ids = [
             run_distributed(
-                scn.with_editor(spec),
+                scn.with_editor(spec).with_seed(seed),
                 scenario,
                 db=db,
                 address=address,
                 resume=resume,
-                tag=spec.label() if tagged and resume is None else None,
+                tag=_run_tag(spec.label() if tagged else None, seed if scn.seeds else None, resume),
             )
             for spec in specs
+            for seed in seeds
         ]
     except PlacementError as e:
         click.echo(f"error: {scenario}: {e}", err=True)
@@ -120,6 +122,15 @@ def run(scenario: str, db: str | None, address: str | None, resume: str | None, 
         sys.exit(1)
     if len(run_ids) > 1:
         click.echo("runs: " + " ".join(run_ids))
+
+
+def _run_tag(method: str | None, seed: int | None, resume: str | None) -> str | None:
+    """What a run id says between the scenario's name and its random part: the method (a list of
+    methods) and ``s<seed>`` (a list of seeds); a resumed run keeps its id."""
+    if resume is not None:
+        return None
+    parts = ([method] if method else []) + ([f"s{seed}"] if seed is not None else [])
+    return "-".join(parts) or None
 
 
 def _trained_method(ctx, param, value: str) -> str:
@@ -495,17 +506,20 @@ def _query_or_exit(db: str, sql: str, params=None) -> tuple[list[str], list[tupl
         sys.exit(2)
 
 
-def _resumable_run_or_exit(db: str, run_id: str, name: str, scenario: str, labels: set[str]) -> str:
-    """The editor's name (:meth:`EditorSpec.label`) of run ``run_id`` of scenario ``name`` (file
-    ``scenario``, editors ``labels``) in ``db`` (read-only), or one ``error:`` line naming the
-    database and the id and exit code 2 (no such database, no such run, a run of another scenario or
-    editor); a finished run: one line saying so and exit code 0 (nothing to do)."""
+def _resumable_run_or_exit(
+    db: str, run_id: str, name: str, scenario: str, labels: set[str]
+) -> tuple[str, int]:
+    """The editor's name (:meth:`EditorSpec.label`) and the data seed of run ``run_id`` of scenario
+    ``name`` (file ``scenario``, editors ``labels``) in ``db`` (read-only), or one ``error:`` line naming
+    the database and the id and exit code 2 (no such database, no such run, a run of another scenario
+    or editor); a finished run: one line saying so and exit code 0 (nothing to do)."""
     if not Path(db).exists():
         click.echo(f"error: {db}: no such database, so no run {run_id!r} to resume", err=True)
         sys.exit(2)
     rows = _query_or_exit(
         db,
-        "select name, method, status, json_extract(scenario, '$.editor') from runs where run_id = ?",
+        "select name, method, status, json_extract(scenario, '$.editor'), scenario->>'$.data.seed' "
+        "from runs where run_id = ?",
         [run_id],
     )[1]
     if not rows:
@@ -513,7 +527,7 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str, scenario: str, label
             f"error: {db}: no run {run_id!r} to resume (lme-sim runs --db {db} lists the runs)", err=True
         )
         sys.exit(2)
-    ((run_name, method, status, editor),) = rows
+    ((run_name, method, status, editor, seed),) = rows
     if run_name != name:
         click.echo(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
@@ -531,7 +545,7 @@ def _resumable_run_or_exit(db: str, run_id: str, name: str, scenario: str, label
     if status == "finished":  # resuming it again would change nothing: say so and succeed
         click.echo(f"{db}: run {run_id!r} is finished; nothing to resume")
         sys.exit(0)
-    return label
+    return label, int(seed or 0)
 
 
 def _analysis_or_exit(fn, *args):
@@ -553,16 +567,101 @@ def _analysis_or_exit(fn, *args):
         sys.exit(2)
 
 
-def _load_scenario_or_exit(path: str):
-    """The validated scenario, or one line naming the file and field and exit code 2."""
+def _load_scenario_or_exit(path: str, methods: str | None = None):
+    """The validated scenario and its editors that ``--methods`` chose (all where None; only those
+    are checked), or one line naming the file and field (or the option) and exit code 2."""
     from .preflight import load_checked
-    from .scenario import ScenarioError
+    from .scenario import ScenarioError, load_scenario
 
+    chosen = None
+    if methods:
+        chosen = [m.strip() for m in methods.split(",") if m.strip()]
+        try:  # a method (all its editors) or an editor's name (mose-b1: MOSE in batches of 1)
+            editors = load_scenario(path).editors
+        except ScenarioError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        known = [s.label() for s in editors]
+        if missing := [m for m in chosen if m not in set(known) | {s.method for s in editors}]:
+            click.echo(
+                f"error: --methods: {path} has no {missing[0]!r} editor (its editors: {', '.join(known)})",
+                err=True,
+            )
+            sys.exit(2)
+        chosen = [s.label() for s in editors if s.method in chosen or s.label() in chosen]
+        methods_chosen = sorted({s.method for s in editors if s.label() in chosen})
     try:
-        return load_checked(path)
+        scn = load_checked(path, None if chosen is None else methods_chosen)
     except ScenarioError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    return scn, [s for s in scn.editors if chosen is None or s.label() in chosen]
+
+
+def _datasets_or_exit(scn, methods: list[str], command: str) -> None:
+    """Download the catalog datasets the scenario reads that are not here yet, or one ``error:`` line
+    naming the command and the source and exit code 2 (nothing half-written)."""
+    from .catalog import CatalogError, get, local_path
+    from .preflight import named_datasets
+
+    for name in named_datasets(scn, methods):
+        fresh = not local_path(name).is_file()
+        try:
+            path = get(name, progress=sys.stderr.isatty())
+        except CatalogError as e:
+            click.echo(f"error: lme-sim {command}: {e}", err=True)
+            sys.exit(2)
+        if fresh:
+            click.echo(f"downloaded {name} to {path}")
+
+
+@main.group()
+def data() -> None:
+    """Named public datasets (CounterFact, ZsRE, ...): download them, list what is here.
+
+    They live in $LME_SIM_DATA, else $LME_SIM_CACHE/data (~/.cache/lme_sim/data)."""
+
+
+@data.command("get")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--url", default=None, help="Download from this mirror instead of the dataset's source.")
+@click.option(
+    "--sha256",
+    default=None,
+    help="Also check the file against this digest (one NAME only). Datasets without a published "
+    "digest get theirs recorded at the first download and checked thereafter.",
+)
+def data_get(names: tuple[str, ...], url: str | None, sha256: str | None) -> None:
+    """Download datasets into the data folder (those already there are checked, not downloaded)."""
+    from .catalog import CatalogError, dataset, get, local_path, verify
+
+    if (url or sha256) and len(names) > 1:
+        click.echo("error: lme-sim data get: --url and --sha256 go with one dataset name", err=True)
+        sys.exit(2)
+    for name in names:
+        try:
+            ds = dataset(name)
+            there = local_path(name).is_file()
+            path = get(name, url=url, sha256=sha256, progress=sys.stderr.isatty())
+            how = verify(name, sha256)
+        except CatalogError as e:
+            click.echo(f"error: lme-sim data get: {e}", err=True)
+            sys.exit(2)
+        click.echo(
+            f"{name}\t{path}\t{'already here' if there else 'downloaded from ' + (url or ds.url)}; {how}"
+        )
+
+
+@data.command("list")
+def data_list() -> None:
+    """Every known dataset: whether it is here, its size and checksum state, and its source."""
+    from .catalog import data_dir, listing
+
+    click.echo(f"data folder: {data_dir()}")
+    click.echo("\t".join(("name", "kind", "size", "status", "source")))
+    for r in listing():
+        size = "" if r["size"] is None else f"{r['size']:,}"
+        click.echo("\t".join((r["name"], r["kind"], size, r["status"], r["source"])))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ layer's keys over "generic" text (the papers use Wikipedia). Where no corpus can
 the true facts of a CounterFact split *disjoint from the edits* stand in: per case, its prompt and
 every paraphrase completed with the true object, one sentence per line. ``lme-sim corpus`` writes
 that file; a scenario then names it: ``editor.hparams.stats: {kind: file, path: <file>, n_samples: N}``.
+Or the scenario names a CounterFact dataset of the catalog (``stats: {kind: cases, source:
+counterfact-train}``): its corpus file is built on first use and cached (:func:`cached_corpus`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import tempfile
 from pathlib import Path
 
 from .cases import EditCase
-from .data import load_counterfact
+from .catalog import dataset, resolve, sha256_of
+from .data import DataError, load_counterfact
+from .paths import cache_root
 
 
 def corpus_lines(cases: list[EditCase]) -> list[str]:
@@ -44,3 +48,18 @@ def write_corpus(source, out, records: int | None = None) -> tuple[Path, int]:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out, len(lines)
+
+
+def cached_corpus(source: str) -> Path:
+    """The corpus file of the catalog's CounterFact dataset ``source`` (it must be downloaded: see
+    :mod:`lme_sim.catalog`), written on first use under ``$LME_SIM_CACHE/corpus``, named by the
+    dataset and the first bytes of its sha256 (another copy of the data gets its own file)."""
+    if dataset(source).kind != "counterfact":
+        raise DataError(
+            f"stats.source: {source!r} is not a CounterFact dataset (its true facts make the corpus)"
+        )
+    data = resolve(source)
+    out = cache_root() / "corpus" / f"{source}-{sha256_of(data)[:12]}.txt"
+    if not out.is_file():
+        write_corpus(data, out)
+    return out

@@ -13,14 +13,15 @@ from pathlib import Path
 from .scenario import Scenario, ScenarioError, load_scenario
 
 
-def load_checked(path: str | Path) -> Scenario:
+def load_checked(path: str | Path, methods: list[str] | None = None) -> Scenario:
     """:func:`~lme_sim.scenario.load_scenario` plus :func:`check`."""
     scn = load_scenario(path)
-    check(scn, path)
+    check(scn, path, methods)
     return scn
 
 
-def check(scn: Scenario, path: str | Path) -> None:
+def check(scn: Scenario, path: str | Path, methods: list[str] | None = None) -> None:
+    """Everything outside the file; of the editors, only those of ``methods`` (default: all)."""
     path = Path(path)
     from .models import model_n_layers
 
@@ -37,7 +38,7 @@ def check(scn: Scenario, path: str | Path) -> None:
             f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
             f"{n_layers} layers (at most one shard per layer)"
         )
-    if scn.data.kind != "world":
+    if scn.data.path is not None and scn.data.kind != "world":
         _check_data_path(path, scn.data.path)
     if scn.eval.general_ability.path:
         from .general_ability import ProbeSetError, load_items
@@ -54,8 +55,9 @@ def check(scn: Scenario, path: str | Path) -> None:
                 f"{path}: field 'evaluator.backend': vllm is not installed here; install it on "
                 "the GPU machines (docs/evaluators.md), or set backend: hf"
             )
-    for i in range(len(scn.editors)):
-        _check_editor(path, scn, i, n_layers)
+    for i, spec in enumerate(scn.editors):
+        if methods is None or spec.method in methods:
+            _check_editor(path, scn, i, n_layers)
 
 
 def _check_world(path: Path, scn: Scenario) -> None:
@@ -114,5 +116,56 @@ def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
     if stats is not None and stats.kind == "file" and not Path(stats.path or "").expanduser().is_file():
         raise ScenarioError(
             f"{path}: field '{where}.stats.path': file {stats.path!r} not found (make a corpus of "
-            "CounterFact's true facts with: lme-sim corpus --from COUNTERFACT_JSON --out FILE)"
+            "CounterFact's true facts with: lme-sim corpus --from COUNTERFACT_JSON --out FILE, or name "
+            "a dataset: stats: {kind: cases, source: counterfact-train})"
         )
+    anchor = getattr(hp, "norm_anchor", None)
+    if anchor is not None:
+        _check_norm_anchor(path, scn, anchor, f"{where}.norm_anchor")
+    if stats is not None and stats.kind == "cases":
+        from .catalog import DATASETS
+
+        if stats.source not in DATASETS or DATASETS[stats.source].kind != "counterfact":
+            known = ", ".join(d.name for d in DATASETS.values() if d.kind == "counterfact")
+            raise ScenarioError(
+                f"{path}: field '{where}.stats.source': {stats.source!r} is not a CounterFact dataset "
+                f"(known: {known})"
+            )
+
+
+def _check_norm_anchor(path: Path, scn: Scenario, anchor, where: str) -> None:
+    """NAS's reference requests: a file that is there, a named dataset, or (world models) the world."""
+    from .catalog import DATASETS
+
+    if anchor.path is not None and anchor.source is not None:
+        raise ScenarioError(f"{path}: field '{where}.source': give path or source, not both")
+    if anchor.path is not None and not Path(anchor.path).expanduser().is_file():
+        raise ScenarioError(f"{path}: field '{where}.path': file {anchor.path!r} not found")
+    if anchor.source is not None and anchor.source not in DATASETS:
+        raise ScenarioError(
+            f"{path}: field '{where}.source': {anchor.source!r} is not a named dataset "
+            f"(known: {', '.join(DATASETS)})"
+        )
+    if anchor.path is None and anchor.source is None and not scn.model.startswith("world:"):
+        raise ScenarioError(
+            f"{path}: field '{where}.path': needed on {scn.model!r} (the requests its reference norm is "
+            "taken over), e.g. norm_anchor: {source: counterfact-train}"
+        )
+
+
+def named_datasets(scn: Scenario, methods: list[str] | None = None) -> list[str]:
+    """The catalog datasets the scenario reads (its data, its editors' key-statistics corpora), in
+    order, each once; of the editors, only those of ``methods`` (default: all)."""
+    from .editors.hparams import load_hparams
+
+    names = [scn.data.source] if scn.data.source else []
+    for spec in scn.editors:
+        if methods is None or spec.method in methods:
+            hp = load_hparams(spec.method, scn.model, spec.hparams)
+            stats = getattr(hp, "stats", None)
+            if stats is not None and stats.kind == "cases":
+                names.append(stats.source)
+            anchor = getattr(hp, "norm_anchor", None)
+            if anchor is not None and anchor.source is not None:
+                names.append(anchor.source)
+    return list(dict.fromkeys(names))

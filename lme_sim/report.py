@@ -1,7 +1,8 @@
 """``lme-sim report``: PNG plots of finished runs and one self-contained HTML page showing them.
 
 * efficacy_vs_edits.png: efficacy against the number of edits committed (``efficacy_curve``), one
-  line per run, its collapse point (``collapse``) marked;
+  line per run, its collapse point (``collapse``) marked; runs sharing a method (seeds) as their mean
+  in a band of ± one standard deviation;
 * forgetting.png: retention by edit age (the ``forgetting_curve`` view), one line per run;
 * metrics.png: efficacy / generalization / specificity / retention over edit steps, runs on one axis each;
 * condition.png: condition number of every edited matrix over batches (``weight_health``);
@@ -15,7 +16,7 @@ import base64
 import html
 from pathlib import Path
 
-from .analysis import check_runs, comparison_table, summary_rows
+from .analysis import check_runs, comparison_table, mean_std, run_groups, summary_rows
 from .storage.logger import read_only_query
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity", "retention")
@@ -65,12 +66,24 @@ def plot_metrics(db, run_ids, label, axes) -> None:
         ax.set(title=name, xlabel="edit step (batch)", ylabel=name, ylim=(-0.02, 1.02))
 
 
+def band(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float, float, int]]:
+    """(x, mean, std, n) at each x of any of the curves (lists of (x, y) points), over the curves that
+    have a point there (sample std; 0 where one has)."""
+    xs = sorted({x for curve in curves for x, _ in curve})
+    out = []
+    for x in xs:
+        mean, std, n = mean_std([y for curve in curves for cx, y in curve if cx == x])
+        out.append((x, mean, std, n))
+    return out
+
+
 def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     """Efficacy at each evaluation against the edits committed by then (``efficacy_curve``), one line
     per run; the sample size (``efficacy_n``) in the legend where the run logged it, and the run's
     collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x. Generative efficacy
     (``gen_efficacy``), where the run measured it, is the dashed line of the same colour, its own
-    collapse point (``gen_collapse_edits``) an x on it."""
+    collapse point (``gen_collapse_edits``) an x on it. Runs that share a method and protocol (seeds)
+    are drawn as one line, their mean, in a band of ± one std."""
     rows = _rows(
         db,
         "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, c.gen_efficacy, k.collapse_edits, "
@@ -79,7 +92,40 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
         "order by c.n_edits, c.eval_id",
         [list(run_ids)],
     )
-    for rid in run_ids:
+    singles = []
+    for g in run_groups(db, run_ids):
+        ids = [r["run_id"] for r in g["runs"]]
+        if len(ids) == 1:
+            singles += ids
+            continue
+        eff = band([[(r["n_edits"], r["efficacy"]) for r in rows if r["run_id"] == rid] for rid in ids])
+        if not eff:
+            continue
+        x, mean, std, _ = zip(*eff)
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{g['label']}, mean ± std over {len(ids)} runs")
+        ax.fill_between(
+            x,
+            [m - s for m, s in zip(mean, std)],
+            [m + s for m, s in zip(mean, std)],
+            alpha=0.25,
+            color=line.get_color(),
+        )
+        gen = band(
+            [
+                [
+                    (r["n_edits"], r["gen_efficacy"])
+                    for r in rows
+                    if r["run_id"] == rid and r["gen_efficacy"] is not None
+                ]
+                for rid in ids
+            ]
+        )
+        if gen:
+            gx, gmean, _, _ = zip(*gen)
+            ax.plot(
+                gx, gmean, ls="--", marker=".", color=line.get_color(), label=f"{g['label']}, generative mean"
+            )
+    for rid in singles:
         mine = [r for r in rows if r["run_id"] == rid]
         if not mine:
             continue
@@ -105,7 +151,7 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set(
         title="Efficacy over the edits against the number of edits\n"
-        "(solid: teacher-forced, dashed: generative; x: collapse, below 0.5)",
+        "(solid: teacher-forced, dashed: generative; x: collapse, below 0.5; bands: ± std over seeds)",
         xlabel="edits committed at the evaluation",
         ylabel="efficacy (n: edits it was computed over)",
         ylim=(-0.02, 1.02),

@@ -28,6 +28,8 @@ DEFAULT_MAX_DELTA_NORM = 1000.0
 class DataSpec(Strict):
     kind: Literal["world", "counterfact", "zsre"] = "world"
     path: str | None = None  # counterfact / zsre: a local JSON file or a datasets hub id
+    # or a named public dataset (lme_sim.catalog; `lme-sim data get NAME` downloads it), e.g. counterfact
+    source: str | None = None
     n_edits: int = Field(100, gt=0)
     seed: int = 0
     zsre_target: Literal["answers", "alt"] = "answers"
@@ -143,6 +145,10 @@ class Scenario(Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     output_dir: str = "runs"
     db: str = "runs/lme.duckdb"
+    # one run per seed (per method), each with data.seed set to it: the seed draws the stream's edits
+    # and their order (world data: which facts; counterfact/zsre: n_edits cases of the whole file);
+    # None: one run at data.seed (counterfact/zsre: the file's first n_edits, in order)
+    seeds: list[int] | None = Field(None, min_length=1)
 
     @property
     def editors(self) -> list[EditorSpec]:
@@ -160,6 +166,10 @@ class Scenario(Strict):
         runtime = self.runtime.model_copy(update={"checkpoint_every": every})
         stream = self.stream.model_copy(update={"timeline": self.timeline(), "batch_size": bs})
         return self.model_copy(update={"editor": spec, "stream": stream, "runtime": runtime})
+
+    def with_seed(self, seed: int) -> Scenario:
+        """This scenario's run for one of its ``seeds`` (the seed goes to ``data.seed``)."""
+        return self.model_copy(update={"data": self.data.model_copy(update={"seed": seed})})
 
     def checkpoint_every(self) -> int:
         every = self.runtime.checkpoint_every
@@ -203,8 +213,7 @@ def load_scenario(path: str | Path) -> Scenario:
         err = max(e.errors(), key=lambda x: len(x["loc"]))  # the most specific (a union tries each branch)
         field = field_path(p for p in err["loc"] if not _is_type_tag(p))
         raise ScenarioError(f"{path}: field '{field}': {err['msg']}") from None
-    if scn.data.kind != "world" and not scn.data.path:
-        raise ScenarioError(f"{path}: field 'data.path': required for data.kind {scn.data.kind!r}")
+    _check_data(path, scn.data)
     if scn.data.kind == "world" and not scn.model.startswith("world:"):
         raise ScenarioError(
             f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}"
@@ -216,7 +225,32 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ScenarioError(
             f"{path}: field 'editor': two editors are named {twice!r}; give one a `name` of its own"
         )
+    if scn.seeds is not None and len(set(scn.seeds)) < len(scn.seeds):
+        raise ScenarioError(f"{path}: field 'seeds': {scn.seeds} repeats a seed (one run per seed)")
     return scn
+
+
+def _check_data(path: Path, data: DataSpec) -> None:
+    """Real data names a local path or a catalog dataset of its kind (one of the two)."""
+    from .catalog import DATASETS
+
+    if data.kind == "world":
+        if data.source is not None:
+            raise ScenarioError(f"{path}: field 'data.source': world data comes from the model's world")
+        return
+    if (data.path is None) == (data.source is None):
+        raise ScenarioError(
+            f"{path}: field 'data.path': data.kind {data.kind!r} needs a local path or hub id (data.path) "
+            f"or a named dataset (data.source: {', '.join(DATASETS)}), one of the two"
+        )
+    if data.source is not None:
+        ds = DATASETS.get(data.source)
+        if ds is None or ds.kind != data.kind:
+            mine = [d.name for d in DATASETS.values() if d.kind == data.kind]
+            raise ScenarioError(
+                f"{path}: field 'data.source': {data.source!r} is not a {data.kind} dataset "
+                f"(known: {', '.join(mine)})"
+            )
 
 
 def _is_type_tag(part) -> bool:

@@ -17,6 +17,10 @@ def _hermetic_cache(tmp_path_factory):
     """Unless the caller chose one, caches (worlds, key statistics) live in a fresh folder."""
     if "LME_SIM_CACHE" not in os.environ:
         os.environ["LME_SIM_CACHE"] = str(tmp_path_factory.mktemp("lme_cache"))
+    if "LME_SIM_DATA" not in os.environ and SHARED_DATA.is_dir():
+        # named datasets (counterfact-edit, counterfact-train, ...): this project's copies, the same
+        # bytes as their public sources (lme_sim.catalog checks the sha256), never downloaded here
+        os.environ["LME_SIM_DATA"] = str(SHARED_DATA)
     yield
 
 

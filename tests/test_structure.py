@@ -23,7 +23,7 @@ LAYERS = [
         "sysinfo",
         "storage",
     ],
-    ["world", "data", "stream", "smollm2", "backbone", "suffix"],
+    ["world", "catalog", "data", "stream", "smollm2", "backbone", "suffix"],
     ["world_model", "models", "scoring"],
     ["metrics", "general_ability", "vllm_scorer", "analysis", "report", "corpus"],
     ["editors"],

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
-    """The generic texts named by ``stats``: the world's sentences, a local file, or a hub dataset."""
+    """The generic texts named by ``stats``: the world's sentences, a local file, a hub dataset, or
+    the true facts of a named CounterFact dataset (``cases``: its corpus file, built on first use)."""
+    if stats.kind == "cases":
+        stats = _as_file(stats)
     if stats.kind == "world":
         if world is None:
             raise ValueError("stats.kind 'world' needs a world:* model")
@@ -44,7 +47,7 @@ def corpus_texts(stats: StatsHParams, world=None) -> list[str]:
         ds = datasets.load_dataset(stats.hub_id, stats.hub_config, split=stats.split)
         texts = [t for t in ds[stats.text_field][: stats.n_samples * 2] if t.strip()]
     else:
-        raise ValueError(f"stats.kind: unknown corpus kind {stats.kind!r} (world, file, hub)")
+        raise ValueError(f"stats.kind: unknown corpus kind {stats.kind!r} (world, file, hub, cases)")
     return texts[: stats.n_samples]
 
 
@@ -143,9 +146,21 @@ def _save(tensor: torch.Tensor, path: Path) -> None:
     tmp.rename(path)
 
 
+def _as_file(stats: StatsHParams) -> StatsHParams:
+    """``cases`` statistics as the ``file`` statistics of the dataset's cached corpus file."""
+    from ..corpus import cached_corpus
+
+    path = cached_corpus(stats.source or "")
+    return stats.model_copy(update={"kind": "file", "path": str(path), "source": None})
+
+
 def _corpus_key(stats: StatsHParams) -> str:
-    """Names the corpus by content: a local file is identified by its bytes, not its path."""
+    """Names the corpus by content: a local file is identified by its bytes, not its path (a named
+    dataset's corpus by its corpus file's bytes, so the key equals that of the same file named by path)."""
+    if stats.kind == "cases":
+        stats = _as_file(stats)
     ident = stats.model_dump()
+    ident.pop("source")  # not part of the keys made before the field existed (always None here)
     if stats.kind == "file" and stats.path and Path(stats.path).is_file():
         ident["path"] = hashlib.sha256(Path(stats.path).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -37,6 +37,8 @@ class StatsHParams(BaseModel):
 
     kind: str = "world"  # world | file | hub | cases
     path: str | None = None  # file: one text per line (.txt) or a JSON list of strings
+    # cases: a named CounterFact dataset (lme_sim.catalog) whose true facts make the corpus (lme_sim.corpus)
+    source: str | None = None
     hub_id: str | None = None
     hub_config: str | None = None
     split: str = "train"
@@ -50,9 +52,10 @@ class NormAnchorHParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # requests the reference norm is taken over: a CounterFact or ZsRE JSON file; None: the embedded
-    # world's edit cases (world:* models only)
+    # requests the reference norm is taken over: a CounterFact or ZsRE JSON file, or a named dataset
+    # (source, as `lme-sim data list` shows); neither: the embedded world's edit cases (world:* models)
     path: str | None = None
+    source: str | None = None
     n_samples: int = Field(1000, gt=0)  # published nas_restart: 1000
     upper_quantile: float = Field(0.95, gt=0, le=1)  # norms above this quantile leave the mean
     skip_factor: float = Field(2.0, gt=0)  # a v* above skip_factor x the reference is not written

@@ -59,14 +59,16 @@ def mlp_values(model, tok, cases: list[EditCase], layer: int, batch_size: int) -
 
 
 def reference_cases(spec: NormAnchorHParams, world) -> list[EditCase]:
-    """``n_samples`` requests drawn (seeded) from ``spec.path``, or the world's edit cases."""
-    if spec.path is None:
+    """``n_samples`` requests drawn (seeded) from ``spec.path`` or the named dataset ``spec.source``, or
+    the world's edit cases."""
+    if spec.path is None and spec.source is None:
         if world is None:
             raise ValueError("norm_anchor.path: needed for a model without an embedded world")
         return world.edit_cases(spec.n_samples, seed=spec.seed + 7919)
+    from ..catalog import resolve
     from ..data import load_cases
 
-    pool = load_cases(spec.path)
+    pool = load_cases(str(spec.path or resolve(spec.source)))
     return random.Random(spec.seed).sample(pool, min(spec.n_samples, len(pool)))
 
 
@@ -77,11 +79,14 @@ def reference_norm(editor, spec: NormAnchorHParams, layer: int) -> float:
     from .targets import compute_targets
 
     hp = editor.hp
+    cases = reference_cases(spec, editor.world)
+    requests = hashlib.sha256("\n".join(f"{c.prompt}\t{c.target_new}" for c in cases).encode()).hexdigest()
     key = json.dumps(
         {
             "model": editor.model_name,
             "layer": layer,
-            "anchor": spec.model_dump(),
+            "anchor": spec.model_dump(exclude={"path", "source"}),
+            "requests": requests,  # the sampled requests themselves, however the file was named
             "targets": hp.model_dump(include=TARGET_FIELDS),
             "contexts": editor.contexts,
         },
@@ -90,7 +95,6 @@ def reference_norm(editor, spec: NormAnchorHParams, layer: int) -> float:
     path = cache_root() / "norm_anchor" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         return json.loads(path.read_text())["reference_norm"]
-    cases = reference_cases(spec, editor.world)
     log.info("NAS: the reference norm over %d requests at layer %d", len(cases), layer)
     norms = []
     chunk = max(1, hp.rows_per_pass // (len(editor.contexts) + 1))

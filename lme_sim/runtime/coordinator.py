@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ..cases import EditCase
+from ..catalog import resolve
 from ..data import load_counterfact, load_zsre
 from ..general_ability import MCItem, probe_items
 from ..metrics import CONSISTENCY_UNAVAILABLE
@@ -457,9 +458,14 @@ def scenario_cases(scn: Scenario, world) -> list[EditCase]:
     d = scn.data
     if d.kind == "world":
         return world.edit_cases(d.n_edits, seed=d.seed)
+    path = d.path if d.path is not None else resolve(d.source)  # a named dataset: its downloaded file
+    drawn = scn.seeds is not None  # a run of a seeded study: n_edits cases of the whole file, seed's order
+    limit = None if drawn else d.n_edits
     if d.kind == "counterfact":
-        return load_counterfact(d.path, limit=d.n_edits)
-    return load_zsre(d.path, target=d.zsre_target, limit=d.n_edits)
+        cases = load_counterfact(path, limit=limit)
+    else:
+        cases = load_zsre(path, target=d.zsre_target, limit=limit)
+    return random.Random(d.seed).sample(cases, min(d.n_edits, len(cases))) if drawn else cases
 
 
 def scenario_events(scn: Scenario) -> list[Event]:
