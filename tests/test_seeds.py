@@ -17,14 +17,14 @@ from lme_sim.storage.logger import RunLogger, read_only_query
 
 from .test_data import FLAT
 
-# run id -> (method, protocol, seed, efficacy at the evaluations after batches 0, 1, 2 of 10 edits)
+# run id -> (method, protocol: edits per batch, seed, efficacy at the evaluations after batches 0, 1, 2)
 RUNS = {
     "s-ultraedit-s0": ("ultraedit", None, 0, [0.9, 0.8, 0.7]),
     "s-ultraedit-s1": ("ultraedit", None, 1, [1.0, 0.6, 0.5]),
     "s-ultraedit-s2": ("ultraedit", None, 2, [0.8, 0.7, 0.3]),
-    "s-memit-seq-s0": ("memit", "sequential", 0, [0.9, 0.4, 0.2]),
-    "s-memit-seq-s1": ("memit", "sequential", 1, [0.7, 0.6, 0.4]),
-    "s-memit-batch": ("memit", "batch", 0, [0.5, 0.5, 0.5]),
+    "s-memit-seq-s0": ("memit", 1, 0, [0.9, 0.4, 0.2]),
+    "s-memit-seq-s1": ("memit", 1, 1, [0.7, 0.6, 0.4]),
+    "s-memit-batch": ("memit", 100, 0, [0.5, 0.5, 0.5]),
 }
 
 
@@ -35,7 +35,7 @@ def db(tmp_path_factory):
         for rid, (method, protocol, seed, curve) in RUNS.items():
             config = {"data": {"seed": seed}, "seeds": [0, 1, 2], "editor": {"method": method}}
             if protocol:
-                config["protocol"] = protocol
+                config["stream"] = {"batch_size": protocol}
             log.start_run(rid, "s", None, config, "world:small", method)
             for b in range(3):
                 log.commit_batch(rid, {"batch_id": b, "step": b, "n_edits": 10}, {})
@@ -72,8 +72,8 @@ def test_runs_group_by_method_and_protocol(db):
     groups = run_groups(db, list(RUNS))
     assert [(g["label"], [r["seed"] for r in g["runs"]]) for g in groups] == [
         ("ultraedit", [0, 1, 2]),
-        ("memit (sequential)", [0, 1]),
-        ("memit (batch)", [0]),
+        ("memit (batch 1)", [0, 1]),
+        ("memit (batch 100)", [0]),
     ]
     _, rows = read_only_query(  # the seed is in the run's config, for SQL
         db,
@@ -88,7 +88,7 @@ def test_compare_shows_mean_std_and_n_per_method(db, monkeypatch):
     r = CliRunner().invoke(main, ["compare", *RUNS, "--db", str(db)])
     assert r.exit_code == 0, r.output
     assert "mean ± std over runs" in r.output
-    assert "ultraedit" in r.output and "n = 3" in r.output and "memit (sequential)" in r.output
+    assert "ultraedit" in r.output and "n = 3" in r.output and "memit (batch 1)" in r.output
     final = {rid: curve[-1] for rid, (*_, curve) in RUNS.items()}
     ultra = [final[f"s-ultraedit-s{s}"] for s in range(3)]
     seq = [final["s-memit-seq-s0"], final["s-memit-seq-s1"]]
@@ -116,7 +116,7 @@ def test_report_draws_a_band_per_method(db, tmp_path):
     curves = [RUNS[f"s-ultraedit-s{s}"][3] for s in range(3)]
     assert list(mean.get_xdata()) == [10, 20, 30]
     assert list(mean.get_ydata()) == pytest.approx([statistics.fmean(c) for c in zip(*curves)])
-    assert "memit (sequential), mean ± std over 2 runs" in lines and "s-memit-batch, n = 10" in lines
+    assert "memit (batch 1), mean ± std over 2 runs" in lines and "s-memit-batch, n = 10" in lines
     assert len(ax.collections) == 2  # one band per method with several runs
     upper = max(p[1] for p in ax.collections[0].get_paths()[0].vertices if p[0] == 20)
     assert upper == pytest.approx(statistics.fmean([0.8, 0.6, 0.7]) + statistics.stdev([0.8, 0.6, 0.7]))
@@ -183,5 +183,5 @@ def test_resume_continues_a_run_at_its_own_seed(tmp_path):
     with RunLogger(db) as log:
         log.start_run("sd-s4-x", "sd", None, {"data": {"seed": 4}, "seeds": [3, 4]}, "world:small", "ft")
         log.start_run("old-x", "sd", None, {}, "world:small", "ft")  # a run logged without a seed
-    assert _resumable_run_or_exit(str(db), "sd-s4-x", "sd") == ("ft", 4)
-    assert _resumable_run_or_exit(str(db), "old-x", "sd") == ("ft", 0)  # data.seed's default
+    assert _resumable_run_or_exit(str(db), "sd-s4-x", "sd", "sd.yaml", {"ft"}) == ("ft", 4)
+    assert _resumable_run_or_exit(str(db), "old-x", "sd", "sd.yaml", {"ft"}) == ("ft", 0)  # the default
