@@ -12,6 +12,9 @@ Evaluators receive only the changed tensors with the new version and score async
 probe row carries the version it was scored on. ``--resume`` restarts from the last checkpoint and
 replays the batches after it from the stream, replacing their rows: no edit is lost or written twice.
 
+What the run writes down (its state, checkpoints and rows) is :mod:`.ledger`'s; what an evaluation
+scores, :mod:`.evaluation`'s; its final metrics, :func:`lme_sim.analysis.summary_rows`.
+
 Faults: a batch whose deltas fail the delta guard is undone and logged in ``rejected_batches``;
 a dead evaluator is restarted and re-synced (:mod:`.evaluation`); anything else (a dead shard,
 editor, stream or logger, or any error once Ray has started) stops the run cleanly with one line
@@ -22,12 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import Progress
 
@@ -38,10 +40,11 @@ from ..general_ability import MCItem, probe_items
 from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
 from ..storage.logger import RunLogger
-from ..storage.records import BatchRecord, EditRecord, RejectedBatchRecord, WeightStatRecord, rows
+from ..storage.records import rows
 from ..stream import EditStream, Event, SimClock, build_events
-from .evaluation import RESTARTABLE, EvalPool
+from .evaluation import RESTARTABLE, EvalPool, eval_request
 from .failures import actor_roles, first_line, stop_run
+from .ledger import Checkpoint, Checkpoints, RunState, batch_row, batch_rows, rejected_row
 from .ray_utils import (
     PlacementError,
     evaluator_options,
@@ -51,7 +54,8 @@ from .ray_utils import (
     release,
     start_shards,
 )
-from .services import Edited, EditorService, EvalRequest, Evaluator, RetentionItem
+from .services import Edited, EditorService, Evaluator
+from .shards import ShardedBackbone
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +84,11 @@ def run_distributed(
     return run.id
 
 
-class RunState:
-    """What a checkpoint holds besides the deltas and the editor's state (all small)."""
-
-    def __init__(self):
-        self.batch_id, self.version, self.eval_id = -1, 0, 0
-        self.cum: dict[str, torch.Tensor] = {}  # the accumulated deltas of ``version``
-        self.committed: list[int] = []  # edit ids in force, in the order they were written
-
-
 class Run:
     def __init__(self, scn: Scenario, scenario_path: str, db: str, resume: str | None, console: Console):
         self.scn, self.path, self.db, self.resume, self.console = scn, str(scenario_path), db, resume, console
         self.id = ""
-        self.ray = self.logger = None
-        self.actors: list = []
-        self.placement_group = None
-        self.roles: dict[str, str] = {}
+        self.ray = self.logger = self.actors = None
         self.state = RunState()
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -106,64 +98,11 @@ class Run:
         self.by_edit = {e.edit_id: e for e in self.events if e.is_edit}
         self.last_edit = max(self.by_edit, default=None)
         general = general_ability_items(scn, self.events)
-        self.ray = ray = init_ray(address)
-        from ..models import model_n_layers
-
-        rt = scn.runtime  # a cluster that cannot hold the shards fails before anything is written
-        shards = start_shards(
-            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype
-        )
-        self.placement_group = shards.placement_group
-        self.console.print(f"placement {rt.placement}: {placement_summary(shards)}")
-        self.stream = (
-            ray.remote(EditStream)
-            .options(num_cpus=0)
-            .remote(self.events, scn.stream.batch_size, scn.stream.window)
-        )
-        self.logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(self.db)
-        res = rt.editor
-        self.editor = (
-            ray.remote(EditorService)
-            .options(num_cpus=res.cpus, num_gpus=res.gpus)
-            .remote(
-                scn.model,
-                shards.shards,
-                scn.editor.method,
-                scn.editor.hparams,
-                scn.editor.max_delta_norm,
-                "cuda" if res.gpus else "cpu",
-            )
-        )
-        ev = scn.evaluator
-        evaluators = [
-            ray.remote(Evaluator)
-            .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
-            .remote(
-                scn.model,
-                scn.eval.rows_per_pass,
-                ev.backend,
-                ev.model_dump(exclude={"backend"}),
-                general_items=general,
-                device="cuda" if rt.gpus else "cpu",
-                dtype=rt.dtype,
-            )
-            for _ in range(rt.evaluators)
-        ]
-        self.pool = EvalPool(ray, evaluators, self.console, scn.eval.max_pending)
-        self.actors = [self.stream, self.logger, self.editor, *evaluators, *shards.shards]
-        self.roles = actor_roles(
-            {
-                "stream": self.stream,
-                "logger": self.logger,
-                "editor": self.editor,
-                **{f"evaluator {i}": h for i, h in enumerate(evaluators)},
-                **{
-                    f"shard {i} (layers {r.start}-{r.stop - 1})": h
-                    for i, (h, r) in enumerate(zip(shards.shards, shards.ranges))
-                },
-            }
-        )
-        self.was = ray.get(
+        self.ray = init_ray(address)
+        self.actors = Actors.start(self.ray, scn, self.events, general, self.db, self.console)
+        self.stream, self.logger, self.editor = self.actors.stream, self.actors.logger, self.actors.editor
+        self.pool = EvalPool(self.ray, self.actors.evaluators, self.console, scn.eval.max_pending)
+        self.was = self.ray.get(  # the run's status before (a resumed run's: failed or interrupted)
             self.logger.start_run.remote(
                 self.id,
                 scn.name,
@@ -174,32 +113,25 @@ class Run:
                 resume=self.resume is not None,
             )
         )
-        self.ckpt_dir = Path(self.db).parent / "checkpoints" / self.id
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = Checkpoints(Path(self.db).parent / "checkpoints" / self.id)
         if self.resume:
             self._restore()
 
     def _restore(self) -> None:
         """Back to the last checkpoint; the rows written after it are deleted (the batches are replayed)."""
-        ray, st = self.ray, self.state
-        found = ray.get(
-            self.logger.query.remote(
-                "select batch_id, checkpoint from batches where run_id = ? and checkpoint is not null "
-                "order by batch_id desc limit 1",
-                [self.id],
-            )
-        )
-        ray.get(self.logger.rollback_after.remote(self.id, found[0][0] if found else -1))
+        found = self.ray.get(self.logger.last_checkpoint.remote(self.id))
+        self.ray.get(self.logger.rollback_after.remote(self.id, found[0] if found else -1))
         if not found:
             self.console.print(f"resuming {self.id} ({self.was}) from its start (no checkpoint yet)")
             return
-        ckpt = torch.load(found[0][1], weights_only=False)
-        ray.get(self.editor.restore.remote(ckpt["deltas"], ckpt["editor"]))
-        self.pool.load(ckpt["deltas"], ckpt["version"])
-        ray.get(self.stream.load_state_dict.remote(ckpt["stream"]))
-        st.batch_id, st.version, st.eval_id = ckpt["batch_id"], ckpt["version"], ckpt["eval_id"]
-        st.cum, st.committed = ckpt["deltas"], ckpt["committed"]
-        self.console.print(f"resuming {self.id} ({self.was}) after batch {st.batch_id} (its checkpoint)")
+        ckpt = Checkpoint.load(found[1])
+        self.ray.get(self.editor.restore.remote(ckpt.state.cum, ckpt.editor))
+        self.pool.load(ckpt.state.cum, ckpt.state.version)
+        self.ray.get(self.stream.load_state_dict.remote(ckpt.stream))
+        self.state = ckpt.state
+        self.console.print(
+            f"resuming {self.id} ({self.was}) after batch {self.state.batch_id} (its checkpoint)"
+        )
 
     # ---- the loop ---------------------------------------------------------------------------------
     def loop(self) -> None:
@@ -235,178 +167,43 @@ class Run:
         """Edit, guard, commit and log one batch; ``paced``: the seconds the stream's clock held it
         back (``stream.speedup``), logged as the batch's ``pace_wait`` timing."""
         ray, st, t0 = self.ray, self.state, time.perf_counter()
-        waited = time.perf_counter()
         self._log_evaluations(self.pool.wait_for_room())  # at most eval.max_pending evaluations in flight
-        waited = time.perf_counter() - waited
+        waited = time.perf_counter() - t0
         result = ray.get(self.editor.edit.remote([e.case for e in batch]))
         if not isinstance(result, Edited):  # the editor undid it: no model copy has it
+            ray.get(self.logger.append.remote("rejected_batches", [rejected_row(batch, result.reason, st)]))
             ids = [e.edit_id for e in batch]
-            ray.get(
-                self.logger.append.remote(
-                    "rejected_batches",
-                    rows(
-                        [
-                            RejectedBatchRecord(
-                                st.batch_id,
-                                batch[-1].time,
-                                len(batch),
-                                ids,
-                                result.reason,
-                                dt.datetime.now(dt.timezone.utc),
-                            )
-                        ]
-                    )["rejected_batches"],
-                )
-            )
             self.console.print(
                 f"[yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result.reason}; "
                 "the model is unchanged"
             )
             return
-        st.batch_id += 1
-        st.version += 1
-        st.cum = {
-            **st.cum,
-            **{n: st.cum[n] + d if n in st.cum else d.clone() for n, d in result.deltas.items()},
-        }
-        st.committed += [e.edit_id for e in batch]
+        st.commit(batch, result.deltas)
         checkpoint = self._checkpoint() if self._checkpoint_due(batch) else None
         timings = {
             **result.timings,
             **({"eval_wait": waited} if waited > 1e-3 else {}),
             **({"pace_wait": paced} if paced > 1e-3 else {}),
         }
-        batch_row = BatchRecord(
-            st.batch_id,
-            st.batch_id,
-            batch[-1].time,
-            len(batch),
-            st.version,
-            time.perf_counter() - t0,
-            timings,
-            checkpoint,
-        )
-        ray.get(
-            self.logger.commit_batch.remote(
-                self.id, rows([batch_row])["batches"][0], rows(self._batch_records(batch, result))
-            )
-        )
+        row = batch_row(batch, st, seconds=time.perf_counter() - t0, timings=timings, checkpoint=checkpoint)
+        ray.get(self.logger.commit_batch.remote(self.id, row, batch_rows(batch, result, st)))
         self.pool.follow(result.deltas, st.version, st.cum)
 
     def _checkpoint_due(self, batch: list[Event]) -> bool:
         """Every ``checkpoint_every`` batches, and after the stream's last edit."""
-        return (self.state.batch_id + 1) % self.scn.checkpoint_every() == 0 or batch[
-            -1
-        ].edit_id == self.last_edit
+        every = self.scn.checkpoint_every()
+        return (self.state.batch_id + 1) % every == 0 or batch[-1].edit_id == self.last_edit
 
     def _checkpoint(self) -> str:
         """Deltas, editor state and stream position, written before the batch's rows (atomically)."""
-        st, ray = self.state, self.ray
-        path = self.ckpt_dir / f"batch-{st.batch_id:06d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "deltas": st.cum,
-                "editor": ray.get(self.editor.state_dict.remote()),
-                "stream": ray.get(self.stream.state_dict.remote()),
-                "committed": st.committed,
-                "batch_id": st.batch_id,
-                "version": st.version,
-                "eval_id": st.eval_id,
-            },
-            tmp,
-        )
-        tmp.rename(path)
-        for old in sorted(self.ckpt_dir.glob("batch-*.pt"))[:-2]:  # keep the last two
-            old.unlink()
-        return str(path)
-
-    def _batch_records(self, batch: list[Event], result: Edited) -> list:
-        st = self.state
-        modules = sorted(result.deltas)
-        norm = {m: float(d.norm()) for m, d in result.deltas.items()}
-        touched = result.touched or [modules] * len(batch)
-        edits = [
-            EditRecord(
-                e.edit_id,
-                st.batch_id,
-                st.batch_id,
-                e.time,
-                e.kind,
-                e.case.case_id,
-                e.fact_key,
-                e.case.subject,
-                e.case.relation,
-                e.case.prompt,
-                e.case.target_new,
-                e.case.target_true,
-                e.supersedes,
-                sorted(mods),
-                [norm.get(m, 0.0) for m in sorted(mods)],
-            )
-            for e, mods in zip(batch, touched)
-        ]
-        stats = [
-            WeightStatRecord(
-                st.batch_id,
-                st.version,
-                w["module"],
-                w["frobenius"],
-                w["spectral"],
-                w["condition"],
-                norm.get(w["module"], 0.0),
-                w["cum_delta_norm"],
-            )
-            for w in result.weight_stats
-        ]
-        return edits + stats
+        editor, stream = self.ray.get([self.editor.state_dict.remote(), self.stream.state_dict.remote()])
+        return self.checkpoints.write(Checkpoint(self.state, editor=editor, stream=stream))
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, final: bool) -> None:
-        """Submit an evaluation of the current version: a uniform sample of ``eval.retention_sample`` of
-        the edits so far (``final``: all of them)."""
-        st, spec = self.state, self.scn.eval
-        st.eval_id += 1
-        latest = self._latest()
-        ids = st.committed
-        if not final and len(ids) > spec.retention_sample:
-            ids = sorted(random.Random(st.eval_id).sample(ids, spec.retention_sample))
-        facts = list(latest.values())
-        if not final and len(facts) > spec.retention_sample:
-            if len(facts) == len(st.committed):  # one edit per fact: the sampled edits' facts, which
-                # share their prompts with the edits' probes (one pass for both, scoring.score_by_prompt)
-                keys = {self.by_edit[i].fact_key for i in ids}
-                facts = [r for k, r in latest.items() if k in keys]
-            else:
-                facts = random.Random(-st.eval_id).sample(facts, spec.retention_sample)
-        recent = (
-            [self.by_edit[i].case.prompt for i in st.committed[-spec.fluency_prompts :]]
-            if spec.fluency_prompts
-            else []
-        )
-        self.pool.submit(
-            EvalRequest(
-                eval_id=st.eval_id,
-                step=st.batch_id,
-                retention=facts,
-                cases=[self.by_edit[i].case for i in ids],
-                n_edits=len(st.committed),
-                fluency_prompts=recent,
-                generative=spec.generative,
-            )
-        )
-
-    def _latest(self) -> dict[str, RetentionItem]:
-        """Each edited fact's latest value and the values it had before (from the committed edits)."""
-        latest: dict[str, RetentionItem] = {}
-        for i in self.state.committed:
-            e = self.by_edit[i]
-            prev = latest.get(e.fact_key)
-            earlier = (
-                prev.earlier + [prev.value] if prev else ([e.case.target_true] if e.case.target_true else [])
-            )
-            latest[e.fact_key] = RetentionItem(i, e.case.prompt, e.case.target_new, earlier)
-        return latest
+        """Submit the next evaluation of the current version (``final``: of every edit)."""
+        self.state.eval_id += 1
+        self.pool.submit(eval_request(self.state, self.by_edit, self.scn.eval, final=final))
 
     def _log_evaluations(self, results: list) -> None:
         for out in results:
@@ -439,19 +236,96 @@ class Run:
         hint = f"lme-sim run {self.path} --resume {self.id}" + (
             f" --db {self.db}" if self.db != self.scn.db else ""
         )
-        return stop_run(self.ray, e, self.logger, self.id, self.roles, hint, Path(self.db).parent / "logs")
+        roles = self.actors.roles() if self.actors else {}
+        return stop_run(self.ray, e, self.logger, self.id, roles, hint, Path(self.db).parent / "logs")
 
     def release(self) -> None:
-        if self.ray is not None and self.actors:
+        if self.ray is not None and self.actors is not None:
             try:
-                release(self.actors, self.placement_group)
+                release(self.actors.handles(), self.actors.shards.placement_group)
             except Exception as e:  # some actors or the placement group may be left in this Ray
                 log.warning(
                     "run %s: could not release all of its actors and their placement group (%s)",
                     self.id,
                     first_line(e),
                 )
-            self.actors = []
+            self.actors = None
+
+
+@dataclass
+class Actors:
+    """A run's Ray actors, each a thin shell around a plain class: the stream, the logger (on this
+    node), the editor, the evaluators (restartable) and the model's shards."""
+
+    stream: object
+    logger: object
+    editor: object
+    evaluators: list
+    shards: ShardedBackbone
+
+    @classmethod
+    def start(
+        cls, ray, scn: Scenario, events: list[Event], general: list[MCItem], db: str, console
+    ) -> Actors:
+        """Start them; a cluster that cannot hold the shards fails first, before anything is written."""
+        from ..models import model_n_layers
+
+        rt, ev = scn.runtime, scn.evaluator
+        shards = start_shards(
+            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype
+        )
+        console.print(f"placement {rt.placement}: {placement_summary(shards)}")
+        stream = (
+            ray.remote(EditStream)
+            .options(num_cpus=0)
+            .remote(events, scn.stream.batch_size, scn.stream.window)
+        )
+        logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)
+        editor = (
+            ray.remote(EditorService)
+            .options(num_cpus=rt.editor.cpus, num_gpus=rt.editor.gpus)
+            .remote(
+                scn.model,
+                shards.shards,
+                scn.editor.method,
+                scn.editor.hparams,
+                scn.editor.max_delta_norm,
+                "cuda" if rt.editor.gpus else "cpu",
+            )
+        )
+        evaluators = [
+            ray.remote(Evaluator)
+            .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
+            .remote(
+                scn.model,
+                scn.eval.rows_per_pass,
+                ev.backend,
+                ev.model_dump(exclude={"backend"}),
+                general_items=general,
+                device="cuda" if rt.gpus else "cpu",
+                dtype=rt.dtype,
+            )
+            for _ in range(rt.evaluators)
+        ]
+        return cls(stream, logger, editor, evaluators, shards)
+
+    def handles(self) -> list:
+        return [self.stream, self.logger, self.editor, *self.evaluators, *self.shards.shards]
+
+    def roles(self) -> dict[str, str]:
+        """``{actor id: role}``: how a dead actor is named in the line that stops the run."""
+        return actor_roles(
+            {
+                "stream": self.stream,
+                "logger": self.logger,
+                "editor": self.editor,
+                **{f"evaluator {i}": h for i, h in enumerate(self.evaluators)},
+                **{
+                    f"shard {i} (layers {r.start}-{r.stop - 1})": h
+                    for i, (h, r) in enumerate(zip(self.shards.shards, self.shards.ranges))
+                },
+            }
+        )
 
 
 def scenario_cases(scn: Scenario, world) -> list[EditCase]:

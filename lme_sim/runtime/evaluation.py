@@ -11,15 +11,25 @@ evaluator that dies more often than ``EVALUATOR_RESTARTS`` times fails the run.
 The pool keeps the accumulated deltas of the current version only, plus the batch deltas since the
 oldest pending evaluation (``cum`` of an older version is the current one minus those): a pending
 evaluation pins no copy of the model state of its own, and at most ``max_pending`` are pending.
+
+What an evaluation scores is :func:`eval_request`'s policy: a uniform sample of the edits so far
+and of the facts they edited (every one of them at the end of the run).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .services import Behind, EvalRequest, Evaluation
+from .services import Behind, EvalRequest, Evaluation, RetentionItem
+
+if TYPE_CHECKING:
+    from ..scenario import EvalSpec
+    from ..stream import Event
+    from .ledger import RunState
 
 EVALUATOR_RESTARTS = 3  # per evaluator and run
 # what the evaluator actors are created with: restart them, and retry calls that were in flight
@@ -121,3 +131,48 @@ class EvalPool:
         ev.load.remote(self.cum_at(p.version), p.version)
         p.ref = ev.evaluate.remote(p.request, version=p.version)
         ev.load.remote(self.cum, self.version)  # back to the current version for what follows
+
+
+def eval_request(state: RunState, by_edit: dict[int, Event], spec: EvalSpec, final: bool) -> EvalRequest:
+    """The evaluation ``state.eval_id`` of the run's current version: a uniform sample of
+    ``spec.retention_sample`` of the edits in force and of the facts they edited (``final``: all of
+    them), and the prompts of the last ``spec.fluency_prompts`` edits for fluency."""
+    committed, n = state.committed, spec.retention_sample
+    ids = committed
+    if not final and len(ids) > n:
+        ids = sorted(random.Random(state.eval_id).sample(ids, n))
+    latest = latest_values(committed, by_edit)
+    facts = list(latest.values())
+    if not final and len(facts) > n:
+        if len(facts) == len(committed):  # one edit per fact: the sampled edits' facts, which
+            # share their prompts with the edits' probes (one pass for both, scoring.score_by_prompt)
+            keys = {by_edit[i].fact_key for i in ids}
+            facts = [r for k, r in latest.items() if k in keys]
+        else:
+            facts = random.Random(-state.eval_id).sample(facts, n)
+    recent = (
+        [by_edit[i].case.prompt for i in committed[-spec.fluency_prompts :]] if spec.fluency_prompts else []
+    )
+    return EvalRequest(
+        eval_id=state.eval_id,
+        step=state.batch_id,
+        retention=facts,
+        cases=[by_edit[i].case for i in ids],
+        n_edits=len(committed),
+        fluency_prompts=recent,
+        generative=spec.generative,
+    )
+
+
+def latest_values(committed: list[int], by_edit: dict[int, Event]) -> dict[str, RetentionItem]:
+    """Each edited fact's latest value and the values it had before (from the edits in force, in
+    the order they were written)."""
+    latest: dict[str, RetentionItem] = {}
+    for i in committed:
+        e = by_edit[i]
+        prev = latest.get(e.fact_key)
+        earlier = (
+            prev.earlier + [prev.value] if prev else ([e.case.target_true] if e.case.target_true else [])
+        )
+        latest[e.fact_key] = RetentionItem(i, e.case.prompt, e.case.target_new, earlier)
+    return latest

@@ -232,6 +232,14 @@ class RunLogger:
             raise
 
     # ---- reading ------------------------------------------------------------------------------
+    def last_checkpoint(self, run_id) -> tuple[int, str] | None:
+        """(batch_id, checkpoint file) of the run's last checkpointed batch, None if none."""
+        return self.con.execute(
+            "SELECT batch_id, checkpoint FROM batches WHERE run_id = ? AND checkpoint IS NOT NULL "
+            "ORDER BY batch_id DESC LIMIT 1",
+            [run_id],
+        ).fetchone()
+
     def last_committed_batch(self, run_id) -> int | None:
         """Highest committed batch_id of the run, None if none."""
         return self.con.execute("SELECT max(batch_id) FROM batches WHERE run_id = ?", [run_id]).fetchone()[0]

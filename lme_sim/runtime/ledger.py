@@ -1,0 +1,172 @@
+"""What a run writes down: where it is (:class:`RunState`), its checkpoints and its rows.
+
+A checkpoint is the run's state plus the editor's state and the stream's position
+(:class:`Checkpoint`), written atomically before the rows of its batch are committed; a run's
+folder keeps the last two (:class:`Checkpoints`). The rows of a batch are built here from the
+batch's events and the editor's :class:`~.services.Edited` (one record per row,
+:mod:`lme_sim.storage.records`); the logger adds the ``run_id``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..storage.records import BatchRecord, EditRecord, RejectedBatchRecord, WeightStatRecord, row, rows
+from ..stream import Event
+from .services import Edited
+
+
+@dataclass
+class RunState:
+    """Where a run is: its last committed batch and model version (the batches since its start), its
+    last evaluation, the accumulated deltas of that version and the edits in force (in the order
+    they were written)."""
+
+    batch_id: int = -1
+    version: int = 0
+    eval_id: int = 0
+    cum: dict[str, torch.Tensor] = field(default_factory=dict)
+    committed: list[int] = field(default_factory=list)
+
+    def commit(self, batch: list[Event], deltas: dict[str, torch.Tensor]) -> None:
+        """``batch`` is in force: the next batch id and version, its deltas added to the accumulated
+        ones (a new dict: the evaluators' pool keeps the one of the version before)."""
+        self.batch_id += 1
+        self.version += 1
+        self.cum = {
+            **self.cum,
+            **{n: self.cum[n] + d if n in self.cum else d.clone() for n, d in deltas.items()},
+        }
+        self.committed += [e.edit_id for e in batch]
+
+
+@dataclass
+class Checkpoint:
+    """What a resume starts from: the run's state, the editor's state and the stream's position."""
+
+    state: RunState
+    editor: dict
+    stream: dict
+
+    def save(self, path: Path) -> None:
+        """Write it to ``path`` atomically (a file next to it, then renamed)."""
+        st, tmp = self.state, path.with_suffix(".tmp")
+        torch.save(
+            {
+                "deltas": st.cum,
+                "editor": self.editor,
+                "stream": self.stream,
+                "committed": st.committed,
+                "batch_id": st.batch_id,
+                "version": st.version,
+                "eval_id": st.eval_id,
+            },
+            tmp,
+        )
+        tmp.rename(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Checkpoint:
+        saved = torch.load(path, weights_only=False)
+        state = RunState(
+            batch_id=saved["batch_id"],
+            version=saved["version"],
+            eval_id=saved["eval_id"],
+            cum=saved["deltas"],
+            committed=saved["committed"],
+        )
+        return cls(state, editor=saved["editor"], stream=saved["stream"])
+
+
+class Checkpoints:
+    """A run's checkpoint folder: ``batch-<batch_id>.pt``, the last ``keep`` of them."""
+
+    def __init__(self, folder: Path, keep: int = 2):
+        self.folder, self.keep = folder, keep
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, ckpt: Checkpoint) -> str:
+        """Save ``ckpt``, drop the older ones beyond ``keep``; its path (for the batch's row)."""
+        path = self.folder / f"batch-{ckpt.state.batch_id:06d}.pt"
+        ckpt.save(path)
+        for old in sorted(self.folder.glob("batch-*.pt"))[: -self.keep]:
+            old.unlink()
+        return str(path)
+
+
+def rejected_row(batch: list[Event], reason: str, state: RunState) -> dict:
+    """The ``rejected_batches`` row of a batch the delta guard refused (after ``state.batch_id``)."""
+    return row(
+        RejectedBatchRecord(
+            after_batch=state.batch_id,
+            sim_time=batch[-1].time,
+            n_edits=len(batch),
+            edit_ids=[e.edit_id for e in batch],
+            reason=reason,
+            rejected_at=dt.datetime.now(dt.timezone.utc),
+        )
+    )
+
+
+def batch_row(
+    batch: list[Event], state: RunState, seconds: float, timings: dict, checkpoint: str | None
+) -> dict:
+    """The ``batches`` row of the batch ``state`` has just committed."""
+    return row(
+        BatchRecord(
+            batch_id=state.batch_id,
+            step=state.batch_id,
+            sim_time=batch[-1].time,
+            n_edits=len(batch),
+            model_version=state.version,
+            seconds=seconds,
+            timings=timings,
+            checkpoint=checkpoint,
+        )
+    )
+
+
+def batch_rows(batch: list[Event], result: Edited, state: RunState) -> dict[str, list[dict]]:
+    """The rows that go with a committed batch's row: its ``edits`` (the modules each touched and
+    their delta norms) and the ``weight_stats`` of every matrix it edited."""
+    modules = sorted(result.deltas)
+    norm = {m: float(d.norm()) for m, d in result.deltas.items()}
+    touched = result.touched or [modules] * len(batch)
+    edits = [
+        EditRecord(
+            edit_id=e.edit_id,
+            batch_id=state.batch_id,
+            step=state.batch_id,
+            sim_time=e.time,
+            kind=e.kind,
+            case_id=e.case.case_id,
+            fact_key=e.fact_key,
+            subject=e.case.subject,
+            relation=e.case.relation,
+            prompt=e.case.prompt,
+            target_new=e.case.target_new,
+            target_old=e.case.target_true,
+            supersedes=e.supersedes,
+            modules=sorted(mods),
+            delta_norms=[norm.get(m, 0.0) for m in sorted(mods)],
+        )
+        for e, mods in zip(batch, touched)
+    ]
+    stats = [
+        WeightStatRecord(
+            batch_id=state.batch_id,
+            model_version=state.version,
+            module=w["module"],
+            frobenius=w["frobenius"],
+            spectral=w["spectral"],
+            condition=w["condition"],
+            delta_norm=norm.get(w["module"], 0.0),
+            cum_delta_norm=w["cum_delta_norm"],
+        )
+        for w in result.weight_stats
+    ]
+    return rows(edits + stats)
