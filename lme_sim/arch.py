@@ -31,7 +31,19 @@ ARCHS: dict[str, ArchSpec] = {
         "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm", "gpt_neox.embed_in"
     ),
 }
-for _llama_like in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "phi3"):
+_LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",  # Gemma 3's text models (Gemma3ForCausalLM)
+    "olmo",
+    "olmo2",
+    "phi3",
+)
+for _llama_like in _LLAMA_LIKE:
     ARCHS[_llama_like] = ArchSpec("model.layers", "mlp.down_proj", "model.norm", "model.embed_tokens")
 
 
@@ -42,6 +54,21 @@ def arch_of(model: nn.Module) -> ArchSpec:
             f"model type {model_type!r} is not in the architecture table; known: {sorted(ARCHS)}"
         )
     return ARCHS[model_type]
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module that holds the blocks (and the rotary or position embeddings): ``model.model``,
+    ``model.transformer``, ..."""
+    return model.get_submodule(arch_of(model).layers.rsplit(".", 1)[0])
+
+
+def logits_of(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (float32) from final hidden states ``h`` (after the final norm), as the model's
+    own forward computes them: the output head, then the final soft cap where the config sets one
+    (Gemma 2: ``cap * tanh(logits / cap)``)."""
+    logits = model.get_output_embeddings()(h).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import arch_of, edit_module_path, layer_path, layers_of, n_layers, weight_view
+from .arch import arch_of, edit_module_path, layer_path, layers_of, logits_of, n_layers, weight_view
 from .hooks import PassThrough, Positions, _hidden, _replace_input, _StopForward
 from .linalg import nullspace_projector
 from .weights import add_delta, matrix_stats
@@ -211,6 +211,10 @@ class LocalBackbone(Backbone):
     def restore_weights(self):
         restore_weights(self.model, self._saved)
 
+    def nullspace_projector(self, layer, C0, threshold):
+        """On the model's device, as a shard computes it (a GPU's eigh); returned on the CPU."""
+        return nullspace_projector(C0.to(self.model.device), threshold).cpu()
+
     def supports_suffix(self):
         from .suffix import supports_suffix
 
@@ -386,7 +390,7 @@ def run_plan(
     out.n_tokens = int(attention_mask.sum())
     if result is not None and plan.logits is not None:
         h = result.last_hidden_state[plan.logits.rows.to(dev), plan.logits.pos.to(dev)]
-        out.logits = model.get_output_embeddings()(h).float()
+        out.logits = logits_of(model, h)
     return out, (boundary[0] if boundary else None)
 
 
