@@ -297,3 +297,87 @@ def test_two_shard_actors_edit_like_the_in_process_model(
         _shards_against_in_process(tok, world, folder, backbone, method)
     finally:
         release(backbone.shards, backbone.placement_group)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "module"),
+    [
+        ("llama", "gate_proj"),
+        ("llama", "up_proj"),
+        ("llama", "down_proj"),
+        ("gpt2", "up_proj"),
+        ("gpt2", "down_proj"),
+    ],
+)
+def test_the_taps_of_a_module_give_its_weight_gradient(tok_world, model_type, module):
+    """Input-side keys k and output gradients g of any editable matrix of the last block, read at the
+    positions whose logits the loss reads: sum_t g_t k_t^T is the gradient of the loss w.r.t. that
+    matrix (in the last block a matrix changes nothing at other positions; GPT-2 has no gate, its
+    up_proj is c_fc)."""
+    from lme_sim.arch import edit_module_path, weight_view
+
+    tok, world = tok_world
+    model = tiny(model_type, tok)
+    cases = world.edit_cases(4, seed=6)
+    batch = encode_pairs(tok, [c.prompt for c in cases], [f"{c.target_new} {c.target_true}" for c in cases])
+    rows, pos, labels = batch.target_positions()
+    at = Positions(rows, pos)
+    bb = LocalBackbone(model)
+    keys, grads, _ = bb.keys_and_output_grads(batch.input_ids, batch.attention_mask, at, labels, [3], module)
+    for l in (3,):
+        W = weight_view(model, l, module)  # (out, in)
+        assert keys[l].shape == (len(rows), W.shape[1]) and grads[l].shape == (len(rows), W.shape[0])
+        param = model.get_submodule(edit_module_path(model, l, module)).weight  # GPT-2: (in, out)
+        param.requires_grad_(True)
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, pos)
+        (dW,) = torch.autograd.grad(
+            torch.nn.functional.cross_entropy(logits, labels, reduction="sum"), [param]
+        )
+        param.requires_grad_(False)
+        dW = dW.T if arch_of(model).transposed else dW
+        assert torch.allclose(grads[l].T @ keys[l], dW, atol=1e-5), l
+
+
+@pytest.mark.parametrize("module", ["gate_proj", "up_proj"])
+def test_ultraedit_edits_gate_and_up_proj_on_shards_like_in_process(tok_world, tmp_path, module):
+    """UltraEdit's published Llama-3 matrices: the taps (keys, gradients) and the deltas on 2 shards equal
+    the in-process ones, and only that matrix changes."""
+    from lme_sim.editors.edit_signals import answer_keys_and_grads
+    from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
+
+    tok, world = tok_world
+    folder = _folder(tok, tmp_path, "llama")
+    local = load_model(folder, progress=False).model
+    backbone = ShardedBackbone([ModelShard(folder, r) for r in split_layers(4, 2)])
+    cases = world.edit_cases(6, seed=7)
+    batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
+    here = answer_keys_and_grads(local, batch, [1, 2], 4, module)
+    there = answer_keys_and_grads(backbone, batch, [1, 2], 4, module)
+    for l in (1, 2):  # layer 1 on the first shard, layer 2 on the second: gradients cross shards
+        assert torch.allclose(here.keys[l], there.keys[l], atol=1e-6)
+        assert here.grads[l].abs().sum() > 0 and torch.allclose(here.grads[l], there.grads[l], atol=1e-7)
+    before = copy.deepcopy(local)
+    over = {"layers": [1, 2], "module": module}
+    remote = make_editor("ultraedit", backbone, tok, folder, over, progress=False).edit(cases)
+    result = make_editor("ultraedit", local, tok, folder, over, progress=False).edit(cases)
+    assert sorted(result.deltas) == [f"model.layers.{l}.mlp.{module}.weight" for l in (1, 2)]
+    _check_deltas(before, local, result.deltas)
+    for name, d in result.deltas.items():
+        assert d.shape == (128, 64) and torch.allclose(d, remote.deltas[name], atol=1e-5), name
+    assert torch.allclose(
+        backbone.edit_weight(2, module), LocalBackbone(local).edit_weight(2, module), atol=1e-6
+    )
+
+
+def test_a_module_the_architecture_lacks_is_one_clear_error(tok_world):
+    from lme_sim.editors.hparams import HParamsError, load_hparams
+
+    tok, world = tok_world
+    for model_type in ("gpt2", "phi3"):  # no gate; Phi-3's gate and up are one fused matrix
+        editor = make_editor(
+            "ultraedit", tiny(model_type, tok), tok, WORLD, {"module": "gate_proj"}, world=world
+        )
+        with pytest.raises(ValueError, match=r"module 'gate_proj': not an editable matrix .* \['down_proj'"):
+            editor.edit(world.edit_cases(2))
+    with pytest.raises(HParamsError, match="module"):
+        load_hparams("ultraedit", WORLD, {"module": "o_proj"})
