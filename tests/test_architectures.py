@@ -381,3 +381,25 @@ def test_a_module_the_architecture_lacks_is_one_clear_error(tok_world):
             editor.edit(world.edit_cases(2))
     with pytest.raises(HParamsError, match="module"):
         load_hparams("ultraedit", WORLD, {"module": "o_proj"})
+
+
+def test_the_delta_guard_keeps_and_restores_the_edited_module(tok_world, tmp_path):
+    """The editor service (what the runtime's editor actor wraps) on 2 shards: its weight statistics name
+    the edited up_proj, and a rejected batch puts up_proj back bit for bit."""
+    from lme_sim.runtime.services import Edited, EditorService, Rejected
+    from lme_sim.runtime.shards import ModelShard, split_layers
+
+    tok, world = tok_world
+    folder = _folder(tok, tmp_path, "llama")
+    hp = {"layers": [1, 2], "module": "up_proj"}
+    shards = [ModelShard(folder, r) for r in split_layers(4, 2)]
+    service = EditorService(folder, shards, "ultraedit", hp)
+    out = service.edit(world.edit_cases(4, seed=8))
+    assert isinstance(out, Edited)
+    assert [w["module"] for w in out.weight_stats] == [f"model.layers.{l}.mlp.up_proj.weight" for l in (1, 2)]
+    assert all(w["cum_delta_norm"] > 0 for w in out.weight_stats)
+    strict = EditorService(folder, shards, "ultraedit", hp, max_delta_norm=1e-9)
+    before = {l: strict.backbone.edit_weight(l, "up_proj") for l in (1, 2)}
+    assert isinstance(strict.edit(world.edit_cases(4, seed=9)), Rejected)
+    for l in (1, 2):
+        assert torch.equal(strict.backbone.edit_weight(l, "up_proj"), before[l])
