@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import arch_of, edit_module_path, layer_path, layers_of, n_layers, weight_view
+from .arch import (
+    DEFAULT_MODULE,
+    arch_of,
+    edit_module_path,
+    layer_path,
+    layers_of,
+    logits_of,
+    n_layers,
+    weight_view,
+)
 from .hooks import PassThrough, Positions, _hidden, _replace_input, _StopForward
 from .linalg import nullspace_projector
 from .weights import add_delta, matrix_stats
@@ -52,6 +61,8 @@ class Plan:
     taps: dict[int, Positions] = field(default_factory=dict)
     # the pass may end after this block: nothing after it is read (no logits); None: the whole model
     stop: int | None = None
+    # which matrix of each block ``keys``, ``key_moments``, ``taps`` and ``rotate`` read (lme_sim.arch)
+    module: str = DEFAULT_MODULE
 
     def differentiable(self) -> bool:
         return (self.inject is not None and self.inject.values.requires_grad) or any(
@@ -84,14 +95,15 @@ class Backbone:
         through :func:`lme_sim.weights.add_delta` wherever the parameter lives."""
         raise NotImplementedError
 
-    def edit_weight(self, layer: int) -> torch.Tensor:
-        """A copy of W at ``layer`` in (d_model, d_ff) orientation."""
+    def edit_weight(self, layer: int, module: str = DEFAULT_MODULE) -> torch.Tensor:
+        """A copy of W (``module`` of block ``layer``) in (out, in) orientation, (d_model, d_ff) for the
+        default ``down_proj``."""
         raise NotImplementedError
 
-    def edit_param_name(self, layer: int) -> str:
+    def edit_param_name(self, layer: int, module: str = DEFAULT_MODULE) -> str:
         raise NotImplementedError
 
-    def weight_stats(self, layer: int) -> dict[str, float]:
+    def weight_stats(self, layer: int, module: str = DEFAULT_MODULE) -> dict[str, float]:
         """Norms and condition number of W at ``layer``, and the norm of its change since the first
         call for that layer (computed where the weight lives: no matrix is shipped)."""
         raise NotImplementedError
@@ -117,8 +129,8 @@ class Backbone:
         device holding the layer)."""
         return nullspace_projector(C0, threshold)
 
-    def save_weights(self, layers: list[int]) -> dict[str, float]:
-        """Keep a copy of W at ``layers`` where it lives (for :meth:`restore_weights`); returns
+    def save_weights(self, layers: list[int], module: str = DEFAULT_MODULE) -> dict[str, float]:
+        """Keep a copy of W (``module``) at ``layers`` where it lives (for :meth:`restore_weights`); returns
         ``{parameter name: ||W||_F}``."""
         raise NotImplementedError
 
@@ -129,12 +141,14 @@ class Backbone:
         at: Positions,
         labels: torch.Tensor,
         layers: list[int],
+        module: str = DEFAULT_MODULE,
     ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor]:
         """One forward and one backward pass. At the (row, pos) pairs ``at``: W's input k per layer
         (N, d_ff), the gradient g of L = sum_i CE(logits at at[i], labels[i]) w.r.t. W's output
         (N, d_model), and the per-position CE (N,). All float32 on the CPU. Nothing below the
-        lowest of ``layers`` is differentiated (the weights are frozen, the taps are the only leaves)."""
-        plan = Plan(taps={l: at for l in layers}, logits=at)
+        lowest of ``layers`` is differentiated (the weights are frozen, the taps are the only leaves).
+        ``module``: which matrix of each block (its input and the gradient w.r.t. its output)."""
+        plan = Plan(taps={l: at for l in layers}, logits=at, module=module)
         with _no_param_grads(getattr(self, "model", None)), torch.enable_grad():
             out = self.run(input_ids, attention_mask, plan)
             nll = nn.functional.cross_entropy(out.logits, labels.to(out.logits.device), reduction="none")
@@ -183,7 +197,7 @@ class LocalBackbone(Backbone):
         self.model = model
         self.config = model.config
         self.n_layers = n_layers(model)
-        self._base: dict[int, torch.Tensor] = {}
+        self._base: dict[tuple[int, str], torch.Tensor] = {}
         self._master: dict[str, torch.Tensor] = {}
         self._saved: dict[str, torch.Tensor] = {}
 
@@ -193,23 +207,27 @@ class LocalBackbone(Backbone):
     def apply_deltas(self, deltas):
         add_deltas(self.model, deltas, self._master)
 
-    def edit_weight(self, layer):
-        return weight_view(self.model, layer).detach().clone()
+    def edit_weight(self, layer, module=DEFAULT_MODULE):
+        return weight_view(self.model, layer, module).detach().clone()
 
-    def edit_param_name(self, layer):
-        return f"{edit_module_path(self.model, layer)}.weight"
+    def edit_param_name(self, layer, module=DEFAULT_MODULE):
+        return f"{edit_module_path(self.model, layer, module)}.weight"
 
-    def weight_stats(self, layer):
-        return weight_health(self.model, layer, self._base)
+    def weight_stats(self, layer, module=DEFAULT_MODULE):
+        return weight_health(self.model, layer, self._base, module)
 
     def transposed(self):
         return arch_of(self.model).transposed
 
-    def save_weights(self, layers):
-        return save_weights(self.model, layers, self._saved)
+    def save_weights(self, layers, module=DEFAULT_MODULE):
+        return save_weights(self.model, layers, self._saved, module)
 
     def restore_weights(self):
         restore_weights(self.model, self._saved)
+
+    def nullspace_projector(self, layer, C0, threshold):
+        """On the model's device, as a shard computes it (a GPU's eigh); returned on the CPU."""
+        return nullspace_projector(C0.to(self.model.device), threshold).cpu()
 
     def supports_suffix(self):
         from .suffix import supports_suffix
@@ -228,12 +246,15 @@ class LocalBackbone(Backbone):
         return suffix_pass(self.model, handle, rows, values, at)[0]
 
 
-def save_weights(model: nn.Module, layers, saved: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Copies of W at ``layers`` into ``saved`` (replacing what it held); returns their Frobenius norms."""
+def save_weights(
+    model: nn.Module, layers, saved: dict[str, torch.Tensor], module: str = DEFAULT_MODULE
+) -> dict[str, float]:
+    """Copies of W (``module``) at ``layers`` into ``saved`` (replacing what it held); returns their
+    Frobenius norms."""
     params = dict(model.named_parameters())
     saved.clear()
     for layer in layers:
-        name = f"{edit_module_path(model, layer)}.weight"
+        name = f"{edit_module_path(model, layer, module)}.weight"
         saved[name] = params[name].detach().clone()
     return {name: float(w.double().norm()) for name, w in saved.items()}
 
@@ -253,11 +274,11 @@ def add_deltas(model: nn.Module, deltas: dict[str, torch.Tensor], masters: dict[
         add_delta(params[name], delta, masters, name)
 
 
-def weight_health(model: nn.Module, layer: int, base: dict[int, torch.Tensor]) -> dict[str, float]:
-    """:func:`~lme_sim.weights.matrix_stats` of W plus ``cum_delta_norm`` against ``base[layer]``
-    (recorded on the first call)."""
-    W = weight_view(model, layer).detach().float()
-    start = base.setdefault(layer, W.clone())
+def weight_health(model: nn.Module, layer: int, base: dict, module: str = DEFAULT_MODULE) -> dict[str, float]:
+    """:func:`~lme_sim.weights.matrix_stats` of W (``module`` of block ``layer``) plus ``cum_delta_norm``
+    against ``base[(layer, module)]`` (recorded on the first call)."""
+    W = weight_view(model, layer, module).detach().float()
+    start = base.setdefault((layer, module), W.clone())
     return {**matrix_stats(W), "cum_delta_norm": float((W - start).norm())}
 
 
@@ -318,7 +339,7 @@ def run_plan(
         for l, at in plan.keys.items():
             if l in layers:
                 hook(
-                    model.get_submodule(edit_module_path(model, l)),
+                    model.get_submodule(edit_module_path(model, l, plan.module)),
                     lambda _m, args, l=l, at=at: out.keys.__setitem__(l, _gather(args[0], at)),
                     pre=True,
                 )
@@ -329,7 +350,7 @@ def run_plan(
                     k = args[0][mask.bool()].float()
                     out.key_moments[l] = (k.T @ k).double()
 
-                hook(model.get_submodule(edit_module_path(model, l)), moment, pre=True)
+                hook(model.get_submodule(edit_module_path(model, l, plan.module)), moment, pre=True)
         for l, at in plan.taps.items():
             if l in layers:
 
@@ -345,11 +366,11 @@ def run_plan(
                     out.taps[l] = leaf
                     return o.index_put((at.rows.to(o.device), at.pos.to(o.device)), leaf, accumulate=True)
 
-                hook(model.get_submodule(edit_module_path(model, l)), tap)
+                hook(model.get_submodule(edit_module_path(model, l, plan.module)), tap)
         for l, M in plan.rotate.items():
             if l in layers:
                 hook(
-                    model.get_submodule(edit_module_path(model, l)),
+                    model.get_submodule(edit_module_path(model, l, plan.module)),
                     lambda _m, args, M=M: (rotate_input(args[0], M),) + tuple(args[1:]),
                     pre=True,
                 )
@@ -386,7 +407,7 @@ def run_plan(
     out.n_tokens = int(attention_mask.sum())
     if result is not None and plan.logits is not None:
         h = result.last_hidden_state[plan.logits.rows.to(dev), plan.logits.pos.to(dev)]
-        out.logits = model.get_output_embeddings()(h).float()
+        out.logits = logits_of(model, h)
     return out, (boundary[0] if boundary else None)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import arch_of
+from .arch import ARCHS, arch_of
 from .tokens import prepare_tokenizer
 from .world import World
 
@@ -53,8 +53,34 @@ def load_model(
                 f"a local folder, or a reachable hub id ({e})"
             ) from None
     prepare_tokenizer(tok)
+    model = text_only(model)
     arch_of(model)  # fail early on an architecture the table does not know
     return LoadedModel(name, model.to(device=device, dtype=dtype).eval(), tok, world)
+
+
+def text_only(model: torch.nn.Module) -> torch.nn.Module:
+    """An image-text wrapper (Gemma 3's ``Gemma3ForConditionalGeneration``, model type ``gemma3``) as
+    the causal LM of its text part, sharing the wrapper's decoder and output head (no copy; the vision
+    tower is dropped); any other model as it is. Parameter names lose the wrapper's prefix
+    (``model.language_model.layers.3...`` becomes ``model.layers.3...``)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cfg = model.config
+    text_cfg = cfg.get_text_config()
+    if text_cfg is cfg:
+        return model
+    decoder = getattr(getattr(model, "model", None), "language_model", None)
+    causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(text_cfg), None)
+    if text_cfg.model_type not in ARCHS or decoder is None or causal_lm is None:
+        raise ModelError(
+            f"model type {cfg.model_type!r} wraps a {text_cfg.model_type!r} text model that lme-sim cannot "
+            f"take out (needs model.language_model and a causal-LM class for it; known text models: "
+            f"{sorted(ARCHS)})"
+        )
+    with torch.device("meta"):  # no weights allocated: the wrapper's modules go in
+        text = causal_lm(text_cfg)
+    text.model, text.lm_head = decoder, model.get_output_embeddings()
+    return text
 
 
 def load_tokenizer(name: str):
@@ -110,4 +136,5 @@ def model_n_layers(name: str) -> int | None:
         cfg = AutoConfig.from_pretrained(name)
     except (OSError, ValueError):  # not a folder with a config, and not reachable on the hub
         return None
+    cfg = cfg.get_text_config()  # an image-text wrapper's (Gemma 3): its text model's
     return getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import arch_of, n_layers
+from .arch import arch_of, logits_of, n_layers
 from .backbone import Inject, LocalBackbone, Plan, Positions, as_backbone
 from .suffix import embed, run_on_prefix, supports_suffix
 from .tokens import PairBatch, _pad, encode_pairs
@@ -127,7 +127,7 @@ def score_by_prompt(model, batch: PairBatch, batch_size: int = 64) -> TargetScor
     prompts = list(distinct)
     total = torch.zeros(n, dtype=torch.float64)
     hits = torch.zeros(n, dtype=torch.float64)
-    head, norm = model.get_output_embeddings(), model.get_submodule(arch_of(model).final_norm)
+    norm = model.get_submodule(arch_of(model).final_norm)
     local = torch.full((len(prompts),), -1, dtype=torch.long)
     for chunk in torch.argsort(torch.tensor([len(p) for p in prompts])).split(batch_size):
         local[chunk] = torch.arange(len(chunk))
@@ -135,13 +135,13 @@ def score_by_prompt(model, batch: PairBatch, batch_size: int = 64) -> TargetScor
         o = local[owner[pairs]]  # their prompt's row in this pass
         local[chunk] = -1
         p_ids, p_mask = _pad([list(prompts[u]) for u in chunk.tolist()], None)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()  # no config: a sliding-window layer keeps every position too
         out = model.base_model(
             input_ids=p_ids.to(dev), attention_mask=p_mask.to(dev), past_key_values=cache, use_cache=True
         )
         start = p_mask.sum(1)  # (b,) prompt lengths: a target's first token is at this position
         last = out.last_hidden_state[torch.arange(len(chunk), device=dev), (start - 1).to(dev)]
-        logp = torch.log_softmax(head(last).float(), -1)  # (b, vocab): every target's first token
+        logp = torch.log_softmax(logits_of(model, last), -1)  # (b, vocab): every target's first token
         first = ids[pairs, p_len[pairs]].to(dev)
         total[pairs] += logp[o.to(dev), first].double().cpu()
         hits[pairs] += (logp.argmax(-1)[o.to(dev)] == first).double().cpu()
@@ -161,7 +161,7 @@ def score_by_prompt(model, batch: PairBatch, batch_size: int = 64) -> TargetScor
         kv = {l: (layer.keys[o_m.to(dev)], layer.values[o_m.to(dev)]) for l, layer in enumerate(cache.layers)}
         h = run_on_prefix(model, kv, start[o_m], length, h, list(range(n_layers(model))))
         r, c = real.nonzero(as_tuple=True)
-        lp = torch.log_softmax(head(norm(h[r.to(dev), c.to(dev)])).float(), -1)
+        lp = torch.log_softmax(logits_of(model, norm(h[r.to(dev), c.to(dev)])), -1)
         lab = labels[r, c].to(dev)
         total.index_add_(0, rows[r], lp.gather(1, lab[:, None])[:, 0].double().cpu())
         hits.index_add_(0, rows[r], (lp.argmax(-1) == lab).double().cpu())
@@ -283,7 +283,7 @@ def _generate_cached(
                 input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
             )
             past = res.past_key_values
-            logits = model.get_output_embeddings()(res.last_hidden_state[:, -1]).float()
+            logits = logits_of(model, res.last_hidden_state[:, -1])
             nxt = _next_tokens(logits, top_k, generator)
             new.append(nxt)
             ids = nxt[:, None].to(dev)

@@ -17,7 +17,11 @@ its own row. The cache is only read: each step concatenates new tensors.
 
 Decoder blocks are called directly, so each architecture needs what its blocks take besides the
 hidden states and the mask (:func:`_block_kwargs`): GPT-2 nothing (its position embedding is added
-at the input), the Llama family RoPE's cos/sin. Other architectures use the full passes.
+at the input), GPT-J the position ids (its blocks compute their rotary embedding), GPT-NeoX and the
+Llama family RoPE's cos/sin (Gemma 3 one per attention type: local and global layers use different
+bases). A sliding-window block (Mistral, Qwen2/3 where set, Gemma 2/3's local layers) gets its window
+in its mask (:func:`attention_window`). Every architecture of :data:`lme_sim.arch.ARCHS` is handled;
+tests/test_architectures.py checks each against the full passes.
 """
 
 from __future__ import annotations
@@ -28,14 +32,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import arch_of, layer_path, n_layers
+from .arch import arch_of, decoder_of, layer_path, logits_of, n_layers
 from .hooks import Positions, _hidden, _replace_input, _StopForward
 
-SUFFIX_ARCHS = ("gpt2", "llama")  # architectures whose blocks :func:`suffix_pass` knows how to call
+# architectures whose blocks :func:`suffix_pass` knows how to call (tests/test_architectures.py)
+SUFFIX_ARCHS = (
+    "gpt2",
+    "gptj",
+    "gpt_neox",
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo",
+    "olmo2",
+    "phi3",
+)
+_CACHE_KWARG = {"gptj": "layer_past", "gpt_neox": "layer_past"}  # default: past_key_values
 
 
 def supports_suffix(model: nn.Module) -> bool:
     return getattr(model.config, "model_type", None) in SUFFIX_ARCHS
+
+
+def attention_window(model: nn.Module, layer: int) -> int | None:
+    """The sliding window of block ``layer``'s attention (a query at q sees keys k > q - window), or
+    None (every earlier position), as the model's own masks have it: per layer where the config lists
+    ``layer_types``, else every layer where it sets ``sliding_window`` (Mistral, Phi-3)."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return cfg.sliding_window if types[layer] == "sliding_attention" else None
+    return getattr(cfg, "sliding_window", None)
 
 
 @dataclass
@@ -84,7 +115,8 @@ def prefix_pass(
         raise ValueError("every row needs its subject's last token inside the row")
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)  # filled by the blocks this model owns
+    # filled by the blocks this model owns; no config: a sliding-window layer keeps every position too
+    cache = DynamicCache()
     kept: dict[str, torch.Tensor] = {}
     boundary: list[torch.Tensor] = []
     with ExitStack() as stack:
@@ -125,20 +157,33 @@ def prefix_pass(
     out = None
     if result is not None and logits is not None:
         h = result.last_hidden_state[logits.rows.to(dev), logits.pos.to(dev)]
-        out = model.get_output_embeddings()(h).float()
+        out = logits_of(model, h)
     pc = PrefixCache(layer, start, length, kv, kept.get("h"))
     return pc, out, (boundary[0] if boundary else None)
 
 
 def suffix_mask(
-    start: torch.Tensor, length: torch.Tensor, P: int, S: int, dtype: torch.dtype
+    start: torch.Tensor,
+    length: torch.Tensor,
+    P: int,
+    S: int,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> torch.Tensor:
     """(b, 1, S, P + S) additive mask: suffix position i of row r sees the prefix positions j < s_r
-    and the real suffix positions j <= i (a padded i sees at least suffix position 0: no empty row)."""
+    and the real suffix positions j <= i (a padded i sees itself too: no empty row); with ``window``
+    only the keys less than ``window`` positions back (absolute positions, as Hugging Face's
+    sliding-window masks)."""
     i = torch.arange(S)
     prefix_ok = (torch.arange(P)[None, :] < start[:, None])[:, None, :].expand(-1, S, -1)  # (b, S, P)
-    suffix_ok = (i[None, None, :] <= i[None, :, None]) & (i[None, None, :] < length[:, None, None])  # b, S, S
+    suffix_ok = (i[None, None, :] <= i[None, :, None]) & (
+        (i[None, None, :] < length[:, None, None]) | (i[None, None, :] == i[None, :, None])
+    )  # (b, S, S)
     ok = torch.cat([prefix_ok, suffix_ok], -1)
+    if window is not None:
+        q = start[:, None] + i  # (b, S) absolute positions of the queries
+        k = torch.cat([torch.arange(P)[None, :].expand(len(start), -1), q], 1)  # (b, P + S) of the keys
+        ok = ok & (k[:, None, :] > q[:, :, None] - window)
     return torch.zeros(ok.shape, dtype=dtype).masked_fill(~ok, torch.finfo(dtype).min)[:, None]
 
 
@@ -154,14 +199,25 @@ class _PrefixKV:
         return torch.cat([k, key_states], 2), torch.cat([v, value_states], 2)
 
 
-def _block_kwargs(model: nn.Module, h: torch.Tensor, pos: torch.Tensor) -> dict:
-    """What a block takes besides its input and mask, for absolute positions ``pos`` (b, S)."""
+def _block_kwargs(model: nn.Module, h: torch.Tensor, pos: torch.Tensor, layer: int, rope: dict) -> dict:
+    """What block ``layer`` takes besides its input, mask and cache, for absolute positions ``pos``
+    (b, S); ``rope``: RoPE's cos/sin per attention type, computed once per call of the caller."""
     kind = model.config.model_type
     if kind == "gpt2":
         return {}  # the position embedding was added at the input, long before block L
-    if kind == "llama":
-        return {"position_embeddings": model.base_model.rotary_emb(h, position_ids=pos), "position_ids": pos}
-    raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
+    if kind == "gptj":
+        return {"position_ids": pos}  # its attention computes its rotary embedding from the ids
+    if kind not in SUFFIX_ARCHS:
+        raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
+    rotary = decoder_of(model).rotary_emb
+    if kind == "gemma3_text":  # local and global layers rotate with different bases
+        kind_of_layer = model.config.layer_types[layer]
+        if kind_of_layer not in rope:
+            rope[kind_of_layer] = rotary(h, pos, kind_of_layer)
+        return {"position_embeddings": rope[kind_of_layer], "position_ids": pos}
+    if "all" not in rope:
+        rope["all"] = rotary(h, position_ids=pos)
+    return {"position_embeddings": rope["all"], "position_ids": pos}
 
 
 def length_groups(length: torch.Tensor, overhead: int = 32) -> list[torch.Tensor]:
@@ -213,23 +269,28 @@ def run_on_prefix(
     start, length = start.cpu(), length.cpu()
     P, S = int(start.max()), h.shape[1]
     pos = (start[:, None] + torch.arange(S)).to(dev)  # (b, S) absolute positions
-    mask = suffix_mask(start, length, P, S, h.dtype).to(dev)  # (b, 1, S, P + S)
+    masks: dict[int | None, torch.Tensor] = {}  # window -> (b, 1, S, P + S)
     cache = _PrefixKV({l: (k[:, :, :P], v[:, :, :P]) for l, (k, v) in kv.items() if l in blocks})
-    kwargs = _block_kwargs(model, h, pos)
+    cache_kwarg = _CACHE_KWARG.get(model.config.model_type, "past_key_values")
+    rope: dict = {}
     for l in blocks:
-        h = _hidden(_block(model, l)(h, attention_mask=mask, past_key_values=cache, **kwargs))
+        w = attention_window(model, l)
+        if w not in masks:
+            masks[w] = suffix_mask(start, length, P, S, h.dtype, w).to(dev)
+        kwargs = _block_kwargs(model, h, pos, l, rope)
+        h = _hidden(_block(model, l)(h, attention_mask=masks[w], **{cache_kwarg: cache}, **kwargs))
     return h
 
 
 def embed(model: nn.Module, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """The input of block 0 for token ``ids`` (b, S) at absolute positions ``pos`` (b, S)."""
-    h = model.get_input_embeddings()(ids)
     kind = model.config.model_type
+    if kind not in SUFFIX_ARCHS:
+        raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
+    h = model.get_input_embeddings()(ids)  # Gemma's embedding module scales by sqrt(d) itself
     if kind == "gpt2":
-        return h + model.base_model.wpe(pos)
-    if kind == "llama":
-        return h  # RoPE is applied inside the blocks (:func:`_block_kwargs`)
-    raise NotImplementedError(f"suffix passes do not know {kind!r} blocks (known: {SUFFIX_ARCHS})")
+        return h + decoder_of(model).wpe(pos)
+    return h  # rotary embeddings are applied inside the blocks (:func:`_block_kwargs`)
 
 
 def suffix_pass(
@@ -281,4 +342,4 @@ def suffix_pass(
         order.append(q)
     h = torch.cat(picked)[torch.argsort(torch.cat(order)).to(dev)]  # back in the order of ``at``
     h = model.get_submodule(arch_of(model).final_norm)(h)
-    return model.get_output_embeddings()(h).float(), None
+    return logits_of(model, h), None

@@ -16,6 +16,7 @@ LAYERS = [
         "cases",
         "config",
         "arch",
+        "random_models",
         "tokens",
         "weights",
         "linalg",

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..arch import DEFAULT_MODULE
 from ..backbone import Backbone, as_backbone
 from ..cases import EditCase
 from .hparams import HPARAMS_DIR, HParams, load_hparams
@@ -105,9 +106,12 @@ class Editor(ABC):
         pass
 
 
-def apply_layer_delta(backbone: Backbone, layer: int, delta: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """W_layer += delta (d_model, d_ff); returns (parameter name, delta in the parameter's layout)."""
-    name = backbone.edit_param_name(layer)
+def apply_layer_delta(
+    backbone: Backbone, layer: int, delta: torch.Tensor, module: str = DEFAULT_MODULE
+) -> tuple[str, torch.Tensor]:
+    """W += delta for W the ``module`` of block ``layer``, delta (out, in) ((d_model, d_ff) for
+    ``down_proj``); returns (parameter name, delta in the parameter's layout)."""
+    name = backbone.edit_param_name(layer, module)
     stored = delta.T.contiguous() if backbone.transposed() else delta
     backbone.apply_deltas({name: stored})
     return name, stored

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..arch import edit_module_path
+from ..arch import DEFAULT_MODULE, edit_module_path
 from ..backbone import LocalBackbone, Positions, as_backbone
 from ..scoring import target_logprobs
 from ..tokens import PairBatch
@@ -76,7 +76,7 @@ def keys_and_grads(model, batch: PairBatch, layers: list[int], tokens: str = "al
 
 
 def answer_keys_and_grads(
-    model, batch: PairBatch, layers: list[int], chunk: int | None = None
+    model, batch: PairBatch, layers: list[int], chunk: int | None = None, module: str = DEFAULT_MODULE
 ) -> EditSignals:
     """k and g = dL/d(W k) at the answer tokens only (``batch.target_positions()``: the positions
     whose next token is a target token), for L = the mean cross-entropy over all answer tokens of
@@ -84,7 +84,8 @@ def answer_keys_and_grads(
 
     ``chunk``: rows per forward/backward pass. Rows are sorted by length and cut into chunks, each
     trimmed to its longest row (less padding); the chunks' losses add up to L, so the result is
-    that of one pass over the whole batch (up to float rounding)."""
+    that of one pass over the whole batch (up to float rounding). ``module``: which matrix of each
+    block (:mod:`lme_sim.arch`): its input and the gradient w.r.t. its output."""
     backbone = as_backbone(model)
     rows, pos, _ = batch.target_positions()
     n_tok = len(rows)
@@ -97,7 +98,7 @@ def answer_keys_and_grads(
         sub = batch.select(part)
         r, p, labels = sub.target_positions()
         k, g, nll = backbone.keys_and_output_grads(
-            sub.input_ids, sub.attention_mask, Positions(r, p), labels, list(layers)
+            sub.input_ids, sub.attention_mask, Positions(r, p), labels, list(layers), module
         )
         for l in layers:
             keys[l].append(k[l])

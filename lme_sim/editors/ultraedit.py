@@ -2,8 +2,10 @@
 Language Models", arXiv 2505.14679, TMLR 2026): a training-free lifelong editor.
 
 Per batch, one forward and one backward pass give, at every *answer token* t (a position whose next
-token is a target token) and every edited module W (the MLP output matrix here), the module's input
-key k_t (d_ff) and the gradient g_t = dL/d(W k_t) (d_model) of the edit loss
+token is a target token) and every edited module W (the MLP output matrix by default; ``module:
+gate_proj`` or ``up_proj`` edits that matrix instead, its key the block's normalized hidden state), the
+module's input key k_t (d_ff for the output matrix) and the gradient g_t = dL/d(W k_t) (d_model) of the
+edit loss
 
     L = mean over the batch's answer tokens of -log P(answer token | prefix).
 
@@ -29,11 +31,12 @@ backbone (:meth:`~lme_sim.backbone.Backbone.keys_and_output_grads`), so UltraEdi
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from ..arch import DEFAULT_MODULE
 from ..cases import EditCase
 from ..tokens import encode_pairs
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
@@ -86,6 +89,9 @@ class UltraEditHParams(HParams):
     """UltraEdit (arXiv 2505.14679): lifelong-normalized pseudo-values and a ridge solve per batch.
     ``rows_per_pass``: rows per forward/backward pass (rows sorted by length, see edit_signals)."""
 
+    # which MLP matrix of each layer (lme_sim.arch: Llama's names, mapped per architecture); the
+    # published Llama-3 setting edits gate_proj and up_proj
+    module: Literal["down_proj", "gate_proj", "up_proj"] = DEFAULT_MODULE
     lr: float = Field(1e-3, gt=0)  # v = -lr ||k^||^2 g^
     ridge: float = Field(1.0, gt=0)  # lambda in (K^T K + lambda I)^-1 K^T V (published: 1)
 
@@ -113,7 +119,7 @@ class UltraEdit(Editor):
         hp, timer, layers = self.hp, PhaseTimer(), list(self.hp.layers)
         with timer("keys"):
             batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
-            signals = answer_keys_and_grads(self.model, batch, layers, hp.rows_per_pass)
+            signals = answer_keys_and_grads(self.model, batch, layers, hp.rows_per_pass, hp.module)
         with timer("solve"):
             update_normalizers(norms, signals.keys, signals.grads)  # before they are applied
             deltas = {
@@ -130,7 +136,7 @@ class UltraEdit(Editor):
         stats = {"loss_before": signals.loss.mean().item(), "answer_tokens": float(len(signals.owner))}
         with timer("apply"):
             for l, d in deltas.items():
-                name, stored = apply_layer_delta(self.model, l, d)
+                name, stored = apply_layer_delta(self.model, l, d, hp.module)
                 out[name] = stored
                 stats[f"delta_norm_l{l}"] = d.norm().item()
         return EditResult(out, dict(timer), stats)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..arch import DEFAULT_MODULE
 from ..backbone import LocalBackbone
 from ..cases import EditCase
 from ..editors import editor_class, make_editor
@@ -82,11 +83,12 @@ class EditorService:
             device=device,
         )
         self.layers = list(self.editor.hp.layers)
+        self.module = getattr(self.editor.hp, "module", DEFAULT_MODULE)  # the matrix edited in each layer
         self.weight_stats()  # records the unedited weights where they live
 
     def edit(self, cases: list[EditCase]) -> Edited | Rejected:
         written = self.local or self.backbone  # where the editor writes while it edits
-        norms = written.save_weights(self.layers)
+        norms = written.save_weights(self.layers, self.module)
         result = self.editor.edit(cases)
         problem = delta_problem(result.deltas, norms, self.max_delta_norm)
         if problem is not None:
@@ -103,7 +105,11 @@ class EditorService:
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
         return [
-            {"module": self.backbone.edit_param_name(l), **self.backbone.weight_stats(l)} for l in self.layers
+            {
+                "module": self.backbone.edit_param_name(l, self.module),
+                **self.backbone.weight_stats(l, self.module),
+            }
+            for l in self.layers
         ]
 
     def restore(self, cum: dict[str, torch.Tensor], state: dict) -> None:

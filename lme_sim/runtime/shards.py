@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import arch_of, edit_module_path, layers_of, n_layers, weight_view
+from ..arch import DEFAULT_MODULE, arch_of, edit_module_path, layers_of, n_layers, weight_view
 from ..backbone import (
     Backbone,
     Inject,
@@ -66,7 +66,7 @@ class ModelShard:
         for p in model.parameters():
             p.requires_grad_(False)
         self.model = model.to(device=device, dtype=getattr(torch, dtype) if dtype else None).eval()
-        self._base: dict[int, torch.Tensor] = {}  # edited weights as first seen (weight health)
+        self._base: dict[tuple[int, str], torch.Tensor] = {}  # edited weights as first seen (weight health)
         self._master: dict[str, torch.Tensor] = {}  # float32 copies of edited 16-bit weights
         self._moments: dict[int, torch.Tensor] = {}  # running key statistics (on the device)
         self._saved: dict[str, torch.Tensor] = {}  # weights kept by save_weights (a rejected batch)
@@ -82,7 +82,11 @@ class ModelShard:
             "config": self.model.config,
             "transposed": arch_of(self.model).transposed,
             "suffix": supports_suffix(self.model),
-            "param_names": {l: f"{edit_module_path(self.model, l)}.weight" for l in self.layers},
+            "param_names": {
+                (l, m): f"{edit_module_path(self.model, l, m)}.weight"
+                for l in self.layers
+                for m in arch_of(self.model).modules
+            },
         }
 
     def forward(self, req: int, input_ids, attention_mask, plan: Plan, hidden_in=None, grad: bool = False):
@@ -184,15 +188,15 @@ class ModelShard:
     def drop_prefix(self, key: int) -> None:
         self._prefixes.pop(key, None)
 
-    def edit_weight(self, layer: int) -> torch.Tensor:
-        return weight_view(self.model, layer).detach().cpu().clone()
+    def edit_weight(self, layer: int, module: str = DEFAULT_MODULE) -> torch.Tensor:
+        return weight_view(self.model, layer, module).detach().cpu().clone()
 
-    def weight_stats(self, layer: int) -> dict[str, float]:
-        return weight_health(self.model, layer, self._base)
+    def weight_stats(self, layer: int, module: str = DEFAULT_MODULE) -> dict[str, float]:
+        return weight_health(self.model, layer, self._base, module)
 
-    def save_weights(self, layers: list[int]) -> dict[str, float]:
-        """Keep a copy of W at those of ``layers`` this shard owns; returns their norms."""
-        return save_weights(self.model, [l for l in layers if l in self.layers], self._saved)
+    def save_weights(self, layers: list[int], module: str = DEFAULT_MODULE) -> dict[str, float]:
+        """Keep a copy of W (``module``) at those of ``layers`` this shard owns; returns their norms."""
+        return save_weights(self.model, [l for l in layers if l in self.layers], self._saved, module)
 
     def restore_weights(self) -> None:
         restore_weights(self.model, self._saved)
@@ -262,8 +266,8 @@ class ShardedBackbone(Backbone):
             raise ValueError(f"shards must cover layers 0..{self.n_layers} contiguously, got {self.ranges}")
         self.config = infos[0]["config"]
         self._transposed = infos[0]["transposed"]
-        self._param_names = {l: n for i in infos for l, n in i["param_names"].items()}
-        self._layer_of = {n: l for l, n in self._param_names.items()}
+        self._param_names = {k: n for i in infos for k, n in i["param_names"].items()}  # (layer, module)
+        self._layer_of = {n: l for (l, _), n in self._param_names.items()}
         self._suffix = all(i.get("suffix", False) for i in infos)
 
     def _owner(self, layer: int) -> int:
@@ -324,18 +328,23 @@ class ShardedBackbone(Backbone):
         for i, part in by_shard.items():
             call(self.shards[i], "apply_deltas", part)
 
-    def edit_weight(self, layer: int) -> torch.Tensor:
-        return call(self.shards[self._owner(layer)], "edit_weight", layer)
+    def edit_weight(self, layer: int, module: str = DEFAULT_MODULE) -> torch.Tensor:
+        return call(self.shards[self._owner(layer)], "edit_weight", layer, module)
 
-    def edit_param_name(self, layer: int) -> str:
-        return self._param_names[layer]
+    def edit_param_name(self, layer: int, module: str = DEFAULT_MODULE) -> str:
+        if (layer, module) not in self._param_names:
+            known = sorted({m for _, m in self._param_names})
+            raise ValueError(
+                f"module {module!r}: not an editable matrix of this architecture (it has: {known})"
+            )
+        return self._param_names[(layer, module)]
 
-    def weight_stats(self, layer: int) -> dict[str, float]:
-        return call(self.shards[self._owner(layer)], "weight_stats", layer)
+    def weight_stats(self, layer: int, module: str = DEFAULT_MODULE) -> dict[str, float]:
+        return call(self.shards[self._owner(layer)], "weight_stats", layer, module)
 
-    def save_weights(self, layers: list[int]) -> dict[str, float]:
+    def save_weights(self, layers: list[int], module: str = DEFAULT_MODULE) -> dict[str, float]:
         # every shard: one that owns none of ``layers`` drops what it kept before
-        return {n: w for s in self.shards for n, w in call(s, "save_weights", list(layers)).items()}
+        return {n: w for s in self.shards for n, w in call(s, "save_weights", list(layers), module).items()}
 
     def restore_weights(self) -> None:
         for shard in self.shards:
@@ -344,13 +353,13 @@ class ShardedBackbone(Backbone):
     def transposed(self) -> bool:
         return self._transposed
 
-    def keys_and_output_grads(self, input_ids, attention_mask, at, labels, layers):
+    def keys_and_output_grads(self, input_ids, attention_mask, at, labels, layers, module=DEFAULT_MODULE):
         """As :meth:`Backbone.keys_and_output_grads`: the forward runs with grad from the first shard
         owning one of ``layers``, the loss is taken on the logits here, and the backward goes through
         the shards, each returning the gradients of its taps."""
         req = next(self._requests)
         first = min(self._owner(l) for l in layers)
-        plan = Plan(taps={l: at for l in layers}, logits=at)
+        plan = Plan(taps={l: at for l in layers}, logits=at, module=module)
         try:
             merged = self._chain(req, input_ids, attention_mask, plan, grad_from=first)
             logits = merged.logits.detach().requires_grad_(True)
