@@ -28,6 +28,8 @@ db: {db}
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
     assert "retention" in r.output and str(db) in r.output
+    # no terminal, no bar: a line per evaluation says how far the run is
+    assert ": 10 edits committed" in r.output and ": 20 edits committed" in r.output, r.output
     r = CliRunner().invoke(main, ["query", "select count(*) from edits", "--db", str(db)])
     assert r.exit_code == 0 and r.output.splitlines()[-1] == "20"
     _, evals = read_only_query(

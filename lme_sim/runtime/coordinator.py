@@ -138,6 +138,7 @@ class Run:
     def loop(self) -> None:
         ray, clock = self.ray, SimClock(self.scn.stream.speedup)
         self._editor_ready()
+        self._started = time.perf_counter()
         with Progress(console=self.console, transient=True) as progress:
             bar = progress.add_task(
                 f"{self.scn.editor.method} on {self.scn.model}",
@@ -149,10 +150,25 @@ class Run:
                 position = ray.get(self.stream.state_dict.remote())["position"]
                 if isinstance(item, Event):  # an eval checkpoint: score asynchronously
                     self.evaluate(final=position == len(self.events))
+                    self._progress_line(position)
                 else:
                     self.edit_batch(item, paced)
                 self._log_evaluations(self.pool.collect(wait=False))
                 progress.update(bar, completed=position)
+
+    def _progress_line(self, position: int) -> None:
+        """Where no bar is drawn (output to a file, e.g. a run under nohup): one line per evaluation,
+        with the edits committed and the seconds per edit since the last line."""
+        if self.console.is_terminal:
+            return
+        now, n = time.perf_counter(), len(self.state.committed)
+        last_t, last_n = getattr(self, "_last_line", (self._started, 0))
+        rate = f", {(now - last_t) / (n - last_n):.2f} s per edit since the last line" if n > last_n else ""
+        self.console.print(
+            f"{time.strftime('%H:%M:%S')} {self.id}: {n} edits committed, event {position} of "
+            f"{len(self.events)}{rate}"
+        )
+        self._last_line = (now, n)
 
     def _editor_ready(self) -> None:
         """Wait for the editor actor's set-up, which on a model's first use includes its key
