@@ -373,12 +373,13 @@ def test_a_module_the_architecture_lacks_is_one_clear_error(tok_world):
     from lme_sim.editors.hparams import HParamsError, load_hparams
 
     tok, world = tok_world
-    for model_type in ("gpt2", "phi3"):  # no gate; Phi-3's gate and up are one fused matrix
-        editor = make_editor(
-            "ultraedit", tiny(model_type, tok), tok, WORLD, {"module": "gate_proj"}, world=world
-        )
-        with pytest.raises(ValueError, match=r"module 'gate_proj': not an editable matrix .* \['down_proj'"):
-            editor.edit(world.edit_cases(2))
+    # GPT-2 has no gate; Phi-3's gate and up are one fused matrix: the editor refuses before any work
+    for model_type, has in (("gpt2", "['down_proj', 'up_proj']"), ("phi3", "['down_proj']")):
+        msg = "editor.hparams.module: module 'gate_proj': not an editable matrix of this architecture"
+        msg += f" (it has: {has})"
+        with pytest.raises(HParamsError) as err:
+            make_editor("ultraedit", tiny(model_type, tok), tok, WORLD, {"module": "gate_proj"}, world=world)
+        assert str(err.value) == msg
     with pytest.raises(HParamsError, match="module"):
         load_hparams("ultraedit", WORLD, {"module": "o_proj"})
 

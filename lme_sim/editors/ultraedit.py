@@ -41,7 +41,7 @@ from ..cases import EditCase
 from ..tokens import encode_pairs
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .edit_signals import answer_keys_and_grads
-from .hparams import HParams
+from .hparams import HParams, HParamsError
 from .hypernet import RunningNorm, ridge_delta
 from .registry import register
 
@@ -103,6 +103,11 @@ class UltraEdit(Editor):
 
     def __init__(self, model, tok, hparams, **kw):
         super().__init__(model, tok, hparams, **kw)
+        try:  # before any work: the architecture has this matrix
+            for l in hparams.layers:
+                self.model.edit_param_name(l, hparams.module)
+        except ValueError as e:
+            raise HParamsError(f"editor.hparams.module: {e}") from None
         self.norms: dict[str, RunningNorm] = {}  # committed: the normalizers of the accepted batches
         self._pending: dict[str, RunningNorm] | None = None  # after the last edit, until commit
 
