@@ -409,11 +409,30 @@ def _fingerprint(events: list[Event]) -> str:
     return h.hexdigest()[:16]
 
 
-class EditStream:
-    """A cursor over events, handing out batches (see :func:`batch_events`) one at a time.
+@dataclass(frozen=True)
+class Step:
+    """What a stream hands out next: edit-like events written as one batch, or one eval event (an
+    evaluation is due); ``position``: the index of the event after it."""
 
-    ``next_batch()`` returns a list of edit-like events, an eval :class:`Event` (a checkpoint), or
-    None at the end. ``state_dict()`` / ``load_state_dict()`` (or ``seek``) resume a stream.
+    events: list[Event]
+    position: int
+
+    @property
+    def is_eval(self) -> bool:
+        return self.events[0].kind == "eval"
+
+    @property
+    def time(self) -> dt.datetime:
+        """When it is due: its last event's simulated time."""
+        return self.events[-1].time
+
+
+class EditStream:
+    """A cursor over events, handing out batches (see :func:`batch_events`) one at a time; the
+    coordinator replays it in process, paced by a :class:`SimClock`.
+
+    ``next_batch()`` returns the next :class:`Step`, or None at the end. ``state_dict()`` /
+    ``load_state_dict()`` (or ``seek``) resume a stream.
     """
 
     def __init__(self, events: list[Event], batch_size: int, window: dt.timedelta | None = None):
@@ -448,12 +467,12 @@ class EditStream:
     def done(self) -> bool:
         return self._pos >= len(self.events)
 
-    def next_batch(self) -> list[Event] | Event | None:
+    def next_batch(self) -> Step | None:
         if self.done:
             return None
         end = _group_end(self.events, self._pos, self.batch_size, self.window)
         group, self._pos = self.events[self._pos : end], end
-        return group if group[0].is_edit else group[0]
+        return Step(group if group[0].is_edit else group[:1], end)
 
     def seek(self, position: int) -> None:
         if not 0 <= position <= len(self.events):

@@ -3,7 +3,7 @@ final metrics as an uninterrupted run (the ``reference`` below):
 
 * kill -9 of the whole run, then ``lme-sim run --resume``: no lost and no duplicated edits;
 * a killed evaluator actor: Ray restarts it, it is re-synced, every evaluation is scored once;
-* a killed shard, then a killed editor; a killed stream, then a killed logger: each run stops with
+* a killed shard, then a killed editor, then a killed logger: each run stops with
   one clear error line, marked failed (left running where the logger itself died), with only whole
   batches committed, and ``--resume`` finishes it."""
 
@@ -206,7 +206,7 @@ def _stops_cleanly(proc, db, role: str, status: str = "failed") -> tuple[str, in
 
 
 def test_each_killed_actor_stops_the_run_and_resume_finishes_it(tmp_path, reference):
-    """A shard, then the editor, then the stream, then the logger die in turn, each in a resumed run;
+    """A shard, then the editor, then the logger die in turn, each in a resumed run;
     every death stops the run cleanly (the logger's leaves it "running": nobody is left to mark it;
     ``lme-sim runs`` and the resume show it as interrupted), and the last resume finishes with the
     reference's metrics, redone evaluations replaced."""
@@ -217,7 +217,6 @@ def test_each_killed_actor_stops_the_run_and_resume_finishes_it(tmp_path, refere
     run_id, last = _stops_cleanly(run, db, "shard")
     for actor, role, status in (
         ("EditorService", "editor", "failed"),
-        ("EditStream", "stream", "failed"),
         ("RunLogger", "logger", "running"),
     ):
         started = time.time()

@@ -1,5 +1,6 @@
 import datetime as dt
 from collections import defaultdict
+from itertools import accumulate
 
 import pytest
 from pydantic import ValidationError
@@ -298,17 +299,17 @@ def test_edit_stream_batches_and_resumes(world):
     )
     full = drain(EditStream.from_timeline(t, 4, world.edit_cases(36), world=world, seed=5))
     events = build_events(t, world.edit_cases(36), world=world, seed=5)
-    assert full == [g if g[0].is_edit else g[0] for g in batch_events(events, 4)]
-    assert sum(isinstance(x, Event) and x.kind == "eval" for x in full) == 4
+    assert [step.events for step in full] == batch_events(events, 4)  # one Step type for both kinds
+    assert [step.position for step in full] == list(accumulate(len(step.events) for step in full))
+    assert sum(step.is_eval for step in full) == 4 and all(len(s.events) == 1 for s in full if s.is_eval)
+    assert all(s.time == s.events[-1].time for s in full)
     for k in (0, 1, 3, 7):
         s = EditStream(events, 4)
         head = [s.next_batch() for _ in range(k)]
         state = s.state_dict()
         resumed = EditStream(events, 4)
         resumed.load_state_dict(state)
-        assert (
-            resumed.position == state["position"] == sum(1 if isinstance(x, Event) else len(x) for x in head)
-        )
+        assert resumed.position == state["position"] == (head[-1].position if head else 0)
         assert head + drain(resumed) == full
         again = EditStream(events, 4)
         again.seek(s.position)
@@ -338,7 +339,7 @@ def test_a_window_cuts_batches_by_arrival_time():
     assert sizes == [3, 2, 3]
     assert [len(g) for g in batch_events(events, 2, window=dt.timedelta(hours=6))] == [2, 1, 2, 2, 1]
     stream = EditStream(events, 10, window=dt.timedelta(hours=6))
-    assert [len(stream.next_batch()) for _ in range(3)] == [3, 2, 3] and stream.next_batch() is None
+    assert [len(stream.next_batch().events) for _ in range(3)] == [3, 2, 3] and stream.next_batch() is None
     poisson = build_events(Timeline(pattern="poisson", rate=24, duration="2d"), cases * 20, seed=1)
     assert len({len(g) for g in batch_events(poisson, 100, window=dt.timedelta(hours=3))}) > 1
 

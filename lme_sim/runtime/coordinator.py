@@ -17,7 +17,7 @@ scores, :mod:`.evaluation`'s; its final metrics, :func:`lme_sim.analysis.summary
 
 Faults: a batch whose deltas fail the delta guard is undone and logged in ``rejected_batches``;
 a dead evaluator is restarted and re-synced (:mod:`.evaluation`); anything else (a dead shard,
-editor, stream or logger, or any error once Ray has started) stops the run cleanly with one line
+editor or logger, or any error once Ray has started) stops the run cleanly with one line
 (:mod:`.failures`).
 """
 
@@ -96,12 +96,13 @@ class Run:
     def setup(self, address: str | None) -> None:
         scn = self.scn
         self.events = scenario_events(scn)  # before Ray: a stream that cannot be built fails here
+        self.stream = EditStream(self.events, scn.stream.batch_size, scn.stream.window)  # replayed here
         self.by_edit = {e.edit_id: e for e in self.events if e.is_edit}
         self.last_edit = max(self.by_edit, default=None)
         general = general_ability_items(scn, self.events)
         self.ray = init_ray(address)
-        self.actors = Actors.start(self.ray, scn, self.events, general, self.db, self.console)
-        self.stream, self.logger, self.editor = self.actors.stream, self.actors.logger, self.actors.editor
+        self.actors = Actors.start(self.ray, scn, general, self.db, self.console)
+        self.logger, self.editor = self.actors.logger, self.actors.editor
         self.pool = EvalPool(self.ray, self.actors.evaluators, self.console, scn.eval.max_pending)
         self.was = self.ray.get(  # the run's status before (a resumed run's: failed or interrupted)
             self.logger.start_run.remote(
@@ -128,7 +129,7 @@ class Run:
         ckpt = Checkpoint.load(found[1])
         self.ray.get(self.editor.restore.remote(ckpt.state.cum, ckpt.editor))
         self.pool.load(ckpt.state.cum, ckpt.state.version)
-        self.ray.get(self.stream.load_state_dict.remote(ckpt.stream))
+        self.stream.load_state_dict(ckpt.stream)
         self.state = ckpt.state
         self.console.print(
             f"resuming {self.id} ({self.was}) after batch {self.state.batch_id} (its checkpoint)"
@@ -136,25 +137,24 @@ class Run:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def loop(self) -> None:
-        ray, clock = self.ray, SimClock(self.scn.stream.speedup)
+        clock = SimClock(self.scn.stream.speedup)
         self._editor_ready()
         self._started = time.perf_counter()
         with Progress(console=self.console, transient=True) as progress:
             bar = progress.add_task(
                 f"{self.scn.editor.method} on {self.scn.model}",
                 total=len(self.events),
-                completed=ray.get(self.stream.state_dict.remote())["position"],
+                completed=self.stream.position,
             )
-            while (item := ray.get(self.stream.next_batch.remote())) is not None:
-                paced = clock.wait_until(item.time if isinstance(item, Event) else item[-1].time)
-                position = ray.get(self.stream.state_dict.remote())["position"]
-                if isinstance(item, Event):  # an eval checkpoint: score asynchronously
-                    self.evaluate(final=position == len(self.events))
-                    self._progress_line(position)
+            while (step := self.stream.next_batch()) is not None:
+                paced = clock.wait_until(step.time)
+                if step.is_eval:  # score asynchronously
+                    self.evaluate(final=step.position == len(self.events))
+                    self._progress_line(step.position)
                 else:
-                    self.edit_batch(item, paced)
+                    self.edit_batch(step.events, paced)
                 self._log_evaluations(self.pool.collect(wait=False))
-                progress.update(bar, completed=position)
+                progress.update(bar, completed=step.position)
 
     def _progress_line(self, position: int) -> None:
         """Where no bar is drawn (output to a file, e.g. a run under nohup): one line per evaluation,
@@ -213,8 +213,8 @@ class Run:
 
     def _checkpoint(self) -> str:
         """Deltas, editor state and stream position, written before the batch's rows (atomically)."""
-        editor, stream = self.ray.get([self.editor.state_dict.remote(), self.stream.state_dict.remote()])
-        return self.checkpoints.write(Checkpoint(self.state, editor=editor, stream=stream))
+        editor = self.ray.get(self.editor.state_dict.remote())
+        return self.checkpoints.write(Checkpoint(self.state, editor=editor, stream=self.stream.state_dict()))
 
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, final: bool) -> None:
@@ -271,19 +271,16 @@ class Run:
 
 @dataclass
 class Actors:
-    """A run's Ray actors, each a thin shell around a plain class: the stream, the logger (on this
-    node), the editor, the evaluators (restartable) and the model's shards."""
+    """A run's Ray actors, each a thin shell around a plain class: the logger (on this node), the
+    editor, the evaluators (restartable) and the model's shards."""
 
-    stream: object
     logger: object
     editor: object
     evaluators: list
     shards: ShardedBackbone
 
     @classmethod
-    def start(
-        cls, ray, scn: Scenario, events: list[Event], general: list[MCItem], db: str, console
-    ) -> Actors:
+    def start(cls, ray, scn: Scenario, general: list[MCItem], db: str, console) -> Actors:
         """Start them; a cluster that cannot hold the shards fails first, before anything is written."""
         from ..models import model_n_layers
 
@@ -292,11 +289,6 @@ class Actors:
             scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype
         )
         console.print(f"placement {rt.placement}: {placement_summary(shards)}")
-        stream = (
-            ray.remote(EditStream)
-            .options(num_cpus=0)
-            .remote(events, scn.stream.batch_size, scn.stream.window)
-        )
         logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)
         editor = (
             ray.remote(EditorService)
@@ -324,16 +316,15 @@ class Actors:
             )
             for _ in range(rt.evaluators)
         ]
-        return cls(stream, logger, editor, evaluators, shards)
+        return cls(logger, editor, evaluators, shards)
 
     def handles(self) -> list:
-        return [self.stream, self.logger, self.editor, *self.evaluators, *self.shards.shards]
+        return [self.logger, self.editor, *self.evaluators, *self.shards.shards]
 
     def roles(self) -> dict[str, str]:
         """``{actor id: role}``: how a dead actor is named in the line that stops the run."""
         return actor_roles(
             {
-                "stream": self.stream,
                 "logger": self.logger,
                 "editor": self.editor,
                 **{f"evaluator {i}": h for i, h in enumerate(self.evaluators)},

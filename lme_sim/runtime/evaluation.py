@@ -141,7 +141,7 @@ def eval_request(state: RunState, by_edit: dict[int, Event], spec: EvalSpec, fin
     ids = committed
     if not final and len(ids) > n:
         ids = sorted(random.Random(state.eval_id).sample(ids, n))
-    latest = latest_values(committed, by_edit)
+    latest = retention_items(committed, by_edit)
     facts = list(latest.values())
     if not final and len(facts) > n:
         if len(facts) == len(committed):  # one edit per fact: the sampled edits' facts, which
@@ -164,7 +164,7 @@ def eval_request(state: RunState, by_edit: dict[int, Event], spec: EvalSpec, fin
     )
 
 
-def latest_values(committed: list[int], by_edit: dict[int, Event]) -> dict[str, RetentionItem]:
+def retention_items(committed: list[int], by_edit: dict[int, Event]) -> dict[str, RetentionItem]:
     """Each edited fact's latest value and the values it had before (from the edits in force, in
     the order they were written)."""
     latest: dict[str, RetentionItem] = {}

@@ -1,7 +1,7 @@
 """A run that cannot go on stops cleanly, ready for ``--resume``.
 
-The shards and the editor hold the run's model state (edited weights, editor state), the stream
-its position, the logger its database: when one of them dies, going on would edit or log from a
+The shards and the editor hold the run's model state (edited weights, editor state), the
+logger its database: when one of them dies, going on would edit or log from a
 wrong state. So the run stops: the batch in progress is not committed (a batch is committed in one
 DuckDB transaction, after its checkpoint), the run is marked ``failed``, its actors are released,
 and :class:`RunFailed` says in one line which actor died and how to resume from the last
