@@ -90,9 +90,10 @@ def run_groups(db, run_ids: list[str]) -> list[dict]:
     editor's ``name`` where it has one, e.g. alphaedit-nas beside alphaedit), ``protocol`` (None where
     the configs say none), ``runs`` (their method_summary rows, each with its ``seed``: the run's
     data.seed) and ``label``."""
+    rows = summary_rows(db, run_ids)  # first: it names a missing database or run (AnalysisError)
     configs = run_configs(db, run_ids)
     groups: dict[tuple, dict] = {}
-    for row in summary_rows(db, run_ids):
+    for row in rows:
         cfg = configs.get(row["run_id"], {})
         editor = cfg.get("editor") if isinstance(cfg.get("editor"), dict) else {}
         key = (editor.get("name") or row["method"], run_protocol(cfg))
