@@ -32,25 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .arch import arch_of, decoder_of, layer_path, logits_of, n_layers
+from .arch import ARCHS, arch_of, decoder_of, layer_path, logits_of, n_layers
 from .hooks import Positions, _hidden, _replace_input, _StopForward
 
-# architectures whose blocks :func:`suffix_pass` knows how to call (tests/test_architectures.py)
-SUFFIX_ARCHS = (
-    "gpt2",
-    "gptj",
-    "gpt_neox",
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gemma3_text",
-    "olmo",
-    "olmo2",
-    "phi3",
-)
+# architectures whose blocks :func:`suffix_pass` knows how to call: every one in the architecture table
+# (tests/test_architectures.py checks each against the reference passes)
+SUFFIX_ARCHS = tuple(ARCHS)
 _CACHE_KWARG = {"gptj": "layer_past", "gpt_neox": "layer_past"}  # default: past_key_values
 
 
