@@ -367,8 +367,8 @@ def general_ability_items(scn: Scenario, events: list[Event]) -> list[MCItem]:
     spec = scn.eval.general_ability
     if spec.n == 0:
         return []
-    from ..models import load_tokenizer
+    from ..models import model_kind
 
-    world = load_tokenizer(scn.model)[1] if scn.model.startswith("world:") and not spec.path else None
+    world = model_kind(scn.model).world(scn.model) if not spec.path else None
     edited = {(e.case.subject, e.case.relation) for e in events if e.case is not None}
     return probe_items(spec.n, spec.path, world, edited, seed=scn.data.seed)
