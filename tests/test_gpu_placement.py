@@ -67,7 +67,7 @@ n_gpus, noset = int(sys.argv[1]), sys.argv[2] == "noset"
 env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if noset else {}
 os.environ.update(env)  # the raylet and the workers it starts inherit it
 ray.init(address="local", num_cpus=2, num_gpus=n_gpus, include_dashboard=False, log_to_driver=False,
-         object_store_memory=64 << 20, runtime_env={"env_vars": {**RAY_ENV, **env}})
+         object_store_memory=96 << 20, runtime_env={"env_vars": {**RAY_ENV, **env}})
 
 
 class Where:
@@ -81,7 +81,9 @@ class Where:
                 "transposed": False, "param_names": {}, "device": self.device,
                 "gpu_ids": [str(i) for i in ctx.get_accelerator_ids()["GPU"]],
                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "resources": sorted(ctx.get_assigned_resources())}
+                # the placement-group form of its resources ("GPU_group_<bundle>_<group>"), which the
+                # public get_assigned_resources() folds into "GPU"
+                "resources": sorted(ctx.worker.core_worker.resource_ids())}
 
 
 backbone = start_shards("world:small", n_shards=3, n_layers=4, gpus=1, shard_class=Where, timeout_s=60)
