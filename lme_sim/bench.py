@@ -161,23 +161,17 @@ def bench_config(
 
 
 def is_world(model: str) -> bool:
-    return model.startswith("world:")
+    """A model with an embedded world (its own edit cases, the history section)."""
+    from .models import model_kind
+
+    return model_kind(model).has_world
 
 
 def _check_model(model: str) -> None:
-    from .models import model_n_layers
-    from .world import WORLDS
+    from .models import model_problem
 
-    if is_world(model):
-        if model.split(":", 1)[1] not in WORLDS:
-            raise BenchError(
-                f"--model: unknown world {model!r} (known: {', '.join('world:' + w for w in WORLDS)})"
-            )
-    elif model_n_layers(model) is None:
-        raise BenchError(
-            f"--model: {model!r} is not a registered model (world:<name>, smollm2-135m), a local model "
-            "folder, or a hub id reachable from here"
-        )
+    if (problem := model_problem(model)) is not None:
+        raise BenchError(f"--model: {problem}")
 
 
 def check_config(cfg: BenchConfig) -> None:

@@ -210,8 +210,9 @@ def train_editor_cmd(
         train_editor,
     )
     from .editors.hparams import HParamsError, load_hparams
-    from .models import load_model
+    from .models import load_model, model_kind
 
+    has_world = model_kind(model_name).has_world  # trains on its own world's train split
     try:
         extra = yaml.safe_load(overrides) or {}
         if not isinstance(extra, dict):
@@ -225,16 +226,12 @@ def train_editor_cmd(
             click.echo(f"error: --data: file {data_path!r} not found", err=True)
             sys.exit(2)
         hp = hp.model_copy(update={"train_data": data_path})
-    elif not model_name.startswith("world:") and hp.train_data is None:
+    elif not has_world and hp.train_data is None:
         click.echo(
             f"error: --data: model {model_name!r} has no embedded world; name a file to train on", err=True
         )
         sys.exit(2)
-    elif (
-        hp.train_data is not None
-        and not model_name.startswith("world:")
-        and not Path(hp.train_data).is_file()
-    ):
+    elif hp.train_data is not None and not has_world and not Path(hp.train_data).is_file():
         click.echo(
             f"error: --hparams train_data: file {hp.train_data!r} not found (or pass --data)", err=True
         )

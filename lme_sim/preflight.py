@@ -23,16 +23,14 @@ def load_checked(path: str | Path, methods: list[str] | None = None) -> Scenario
 def check(scn: Scenario, path: str | Path, methods: list[str] | None = None) -> None:
     """Everything outside the file; of the editors, only those of ``methods`` (default: all)."""
     path = Path(path)
-    from .models import model_n_layers
+    from .models import model_kind
 
-    if scn.model.startswith("world:"):
-        _check_world(path, scn)
-    n_layers = model_n_layers(scn.model)
-    if n_layers is None:
-        raise ScenarioError(
-            f"{path}: field 'model': {scn.model!r} is not a registered model (world:<name>, "
-            "smollm2-135m), a local model folder, or a hub id reachable from here"
-        )
+    kind = model_kind(scn.model)
+    if (problem := kind.problem(scn.model)) is not None:
+        raise ScenarioError(f"{path}: field 'model': {problem}")
+    if kind.has_world:
+        _check_world_facts(path, scn, kind.world(scn.model))
+    n_layers = kind.n_layers(scn.model)
     if scn.runtime.shards > n_layers:
         raise ScenarioError(
             f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
@@ -60,21 +58,13 @@ def check(scn: Scenario, path: str | Path, methods: list[str] | None = None) -> 
             _check_editor(path, scn, i, n_layers)
 
 
-def _check_world(path: Path, scn: Scenario) -> None:
-    """A known world; world data: no more edits than it has facts (a history timeline replays its changes)."""
-    from .world import WORLDS, World, get_world_config
-
-    name = scn.model.split(":", 1)[1]
-    if name not in WORLDS:
-        raise ScenarioError(
-            f"{path}: field 'model': unknown world {scn.model!r} (known: "
-            f"{', '.join('world:' + w for w in WORLDS)})"
-        )
+def _check_world_facts(path: Path, scn: Scenario, world) -> None:
+    """World data: no more edits than the world has facts (a history timeline replays its changes)."""
     if scn.data.kind != "world" or (
         scn.stream.timeline is not None and scn.stream.timeline.pattern == "history"
     ):
         return
-    n_facts = len(World(get_world_config(name)).facts)
+    n_facts = len(world.facts)
     if scn.data.n_edits > n_facts:
         raise ScenarioError(
             f"{path}: field 'data.n_edits': {scn.data.n_edits} edits, but {scn.model!r} has "
@@ -146,7 +136,9 @@ def _check_norm_anchor(path: Path, scn: Scenario, anchor, where: str) -> None:
             f"{path}: field '{where}.source': {anchor.source!r} is not a named dataset "
             f"(known: {', '.join(DATASETS)})"
         )
-    if anchor.path is None and anchor.source is None and not scn.model.startswith("world:"):
+    from .models import model_kind
+
+    if anchor.path is None and anchor.source is None and not model_kind(scn.model).has_world:
         raise ScenarioError(
             f"{path}: field '{where}.path': needed on {scn.model!r} (the requests its reference norm is "
             "taken over), e.g. norm_anchor: {source: counterfact-train}"

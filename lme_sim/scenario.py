@@ -173,7 +173,9 @@ class Scenario(Strict):
 
     def checkpoint_every(self) -> int:
         every = self.runtime.checkpoint_every
-        return every if every is not None else 1 if self.model.startswith("world:") else 10
+        from .models import model_kind
+
+        return every if every is not None else model_kind(self.model).checkpoint_every
 
     def timeline(self) -> Timeline:
         if self.stream.timeline is not None:
@@ -214,9 +216,11 @@ def load_scenario(path: str | Path) -> Scenario:
         field = field_path(p for p in err["loc"] if not _is_type_tag(p))
         raise ScenarioError(f"{path}: field '{field}': {err['msg']}") from None
     _check_data(path, scn.data)
-    if scn.data.kind == "world" and not scn.model.startswith("world:"):
+    from .models import WorldKind, model_kind
+
+    if scn.data.kind == "world" and not model_kind(scn.model).has_world:
         raise ScenarioError(
-            f"{path}: field 'data.kind': 'world' data needs a world:* model, not {scn.model!r}"
+            f"{path}: field 'data.kind': 'world' data needs a {WorldKind.syntax} model, not {scn.model!r}"
         )
     if not scn.editors:
         raise ScenarioError(f"{path}: field 'editor': an empty list; name at least one method")

@@ -83,7 +83,10 @@ class HParamsError(ValueError):
 
 
 def model_family(model_name: str) -> str:
-    return "world" if model_name.startswith("world:") else model_name
+    """The section of an hparams YAML that ``model_name`` reads (its kind's ``hparams_key``)."""
+    from ..models import model_kind
+
+    return model_kind(model_name).hparams_key(model_name)
 
 
 def load_hparams(

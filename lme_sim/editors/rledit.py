@@ -26,6 +26,7 @@ import torch
 
 from ..backbone import LocalBackbone
 from ..cases import EditCase
+from ..models import model_kind
 from ..tokens import encode_pairs
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .checkpoints import CheckpointMismatch, check_model, load_checkpoint
@@ -74,7 +75,7 @@ class RLEdit(Editor):
                 if not Path(hp.train_data).is_file():
                     raise HParamsError(f"{where}.train_data: file {hp.train_data!r} not found")
                 return  # the cached networks, or trained on it first
-            if not model_name.startswith("world:"):
+            if not model_kind(model_name).has_world:
                 raise HParamsError(
                     f"{field}: {cls.method} on {model_name!r} needs a checkpoint or train_data; make one "
                     f"with `lme-sim train-editor --method {cls.method} --model {model_name} --data <file>`"

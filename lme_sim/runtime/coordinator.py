@@ -48,6 +48,8 @@ from .failures import actor_roles, first_line, stop_run
 from .ledger import Checkpoint, Checkpoints, RunState, batch_row, batch_rows, rejected_row
 from .ray_utils import (
     PlacementError,
+    actor_device,
+    editor_options,
     evaluator_options,
     init_ray,
     on_this_node,
@@ -292,14 +294,14 @@ class Actors:
         logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)
         editor = (
             ray.remote(EditorService)
-            .options(num_cpus=rt.editor.cpus, num_gpus=rt.editor.gpus)
+            .options(**editor_options(rt.editor.cpus, rt.editor.gpus))
             .remote(
                 scn.model,
                 shards.shards,
                 scn.editor.method,
                 scn.editor.hparams,
                 scn.editor.max_delta_norm,
-                "cuda" if rt.editor.gpus else "cpu",
+                actor_device(rt.editor.gpus),
             )
         )
         evaluators = [
@@ -311,7 +313,7 @@ class Actors:
                 ev.backend,
                 ev.model_dump(exclude={"backend"}),
                 general_items=general,
-                device="cuda" if rt.gpus else "cpu",
+                device=actor_device(rt.gpus),
                 dtype=rt.dtype,
             )
             for _ in range(rt.evaluators)
@@ -367,8 +369,8 @@ def general_ability_items(scn: Scenario, events: list[Event]) -> list[MCItem]:
     spec = scn.eval.general_ability
     if spec.n == 0:
         return []
-    from ..models import load_tokenizer
+    from ..models import model_kind
 
-    world = load_tokenizer(scn.model)[1] if scn.model.startswith("world:") and not spec.path else None
+    world = model_kind(scn.model).world(scn.model) if not spec.path else None
     edited = {(e.case.subject, e.case.relation) for e in events if e.case is not None}
     return probe_items(spec.n, spec.path, world, edited, seed=scn.data.seed)

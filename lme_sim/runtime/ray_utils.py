@@ -1,5 +1,7 @@
 """Starting Ray and placing actors: shards (thin shells around :class:`ModelShard`) in a placement
-group, evaluators on GPUs where asked, the logger on the driver's node."""
+group, one bundle each (a whole GPU each with ``runtime.gpus: 1``, so one shard per GPU), the editor and
+evaluators on GPUs where asked, the logger on the driver's node. Which GPU an actor got is Ray's choice;
+the actor turns it into its torch device itself (:func:`~lme_sim.runtime.devices.placed_device`)."""
 
 from __future__ import annotations
 
@@ -69,17 +71,19 @@ def start_shards(
     strategy: str = "PACK",
     dtype: str | None = None,
     timeout_s: float | None = None,
+    shard_class: type = ModelShard,
 ) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
     ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
     ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its
     layers from ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
-    hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`)."""
+    hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`). ``shard_class``: what each
+    actor runs, called as ``ModelShard`` is (tests place a stand-in that loads nothing)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = {"GPU": float(gpus)} if gpus else {SHARD_RESOURCE: 1}
+    bundle = shard_bundle(gpus)
     pg = placement_group([bundle] * n_shards, strategy=strategy)
     timeout_s = timeout_s or PLACEMENT_TIMEOUT_S["local" if _started["local"] else "cluster"]
     if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
@@ -97,19 +101,43 @@ def start_shards(
                 else f". Nodes of a CPU cluster need --resources '{{\"{SHARD_RESOURCE}\": N}}' in ray start"
             )
         )
-    where = {"num_gpus": float(gpus)} if gpus else {"num_gpus": 0, "resources": {SHARD_RESOURCE: 1}}
-    actor = ray.remote(ModelShard)
+    actor = ray.remote(shard_class)
     handles = [
         actor.options(
-            num_cpus=0,
-            **where,
+            **shard_options(gpus),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(model_name, r, "cuda" if gpus else "cpu", dtype)
+        ).remote(model_name, r, actor_device(gpus), dtype)
         for i, r in enumerate(split_layers(n_layers, n_shards))
     ]
     backbone = ShardedBackbone(handles)
     backbone.placement_group = pg
     return backbone
+
+
+def shard_bundle(gpus: float) -> dict[str, float]:
+    """One shard's bundle of the placement group: ``gpus`` of a GPU (1: a GPU of its own), else an
+    emulated shard slot (a CPU cluster's nodes say how many shards each takes)."""
+    return {"GPU": float(gpus)} if gpus else {SHARD_RESOURCE: 1}
+
+
+def shard_options(gpus: float) -> dict:
+    """A shard actor's own request, all of it inside its bundle (no CPU reserved: its work is torch's)."""
+    if gpus:
+        return {"num_cpus": 0, "num_gpus": float(gpus)}
+    return {"num_cpus": 0, "num_gpus": 0, "resources": {SHARD_RESOURCE: 1}}
+
+
+def editor_options(cpus: float, gpus: float) -> dict:
+    """``runtime.editor``: the editor actor reserves ``cpus`` cores and ``gpus`` of a GPU for its own
+    solves (AlphaEdit's projected systems, UltraEdit's ridge fits), outside the shards' placement
+    group, so on a GPU the shards left free."""
+    return {"num_cpus": float(cpus), "num_gpus": float(gpus)}
+
+
+def actor_device(gpus: float) -> str:
+    """The device an actor is told to use: "cuda" where it asked for a GPU share (which GPU is Ray's
+    choice; the actor resolves it), else "cpu"."""
+    return "cuda" if gpus else "cpu"
 
 
 def placement_summary(backbone: ShardedBackbone) -> str:

@@ -29,6 +29,7 @@ from ..scenario import DEFAULT_MAX_DELTA_NORM
 from ..scoring import TargetScores, score_targets
 from ..storage.records import MetricRecord, ProbeRecord
 from .delta_guard import delta_problem
+from .devices import placed_device
 from .shards import ShardedBackbone
 
 
@@ -64,6 +65,7 @@ class EditorService:
         max_delta_norm: float = DEFAULT_MAX_DELTA_NORM,
         device: str = "cpu",
     ):
+        device = placed_device(device)  # "cuda": the GPU Ray gave this actor
         self.max_delta_norm = max_delta_norm
         self.backbone = ShardedBackbone(shards)
         self.local = None
@@ -185,6 +187,7 @@ class Evaluator:
         device: str = "cpu",
         dtype: str = "float32",
     ):
+        device = placed_device(device)  # "cuda": the GPU Ray gave this actor
         if backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer

@@ -38,6 +38,7 @@ from ..backbone import (
 from ..hooks import PassThrough
 from ..linalg import nullspace_projector
 from ..suffix import supports_suffix
+from .devices import placed_device
 
 
 def split_layers(n: int, n_shards: int) -> list[range]:
@@ -53,7 +54,8 @@ class ModelShard:
 
     def __init__(self, model: nn.Module | str, layers: range, device: str = "cpu", dtype: str | None = None):
         """``model``: a model or its name (loaded here, on the CPU in ``dtype``); ``dtype``: e.g.
-        "bfloat16" (None: as loaded / float32)."""
+        "bfloat16" (None: as loaded / float32); ``device`` "cuda" in a Ray actor: the GPU Ray gave it."""
+        device = placed_device(device)
         if isinstance(model, str):
             from ..models import load_model
 
