@@ -152,14 +152,14 @@ def test_keys_and_grads_give_the_weight_gradient(fresh_small_world):
         assert torch.allclose(sig.keys[l].T @ sig.grads[l], w_grad, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained(small_world, tmp_path_factory):
+def _train_both(small_world, tmp_path_factory, overrides: dict) -> dict:
     """RLEdit and HiEdit trained on the small world's train split (disjoint from its eval split);
-    HiEdit starts from the RLEdit network, as `lme-sim train-editor --method hiedit --init-from` does."""
+    HiEdit starts from the RLEdit network, as `lme-sim train-editor --method hiedit --init-from` does.
+    {method: (checkpoint, its file)}."""
     model, tok, world = small_world
     out = {}
     for method in ("rledit", "hiedit"):
-        hp = load_hparams(method, MODEL, TRAIN)
+        hp = load_hparams(method, MODEL, overrides)
         init = out["rledit"][0] if method == "hiedit" else None
         ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False, init=init)
         t = ckpt["train"]
@@ -169,6 +169,20 @@ def trained(small_world, tmp_path_factory):
         )
         out[method] = (ckpt, save_checkpoint(ckpt, tmp_path_factory.mktemp("ckpt") / f"{method}.pt"))
     return out
+
+
+@pytest.fixture(scope="module")
+def trained(small_world, tmp_path_factory):
+    """The shipped world training (200 rollouts each: ~12 min at one thread), for the quality tests
+    (`slow`, `make test-slow`)."""
+    return _train_both(small_world, tmp_path_factory, TRAIN)
+
+
+@pytest.fixture(scope="module")
+def trained_few(small_world, tmp_path_factory):
+    """A tiny training of both (seconds), for the tests of checkpoints and hand-over rules: what they
+    check does not depend on how well the networks edit."""
+    return _train_both(small_world, tmp_path_factory, FEW)
 
 
 STREAMS = (0, 1, 2)  # held-out streams of 100 edits (the eval split's facts toward different new objects)
@@ -199,6 +213,7 @@ def mean_metrics(runs, method: str) -> dict:
     }
 
 
+@pytest.mark.slow  # the shipped training: minutes
 def test_the_training_split_is_disjoint_from_the_held_out_stream(small_world, held_out_runs):
     world = small_world[2]
     train_subjects = {f.subject for f in world.split_facts("train")}
@@ -207,6 +222,7 @@ def test_the_training_split_is_disjoint_from_the_held_out_stream(small_world, he
         assert not train_subjects & {c.subject for c in stream}
 
 
+@pytest.mark.slow  # the shipped training: minutes
 def test_rledit_edits_a_held_out_stream(small_world, held_out_runs):
     stream, _, after = held_out_runs["rledit", 0]
     before = summarize(case_metrics(small_world[0], small_world[1], stream))
@@ -214,6 +230,7 @@ def test_rledit_edits_a_held_out_stream(small_world, held_out_runs):
     assert after["efficacy"] >= 0.8
 
 
+@pytest.mark.slow  # the shipped training: minutes
 def test_hiedit_touches_at_most_half_the_candidate_modules(held_out_runs):
     per_edit = [len(t) for s in STREAMS for r in held_out_runs["hiedit", s][1] for t in r.touched]
     print("HiEdit modules per edit", sum(per_edit) / len(per_edit), "of 4")
@@ -221,6 +238,7 @@ def test_hiedit_touches_at_most_half_the_candidate_modules(held_out_runs):
     assert mean_metrics(held_out_runs, "hiedit")["efficacy"] >= 0.7  # it really edits with half the modules
 
 
+@pytest.mark.slow  # the shipped training: minutes
 def test_hiedit_quality_matches_rledit(held_out_runs):
     """Acceptance: efficacy within 0.02 of RLEdit's or better, specificity at least RLEdit's (means
     over the three streams)."""
@@ -230,6 +248,7 @@ def test_hiedit_quality_matches_rledit(held_out_runs):
     assert hi["specificity"] >= rl["specificity"]
 
 
+@pytest.mark.slow  # the shipped training: minutes
 def test_router_learns_and_its_choices_vary(trained, held_out_runs):
     ckpt, _ = trained["hiedit"]
     assert ckpt["train"]["router_param_change"] > 1e-3
@@ -238,11 +257,11 @@ def test_router_learns_and_its_choices_vary(trained, held_out_runs):
     assert len(choices) >= 2
 
 
-def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_path):
+def test_a_checkpoint_for_another_model_is_refused(small_world, trained_few, tmp_path):
     from lme_sim.models import load_model
 
     other = load_model("world:default", progress=False)
-    _, path = trained["rledit"]
+    _, path = trained_few["rledit"]
     with pytest.raises(CheckpointMismatch, match="trained for model 'world:small'"):
         make_editor(
             "rledit",
@@ -264,10 +283,10 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained, tmp_pat
         load_scenario(scn)
 
 
-def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_world, trained):
+def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_world, trained_few):
     model, tok, world = small_world
-    rledit, _ = trained["rledit"]
-    hiedit, _ = trained["hiedit"]
+    rledit, _ = trained_few["rledit"]
+    hiedit, _ = trained_few["hiedit"]
     assert hiedit["init"]["hparams"] == rledit["hparams"]
     with pytest.raises(CheckpointMismatch, match="layers"):
         train_editor(
@@ -356,13 +375,13 @@ def test_training_neighborhoods_stay_in_the_training_split(small_world):
     assert neighbors and neighbors <= train_prompts
 
 
-def test_train_editor_cli_starts_hiedit_from_a_given_rledit_checkpoint(trained, tmp_path):
+def test_train_editor_cli_starts_hiedit_from_a_given_rledit_checkpoint(trained_few, tmp_path):
     from click.testing import CliRunner
 
     from lme_sim.cli import main
 
-    _, rledit = trained["rledit"]
-    _, hiedit = trained["hiedit"]
+    _, rledit = trained_few["rledit"]
+    _, hiedit = trained_few["hiedit"]
     out = tmp_path / "hi.pt"
     args = [
         "train-editor",
