@@ -755,6 +755,7 @@ def runtime_batch(cfg: BenchConfig, db: str, cases: list[EditCase], *, method: s
         during = actor_memory(ray, named)
     finally:
         if actors is not None:
+            ray.get(actors.logger.close.remote())  # its DuckDB file is free for the results (as a run's end)
             release(actors.handles(), actors.shards.placement_group)
     delta_bytes = sum(d.numel() * d.element_size() for d in edited.deltas.values())
     plan = runtime_plan(cfg, method=method, hparams=hparams, dtype=dtype, shards=shards)
