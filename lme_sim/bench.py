@@ -13,6 +13,11 @@ DuckDB file, every row with the machine and the versions it ran on):
   because its state is a fixed-size key covariance, not a list of earlier keys (``state_mb``).
 * ``shards``: the same small scenario through the real Ray runtime (shard actors, editor,
   evaluator, logger) on 1, 2, 4 shards with ``shards_method``; those runs land in the same DuckDB file.
+* ``runtime`` (not in the presets' default sections; benchmarks/scale_1b.py runs it on a 1.24B model):
+  one batch per method of ``runtime_batches`` through the runtime's actors as ``lme-sim run`` starts
+  them, per weight dtype of ``dtypes``: the editor's phases, the bytes of the deltas shipped to the
+  driver and to the evaluator, each actor's resident high-water mark while it started and during the
+  batch, and beside each the figure :func:`lme_sim.sizing.memory_plan` computes.
 
 Edit cases and probes come from the world model's facts, or, for a real model, from a CounterFact file
 (``data``; :func:`data_cases`, :func:`case_probe_set`). The history section runs on world models only.
@@ -41,7 +46,8 @@ import torch
 from .cases import EditCase
 from .sysinfo import Measure, machine_info, versions
 
-SECTIONS = ("edits", "probes", "history", "shards")
+SECTIONS = ("edits", "probes", "history", "shards", "runtime")
+DEFAULT_SECTIONS = SECTIONS[:4]  # the presets' (runtime: benchmarks/scale_1b.py, or --sections runtime)
 BACKENDS = ("hf", "vllm")
 HISTORY_METHOD = "alphaedit"
 SHARDS_METHOD = "alphaedit"  # the default of BenchConfig.shards_method
@@ -73,7 +79,12 @@ class BenchConfig:
     shard_batch_size: int = 10
     # the editor of the shard runs; the probes' sync deltas cover its layers
     shards_method: str = SHARDS_METHOD
-    sections: tuple[str, ...] = SECTIONS
+    sections: tuple[str, ...] = DEFAULT_SECTIONS
+    # runtime section: (method, edits in its one batch); hparams overrides per method; weight dtypes
+    runtime_batches: tuple[tuple[str, int], ...] = (("ultraedit", 100), ("alphaedit", 10))
+    runtime_hparams: dict = field(default_factory=dict)
+    dtypes: tuple[str, ...] = ("float32",)
+    runtime_eval_cases: int = 10  # the batch's cases the evaluator then scores (teacher-forced only)
     data: str | None = None  # a CounterFact file (real models): where the cases and probes come from
     device: str = "cpu"
     threads: int = 1  # torch threads of this process
@@ -206,11 +217,17 @@ def check_config(cfg: BenchConfig) -> None:
     n_layers = model_n_layers(cfg.model)
     if n_layers is None:
         raise BenchError(f"--model: cannot find the layer count of {cfg.model!r}")
-    if "shards" in cfg.sections and max(cfg.shard_counts) > n_layers:
+    if {"shards", "runtime"} & set(cfg.sections) and max(cfg.shard_counts) > n_layers:
         raise BenchError(
             f"shard_counts: {max(cfg.shard_counts)} shards for {cfg.model} with {n_layers} layers "
             "(at most one shard per layer)"
         )
+
+    if bad := [d for d in cfg.dtypes if d not in DTYPES]:
+        raise BenchError(f"dtypes: {bad[0]!r} is not one of {', '.join(DTYPES)}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")  # the runtime's (runtime.dtype)
 
 
 def _choices(option: str, value: str, known: tuple[str, ...]) -> tuple[str, ...]:
@@ -278,7 +295,9 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
     from .models import load_model
 
     with Measure() as total:
-        lm = load_model(cfg.model, device=cfg.device)  # the world model trains (and is cached) on first use
+        # the world model trains (and is cached) on first use; the runtime section loads none here
+        needs_model = set(cfg.sections) - {"runtime"}
+        lm = load_model(cfg.model, device=cfg.device) if needs_model else None
         from .editors.registry import known_methods
 
         units = {
@@ -286,6 +305,7 @@ def _run_sections(cfg: BenchConfig, db: str | Path, console) -> tuple[list[dict]
             "probes": len(cfg.backends),
             "history": cfg.history_marks[-1],
             "shards": len(cfg.shard_counts),
+            "runtime": len(cfg.dtypes) * len(cfg.shard_counts) * len(cfg.runtime_batches),
         }
         rows: list[dict] = []
         with Progress(console=console, transient=True) as bar:
@@ -310,6 +330,7 @@ def records_needed(cfg: BenchConfig) -> int:
         "edits": (cfg.warmup + cfg.batches) * max(cfg.batch_sizes),
         "probes": cfg.probes,
         "shards": cfg.shard_edits,
+        "runtime": max(bs for _, bs in cfg.runtime_batches),
     }
     return max([1] + [n for s, n in need.items() if s in cfg.sections])
 
@@ -643,6 +664,158 @@ def bench_shards(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     return rows
 
 
+def bench_runtime(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
+    """One batch per method of ``runtime_batches`` through the runtime's actors, for each weight dtype
+    and shard count; what each actor held is measured in the actor (its process), beside the plan."""
+    import ray
+
+    from .runtime.ray_utils import init_ray
+
+    started = not ray.is_initialized()
+    step("runtime: starting Ray")
+    init_ray()
+    cases = runtime_cases(cfg)
+    rows = []
+    try:
+        for dtype in cfg.dtypes:
+            for n in cfg.shard_counts:
+                for method, bs in cfg.runtime_batches:
+                    step(f"runtime: {method}, a batch of {bs}, {dtype} weights on {n} shard actor(s)")
+                    rows.append(runtime_batch(cfg, db, cases[:bs], method=method, dtype=dtype, shards=n))
+                    step("", 1)
+    finally:
+        if started:
+            ray.shutdown()
+    return rows
+
+
+def runtime_cases(cfg: BenchConfig) -> list[EditCase]:
+    """The runtime section's cases: the CounterFact file's, or the world's facts (no model loaded here)."""
+    if cfg.data is not None:
+        return data_cases(cfg.data, records_needed(cfg))
+    from .models import load_tokenizer
+
+    return stream_cases(load_tokenizer(cfg.model)[1], max(bs for _, bs in cfg.runtime_batches))
+
+
+def runtime_batch(cfg: BenchConfig, db: str, cases: list[EditCase], *, method: str, dtype: str, shards: int):
+    """Start the actors of a one-method run (:class:`lme_sim.runtime.coordinator.Actors`: shards,
+    editor, one evaluator, logger), wait for the editor (key statistics on first use), then do what
+    ``lme-sim run`` does with a batch: the editor edits it through the shards, the evaluator follows
+    the deltas and scores ``runtime_eval_cases`` of its cases. Each actor's high-water mark is read
+    (and reset) before the batch and read after it."""
+    import ray
+    from rich.console import Console
+
+    from .runtime.coordinator import Actors
+    from .runtime.ray_utils import release
+    from .runtime.services import Edited, EvalRequest
+    from .scenario import DataSpec, EditorSpec, EvalSpec, RuntimeSpec, Scenario, StreamSpec
+
+    hparams = dict(cfg.runtime_hparams.get(method, {}))
+    scn = Scenario(
+        name="bench-runtime",
+        model=cfg.model,
+        data=DataSpec(kind="counterfact", path=cfg.data, n_edits=len(cases))
+        if cfg.data is not None
+        else DataSpec(n_edits=len(cases)),
+        editor=EditorSpec(method=method, hparams=hparams),
+        stream=StreamSpec(batch_size=len(cases)),
+        eval=EvalSpec(fluency_prompts=0, generative=False),
+        runtime=RuntimeSpec(shards=shards, evaluators=1, dtype=dtype),
+        db=db,
+    )
+    actors = None
+    try:
+        with Measure() as setup:  # every actor up: loaded, and the editor's set-up (key statistics) done
+            actors = Actors.start(ray, scn, [], db, Console(quiet=True))
+            ray.get(actors.editor.weight_stats.remote())
+            named = {
+                **{f"shard {i}": h for i, h in enumerate(actors.shards.shards)},
+                **{f"evaluator {i}": h for i, h in enumerate(actors.evaluators)},
+                "editor": actors.editor,
+            }
+            started = actor_memory(ray, named, reset_peak=True)
+        with Measure() as m:
+            edited = ray.get(actors.editor.edit.remote(cases))
+        if not isinstance(edited, Edited):
+            raise BenchError(f"runtime: the {method} batch was rejected by the delta guard: {edited.reason}")
+        with Measure() as sync:
+            ray.get([e.follow.remote(edited.deltas, 1) for e in actors.evaluators])
+        sample = cases[: cfg.runtime_eval_cases]
+        request = EvalRequest(1, 0, [], sample, len(cases), generative=False)
+        with Measure() as scored:
+            ray.get(actors.evaluators[0].evaluate.remote(request, 1))
+        during = actor_memory(ray, named)
+    finally:
+        if actors is not None:
+            ray.get(actors.logger.close.remote())  # its DuckDB file is free for the results (as a run's end)
+            release(actors.handles(), actors.shards.placement_group)
+    delta_bytes = sum(d.numel() * d.element_size() for d in edited.deltas.values())
+    plan = runtime_plan(cfg, method=method, hparams=hparams, dtype=dtype, shards=shards)
+    return {
+        "method": method,
+        "batch_size": len(cases),
+        "shards": shards,
+        "n": len(cases),
+        "device": "cpu",
+        "seconds": m.seconds,
+        "rate": len(cases) / m.seconds,
+        "unit": "edits/s",
+        "phases": {**edited.timings, "sync": sync.seconds, "eval": scored.seconds},
+        "setup_seconds": setup.seconds,
+        "peak_rss_mb": max(m.peak_rss_mb, sync.peak_rss_mb, scored.peak_rss_mb),  # the driver's
+        "note": (
+            f"{dtype} weights; one batch after the actors started (set-up: actors, loading, the editor's "
+            f"key statistics); sync: the evaluator follows the deltas; eval: it scores {len(sample)} cases"
+        ),
+        "runtime": {
+            "dtype": dtype,
+            "bytes": {
+                "deltas_to_driver": delta_bytes,
+                "deltas_to_each_evaluator": delta_bytes,
+                "evaluators": len(actors.evaluators),
+            },
+            "memory": {
+                name: {
+                    "start_peak_mb": started[name]["peak_rss_mb"],
+                    "batch_peak_mb": during[name]["peak_rss_mb"],
+                    "rss_mb": during[name]["rss_mb"],
+                }
+                for name in named
+            },
+            "plan": plan,
+        },
+    }
+
+
+def actor_memory(ray, named: dict, reset_peak: bool = False) -> dict[str, dict]:
+    """Each actor's resident memory and high-water mark (MB), asked of the actor itself."""
+    found = ray.get([h.memory.remote(reset_peak) for h in named.values()])
+    return dict(zip(named, found))
+
+
+def runtime_plan(cfg: BenchConfig, *, method: str, hparams: dict, dtype: str, shards: int) -> dict:
+    """:func:`lme_sim.sizing.memory_plan` for the batch's run (the model's config read from its folder)."""
+    from transformers import AutoConfig
+
+    from .arch import DEFAULT_MODULE
+    from .editors.hparams import load_hparams
+    from .models import model_path
+    from .sizing import memory_plan
+
+    hp = load_hparams(method, cfg.model, hparams)
+    config = AutoConfig.from_pretrained(model_path(cfg.model)).get_text_config()
+    return memory_plan(
+        config,
+        shards=shards,
+        dtype=dtype,
+        method=method,
+        layers=list(hp.layers),
+        module=getattr(hp, "module", DEFAULT_MODULE),
+    )
+
+
 def _json(value) -> dict:
     import json
 
@@ -654,7 +827,10 @@ SECTION_RUNNERS = {
     "probes": bench_probes,
     "history": bench_history,
     "shards": bench_shards,
+    "runtime": bench_runtime,
 }
+# result keys kept in the JSON file only (the bench_results table has a column for every other key)
+JSON_ONLY = ("runtime",)
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -671,4 +847,5 @@ def write_result(result: dict, out: str | Path, db: str | Path) -> None:
     out.write_text(json.dumps(result, indent=1, default=str))
     common = {k: result[k] for k in ("bench_id", "preset", "created_at", "machine", "versions")}
     with RunLogger(db) as logger:
-        logger.append("bench_results", [{**common, **r} for r in result["results"]])
+        rows = [{k: v for k, v in r.items() if k not in JSON_ONLY} for r in result["results"]]
+        logger.append("bench_results", [{**common, **r} for r in rows])

@@ -28,6 +28,7 @@ def print_result(result: dict, console: Console | None = None) -> None:
         ("probes", probes_table),
         ("history", history_table),
         ("shards", shards_table),
+        ("runtime", runtime_table),
     ):
         rows = [r for r in result["results"] if r["section"] == section]
         if rows:
@@ -163,4 +164,54 @@ def shards_table(rows: list[dict], result: dict, console: Console) -> None:
             f"{r['setup_seconds']:.1f}",
             r["run_id"],
         )
+    console.print(t)
+
+
+def runtime_table(rows: list[dict], result: dict, console: Console) -> None:
+    """Per batch: seconds per phase and the bytes shipped; per actor: its measured resident peaks
+    beside the computed plan (:func:`lme_sim.sizing.memory_plan`)."""
+    t = _table(
+        "one batch through the runtime's actors",
+        ("method", "weights", "shards", "batch", "s", *PHASES, "eval s", "deltas MB", "set-up s"),
+        left=("method", "weights"),
+        caption="phases: seconds for the batch (sync: the evaluator follows its deltas; eval: it scores "
+        "a sample of the batch); deltas: shipped once to the driver and once to each evaluator "
+        "(computed figure in brackets)",
+    )
+    for r in rows:
+        rt, ph = r["runtime"], r["phases"]
+        t.add_row(
+            r["method"],
+            rt["dtype"],
+            str(r["shards"]),
+            str(r["batch_size"]),
+            f"{r['seconds']:.2f}",
+            *["" if ph.get(p) is None else f"{ph[p]:.2f}" for p in PHASES],
+            f"{ph['eval']:.2f}",
+            f"{rt['bytes']['deltas_to_driver'] / 2**20:.1f} ({rt['plan']['deltas_mb']:.1f})",
+            f"{r['setup_seconds']:.1f}",
+        )
+    console.print(t)
+    t = _table(
+        "resident memory per actor: measured (computed)",
+        ("method", "weights", "actor", "layers", "start peak MB", "batch peak MB", "after MB"),
+        left=("method", "weights", "actor"),
+        caption="measured: each actor's VmHWM while it started (loading, set-up) and during the batch, "
+        "its VmRSS after; computed: tensors only (lme_sim/sizing.py), the load peak and what it holds "
+        "after; the interpreter, torch and Ray add a few hundred MB per process, activations more",
+    )
+    for r in rows:
+        rt = r["runtime"]
+        for actor, mem in rt["memory"].items():
+            plan = rt["plan"].get(actor, {})
+            layers = plan.get("layers")
+            t.add_row(
+                r["method"],
+                rt["dtype"],
+                actor,
+                "" if layers is None else f"{layers[0]}-{layers[1]}",
+                f"{mem['start_peak_mb']:.0f} ({plan.get('peak_mb', 0):.0f})",
+                f"{mem['batch_peak_mb']:.0f} ({plan.get('resident_mb', 0):.0f})",
+                f"{mem['rss_mb']:.0f} ({plan.get('resident_mb', 0):.0f})",
+            )
     console.print(t)

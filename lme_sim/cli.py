@@ -354,7 +354,8 @@ def corpus(source: str, out: str, records: int | None) -> None:
 @click.option(
     "--sections",
     default=None,
-    help="Comma-separated parts (default: edits,probes,history,shards; a real model: edits,probes,shards).",
+    help="Comma-separated parts (default: edits,probes,history,shards; a real model: edits,probes,shards; "
+    "also runtime: one batch per method through the actors, each actor's memory beside the computed plan).",
 )
 @click.option(
     "--device", default="auto", show_default=True, help="auto | cpu | cuda (auto: cuda where there is one)."

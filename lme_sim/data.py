@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
+    "counterfact_record",
     "load_cases",
     "load_counterfact",
     "load_known_facts",
@@ -280,6 +281,25 @@ def _counterfact_nested(rec: _Record) -> EditCase:
         source="counterfact",
         meta=meta,
     )
+
+
+def counterfact_record(case: EditCase) -> dict[str, Any]:
+    """``case`` as a record of the nested ROME format, which :func:`load_counterfact` reads back (the
+    neighborhood prompts' answers become the case's true object, as in CounterFact): how synthetic
+    cases (the embedded world's) become a file for what reads CounterFact files, e.g. ``lme-sim bench
+    --data``."""
+    return {
+        "case_id": case.case_id,
+        "requested_rewrite": {
+            "prompt": case.prompt.replace(case.subject, "{}", 1),
+            "subject": case.subject,
+            "relation_id": case.relation,
+            "target_new": {"str": case.target_new},
+            "target_true": {"str": case.target_true if case.target_true is not None else case.target_new},
+        },
+        "paraphrase_prompts": list(case.paraphrases),
+        "neighborhood_prompts": [p for p, _ in case.neighborhood],
+    }
 
 
 # --------------------------------------------------------------------------- ZsRE

@@ -1,6 +1,8 @@
 """Randomly initialised models of every architecture in :data:`lme_sim.arch.ARCHS`, built from
-transformers' config classes (nothing downloaded): tiny ones for the architecture tests, and a
-Llama-3-8B-shaped one for the GPU check (benchmarks/gpu_check.py).
+transformers' config classes (nothing downloaded): tiny ones for the architecture tests, and real
+models' shapes (:data:`SHAPES`: Llama-3-8B for the GPU check, benchmarks/gpu_check.py; Llama-3.2-1B
+for the 1B-scale runtime benchmark, benchmarks/scale_1b.py), saved as a local folder where the
+runtime's actors load them by path (:func:`save_random_model`).
 
 The tiny configs are 4 blocks of width 64 (d_ff 128: MOSE's 4 rotation blocks divide it), with the
 features that change how a block runs switched on where the architecture has them: grouped-query
@@ -61,13 +63,39 @@ LLAMA3_8B = dict(
     rope_theta=500000.0,
     rms_norm_eps=1e-5,
 )
+# Llama-3.2-1B (about 1.24B parameters; tied input and output embeddings). Its published config also
+# scales RoPE for long contexts (rope_type llama3, factor 32); at the benchmarks' prompt lengths the
+# scaling changes no cost, so it is left out.
+LLAMA32_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+# name -> LlamaConfig keyword arguments of a real model's shape
+SHAPES: dict[str, dict] = {"llama3-8b": LLAMA3_8B, "llama3.2-1b": LLAMA32_1B}
+
+
+def shape_config(shape: str, vocab_size: int | None = None):
+    """The LlamaConfig of a named real model's shape (:data:`SHAPES`), optionally with a smaller
+    vocabulary."""
+    from transformers import LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"no shape {shape!r}; known: {sorted(SHAPES)}")
+    return LlamaConfig(**{**SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})})
 
 
 def llama3_8b_config(vocab_size: int | None = None):
     """Llama-3-8B's shape (about 8.0B parameters), optionally with a smaller vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**{**LLAMA3_8B, **({"vocab_size": vocab_size} if vocab_size else {})})
+    return shape_config("llama3-8b", vocab_size)
 
 
 def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -78,3 +106,19 @@ def random_model(config, seed: int = 0, dtype: torch.dtype = torch.float32, devi
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+def save_random_model(config, folder, tok, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    """A random model of ``config`` (its special tokens set from ``tok``) saved with ``tok`` into
+    ``folder``, so that every actor loads it by path, as it would a downloaded model. The model is
+    built and written in this process and dropped before returning (a 1.24B model in float32 holds
+    5 GB here while it is written)."""
+    import gc
+
+    for t in ("bos", "eos", "pad"):
+        setattr(config, f"{t}_token_id", getattr(tok, f"{t}_token_id"))
+    model = random_model(config, seed=seed, dtype=dtype)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    gc.collect()

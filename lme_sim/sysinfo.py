@@ -111,13 +111,30 @@ class Measure:
 
 def peak_rss_mb() -> float:
     """Resident high-water mark of this process (VmHWM; ru_maxrss where /proc is missing)."""
+    found = _status_mb("VmHWM")
+    return found if found is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def process_memory(reset_peak: bool = False) -> dict[str, float]:
+    """This process's resident memory now and its high-water mark (MB); with ``reset_peak`` the mark
+    is then reset to the current size (Linux), so the next call's peak covers only the work between
+    the two. What the runtime's actors answer to their ``memory`` method (each actor is its own
+    process, which the driver's :class:`Measure` cannot see)."""
+    out = {"rss_mb": _status_mb("VmRSS"), "peak_rss_mb": peak_rss_mb()}
+    if reset_peak:
+        _reset_rss_peak()
+    return out
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``kB`` field of /proc/self/status in MB (None where there is none)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return None
 
 
 def _reset_rss_peak() -> None:

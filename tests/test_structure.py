@@ -22,6 +22,7 @@ LAYERS = [
         "linalg",
         "hooks",
         "sysinfo",
+        "sizing",
         "storage",
     ],
     ["world", "catalog", "data", "stream", "smollm2", "backbone", "suffix"],

@@ -28,6 +28,7 @@ from ..models import load_model, load_tokenizer
 from ..scenario import DEFAULT_MAX_DELTA_NORM
 from ..scoring import TargetScores, score_targets
 from ..storage.records import MetricRecord, ProbeRecord
+from ..sysinfo import process_memory
 from .delta_guard import delta_problem
 from .devices import placed_device
 from .shards import ShardedBackbone
@@ -125,6 +126,10 @@ class EditorService:
     def state_dict(self) -> dict:
         return self.editor.state_dict()
 
+    def memory(self, reset_peak: bool = False) -> dict[str, float]:
+        """This actor's resident memory and its high-water mark (:func:`lme_sim.sysinfo.process_memory`)."""
+        return process_memory(reset_peak)
+
 
 @dataclass
 class RetentionItem:
@@ -206,6 +211,10 @@ class Evaluator:
             else None
         )
         self.cum: dict[str, torch.Tensor] = {}  # the sum of the deltas applied so far
+
+    def memory(self, reset_peak: bool = False) -> dict[str, float]:
+        """This actor's resident memory and its high-water mark (:func:`lme_sim.sysinfo.process_memory`)."""
+        return process_memory(reset_peak)
 
     def follow(self, deltas: dict[str, torch.Tensor], version: int) -> int:
         """Take the replica from ``version - 1`` to ``version``: W += delta for the changed tensors.

@@ -37,16 +37,10 @@ from ..backbone import (
 )
 from ..hooks import PassThrough
 from ..linalg import nullspace_projector
+from ..sizing import split_layers  # noqa: F401  (imported from here by the runtime and tests)
 from ..suffix import supports_suffix
+from ..sysinfo import process_memory
 from .devices import placed_device
-
-
-def split_layers(n: int, n_shards: int) -> list[range]:
-    """Contiguous, near-equal layer ranges."""
-    if not 1 <= n_shards <= n:
-        raise ValueError(f"cannot cut {n} layers into {n_shards} shards (need 1 <= shards <= layers)")
-    bounds = [round(i * n / n_shards) for i in range(n_shards + 1)]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class ModelShard:
@@ -202,6 +196,10 @@ class ModelShard:
 
     def restore_weights(self) -> None:
         restore_weights(self.model, self._saved)
+
+    def memory(self, reset_peak: bool = False) -> dict[str, float]:
+        """This actor's resident memory and its high-water mark (:func:`lme_sim.sysinfo.process_memory`)."""
+        return process_memory(reset_peak)
 
 
 def _on_cpu(out: Output) -> Output:
