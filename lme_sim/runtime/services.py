@@ -8,7 +8,8 @@ results they send back.
   are two-phase: ``edit`` computes, ``commit`` adopts), so nothing of the batch is kept anywhere.
 * :class:`Evaluator` keeps its own replica of the model, follows the editor through versioned
   deltas (never a full model copy after start-up) and scores an :class:`EvalRequest` in batched
-  passes into :class:`Evaluation` rows; every row records the model version it was scored on.
+  passes into :class:`Evaluation` rows; every row records the batch_id of the model it scored
+  (its version - 1: :func:`batch_of`).
 """
 
 from __future__ import annotations
