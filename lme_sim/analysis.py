@@ -53,16 +53,16 @@ def summary_rows(db, run_ids: list[str]) -> list[dict]:
 # The ``collapse`` view's query with the threshold as a parameter (the view fixes it at 0.5).
 COLLAPSE_SQL = """
     SELECT r.run_id, r.method, ?::DOUBLE AS threshold,
-           min(c.step) FILTER (WHERE c.efficacy < ?) AS collapse_step,
-           arg_min(c.n_edits, c.step) FILTER (WHERE c.efficacy < ?) AS collapse_edits
+           min(c.batch_id) FILTER (WHERE c.efficacy < ?) AS collapse_batch,
+           arg_min(c.n_edits, c.batch_id) FILTER (WHERE c.efficacy < ?) AS collapse_edits
     FROM runs r LEFT JOIN efficacy_curve c ON c.run_id = r.run_id
     WHERE r.run_id = any(?)
     GROUP BY r.run_id, r.method"""
 
 
 def collapse_points(db, run_ids: list[str], threshold: float = 0.5) -> list[dict]:
-    """Per run (in the order asked): the first evaluation step at which efficacy fell below
-    ``threshold`` (``collapse_step``) and the edits committed by then (``collapse_edits``); both None
+    """Per run (in the order asked): the first evaluation (its ``batch_id``) at which efficacy fell
+    below ``threshold`` (``collapse_batch``) and the edits committed by then (``collapse_edits``); both None
     if it never did. The ``collapse`` view gives the same at 0.5."""
     check_runs(db, run_ids)
     cols, rows = read_only_query(db, COLLAPSE_SQL, [threshold, threshold, threshold, list(run_ids)])
@@ -134,7 +134,7 @@ def comparison_table(db, run_ids: list[str]):
     table.add_row("edits", *[str(r["n_edits"]) for r in rows])
     for col in SUMMARY_COLUMNS:
         table.add_row(f"{col} ({UNITS[col]})" if col in UNITS else col, *[_fmt(r[col], col) for r in rows])
-    table.add_row("collapse step", *[_collapse(r["collapse_step"]) for r in rows])
+    table.add_row("collapse batch", *[_collapse(r["collapse_batch"]) for r in rows])
     table.add_row("collapse edits", *[_collapse(r["collapse_edits"]) for r in rows])
     table.add_row("gen collapse edits", *[_collapse(r["gen_collapse_edits"]) for r in rows])
     return table
@@ -158,7 +158,7 @@ def _spread_table(db, groups: list[dict]):
     for col in SUMMARY_COLUMNS:
         table.add_row(col, *[_spread([r[col] for r in g["runs"]], col) for g in groups])
     for col, name in (
-        ("collapse_step", "collapse step"),
+        ("collapse_batch", "collapse batch"),
         ("collapse_edits", "collapse edits"),
         ("gen_collapse_edits", "gen collapse edits"),
     ):
@@ -190,7 +190,7 @@ def _spread_collapse(values: list) -> str:
 
 
 def _collapse(v) -> str:
-    """The step or edit count where efficacy fell below 0.5, or "none" where it never did."""
+    """The batch or edit count where efficacy fell below 0.5, or "none" where it never did."""
     return "none" if v is None else str(int(v))
 
 

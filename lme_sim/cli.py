@@ -144,7 +144,9 @@ def _trained_method(ctx, param, value: str) -> str:
 
 
 @main.command("train-editor")
-@click.option("--method", required=True, callback=_trained_method, help="A trained editor: rledit or hiedit.")
+@click.option(
+    "--method", required=True, callback=_trained_method, help="A trained editor, e.g. rledit or hiedit."
+)
 @click.option(
     "--model",
     "model_name",
@@ -183,8 +185,9 @@ def _trained_method(ctx, param, value: str) -> str:
     "--init-from",
     "init_from",
     default=None,
-    help="hiedit: the RLEdit checkpoint (same model and layers) whose network HiEdit starts from "
-    "(default: the cached one for these hyperparameters, trained first when missing).",
+    help="For an editor whose training starts from another's networks (hiedit: RLEdit's), that "
+    "checkpoint, for the same model and layers (default: the cached one for these hyperparameters, "
+    "trained first when missing).",
 )
 def train_editor_cmd(
     method: str,
@@ -195,21 +198,23 @@ def train_editor_cmd(
     init_from: str | None,
     snapshot_every: int,
 ) -> None:
-    """Train RLEdit's / HiEdit's networks over sequences of edits and save a checkpoint.
+    """Train a learned editor's networks (RLEdit, HiEdit) over sequences of edits and save a checkpoint.
 
-    HiEdit's router trains on top of an RLEdit network: pass one with --init-from, or the cached one
-    for these hyperparameters is used (trained first, and cached, when missing)."""
+    An editor whose training starts from another's networks (HiEdit's router trains on top of an
+    RLEdit network; the editor's class says so) takes one with --init-from, or the cached one for
+    these hyperparameters is used (trained first, and cached, when missing)."""
     import yaml
 
-    from .editors.checkpoints import save_checkpoint
+    from .editors.checkpoints import load_checkpoint, save_checkpoint
     from .editors.editor_training import (
         TrainingDiverged,
+        TrainingJob,
         checkpoint_path,
-        default_checkpoint,
-        init_hparams,
+        start_networks,
         train_editor,
     )
     from .editors.hparams import HParamsError, load_hparams
+    from .editors.registry import editor_class, known_methods
     from .models import load_model, model_kind
 
     has_world = model_kind(model_name).has_world  # trains on its own world's train split
@@ -236,46 +241,42 @@ def train_editor_cmd(
             f"error: --hparams train_data: file {hp.train_data!r} not found (or pass --data)", err=True
         )
         sys.exit(2)
-    if init_from is not None and method != "hiedit":
+    starts_from = editor_class(method).starts_from  # the method's own rule (HiEdit: RLEdit's network)
+    if init_from is not None and starts_from is None:
+        starters = [editor_class(m) for m in known_methods() if getattr(editor_class(m), "starts_from", None)]
+        what = ", ".join(f"an {editor_class(c.starts_from).__name__} checkpoint" for c in starters)
         click.echo(
-            "error: --init-from: only HiEdit starts from another network (an RLEdit checkpoint)", err=True
+            f"error: --init-from: only {', '.join(c.__name__ for c in starters)} starts from another "
+            f"network ({what})",
+            err=True,
         )
         sys.exit(2)
     init = None
     if init_from is not None:  # checked before the model loads
-        from .editors.checkpoints import load_checkpoint
-
         try:
-            init = load_checkpoint(init_from, "rledit")
+            init = load_checkpoint(init_from, starts_from)
         except (ValueError, FileNotFoundError) as e:
             click.echo(f"error: --init-from: {e}", err=True)
             sys.exit(2)
     lm = load_model(model_name)
+    job = TrainingJob(
+        method=method,
+        hp=hp,
+        model=lm.model,
+        tok=lm.tok,
+        model_name=model_name,
+        world=lm.world,
+        data_path=data_path,
+    )
     out = Path(out or checkpoint_path(method, model_name, hp, lm.model))
-    if (
-        method == "hiedit" and init is None
-    ):  # the cached RLEdit network to start from, trained first if missing
-        from .editors.checkpoints import load_checkpoint
-
-        rledit = default_checkpoint("rledit", model_name, init_hparams(hp), lm.model, lm.tok, lm.world, True)
-        init = load_checkpoint(rledit, "rledit")
+    if init is None:  # the cached network to start from (if the method has one), trained first if missing
+        init = start_networks(job)
 
     def snapshot(rollouts: int, ckpt: dict) -> None:
         save_checkpoint(ckpt, out.with_name(f"{out.stem}-r{rollouts}{out.suffix}"))
 
     try:
-        ckpt = train_editor(
-            method,
-            lm.model,
-            lm.tok,
-            model_name,
-            hp,
-            lm.world,
-            data_path,
-            init=init,
-            snapshot_every=snapshot_every,
-            on_snapshot=snapshot,
-        )
+        ckpt = train_editor(job, init=init, snapshot_every=snapshot_every, on_snapshot=snapshot)
     except ValueError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -284,7 +285,7 @@ def train_editor_cmd(
         sys.exit(1)
     path = save_checkpoint(ckpt, out)
     t = ckpt["train"]
-    start = f" after an RLEdit start of {ckpt['init']['seconds']:.0f} s" if ckpt.get("init") else ""
+    start = f" after a {starts_from} start of {ckpt['init']['seconds']:.0f} s" if ckpt.get("init") else ""
     click.echo(
         f"{method} for {model_name}: {hp.rollouts} rollouts over {t['n_facts']} training facts in "
         f"{t['seconds']:.0f} s{start}; edit loss {t['edit_loss'][0]:.3f} -> {t['edit_loss'][-1]:.3f}; "

@@ -4,7 +4,7 @@
   line per run, its collapse point (``collapse``) marked; runs sharing a method (seeds) as their mean
   in a band of ± one standard deviation;
 * forgetting.png: retention by edit age (the ``forgetting_curve`` view), one line per run;
-* metrics.png: efficacy / generalization / specificity / retention over edit steps, runs on one axis each;
+* metrics.png: efficacy / generalization / specificity / retention over batches, runs on one axis each;
 * condition.png: condition number of every edited matrix over batches (``weight_health``);
 * layer_usage.png: share of each batch's edits that touched each module (``layer_usage``), one
   heatmap per run whose method picks modules per edit (HiEdit), else for the first run.
@@ -55,15 +55,16 @@ def plot_forgetting(db, run_ids, label, ax) -> None:
 def plot_metrics(db, run_ids, label, axes) -> None:
     rows = _rows(
         db,
-        "select run_id, step, name, value from metrics where run_id = any(?) and name = any(?) order by step",
+        "select run_id, batch_id, name, value from metrics where run_id = any(?) and name = any(?) "
+        "order by batch_id",
         [list(run_ids), list(CURVE_METRICS)],
     )
     for ax, name in zip(axes, CURVE_METRICS):
         for rid in run_ids:
-            pts = [(r["step"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
+            pts = [(r["batch_id"], r["value"]) for r in rows if r["run_id"] == rid and r["name"] == name]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=label(rid))
-        ax.set(title=name, xlabel="edit step (batch)", ylabel=name, ylim=(-0.02, 1.02))
+        ax.set(title=name, xlabel="batch (batch_id)", ylabel=name, ylim=(-0.02, 1.02))
 
 
 def band(curves: list[list[tuple[float, float]]]) -> list[tuple[float, float, float, int]]:
@@ -176,7 +177,7 @@ def plot_condition(db, run_ids, label, ax) -> None:
             ax.plot(*zip(*pts), label=f"{label(rid)} {short}")
     ax.set(
         title="Condition number of each edited matrix",
-        xlabel="edit step (batch)",
+        xlabel="batch (batch_id)",
         ylabel="condition number (sigma_max / sigma_min)",
         yscale="log",
     )
@@ -198,7 +199,7 @@ def plot_layer_usage(db, run_id, label, ax) -> None:
         grid[modules.index(r["module"]), batches.index(r["batch_id"])] = r["share"]
     im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(modules)), [m.replace(".weight", "") for m in modules], fontsize=7)
-    ax.set(title=f"Layer usage: {label(run_id)}", xlabel="edit step (batch)", ylabel="module")
+    ax.set(title=f"Layer usage: {label(run_id)}", xlabel="batch (batch_id)", ylabel="module")
     ax.figure.colorbar(im, ax=ax, label="share of the batch's edits touching the module")
 
 

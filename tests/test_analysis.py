@@ -32,7 +32,7 @@ def test_compare_prints_the_papers_columns(quickstart_db):
     eff = read_only_query(db, f"select efficacy from method_summary where run_id = '{run_id}'")[1][0][0]
     assert f"{eff:.3f}" in r.output
     ga = read_only_query(
-        db, "select step, name, value from metrics where name like 'general_ability%' order by step"
+        db, "select batch_id, name, value from metrics where name like 'general_ability%' order by batch_id"
     )[1]
     assert {n for _, n, _ in ga} == {"general_ability", "general_ability_retention"}
     assert len({s for s, _, _ in ga}) >= 4  # measured at every evaluation of the run

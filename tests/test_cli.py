@@ -34,11 +34,11 @@ db: {db}
     assert r.exit_code == 0 and r.output.splitlines()[-1] == "20"
     _, evals = read_only_query(
         db,
-        "select eval_id, min(model_version), max(model_version), count(*) "
+        "select eval_id, min(batch_id), max(batch_id), count(*) "
         "from probes group by eval_id order by eval_id",
     )
-    # eval k (after batch k) saw exactly model version k and probed every edit so far
-    assert evals == [(1, 1, 1, 10), (2, 2, 2, 20)]
+    # eval k (after the k-th batch, batch_id k - 1) saw exactly that model and probed every edit so far
+    assert evals == [(1, 0, 0, 10), (2, 1, 1, 20)]
     _, ws = read_only_query(db, "select count(*), min(condition) from weight_stats")
     assert ws[0][0] == 4 and ws[0][1] > 1
     _, metrics = read_only_query(db, "select name, value from metrics where eval_id = 2")
@@ -133,7 +133,7 @@ def _db_with_a_run(path, name="tiny", run_id="tiny-0000abcd", method="alphaedit"
 
     with RunLogger(path) as log:
         log.start_run(run_id, name, "scn.yaml", {}, "world:small", method)
-        log.commit_batch(run_id, {"batch_id": 0, "step": 0, "n_edits": 1}, {})
+        log.commit_batch(run_id, {"batch_id": 0, "n_edits": 1}, {})
         log.finish_run(run_id)
     return path
 
@@ -215,7 +215,7 @@ def test_a_run_whose_logger_was_killed_shows_as_interrupted(tmp_path):
             "from lme_sim.storage.logger import RunLogger\n"
             "log = RunLogger(sys.argv[1])\n"
             "log.start_run('tiny-0000abcd', 'tiny', 'scn.yaml', {}, 'world:small', 'alphaedit')\n"
-            "log.commit_batch('tiny-0000abcd', {'batch_id': 0, 'step': 0, 'n_edits': 1}, {})\n"
+            "log.commit_batch('tiny-0000abcd', {'batch_id': 0, 'n_edits': 1}, {})\n"
             "print('committed', flush=True)\n"
             "time.sleep(600)\n",
             str(db),
@@ -245,11 +245,11 @@ def test_the_summary_gives_fluency_its_unit(tmp_path):
     db = tmp_path / "lme.duckdb"
     with RunLogger(db) as log:
         log.start_run("tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit")
-        log.commit_batch("tiny-0000abcd", {"batch_id": 0, "step": 0, "n_edits": 1}, {})
+        log.commit_batch("tiny-0000abcd", {"batch_id": 0, "n_edits": 1}, {})
         log.append(
             "metrics",
             [
-                {"eval_id": 1, "step": 0, "name": n, "value": v}
+                {"eval_id": 1, "batch_id": 0, "name": n, "value": v}
                 for n, v in (("efficacy", 0.9), ("fluency", 494.612))
             ],
         )

@@ -84,7 +84,7 @@ def base(tmp_path_factory):
     with RunLogger(db) as log:
         for run_id, name in ((RUN_ID, "fuzz"), (OTHER_ID, "other")):
             log.start_run(run_id, name, str(scn), {}, "world:small", "alphaedit")
-            log.commit_batch(run_id, {"batch_id": 0, "step": 0, "n_edits": 2}, {})
+            log.commit_batch(run_id, {"batch_id": 0, "n_edits": 2}, {})
             log.finish_run(run_id)
     newer = d / "newer.duckdb"
     shutil.copy(db, newer)

@@ -192,7 +192,7 @@ def _run(scenario: Path, cache: Path, *args: str) -> str:
 def _results(db: Path) -> dict:
     q = lambda sql: read_only_query(db, sql)[1]  # noqa: E731
     return {
-        "metrics": q("select eval_id, step, name, value from metrics order by eval_id, name"),
+        "metrics": q("select eval_id, batch_id, name, value from metrics order by eval_id, name"),
         "edits": q(
             "select edit_id, batch_id, case_id, target_new, modules, delta_norms from edits order by edit_id"
         ),
@@ -201,7 +201,7 @@ def _results(db: Path) -> dict:
             "order by batch_id, module"
         ),
         "probes": q(
-            "select eval_id, edit_id, model_version, logprob, correct from probes order by eval_id, edit_id"
+            "select eval_id, edit_id, batch_id, logprob, correct from probes order by eval_id, edit_id"
         ),
         "status": q("select status from runs"),
     }

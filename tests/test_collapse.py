@@ -24,12 +24,12 @@ def db(tmp_path_factory):
         for k, (rid, curve) in enumerate(CURVES.items()):
             log.start_run(rid, "study", None, {}, "world:small", ["alphaedit", "mose", "memit"][k])
             for b in range(6):
-                log.commit_batch(rid, {"batch_id": b, "step": b, "n_edits": 50 if b == 0 else 100}, {})
-            for e, (step, eff) in enumerate(zip((1, 3, 5), curve)):
-                n = 50 + 100 * step if rid == "a-alphaedit" else None
+                log.commit_batch(rid, {"batch_id": b, "n_edits": 50 if b == 0 else 100}, {})
+            for e, (b, eff) in enumerate(zip((1, 3, 5), curve)):
+                n = 50 + 100 * b if rid == "a-alphaedit" else None
                 rows = [
-                    {"eval_id": e + 1, "step": step, "name": "efficacy", "value": eff, "n": n},
-                    {"eval_id": e + 1, "step": step, "name": "generalization", "value": eff / 2},
+                    {"eval_id": e + 1, "batch_id": b, "name": "efficacy", "value": eff, "n": n},
+                    {"eval_id": e + 1, "batch_id": b, "name": "generalization", "value": eff / 2},
                 ]
                 log.append("metrics", [{"run_id": rid, **r} for r in rows])
             log.finish_run(rid)
@@ -39,8 +39,8 @@ def db(tmp_path_factory):
 def test_efficacy_curve_and_collapse_view(db):
     rows = read_only_query(
         db,
-        "select run_id, step, n_edits, efficacy, efficacy_n from efficacy_curve "
-        "where run_id = ? order by step",
+        "select run_id, batch_id, n_edits, efficacy, efficacy_n from efficacy_curve "
+        "where run_id = ? order by batch_id",
         ["a-alphaedit"],
     )[1]
     assert rows == [
@@ -50,9 +50,9 @@ def test_efficacy_curve_and_collapse_view(db):
     ]
     got = dict(
         (r[0], r[1:])
-        for r in read_only_query(db, "select run_id, threshold, collapse_step, collapse_edits from collapse")[
-            1
-        ]
+        for r in read_only_query(
+            db, "select run_id, threshold, collapse_batch, collapse_edits from collapse"
+        )[1]
     )
     assert got == {
         "a-alphaedit": (0.5, 5, 550),
@@ -60,19 +60,19 @@ def test_efficacy_curve_and_collapse_view(db):
         "c'; drop table runs; --": (0.5, 1, 150),
     }
     rows = summary_rows(db, list(CURVES))  # a quote in a run id is a value, never SQL
-    assert [(r["collapse_step"], r["collapse_edits"]) for r in rows] == [(5, 550), (None, None), (1, 150)]
+    assert [(r["collapse_batch"], r["collapse_edits"]) for r in rows] == [(5, 550), (None, None), (1, 150)]
     assert [r["efficacy"] for r in rows] == [0.4, 0.85, 0.2]
 
 
 def test_collapse_points_at_other_thresholds(db):
     ids = list(CURVES)
     assert collapse_points(db, ids) == [
-        {"run_id": i, "method": m, "threshold": 0.5, "collapse_step": s, "collapse_edits": n}
+        {"run_id": i, "method": m, "threshold": 0.5, "collapse_batch": s, "collapse_edits": n}
         for i, m, s, n in zip(ids, ["alphaedit", "mose", "memit"], [5, None, 1], [550, None, 150])
     ]
-    at = {p["run_id"]: (p["collapse_step"], p["collapse_edits"]) for p in collapse_points(db, ids, 0.92)}
+    at = {p["run_id"]: (p["collapse_batch"], p["collapse_edits"]) for p in collapse_points(db, ids, 0.92)}
     assert at == {"a-alphaedit": (1, 150), "b-mose": (3, 350), "c'; drop table runs; --": (1, 150)}
-    assert [p["collapse_step"] for p in collapse_points(db, ids[1:], 0.1)] == [None, None]
+    assert [p["collapse_batch"] for p in collapse_points(db, ids[1:], 0.1)] == [None, None]
 
 
 def test_compare_shows_the_collapse_point(db):

@@ -160,9 +160,9 @@ db: {db}
     _, status = read_only_query(db, "select status from runs")
     assert status == [("finished",)]
     _, evals = read_only_query(
-        db, "select eval_id, min(model_version), max(model_version) from probes group by 1 order by 1"
+        db, "select eval_id, min(batch_id), max(batch_id) from probes group by 1 order by 1"
     )
-    assert evals == [(1, 1, 1), (2, 1, 1), (3, 2, 2)]  # eval 2 came after the rejected batch
+    assert evals == [(1, 0, 0), (2, 0, 0), (3, 1, 1)]  # eval 2 came after the rejected batch
     _, metrics = read_only_query(db, "select eval_id, name, value from metrics order by 1, 2")
     by_eval = {k: [(n, v) for e, n, v in metrics if e == k] for k in (1, 2)}
     assert by_eval[1] == by_eval[2] and by_eval[1]  # the evaluator's replica did not move

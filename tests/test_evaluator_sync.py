@@ -22,17 +22,17 @@ def test_versions_in_order_absolute_loads_and_behind_answers(small_world):
     case = small_world[2].edit_cases(1, seed=3)[0]
     probes = [RetentionItem(0, case.prompt, case.target_new, [case.target_true])]
 
-    def request(eval_id, step):
-        return EvalRequest(eval_id, step, probes, [], n_edits=1)
+    def request(eval_id):
+        return EvalRequest(eval_id=eval_id, retention=probes, cases=[], n_edits=1)
 
-    assert ev.evaluate(request(1, 0), version=1) == Behind(2)
-    out = ev.evaluate(request(2, 1), version=2)
-    assert out.version == 2 and [p.model_version for p in out.probes] == [2]
+    assert ev.evaluate(request(1), version=1) == Behind(2)
+    out = ev.evaluate(request(2), version=2)
+    assert out.version == 2 and [p.batch_id for p in out.probes] == [1]  # version 2: after batch 1
 
     restarted = Evaluator("world:small")  # what Ray's restart gives: version 0
-    assert restarted.evaluate(request(2, 1), version=2) == Behind(0)
+    assert restarted.evaluate(request(2), version=2) == Behind(0)
     assert restarted.load({NAME: d1 + d2}, 2) == 2
-    again = restarted.evaluate(request(2, 1), version=2)
+    again = restarted.evaluate(request(2), version=2)
     assert abs(again.probes[0].logprob - out.probes[0].logprob) < 1e-4
 
     assert ev.load({NAME: d1}, 1) == 1  # back to an earlier state, whatever the replica held
@@ -54,6 +54,6 @@ def test_retention_without_an_earlier_value_is_never_vacuous(small_world):
         RetentionItem(0, hit.prompt, hit.target_true, []),  # the model says it: retained
         RetentionItem(1, miss.prompt, miss.target_new, []),
     ]  # an object it does not say: not retained
-    out = ev.evaluate(EvalRequest(1, 0, items, [], n_edits=2))
+    out = ev.evaluate(EvalRequest(eval_id=1, retention=items, cases=[], n_edits=2))
     assert [p.correct for p in out.probes] == [True, False]
     assert [m.value for m in out.metrics if m.name == "retention"] == [0.5]

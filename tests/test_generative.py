@@ -77,7 +77,7 @@ def test_the_evaluator_reports_generative_beside_teacher_forced_metrics(small_wo
     path, and ``generative=False`` leaves them out."""
     ev = Evaluator("world:small")
     cases = small_world[2].edit_cases(6, seed=2)
-    out = ev.evaluate(EvalRequest(eval_id=1, step=0, retention=[], cases=cases, n_edits=6))
+    out = ev.evaluate(EvalRequest(eval_id=1, retention=[], cases=cases, n_edits=6))
     names = {m.name: m.value for m in out.metrics}
     for name in ("efficacy", "generalization", "specificity", "gen_efficacy", "gen_generalization"):
         assert name in names
@@ -88,7 +88,7 @@ def test_the_evaluator_reports_generative_beside_teacher_forced_metrics(small_wo
     rows = generation_rows(cases, index, [begins_with(t, e) for t, e in zip(reference, expected)])
     for name in ("gen_efficacy", "gen_generalization", "gen_specificity"):
         assert names[name] == pytest.approx(sum(r[name] for r in rows) / len(rows))
-    off = ev.evaluate(EvalRequest(eval_id=2, step=0, retention=[], cases=cases, n_edits=6, generative=False))
+    off = ev.evaluate(EvalRequest(eval_id=2, retention=[], cases=cases, n_edits=6, generative=False))
     assert not any(m.name.startswith("gen_") for m in off.metrics)
 
 

@@ -41,7 +41,7 @@ db: {db}
     assert sorted(t for _, t, _ in probes) == sorted(latest.values())
     assert sum(c for *_, c in probes) / len(probes) >= 0.9
     _, versions = read_only_query(
-        db, "select eval_id, min(model_version) = max(model_version) from probes group by eval_id"
+        db, "select eval_id, min(batch_id) = max(batch_id) from probes group by eval_id"
     )
     assert all(same for _, same in versions)
     assert run_id.startswith("history-")

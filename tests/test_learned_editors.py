@@ -11,7 +11,7 @@ from lme_sim.arch import edit_module_path
 from lme_sim.backbone import LocalBackbone
 from lme_sim.editors import make_editor
 from lme_sim.editors.edit_signals import keys_and_grads, per_row_nll
-from lme_sim.editors.editor_training import save_checkpoint, train_editor
+from lme_sim.editors.editor_training import TrainingJob, save_checkpoint, train_editor
 from lme_sim.editors.hparams import load_hparams
 from lme_sim.editors.hypernet import RunningNorm, ridge_delta, top_k_mask
 from lme_sim.editors.rledit import CheckpointMismatch
@@ -23,6 +23,14 @@ MODEL = "world:small"
 # (conftest); at 100 rollouts HiEdit's efficacy falls below RLEdit's (0.74 vs 0.78)
 TRAIN = {}
 FEW = {"rollouts": 1, "rollout_batches": 2, "locality_prompts": 8}  # the tiny training of the hand-over tests
+
+
+def _job(method, hp, small_world):
+    """The training job of ``method`` with ``hp`` on the small world (its train split), quietly."""
+    model, tok, world = small_world
+    return TrainingJob(
+        method=method, hp=hp, model=model, tok=tok, model_name=MODEL, world=world, progress=False
+    )
 
 
 def test_ridge_delta_is_the_regularized_least_squares_fit():
@@ -91,7 +99,7 @@ def test_batch_routing_writes_every_edit_into_the_one_subset_the_batch_mean_pick
     all the batch's tokens and an unchosen one's is zero."""
     from types import SimpleNamespace
 
-    from lme_sim.editors.hypernet import HyperNet, Router, plan_deltas
+    from lme_sim.editors.hypernet import HyperNet, Router, Routing, plan_deltas
 
     torch.manual_seed(0)
     net = HyperNet(d_ff=32, d_model=8, n_modules=4, rank=4).double()
@@ -103,7 +111,9 @@ def test_batch_routing_writes_every_edit_into_the_one_subset_the_batch_mean_pick
         net.key_norm.update(keys[l])
         net.grad_norm.update(grads[l])
     sig = SimpleNamespace(keys=keys, grads=grads, owner=owner)
-    deltas, mask, log_pi = plan_deltas(net, sig, [0, 1, 2, 3], 4, router, 2, route="batch")
+    deltas, mask, log_pi = plan_deltas(
+        net, sig, [0, 1, 2, 3], 4, Routing(router=router, top_k=2, route="batch")
+    )
     assert mask.shape == (4, 4) and (mask == mask[0]).all() and mask[0].sum() == 2
     scores = router(torch.stack([net.features(keys[l], grads[l]).mean(0) for l in range(4)])[None])
     assert torch.equal(mask[0].nonzero()[:, 0].sort().values, scores[0].topk(2).indices.sort().values)
@@ -111,7 +121,7 @@ def test_batch_routing_writes_every_edit_into_the_one_subset_the_batch_mean_pick
     for i in range(4):
         expected = net.delta(keys[i], grads[i], i) if mask[0, i] else torch.zeros(8, 32, dtype=torch.float64)
         assert torch.allclose(deltas[i], expected, atol=1e-10)
-    _, per_edit, _ = plan_deltas(net, sig, [0, 1, 2, 3], 4, router, 2)
+    _, per_edit, _ = plan_deltas(net, sig, [0, 1, 2, 3], 4, Routing(router=router, top_k=2))
     assert per_edit.shape == (4, 4)  # the default routes each edit on its own features
 
 
@@ -161,7 +171,7 @@ def _train_both(small_world, tmp_path_factory, overrides: dict) -> dict:
     for method in ("rledit", "hiedit"):
         hp = load_hparams(method, MODEL, overrides)
         init = out["rledit"][0] if method == "hiedit" else None
-        ckpt = train_editor(method, model, tok, MODEL, hp, world, progress=False, init=init)
+        ckpt = train_editor(_job(method, hp, small_world), init=init)
         t = ckpt["train"]
         print(
             f"{method}: trained {hp.rollouts} rollouts in {t['seconds']:.0f} s, edit loss "
@@ -290,19 +300,10 @@ def test_hiedit_starts_only_from_an_rledit_network_for_the_same_modules(small_wo
     assert hiedit["init"]["hparams"] == rledit["hparams"]
     with pytest.raises(CheckpointMismatch, match="layers"):
         train_editor(
-            "hiedit",
-            model,
-            tok,
-            MODEL,
-            load_hparams("hiedit", MODEL, {"layers": [2, 3]}),
-            world,
-            progress=False,
-            init=rledit,
+            _job("hiedit", load_hparams("hiedit", MODEL, {"layers": [2, 3]}), small_world), init=rledit
         )
     with pytest.raises(CheckpointMismatch, match="RLEdit checkpoint"):
-        train_editor(
-            "hiedit", model, tok, MODEL, load_hparams("hiedit", MODEL), world, progress=False, init=hiedit
-        )
+        train_editor(_job("hiedit", load_hparams("hiedit", MODEL), small_world), init=hiedit)
 
 
 @pytest.mark.parametrize("scale, expected", [(None, 2.0), (1.0, 1.0), (1.5, 1.5)])
@@ -310,19 +311,11 @@ def test_hiedit_starts_from_the_rledit_step_sizes_times_the_handover_scale(small
     """At the hand-over HiEdit's step sizes are the RLEdit start's times ``handover_scale``; by default
     n_candidates / top_k (4 / 2 here), since each edit then writes into half of the modules."""
     model, tok, world = small_world
-    rledit = train_editor(
-        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, FEW), world, progress=False
-    )
+    rledit = train_editor(_job("rledit", load_hparams("rledit", MODEL, FEW), small_world))
     starts = []
     hp = load_hparams("hiedit", MODEL, {**FEW, "handover_scale": scale})
     train_editor(
-        "hiedit",
-        model,
-        tok,
-        MODEL,
-        hp,
-        world,
-        progress=False,
+        _job("hiedit", hp, small_world),
         init=rledit,
         snapshot_every=1,
         on_snapshot=lambda r, ck: starts.append(ck["net"]["log_lr"]) if r == 0 else None,
@@ -334,14 +327,12 @@ def test_hiedit_starts_from_the_rledit_step_sizes_times_the_handover_scale(small
 def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
     """A HiEdit checkpoint trained with ``fit_others: false`` edits that way: its deltas are the
     hypernetwork's with the other edits' rows dropped, whatever the scenario's hparams say."""
-    from lme_sim.editors.hypernet import build_networks, plan_deltas
+    from lme_sim.editors.hypernet import Routing, build_networks, plan_deltas
 
     model, tok, world = small_world
-    rledit = train_editor(
-        "rledit", model, tok, MODEL, load_hparams("rledit", MODEL, FEW), world, progress=False
-    )
+    rledit = train_editor(_job("rledit", load_hparams("rledit", MODEL, FEW), small_world))
     hp = load_hparams("hiedit", MODEL, {**FEW, "fit_others": False})
-    ckpt = train_editor("hiedit", model, tok, MODEL, hp, world, progress=False, init=rledit)
+    ckpt = train_editor(_job("hiedit", hp, small_world), init=rledit)
     path = save_checkpoint(ckpt, tmp_path / "hi.pt")
     facts = world.split_facts("eval")[:6]
     cases = [world.case(f, next(o for o in world.objects[f.relation] if o != f.obj)) for f in facts]
@@ -350,9 +341,9 @@ def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
     batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
     signals = keys_and_grads(edited, batch, hp.layers)
     net, router = build_networks(ckpt)
-    args = (net, signals, list(hp.layers), len(cases), router, ckpt["top_k"])
-    dropped, mask, _ = plan_deltas(*args, fit_others=False)
-    kept, _, _ = plan_deltas(*args)
+    args = (net, signals, list(hp.layers), len(cases))
+    dropped, mask, _ = plan_deltas(*args, Routing(router=router, top_k=ckpt["top_k"], fit_others=False))
+    kept, _, _ = plan_deltas(*args, Routing(router=router, top_k=ckpt["top_k"]))
     result = editor.edit(cases)
     for l in hp.layers:
         name = LocalBackbone(edited).edit_param_name(l)

@@ -90,13 +90,23 @@ def test_a_checkpoint_edits_smollm2(smollm2, checkpoints, method):
 def test_a_checkpoint_for_another_model_is_refused(smollm2, small_world, tmp_path):
     """Networks trained for the small world model do not load into SmolLM2."""
     from lme_sim.editors.checkpoints import save_checkpoint
-    from lme_sim.editors.editor_training import train_editor
+    from lme_sim.editors.editor_training import TrainingJob, train_editor
     from lme_sim.editors.hparams import load_hparams
 
     model, tok, world = small_world
     hp = load_hparams("rledit", "world:small", {"rollouts": 1, "rollout_batches": 1, "layers": [0, 1]})
     path = save_checkpoint(
-        train_editor("rledit", copy.deepcopy(model), tok, "world:small", hp, world, progress=False),
+        train_editor(
+            TrainingJob(
+                method="rledit",
+                hp=hp,
+                model=copy.deepcopy(model),
+                tok=tok,
+                model_name="world:small",
+                world=world,
+                progress=False,
+            )
+        ),
         tmp_path / "world.pt",
     )
     with pytest.raises(CheckpointMismatch, match="world:small"):

@@ -168,20 +168,21 @@ def test_a_killed_evaluator_is_restarted_and_every_evaluation_scored_once(tmp_pa
     assert run.returncode == 0, out
     said = " ".join(out.split())  # the console wraps long lines
     assert "evaluator 0 was restarted" in said and "re-synced to version" in said, out
-    # eval k follows batch 2k: exactly one set of rows per eval id, each scored on its own version
+    # eval k follows the 2k-th batch (batch_id 2k - 1): one set of rows per eval id, each scored on its
+    # own model
     _, evals = read_only_query(
         db,
-        "select eval_id, min(model_version), max(model_version), count(*), "
+        "select eval_id, min(batch_id), max(batch_id), count(*), "
         "count(distinct edit_id) from probes group by 1 order by 1",
     )
-    assert evals == [(k, 2 * k, 2 * k, 10 * k, 10 * k) for k in range(1, 6)]  # eval k after batch 2k
+    assert evals == [(k, 2 * k - 1, 2 * k - 1, 10 * k, 10 * k) for k in range(1, 6)]
     _, metrics = read_only_query(
         db,
-        "select eval_id, count(*), count(distinct name), min(model_version), "
-        "max(model_version) from metrics group by 1 order by 1",
+        "select eval_id, count(*), count(distinct name), min(batch_id), "
+        "max(batch_id) from metrics group by 1 order by 1",
     )
     assert [m[0] for m in metrics] == [1, 2, 3, 4, 5] and all(
-        n == d and v == w == 2 * e for e, n, d, v, w in metrics
+        n == d and v == w == 2 * e - 1 for e, n, d, v, w in metrics
     )
     assert _final_metrics(db) == reference
 

@@ -38,7 +38,7 @@ def db(tmp_path_factory):
                 config["stream"] = {"batch_size": protocol}
             log.start_run(rid, "s", None, config, "world:small", method)
             for b in range(3):
-                log.commit_batch(rid, {"batch_id": b, "step": b, "n_edits": 10}, {})
+                log.commit_batch(rid, {"batch_id": b, "n_edits": 10}, {})
             for e, eff in enumerate(curve):
                 log.append(
                     "metrics",
@@ -46,12 +46,18 @@ def db(tmp_path_factory):
                         {
                             "run_id": rid,
                             "eval_id": e + 1,
-                            "step": e,
+                            "batch_id": e,
                             "name": "efficacy",
                             "value": eff,
                             "n": 10,
                         },
-                        {"run_id": rid, "eval_id": e + 1, "step": e, "name": "retention", "value": eff / 2},
+                        {
+                            "run_id": rid,
+                            "eval_id": e + 1,
+                            "batch_id": e,
+                            "name": "retention",
+                            "value": eff / 2,
+                        },
                     ],
                 )
             log.finish_run(rid)
@@ -96,8 +102,8 @@ def test_compare_shows_mean_std_and_n_per_method(db, monkeypatch):
     assert f"{statistics.fmean(ultra):.3f} ± {statistics.stdev(ultra):.3f}" in eff_row
     assert f"{statistics.fmean(seq):.3f} ± {statistics.stdev(seq):.3f}" in eff_row
     assert eff_row.split("│")[-2].strip() == "0.500"  # the single batch-protocol run (n = 1): its value
-    collapse = next(line for line in r.output.splitlines() if "collapse step" in line)
-    assert "2 ± 0 (1 of 3)" in collapse  # ultraedit: one run of 3 fell below 0.5, at step 2
+    collapse = next(line for line in r.output.splitlines() if "collapse batch" in line)
+    assert "2 ± 0 (1 of 3)" in collapse  # ultraedit: one run of 3 fell below 0.5, after batch 2
     assert "1.5 ± 0.71 (2 of 2)" in collapse and "none" in collapse  # memit: steps 1 and 2; batch: never
     one = CliRunner().invoke(main, ["compare", "s-ultraedit-s0", "s-memit-batch", "--db", str(db)])
     assert one.exit_code == 0 and "±" not in one.output and "s-ultraedit-s0" in one.output  # one run each

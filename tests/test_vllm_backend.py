@@ -130,12 +130,18 @@ def test_evaluator_service_with_the_vllm_backend(llama_world):
     )
     retention = [RetentionItem(i, c.prompt, c.target_true, []) for i, c in enumerate(cases)]
     fluency = [c.prompt for c in cases[:2]]
-    out = ev.evaluate(EvalRequest(1, 0, retention, cases, len(cases), fluency))
+    out = ev.evaluate(
+        EvalRequest(eval_id=1, retention=retention, cases=cases, n_edits=len(cases), fluency_prompts=fluency)
+    )
     names = {r.name for r in out.metrics}
     assert {"efficacy", "specificity", "retention", "fluency"} <= names and len(out.probes) == 5
     assert (
         ev.load({}, 3) == 3
-        and ev.evaluate(EvalRequest(2, 1, retention, cases, 5, fluency), version=3).version == 3
+        and ev.evaluate(
+            EvalRequest(eval_id=2, retention=retention, cases=cases, n_edits=5, fluency_prompts=fluency),
+            version=3,
+        ).version
+        == 3
     )
 
 
@@ -179,7 +185,9 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
                 out = ray.get(editor.edit.remote(batch))
                 assert isinstance(out, Edited), out
                 assert ray.get([e.follow.remote(out.deltas, version) for e in evaluators]) == [version] * 2
-            req = EvalRequest(version, version, retention, cases, len(cases), fluency)
+            req = EvalRequest(
+                eval_id=version, retention=retention, cases=cases, n_edits=len(cases), fluency_prompts=fluency
+            )
             v, h = ray.get([e.evaluate.remote(req, version=version) for e in evaluators])
             assert len(v.probes) == len(h.probes) == 4
             gap = max(abs(a.logprob - b.logprob) for a, b in zip(v.probes, h.probes))
@@ -189,8 +197,8 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
                 f"vLLM {mv}; HF {mh}"
             )
             assert gap < 1e-3
-            assert [(p.correct, p.token_acc, p.model_version) for p in v.probes] == [
-                (p.correct, p.token_acc, p.model_version) for p in h.probes
+            assert [(p.correct, p.token_acc, p.batch_id) for p in v.probes] == [
+                (p.correct, p.token_acc, p.batch_id) for p in h.probes
             ]
             assert mv.keys() == mh.keys() >= {"efficacy", "specificity", "retention", "fluency"}
             assert mv == pytest.approx(mh, abs=1e-6)

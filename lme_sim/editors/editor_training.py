@@ -36,10 +36,9 @@ times the mean KL(before || after) on its neighborhood prompts.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,9 +51,10 @@ from ..paths import cache_root
 from ..scoring import logits_at
 from ..tokens import encode_pairs, encode_texts
 from .base import apply_layer_delta
-from .checkpoints import CheckpointMismatch, load_checkpoint, model_fingerprint, save_checkpoint
+from .checkpoints import load_checkpoint, model_fingerprint, save_checkpoint
 from .edit_signals import keys_and_grads, per_row_nll, weight_offsets
-from .hypernet import HyperNet, RLEditHParams, Router, plan_deltas
+from .hypernet import HyperNet, RLEditHParams, Router, Routing, plan_deltas
+from .registry import editor_class
 from .targets import frozen
 
 log = logging.getLogger(__name__)
@@ -175,35 +175,45 @@ def _per_case_mean(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Ten
     return total / torch.bincount(owner, minlength=n).clamp_min(1)
 
 
-def init_hparams(hp: RLEditHParams) -> RLEditHParams:
-    """The hyperparameters of the RLEdit network that HiEdit with ``hp`` starts from: its own RLEdit
-    fields (for world models the same as rledit.yaml's, so the cached RLEdit network is shared);
-    the router phase after it trains at ``router_phase_lr``."""
-    return RLEditHParams(**hp.model_dump(include=set(RLEditHParams.model_fields) - {"checkpoint"}))
+@dataclass(frozen=True, kw_only=True)
+class TrainingJob:
+    """What a learned editor's networks are trained for and on: the method and its hyperparameters,
+    the model (with its tokenizer, name and embedded world, if any), and the data: the world's train
+    split, else ``data_path``, else ``hp.train_data``."""
+
+    method: str
+    hp: RLEditHParams
+    model: nn.Module
+    tok: object
+    model_name: str
+    world: object = None
+    data_path: str | None = None
+    progress: bool = True
+
+    def start(self) -> TrainingJob | None:
+        """The job of the networks this method's training starts from (HiEdit: RLEdit's, with its
+        RLEdit hyperparameters, on the same data); None for a method that starts from scratch.
+        What a method starts from is its class's (``starts_from``, ``start_hparams``)."""
+        cls = editor_class(self.method)
+        if cls.starts_from is None:
+            return None
+        return replace(self, method=cls.starts_from, hp=cls.start_hparams(self.hp))
 
 
 def train_editor(
-    method: str,
-    model,
-    tok,
-    model_name: str,
-    hp: RLEditHParams,
-    world=None,
-    data_path: str | None = None,
-    progress: bool = True,
-    init: dict | None = None,
-    snapshot_every: int = 0,
-    on_snapshot=None,
+    job: TrainingJob, *, init: dict | None = None, snapshot_every: int = 0, on_snapshot=None
 ) -> dict:
-    """Train the networks of ``method`` (rledit | hiedit) on ``model``; returns the checkpoint dict.
-    The model's weights are the same afterwards. HiEdit starts from ``init``, an RLEdit checkpoint
-    for this model and these layers (trained here first when None). Data: the world's train split,
-    else ``data_path``, else ``hp.train_data``. Before the first rollout and every ``snapshot_every``
+    """Train the networks of ``job.method`` on ``job.model``; returns the checkpoint dict. The
+    model's weights are the same afterwards. A method that starts from another's networks (HiEdit:
+    an RLEdit checkpoint for this model and these layers) starts from ``init``, trained here first
+    when None (:meth:`TrainingJob.start`). Before the first rollout and every ``snapshot_every``
     rollouts (0: never) ``on_snapshot(rollouts, checkpoint)`` receives the networks as they are then
     (a budget curve)."""
-    data_path = data_path or (None if world is not None else hp.train_data)
-    if method == "hiedit" and init is None:
-        init = train_editor("rledit", model, tok, model_name, init_hparams(hp), world, data_path, progress)
+    method, hp, model, tok, model_name = job.method, job.hp, job.model, job.tok, job.model_name
+    world, cls = job.world, editor_class(job.method)
+    data_path = job.data_path or (None if world is not None else hp.train_data)
+    if init is None and (start := job.start()) is not None:
+        init = train_editor(replace(start, data_path=data_path))
     torch.manual_seed(hp.seed)
     rng = random.Random(hp.seed)
     gen = torch.Generator().manual_seed(hp.seed)
@@ -224,18 +234,9 @@ def train_editor(
         init_lr=hp.init_lr,
         init_lambda=hp.init_lambda,
     )
-    net = HyperNet(**net_config)
-    top_k = None
-    router = None
-    if method == "hiedit":
-        top_k = hp.top_k or max(1, len(layers) // 2)
-        router = Router(d_ff + d_model, len(layers))
-        _check_init(init, model, layers, net_config)
-        net.load_state_dict(init["net"])
-        with torch.no_grad():  # each edit now writes into top_k modules, not all of them
-            net.log_lr += math.log(hp.handover_scale or len(layers) / top_k)
+    net, router, top_k = cls.networks_to_train(hp, net_config, init, model)
     params = list(net.parameters()) + (list(router.parameters()) if router is not None else [])
-    opt = torch.optim.Adam(params, lr=hp.router_phase_lr if method == "hiedit" else hp.train_lr)
+    opt = torch.optim.Adam(params, lr=cls.train_lr(hp))
     original = {l: weight_view(model, l).detach().clone() for l in layers}
     trainer = _Trainer(model, tok, net, router, top_k, hp, gen)
     # normalizer statistics from the unedited model over (a sample of) the training edits
@@ -277,7 +278,7 @@ def train_editor(
             else {"hparams": init["hparams"], "seconds": init["train"]["seconds"]},
         }
 
-    bar = _progress(progress, hp.rollouts * hp.rollout_batches, f"training {method} on {model_name}")
+    bar = _progress(job.progress, hp.rollouts * hp.rollout_batches, f"training {method} on {model_name}")
     router0 = [p.detach().clone() for p in router.parameters()] if router is not None else None
     if snapshot_every:
         on_snapshot(0, checkpoint())  # the untrained networks: where the curve starts
@@ -315,22 +316,6 @@ def train_editor(
         history[-1],
     )
     return ckpt
-
-
-def _check_init(init: dict, model, layers: list[int], net_config: dict) -> None:
-    """HiEdit's starting network must be an RLEdit one for this model, these modules, this shape."""
-    if init.get("method") != "rledit":
-        raise CheckpointMismatch(f"HiEdit starts from an RLEdit checkpoint, not a {init.get('method')!r} one")
-    if init["fingerprint"] != model_fingerprint(model):
-        raise CheckpointMismatch(
-            f"the RLEdit checkpoint to start from was trained for model {init['model']!r} "
-            f"(fingerprint {init['fingerprint']}), not for this one ({model_fingerprint(model)})"
-        )
-    if list(init["layers"]) != layers or init["net_config"] != net_config:
-        raise CheckpointMismatch(
-            f"the RLEdit checkpoint to start from has layers {init['layers']} and network "
-            f"{init['net_config']}; HiEdit here needs layers {layers} and {net_config}"
-        )
 
 
 class _NextToken:
@@ -448,18 +433,15 @@ class _Trainer:
 
         explore = router is not None and hp.explore
         try:
-            deltas, sel, log_pi = plan_deltas(
-                net,
-                sig,
-                layers,
-                n,
-                router,
-                top_k,
-                explore,
-                self.gen,
+            routing = Routing(
+                router=router,
+                top_k=top_k,
+                sample=explore,
+                generator=self.gen,
                 fit_others=getattr(hp, "fit_others", True),
                 route=getattr(hp, "route", "edit"),
             )
+            deltas, sel, log_pi = plan_deltas(net, sig, layers, n, routing)
         except torch.linalg.LinAlgError as e:  # pseudo keys too large for the ridge system
             raise TrainingDiverged(
                 f"at step {t + 1} of {len(batches)} the ridge solve failed ({e})"
@@ -526,27 +508,29 @@ def checkpoint_path(method: str, model_name: str, hp: RLEditHParams, model) -> P
     return cache_root() / "editors" / f"{method}-{name}-{model_fingerprint(model)}-{key}.pt"
 
 
-def default_checkpoint(
-    method: str, model_name: str | None, hp: RLEditHParams, model, tok, world, progress: bool
-) -> Path:
-    """The cached checkpoint (:func:`checkpoint_path`), trained now if missing: on the world's train
-    split for ``world:*`` models, else on ``hp.train_data`` (HiEdit's starts from the cached RLEdit
-    one). Without either, ``editor.hparams.checkpoint`` must name one."""
-    if world is None and hp.train_data is None:
+def default_checkpoint(job: TrainingJob) -> Path:
+    """The cached checkpoint of ``job`` (:func:`checkpoint_path`), trained now if missing: on the
+    world's train split for ``world:*`` models, else on ``hp.train_data`` (a method that starts from
+    another's networks starts from that one's cached checkpoint: :func:`start_networks`). Without
+    either, ``editor.hparams.checkpoint`` must name one."""
+    method, model_name = job.method, job.model_name
+    if job.world is None and job.hp.train_data is None:
         raise FileNotFoundError(
             f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
             f"`lme-sim train-editor --method {method} --model {model_name}`, or train_data to a training file"
         )
-    path = checkpoint_path(method, model_name, hp, model)
+    path = checkpoint_path(method, model_name, job.hp, job.model)
     if not path.is_file():
-        init = None
-        if method == "hiedit":
-            init = load_checkpoint(
-                default_checkpoint("rledit", model_name, init_hparams(hp), model, tok, world, progress),
-                "rledit",
-            )
+        init = start_networks(job)
         log.info("training %s for %s (cached at %s)", method, model_name, path)
-        save_checkpoint(
-            train_editor(method, model, tok, model_name, hp, world, progress=progress, init=init), path
-        )
+        save_checkpoint(train_editor(replace(job, data_path=None), init=init), path)
     return path
+
+
+def start_networks(job: TrainingJob) -> dict | None:
+    """The cached checkpoint that ``job``'s training starts from (trained and cached first when
+    missing); None for a method that starts from scratch."""
+    start = job.start()
+    if start is None:
+        return None
+    return load_checkpoint(default_checkpoint(replace(start, data_path=None)), start.method)

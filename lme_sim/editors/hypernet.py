@@ -22,6 +22,7 @@ keeps the form above.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -244,21 +245,26 @@ class HiEditHParams(RLEditHParams):
     route: Literal["edit", "batch"] = "edit"
 
 
-def plan_deltas(
-    net: HyperNet,
-    signals,
-    layers: list[int],
-    n_edits: int,
-    router: Router | None = None,
-    top_k: int | None = None,
-    sample: bool = False,
-    generator: torch.Generator | None = None,
-    fit_others: bool = True,
-    route: str = "edit",
-):
+@dataclass(frozen=True, kw_only=True)
+class Routing:
+    """How :func:`plan_deltas` picks the modules each edit writes into: a ``router`` choosing
+    ``top_k`` of them (None: every module), by Gumbel sampling while training (``sample``, with
+    ``generator``) or by its top scores, per edit or per batch (``route``); ``fit_others``: a
+    module's ridge fit also keeps the rows of the edits that did not pick it."""
+
+    router: Router | None = None
+    top_k: int | None = None
+    sample: bool = False
+    generator: torch.Generator | None = None
+    fit_others: bool = True
+    route: str = "edit"
+
+
+def plan_deltas(net: HyperNet, signals, layers: list[int], n_edits: int, routing: Routing = Routing()):
     """Deltas per layer from the hypernetwork; with a router also the (n_edits, n_layers) mask of
     chosen modules (straight-through) and log pi of each edit's choice (``route="batch"``: one choice
     for the batch, repeated on each of its edits)."""
+    router, top_k, route = routing.router, routing.top_k, routing.route
     mask = log_pi = None
     if router is not None:
         feats = []
@@ -270,13 +276,13 @@ def plan_deltas(
             summed = f.new_zeros(n_edits, f.shape[1]).index_add(0, signals.owner, f)
             counts = torch.bincount(signals.owner, minlength=n_edits).clamp_min(1)[:, None]
             feats.append(summed / counts)
-        mask, log_pi = top_k_mask(router(torch.stack(feats, 1)), top_k, sample, generator)
+        mask, log_pi = top_k_mask(router(torch.stack(feats, 1)), top_k, routing.sample, routing.generator)
         if route == "batch":  # (1, n_layers) -> every edit of the batch
             mask, log_pi = mask.expand(n_edits, -1), log_pi.expand(n_edits)
     deltas = {}
     for i, l in enumerate(layers):
         weight = mask[signals.owner, i] if mask is not None else None
-        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight, fit_others)
+        deltas[l] = net.delta(signals.keys[l], signals.grads[l], i, weight, routing.fit_others)
     return deltas, mask, log_pi
 
 

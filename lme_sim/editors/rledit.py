@@ -20,7 +20,9 @@ on ``train_data``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -29,11 +31,11 @@ from ..cases import EditCase
 from ..models import model_kind
 from ..tokens import encode_pairs
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
-from .checkpoints import CheckpointMismatch, check_model, load_checkpoint
+from .checkpoints import CheckpointMismatch, check_model, load_checkpoint, model_fingerprint
 from .edit_signals import keys_and_grads
-from .editor_training import default_checkpoint
+from .editor_training import TrainingJob, default_checkpoint
 from .hparams import HParamsError
-from .hypernet import HiEditHParams, RLEditHParams, build_networks, plan_deltas
+from .hypernet import HiEditHParams, HyperNet, RLEditHParams, Router, Routing, build_networks, plan_deltas
 from .registry import register
 
 
@@ -43,7 +45,29 @@ class RLEdit(Editor):
     hparams_class = RLEditHParams
     in_process = True
     trained = True
+    # the learned editor whose trained networks this one's training starts from (None: from scratch);
+    # `lme-sim train-editor --init-from` takes such a checkpoint, else the cached one is used
+    starts_from: ClassVar[str | None] = None
 
+    # ---- how its networks are trained (lme_sim.editors.editor_training) ---------------------------
+    @classmethod
+    def start_hparams(cls, hp: RLEditHParams) -> RLEditHParams:
+        """The hyperparameters of the ``starts_from`` networks that training with ``hp`` starts from."""
+        raise NotImplementedError(f"{cls.method} starts from no other editor's networks")
+
+    @classmethod
+    def networks_to_train(
+        cls, hp: RLEditHParams, net_config: dict, init: dict | None, model
+    ) -> tuple[HyperNet, Router | None, int | None]:
+        """The networks training starts with, (hypernetwork, router, top_k): a fresh hypernetwork
+        that writes into every module (``init``: unused)."""
+        return HyperNet(**net_config), None, None
+
+    @classmethod
+    def train_lr(cls, hp: RLEditHParams) -> float:
+        return hp.train_lr
+
+    # ---- editing -------------------------------------------------------------------------------
     def __init__(self, model, tok, hparams, **kw):
         super().__init__(model, tok, hparams, **kw)
         if not isinstance(self.model, LocalBackbone):
@@ -51,7 +75,15 @@ class RLEdit(Editor):
                 f"{self.method} reads per-token gradients and needs an in-process model"
             )
         path = hparams.checkpoint or default_checkpoint(
-            self.method, self.model_name, hparams, self.model.model, tok, self.world, self.progress
+            TrainingJob(
+                method=self.method,
+                hp=hparams,
+                model=self.model.model,
+                tok=tok,
+                model_name=self.model_name,
+                world=self.world,
+                progress=self.progress,
+            )
         )
         self.checkpoint = str(path)
         ckpt = load_checkpoint(path, self.method)
@@ -106,16 +138,10 @@ class RLEdit(Editor):
             batch = encode_pairs(self.tok, [c.prompt for c in cases], [c.target_new for c in cases])
             signals = keys_and_grads(model, batch, layers)
         with timer("solve"):
-            deltas, mask, _ = plan_deltas(
-                self.net,
-                signals,
-                layers,
-                len(cases),
-                self.router,
-                self.top_k,
-                fit_others=self.fit_others,
-                route=self.route,
+            routing = Routing(
+                router=self.router, top_k=self.top_k, fit_others=self.fit_others, route=self.route
             )
+            deltas, mask, _ = plan_deltas(self.net, signals, layers, len(cases), routing)
         names = {l: self.model.edit_param_name(l) for l in layers}
         touched = [
             [names[l] for i, l in enumerate(layers) if mask is None or mask[e, i] > 0]
@@ -135,5 +161,54 @@ class RLEdit(Editor):
 
 @register
 class HiEdit(RLEdit):
+    """RLEdit's hypernetwork under a router that picks ``top_k`` modules per edit. Its training
+    starts from a trained RLEdit network for the same model and modules (the cached one, trained
+    first when missing, or ``lme-sim train-editor --init-from``); router and hypernetwork then train
+    together at ``router_phase_lr`` (:mod:`.editor_training`)."""
+
     method = "hiedit"
     hparams_class = HiEditHParams
+    starts_from = "rledit"
+
+    @classmethod
+    def start_hparams(cls, hp: HiEditHParams) -> RLEditHParams:
+        """Its own RLEdit fields (for world models the same as rledit.yaml's, so the cached RLEdit
+        network is shared); the router phase after it trains at ``router_phase_lr``."""
+        return RLEditHParams(**hp.model_dump(include=set(RLEditHParams.model_fields) - {"checkpoint"}))
+
+    @classmethod
+    def networks_to_train(
+        cls, hp: HiEditHParams, net_config: dict, init: dict | None, model
+    ) -> tuple[HyperNet, Router | None, int | None]:
+        """The RLEdit network ``init`` (checked: this model, these modules, this shape) with each
+        module's step size times ``handover_scale`` (default n_candidates / top_k: each edit now
+        writes into top_k modules, not all of them), and a fresh router."""
+        layers = list(hp.layers)
+        net = HyperNet(**net_config)  # before the router: the seeded draws as they always were
+        top_k = hp.top_k or max(1, len(layers) // 2)
+        router = Router(net_config["d_ff"] + net_config["d_model"], len(layers))
+        _check_start(init, model, layers, net_config)
+        net.load_state_dict(init["net"])
+        with torch.no_grad():
+            net.log_lr += math.log(hp.handover_scale or len(layers) / top_k)
+        return net, router, top_k
+
+    @classmethod
+    def train_lr(cls, hp: HiEditHParams) -> float:
+        return hp.router_phase_lr
+
+
+def _check_start(init: dict, model, layers: list[int], net_config: dict) -> None:
+    """HiEdit's starting network must be an RLEdit one for this model, these modules, this shape."""
+    if init.get("method") != "rledit":
+        raise CheckpointMismatch(f"HiEdit starts from an RLEdit checkpoint, not a {init.get('method')!r} one")
+    if init["fingerprint"] != model_fingerprint(model):
+        raise CheckpointMismatch(
+            f"the RLEdit checkpoint to start from was trained for model {init['model']!r} "
+            f"(fingerprint {init['fingerprint']}), not for this one ({model_fingerprint(model)})"
+        )
+    if list(init["layers"]) != layers or init["net_config"] != net_config:
+        raise CheckpointMismatch(
+            f"the RLEdit checkpoint to start from has layers {init['layers']} and network "
+            f"{init['net_config']}; HiEdit here needs layers {layers} and {net_config}"
+        )

@@ -97,8 +97,6 @@ def compute_targets(
     )[layer]
     rw = _RowBatch.build(tok, cases, contexts, hp.kl_prompt)
     delta = torch.zeros_like(h_init, requires_grad=True)
-    steps = torch.zeros(n, dtype=torch.long)
-    final = torch.zeros(n)
     prefix = None
     if reuse and model.supports_suffix():
         prefix, kl_logits = rw.prefix(model, layer)
@@ -107,27 +105,34 @@ def compute_targets(
         with torch.no_grad():
             kl_init = rw.forward(model, layer, delta, torch.arange(n))[1]
     try:
-        _optimize(model, rw, layer, hp, delta, h_init, kl_init, prefix, steps, final)
+        steps, final = _optimize(model, _Objective(rw, layer, prefix, h_init, kl_init), hp, delta)
     finally:
         if prefix is not None:
             model.drop_prefix(prefix)
     return Targets(z=(h_init + delta.detach()).cpu(), h_init=h_init.cpu(), steps=steps, loss=final)
 
 
+@dataclass
+class _Objective:
+    """What every step's loss in :func:`_optimize` is computed from: the rows, the block whose
+    output the shift is added to, the cached prefix of the rows (None: whole passes), and the
+    unshifted hidden states and next-token log-probabilities of the KL rows."""
+
+    rw: _RowBatch
+    layer: int
+    prefix: object
+    h_init: torch.Tensor
+    kl_init: torch.Tensor
+
+
 def _optimize(
-    model,
-    rw: _RowBatch,
-    layer: int,
-    hp: TargetHParams,
-    delta: torch.Tensor,
-    h_init: torch.Tensor,
-    kl_init: torch.Tensor,
-    prefix,
-    steps: torch.Tensor,
-    final: torch.Tensor,
-) -> None:
-    """Adam on ``delta`` (n, d) in place; records each request's steps and final loss."""
+    model, obj: _Objective, hp: TargetHParams, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on ``delta`` (n, d) in place; returns each request's steps and final loss."""
+    rw, layer, prefix, h_init, kl_init = obj.rw, obj.layer, obj.prefix, obj.h_init, obj.kl_init
     n = len(delta)
+    steps = torch.zeros(n, dtype=torch.long)
+    final = torch.zeros(n)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
     active = torch.ones(n, dtype=torch.bool)
@@ -153,6 +158,7 @@ def _optimize(
                 norms = delta.norm(dim=1)
                 scale = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms))
                 delta.mul_(scale[:, None])
+    return steps, final
 
 
 @dataclass

@@ -9,7 +9,7 @@ edits, the weight health of every edited matrix) are committed to DuckDB in one 
 every ``runtime.checkpoint_every`` batches the accumulated deltas, the editor's state and the stream
 position are checkpointed first (between checkpoints no editor state is shipped or written).
 Evaluators receive only the changed tensors with the new version and score asynchronously; each
-probe row carries the version it was scored on. ``--resume`` restarts from the last checkpoint and
+probe row carries the batch_id of the model it scored. ``--resume`` restarts from the last checkpoint and
 replays the batches after it from the stream, replacing their rows: no edit is lost or written twice.
 
 What the run writes down (its state, checkpoints and rows) is :mod:`.ledger`'s; what an evaluation

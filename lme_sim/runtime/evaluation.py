@@ -155,7 +155,6 @@ def eval_request(state: RunState, by_edit: dict[int, Event], spec: EvalSpec, fin
     )
     return EvalRequest(
         eval_id=state.eval_id,
-        step=state.batch_id,
         retention=facts,
         cases=[by_edit[i].case for i in ids],
         n_edits=len(committed),

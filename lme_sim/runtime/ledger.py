@@ -17,31 +17,34 @@ import torch
 
 from ..storage.records import BatchRecord, EditRecord, RejectedBatchRecord, WeightStatRecord, row, rows
 from ..stream import Event
-from .services import Edited
+from .services import Edited, version_after
 
 
 @dataclass
 class RunState:
-    """Where a run is: its last committed batch and model version (the batches since its start), its
-    last evaluation, the accumulated deltas of that version and the edits in force (in the order
-    they were written)."""
+    """Where a run is: its last committed batch (``batch_id``, the run's one counter; -1: none yet),
+    its last evaluation, the accumulated deltas of the model after that batch and the edits in force
+    (in the order they were written)."""
 
     batch_id: int = -1
-    version: int = 0
     eval_id: int = 0
     cum: dict[str, torch.Tensor] = field(default_factory=dict)
     committed: list[int] = field(default_factory=list)
 
     def commit(self, batch: list[Event], deltas: dict[str, torch.Tensor]) -> None:
-        """``batch`` is in force: the next batch id and version, its deltas added to the accumulated
+        """``batch`` is in force: the next batch id, its deltas added to the accumulated
         ones (a new dict: the evaluators' pool keeps the one of the version before)."""
         self.batch_id += 1
-        self.version += 1
         self.cum = {
             **self.cum,
             **{n: self.cum[n] + d if n in self.cum else d.clone() for n, d in deltas.items()},
         }
         self.committed += [e.edit_id for e in batch]
+
+    @property
+    def version(self) -> int:
+        """The model version the evaluators follow: the batches in force (:func:`.services.version_after`)."""
+        return version_after(self.batch_id)
 
 
 @dataclass
@@ -62,7 +65,6 @@ class Checkpoint:
                 "stream": self.stream,
                 "committed": st.committed,
                 "batch_id": st.batch_id,
-                "version": st.version,
                 "eval_id": st.eval_id,
             },
             tmp,
@@ -71,10 +73,9 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: str | Path) -> Checkpoint:
-        saved = torch.load(path, weights_only=False)
+        saved = torch.load(path, weights_only=False)  # an older one's "version" is batch_id + 1: unread
         state = RunState(
             batch_id=saved["batch_id"],
-            version=saved["version"],
             eval_id=saved["eval_id"],
             cum=saved["deltas"],
             committed=saved["committed"],
@@ -119,10 +120,8 @@ def batch_row(
     return row(
         BatchRecord(
             batch_id=state.batch_id,
-            step=state.batch_id,
             sim_time=batch[-1].time,
             n_edits=len(batch),
-            model_version=state.version,
             seconds=seconds,
             timings=timings,
             checkpoint=checkpoint,
@@ -140,7 +139,6 @@ def batch_rows(batch: list[Event], result: Edited, state: RunState) -> dict[str,
         EditRecord(
             edit_id=e.edit_id,
             batch_id=state.batch_id,
-            step=state.batch_id,
             sim_time=e.time,
             kind=e.kind,
             case_id=e.case.case_id,
@@ -159,7 +157,6 @@ def batch_rows(batch: list[Event], result: Edited, state: RunState) -> dict[str,
     stats = [
         WeightStatRecord(
             batch_id=state.batch_id,
-            model_version=state.version,
             module=w["module"],
             frobenius=w["frobenius"],
             spectral=w["spectral"],

@@ -8,7 +8,8 @@ results they send back.
   are two-phase: ``edit`` computes, ``commit`` adopts), so nothing of the batch is kept anywhere.
 * :class:`Evaluator` keeps its own replica of the model, follows the editor through versioned
   deltas (never a full model copy after start-up) and scores an :class:`EvalRequest` in batched
-  passes into :class:`Evaluation` rows; every row records the model version it was scored on.
+  passes into :class:`Evaluation` rows; every row records the batch_id of the model it scored
+  (its version - 1: :func:`batch_of`).
 """
 
 from __future__ import annotations
@@ -151,10 +152,21 @@ def retention_pairs(items: list[RetentionItem]) -> tuple[list[str], list[str]]:
     return prompts, targets
 
 
-@dataclass
+def version_after(batch_id: int) -> int:
+    """The model version after batch ``batch_id``: the number of batches in force (0: unedited).
+    Versions keep the evaluators' replicas in step with the editor; the database records only
+    ``batch_id`` (:func:`batch_of`)."""
+    return batch_id + 1
+
+
+def batch_of(version: int) -> int:
+    """The last batch in force in model ``version`` (-1: none), the inverse of :func:`version_after`."""
+    return version - 1
+
+
+@dataclass(kw_only=True)
 class EvalRequest:
     eval_id: int
-    step: int  # the last committed batch
     retention: list[RetentionItem]  # a uniform sample of the facts edited so far (all of them: final)
     cases: list[EditCase]  # the papers' metrics are taken on these: a uniform sample of the edits so far
     n_edits: int  # edits committed so far (the sample is drawn from them)
@@ -275,7 +287,11 @@ class Evaluator:
             metrics["general_ability"] = (acc, len(self.general_items))
             if self.general_before:
                 metrics["general_ability_retention"] = (acc / self.general_before, len(self.general_items))
-        rows = [MetricRecord(ev, version, req.step, name, float(v), n) for name, (v, n) in metrics.items()]
+        batch_id = batch_of(version)
+        rows = [
+            MetricRecord(eval_id=ev, batch_id=batch_id, name=name, value=float(v), n=n)
+            for name, (v, n) in metrics.items()
+        ]
         return Evaluation(ev, version, probes, rows)
 
     def _retention(self, req: EvalRequest, scores: TargetScores) -> list[ProbeRecord]:
@@ -288,16 +304,15 @@ class Evaluator:
             lp, acc = scores.mean_logprob[k : k + n], scores.token_acc[k : k + n]
             out.append(
                 ProbeRecord(
-                    req.eval_id,
-                    self.version,
-                    req.step,
-                    r.edit_id,
-                    "retention",
-                    r.prompt,
-                    r.value,
-                    float(lp[0]),
-                    float(acc[0]),
-                    retained(lp, acc),
+                    eval_id=req.eval_id,
+                    batch_id=batch_of(self.version),
+                    edit_id=r.edit_id,
+                    probe="retention",
+                    prompt=r.prompt,
+                    target=r.value,
+                    logprob=float(lp[0]),
+                    token_acc=float(acc[0]),
+                    correct=retained(lp, acc),
                 )
             )
             k += n

@@ -11,13 +11,26 @@ every row of a run's table it writes carries that ``run_id`` (a row without one 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from datetime import date, datetime, timezone
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from .schema import RUN_TABLES, SCHEMA_VERSION, TABLES, check_version, create_schema
+from .schema import (
+    RUN_TABLES,
+    SCHEMA_VERSION,
+    TABLES,
+    SchemaError,
+    check_version,
+    create_schema,
+    migrate,
+    stored_version,
+)
+
+log = logging.getLogger(__name__)
 
 WRITABLE = tuple(t for t in TABLES if t != "schema_info")
 # the status of a run left 'running' in a database no logger has open: its logger died
@@ -210,17 +223,19 @@ class RunLogger:
         self._buffers = {t: [] for t in WRITABLE}
 
     def rollback_after(self, run_id, batch_id: int) -> None:
-        """Delete, in one transaction, what the run wrote after batch ``batch_id`` (its last checkpoint):
-        later batches with their edits and weight stats, batches rejected after it, and the evaluations
-        from its own on (they are redone). Resuming replays those batches from the stream."""
+        """Delete, in one transaction, what the run wrote after batch ``batch_id`` (its last checkpoint;
+        -1: all of it). Resuming replays from the checkpoint the stream's events after that batch: the
+        later batches with their edits and weight stats, the batches rejected after it, and the
+        evaluations from the model of ``batch_id`` on (the checkpoint is written before the stream
+        reaches the evaluation that follows its batch, so that one is redone too)."""
         self.flush()
         deletes = [
             ("batches", "batch_id > ?"),
             ("edits", "batch_id > ?"),
             ("weight_stats", "batch_id > ?"),
-            ("rejected_batches", "after_batch >= ?"),
-            ("probes", "step >= ?"),
-            ("metrics", "step >= ?"),
+            ("rejected_batches", "after_batch >= ?"),  # rejected after this batch: replayed
+            ("probes", "batch_id >= ?"),  # evaluations of this batch's model or later: redone
+            ("metrics", "batch_id >= ?"),
         ]
         self.con.execute("BEGIN TRANSACTION")
         try:
@@ -281,21 +296,55 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    try:
+        return duckdb.connect(str(path), read_only=read_only, config={"enable_external_access": False})
+    except duckdb.Error as e:
+        raise DatabaseError(f"{path}: cannot open it as a DuckDB database ({_one_line(e)})") from None
+
+
+def _writable(path: Path) -> bool:
+    """This user may write the file, and it has a write bit (root may write any file: a file made
+    read-only on purpose is still left alone)."""
+    return os.access(path, os.W_OK) and bool(path.stat().st_mode & 0o222)
+
+
+def migrate_file(path: Path, version: int) -> None:
+    """Migrate the database at ``path`` (of the older schema ``version``) to this one, in one
+    transaction (:func:`~.schema.migrate`), and say so in one warning line. A file this user may
+    not write is a ``SchemaError`` that says how to read it."""
+    if not _writable(path):
+        raise SchemaError(
+            f"{path}: database schema version {version}, but this lme-sim uses version {SCHEMA_VERSION} "
+            "and migrates it on open, which needs write access: make the file writable (or copy it) "
+            "and open it again"
+        )
+    con = _connect(path, read_only=False)
+    try:
+        migrate(con, path)
+    finally:
+        con.close()
+    log.warning("%s: migrated from schema version %s to %s (docs/database.md)", path, version, SCHEMA_VERSION)
+
+
 def open_read_only(db_path) -> duckdb.DuckDBPyConnection:
     """A read-only connection to an existing database of this schema version, without access to
     other files (DuckDB's read-only mode still lets ``COPY ... TO`` write any file, the database's
     own included). Raises FileNotFoundError, :class:`DatabaseError` (a directory, a file DuckDB
-    cannot open) or ``SchemaError``; opening read-only changes nothing in the file."""
+    cannot open) or ``SchemaError``. Opening read-only changes nothing in the file, except that a
+    database of an older schema version is first migrated to this one, once (:func:`migrate_file`)."""
     path = Path(db_path)
     if path.is_dir():
         raise DatabaseError(f"{path}: is a directory, not a database file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such database")
+    con = _connect(path, read_only=True)
     try:
-        con = duckdb.connect(str(path), read_only=True, config={"enable_external_access": False})
-    except duckdb.Error as e:
-        raise DatabaseError(f"{path}: cannot open it as a DuckDB database ({_one_line(e)})") from None
-    try:
+        version = stored_version(con)
+        if version is not None and version < SCHEMA_VERSION:
+            con.close()
+            migrate_file(path, version)
+            con = _connect(path, read_only=True)
         check_version(con, path)
     except Exception:
         con.close()
@@ -306,12 +355,11 @@ def open_read_only(db_path) -> duckdb.DuckDBPyConnection:
 def check_writable(db_path) -> None:
     """Raise :class:`DatabaseError` or ``SchemaError`` if a run could not write to ``db_path``: a
     directory, a file without write permission, a file that is not a DuckDB database or has another
-    schema version, or a folder that cannot be created. Creates and changes nothing."""
-    import os
-
+    schema version, or a folder that cannot be created. Creates and changes nothing (a database of
+    an older schema version is migrated, as every open does)."""
     path = Path(db_path)
     if path.exists() or path.is_symlink():
-        if path.is_file() and not (os.access(path, os.W_OK) and path.stat().st_mode & 0o222):
+        if path.is_file() and not _writable(path):
             raise DatabaseError(f"{path}: the file is read-only; a run writes to its database")
         open_read_only(path).close()
         return

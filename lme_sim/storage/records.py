@@ -1,5 +1,6 @@
 """Typed rows of the run database, one dataclass per table (:data:`~.schema.TABLES`): what the runtime
-builds, and the only place where a row's fields are named. ``tests/test_storage.py`` checks that
+builds, and the only place where a row's fields are named. Records are keyword-only: a row of ten
+fields is built by name, never by position. ``tests/test_storage.py`` checks that
 every record has exactly its table's columns (``run_id`` is added by the logger)."""
 
 from __future__ import annotations
@@ -10,26 +11,23 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BatchRecord:
     TABLE: ClassVar[str] = "batches"
-    batch_id: int
-    step: int
+    batch_id: int  # the run's one counter (docs/database.md)
     sim_time: dt.datetime
     n_edits: int
-    model_version: int
     seconds: float
     timings: dict[str, float]
     checkpoint: str | None  # the checkpoint written after this batch (None between checkpoints)
     committed_at: dt.datetime | None = None  # the logger's clock when None
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EditRecord:
     TABLE: ClassVar[str] = "edits"
     edit_id: int
     batch_id: int
-    step: int
     sim_time: dt.datetime
     kind: str
     case_id: str
@@ -44,11 +42,10 @@ class EditRecord:
     delta_norms: list[float]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WeightStatRecord:
     TABLE: ClassVar[str] = "weight_stats"
     batch_id: int
-    model_version: int
     module: str
     frobenius: float
     spectral: float
@@ -57,12 +54,11 @@ class WeightStatRecord:
     cum_delta_norm: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbeRecord:
     TABLE: ClassVar[str] = "probes"
     eval_id: int
-    model_version: int
-    step: int
+    batch_id: int  # the model scored is the one after this batch (-1: unedited)
     edit_id: int | None
     probe: str
     prompt: str
@@ -72,18 +68,17 @@ class ProbeRecord:
     correct: bool
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MetricRecord:
     TABLE: ClassVar[str] = "metrics"
     eval_id: int
-    model_version: int
-    step: int
+    batch_id: int  # the model scored is the one after this batch (-1: unedited)
     name: str
     value: float
     n: int | None  # how many edits (or items) the value was computed over
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RejectedBatchRecord:
     TABLE: ClassVar[str] = "rejected_batches"
     after_batch: int
