@@ -230,8 +230,8 @@ def train_editor_cmd(
         if not Path(data_path).is_file():
             click.echo(f"error: --data: file {data_path!r} not found", err=True)
             sys.exit(2)
-        hp = hp.model_copy(update={"train_data": data_path})
-    elif not has_world and hp.train_data is None:
+        hp = hp.model_copy(update={"train_data": data_path, "train_source": None})
+    elif not has_world and hp.train_data is None and hp.train_source is None:
         click.echo(
             f"error: --data: model {model_name!r} has no embedded world; name a file to train on", err=True
         )
@@ -241,6 +241,14 @@ def train_editor_cmd(
             f"error: --hparams train_data: file {hp.train_data!r} not found (or pass --data)", err=True
         )
         sys.exit(2)
+    elif hp.train_source is not None and not has_world:  # a named dataset: downloaded unless here
+        from .catalog import CatalogError, get
+
+        try:
+            get(hp.train_source, progress=sys.stderr.isatty())
+        except CatalogError as e:
+            click.echo(f"error: lme-sim train-editor: {e}", err=True)
+            sys.exit(2)
     starts_from = editor_class(method).starts_from  # the method's own rule (HiEdit: RLEdit's network)
     if init_from is not None and starts_from is None:
         starters = [editor_class(m) for m in known_methods() if getattr(editor_class(m), "starts_from", None)]

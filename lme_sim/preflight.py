@@ -146,8 +146,9 @@ def _check_norm_anchor(path: Path, scn: Scenario, anchor, where: str) -> None:
 
 
 def named_datasets(scn: Scenario, methods: list[str] | None = None) -> list[str]:
-    """The catalog datasets the scenario reads (its data, its editors' key-statistics corpora), in
-    order, each once; of the editors, only those of ``methods`` (default: all)."""
+    """The catalog datasets the scenario reads (its data, its editors' key-statistics corpora, NAS
+    references and learned editors' training data), in order, each once; of the editors, only those
+    of ``methods`` (default: all)."""
     from .editors.hparams import load_hparams
 
     names = [scn.data.source] if scn.data.source else []
@@ -160,4 +161,6 @@ def named_datasets(scn: Scenario, methods: list[str] | None = None) -> list[str]
             anchor = getattr(hp, "norm_anchor", None)
             if anchor is not None and anchor.source is not None:
                 names.append(anchor.source)
+            if getattr(hp, "train_source", None) is not None and hp.checkpoint is None:  # trains on it
+                names.append(hp.train_source)
     return list(dict.fromkeys(names))

@@ -623,10 +623,16 @@ def test_a_real_model_needs_a_checkpoint_or_an_existing_training_file():
     from lme_sim.editors.hparams import HParamsError
     from lme_sim.editors.rledit import RLEdit
 
-    hp = load_hparams("rledit", "smollm2-135m", {"train_data": None})
+    hp = load_hparams("rledit", "smollm2-135m", {"train_data": None, "train_source": None})
     with pytest.raises(HParamsError, match=r"^editor.hparams.checkpoint: rledit on 'smollm2-135m' needs"):
         RLEdit.check_hparams("smollm2-135m", hp, "editor.hparams")
-    hp = load_hparams("rledit", "smollm2-135m", {"train_data": "missing.json"})
+    hp = load_hparams("rledit", "smollm2-135m", {"train_source": "counterfact-tran"})
+    with pytest.raises(HParamsError, match=r"^editor.hparams.train_source: 'counterfact-tran' is not a"):
+        RLEdit.check_hparams("smollm2-135m", hp, "editor.hparams")
+    both = r"^editor.hparams.train_source: give train_data .a file. or train_source .a dataset., not both"
+    with pytest.raises(HParamsError, match=both):
+        load_hparams("rledit", "smollm2-135m", {"train_data": "x.json"})  # the default names a dataset
+    hp = load_hparams("rledit", "smollm2-135m", {"train_data": "missing.json", "train_source": None})
     with pytest.raises(HParamsError, match=r"^editor.hparams.train_data: file 'missing.json' not found"):
         RLEdit.check_hparams("smollm2-135m", hp, "editor.hparams")
 
@@ -641,3 +647,34 @@ def test_the_cache_keys_networks_by_model_and_training_hyperparameters(small_wor
     assert checkpoint_path("rledit", MODEL, hp.model_copy(update={"checkpoint": "x.pt"}), model) == path
     assert checkpoint_path("rledit", MODEL, hp.model_copy(update={"lookback": 1}), model) != path
     assert checkpoint_path("hiedit", MODEL, hp, model) != path
+
+
+def test_a_real_model_s_networks_are_keyed_by_the_training_file_s_content(small_world, tmp_path):
+    """The same training file at two paths (or as a named dataset) finds the same cached networks;
+    other content, other networks. The shipped SmolLM2 default trains on the named dataset."""
+    from lme_sim.editors.editor_training import checkpoint_path
+    from lme_sim.preflight import named_datasets
+    from lme_sim.scenario import Scenario
+
+    model = small_world[0]  # only its fingerprint is read
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text("[1]")
+    b.write_text("[1]")
+    c.write_text("[2]")
+    key = {
+        f.name: checkpoint_path(
+            "rledit",
+            "smollm2-135m",
+            load_hparams("rledit", "smollm2-135m", {"train_data": str(f), "train_source": None}),
+            model,
+        )
+        for f in (a, b, c)
+    }
+    assert key["a.json"] == key["b.json"] != key["c.json"]
+    assert load_hparams("rledit", "smollm2-135m").train_source == "counterfact-train"
+    scn = Scenario.model_validate(
+        {"name": "x", "model": "smollm2-135m", "editor": [{"method": "rledit"}, {"method": "hiedit"}]}
+    )
+    assert named_datasets(scn) == ["counterfact-train"]  # `lme-sim run` downloads it first
+    with_ckpt = scn.with_editor(scn.editors[0].model_copy(update={"hparams": {"checkpoint": "n.pt"}}))
+    assert named_datasets(with_ckpt) == []  # a given checkpoint trains nothing

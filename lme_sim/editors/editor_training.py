@@ -179,7 +179,7 @@ def _per_case_mean(rows: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Ten
 class TrainingJob:
     """What a learned editor's networks are trained for and on: the method and its hyperparameters,
     the model (with its tokenizer, name and embedded world, if any), and the data: the world's train
-    split, else ``data_path``, else ``hp.train_data``."""
+    split, else ``data_path``, else ``hp``'s training file (``train_data`` or ``train_source``)."""
 
     method: str
     hp: RLEditHParams
@@ -211,7 +211,7 @@ def train_editor(
     (a budget curve)."""
     method, hp, model, tok, model_name = job.method, job.hp, job.model, job.tok, job.model_name
     world, cls = job.world, editor_class(job.method)
-    data_path = job.data_path or (None if world is not None else hp.train_data)
+    data_path = job.data_path or (None if world is not None else hp.training_file())
     if init is None and (start := job.start()) is not None:
         init = train_editor(replace(start, data_path=data_path))
     torch.manual_seed(hp.seed)
@@ -497,27 +497,34 @@ def _progress(enabled: bool, total: int, label: str):
 
 def checkpoint_path(method: str, model_name: str, hp: RLEditHParams, model) -> Path:
     """Where the networks of ``method`` for ``model`` and ``hp`` are cached (under ``$LME_SIM_CACHE``):
-    keyed by the model's fingerprint and every hyperparameter that shapes or trains them."""
+    keyed by the model's fingerprint, every hyperparameter that shapes or trains them, and the
+    training file's content (not its path or name: the same file anywhere finds the same networks;
+    ``world:*`` models train on their world's split and have none)."""
     import hashlib
     import json
 
-    key = hashlib.sha256(
-        json.dumps(hp.model_dump(exclude={"checkpoint", "rows_per_pass"}), sort_keys=True).encode()
-    ).hexdigest()[:10]
+    from ..catalog import sha256_of
+    from ..models import model_kind
+
+    fields = hp.model_dump(exclude={"checkpoint", "rows_per_pass", "train_data", "train_source"})
+    file = None if model_kind(model_name).has_world else hp.training_file()
+    fields["train_sha256"] = sha256_of(Path(file)) if file is not None else None
+    key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     name = model_name.replace(":", "_").replace("/", "_")
     return cache_root() / "editors" / f"{method}-{name}-{model_fingerprint(model)}-{key}.pt"
 
 
 def default_checkpoint(job: TrainingJob) -> Path:
     """The cached checkpoint of ``job`` (:func:`checkpoint_path`), trained now if missing: on the
-    world's train split for ``world:*`` models, else on ``hp.train_data`` (a method that starts from
+    world's train split for ``world:*`` models, else on ``hp``'s training file (a method that starts from
     another's networks starts from that one's cached checkpoint: :func:`start_networks`). Without
     either, ``editor.hparams.checkpoint`` must name one."""
     method, model_name = job.method, job.model_name
-    if job.world is None and job.hp.train_data is None:
+    if job.world is None and job.hp.train_data is None and job.hp.train_source is None:
         raise FileNotFoundError(
             f"{method} on {model_name!r}: set editor.hparams.checkpoint to a checkpoint made by "
-            f"`lme-sim train-editor --method {method} --model {model_name}`, or train_data to a training file"
+            f"`lme-sim train-editor --method {method} --model {model_name}`, or train_data (a file) or "
+            "train_source (a dataset) to train on"
         )
     path = checkpoint_path(method, model_name, job.hp, job.model)
     if not path.is_file():

@@ -116,6 +116,8 @@ def load_hparams(
         return cls.hparams_class.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
+        if not err["loc"]:  # a check across fields: its message starts with the field it names
+            raise HParamsError(f"{where}.{err['msg'].removeprefix('Value error, ')}") from None
         raise HParamsError(f"{where}.{field_path(err['loc'])}: {err['msg']}") from None
 
 

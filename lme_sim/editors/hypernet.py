@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from .hparams import HParams
@@ -214,12 +214,29 @@ class RLEditHParams(HParams):
     # published code, reg_coef, which there is computed from shifts built without a graph and so adds
     # no gradient; here it does, docs/methods.md): keeps the written deltas from growing over long rollouts
     reg: float = Field(0.0, ge=0)
-    # models without an embedded world train on this file (--data overrides it): a split disjoint from
-    # the edits evaluated, such as CounterFact's counterfact-train.json
+    # models without an embedded world train on a split disjoint from the edits evaluated: a file
+    # (train_data; `train-editor --data` overrides it) or a named dataset (train_source, e.g.
+    # counterfact-train: `lme-sim run` downloads it first, lme_sim.catalog), not both
     train_data: str | None = None
+    train_source: str | None = None
     # training files: skip the first `holdout` records (validation); a separate training split needs none
     holdout: int = Field(0, ge=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_training_file(self):
+        if self.train_data is not None and self.train_source is not None:
+            raise ValueError("train_source: give train_data (a file) or train_source (a dataset), not both")
+        return self
+
+    def training_file(self) -> str | None:
+        """The training file: ``train_data``, else the local file of dataset ``train_source`` (a
+        :class:`~lme_sim.catalog.CatalogError` saying how to download it when absent), else None."""
+        if self.train_source is None:
+            return self.train_data
+        from ..catalog import resolve
+
+        return str(resolve(self.train_source))
 
 
 class HiEditHParams(RLEditHParams):

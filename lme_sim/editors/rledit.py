@@ -103,14 +103,24 @@ class RLEdit(Editor):
         """The networks must be trained for this model (``world:*`` models train their own on first use)."""
         field, ckpt = f"{where}.checkpoint", hp.checkpoint
         if ckpt is None:
+            if hp.train_source is not None:
+                from ..catalog import DATASETS
+
+                if hp.train_source not in DATASETS:
+                    raise HParamsError(
+                        f"{where}.train_source: {hp.train_source!r} is not a named dataset "
+                        f"(known: {', '.join(DATASETS)})"
+                    )
+                return  # downloaded before the run starts (preflight.named_datasets)
             if hp.train_data is not None:
                 if not Path(hp.train_data).is_file():
                     raise HParamsError(f"{where}.train_data: file {hp.train_data!r} not found")
                 return  # the cached networks, or trained on it first
             if not model_kind(model_name).has_world:
                 raise HParamsError(
-                    f"{field}: {cls.method} on {model_name!r} needs a checkpoint or train_data; make one "
-                    f"with `lme-sim train-editor --method {cls.method} --model {model_name} --data <file>`"
+                    f"{field}: {cls.method} on {model_name!r} needs a checkpoint, train_data or "
+                    f"train_source; make one with `lme-sim train-editor --method {cls.method} "
+                    f"--model {model_name} --data <file>`"
                 )
             return
         if not Path(ckpt).is_file():
