@@ -195,8 +195,8 @@ def check_config(cfg: BenchConfig) -> None:
         )
     if not is_world(cfg.model) and cfg.data is None:
         raise BenchError(
-            f"--data: {cfg.model} edits CounterFact cases: name a CounterFact JSON file, "
-            "e.g. --data ../shared/data/counterfact-edit.json"
+            f"--data: {cfg.model} edits CounterFact cases: name a CounterFact JSON file or a "
+            "named dataset, e.g. --data counterfact-edit"
         )
     if not is_world(cfg.model) and "history" in cfg.sections:
         raise BenchError(

@@ -347,8 +347,8 @@ def corpus(source: str, out: str, records: int | None) -> None:
 @click.option(
     "--data",
     default=None,
-    help="CounterFact JSON (flat or nested) the cases and probes of a real model come from, "
-    "e.g. ../shared/data/counterfact-edit.json.",
+    help="CounterFact JSON (flat or nested) the cases and probes of a real model come from, or a "
+    "named dataset (downloaded unless here), e.g. counterfact-edit.",
 )
 @click.option(
     "--methods",
@@ -397,10 +397,17 @@ def bench(
 ) -> None:
     """Measure edits/s per method and phase, probes/s per backend, cost per batch over a long stream,
     and 1/2/4 shards through Ray; print tables, write JSON and DuckDB rows. With a real model
-    (--model smollm2-135m --data COUNTERFACT_JSON): UltraEdit in process and on 2 shards, and probes/s."""
+    (--model smollm2-135m --data counterfact-edit): UltraEdit in process and on 2 shards, and probes/s."""
     from .bench import BenchError, bench_config, run_bench
     from .bench_tables import print_result
+    from .catalog import DATASETS, CatalogError, get
 
+    if data in DATASETS and not Path(data).exists():  # a named dataset: downloaded unless here
+        try:
+            data = str(get(data, progress=sys.stderr.isatty()))
+        except CatalogError as e:
+            click.echo(f"error: lme-sim bench: {e}", err=True)
+            sys.exit(2)
     try:
         cfg = bench_config(quick, methods, batch_sizes, sections, device, threads, model, data)
     except BenchError as e:

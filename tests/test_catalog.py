@@ -204,3 +204,24 @@ def test_the_project_copies_are_the_published_files():
         if not catalog.local_path(name).is_file():
             pytest.skip(f"{catalog.local_path(name)} not present")
         assert catalog.verify(name) == "sha256 matches the published one"
+
+
+def test_bench_and_train_editor_take_a_named_dataset(data_dir, server, monkeypatch, tmp_path):
+    """``bench --data NAME`` and RLEdit's ``train_source`` download a missing named dataset first, or
+    stop with one error line naming the command and the source (no network)."""
+    base, _ = server
+    edit, train = catalog.DATASETS["counterfact-edit"], catalog.DATASETS["counterfact-train"]
+    offline = dataclasses.replace(edit, url=_closed_port_url(), sha256=None)
+    monkeypatch.setitem(catalog.DATASETS, edit.name, offline)
+    out = tmp_path / "b.json"
+    bench = ["bench", "--model", "smollm2-135m", "--data", "counterfact-edit", "--out", str(out)]
+    r = CliRunner().invoke(main, bench)
+    assert r.exit_code == 2 and r.output.startswith("error: lme-sim bench: cannot download 'counterfact-edit")
+    assert not out.exists() and _leftovers(data_dir) == []
+    monkeypatch.setitem(catalog.DATASETS, edit.name, dataclasses.replace(offline, url=f"{base}/cf.json"))
+    r = CliRunner().invoke(main, bench)  # downloaded, then read as the cases file (too few records here)
+    assert r.exit_code == 2 and f"5 CounterFact records in '{catalog.local_path(edit.name)}'" in r.output
+    monkeypatch.setitem(catalog.DATASETS, train.name, dataclasses.replace(train, url=_closed_port_url()))
+    r = CliRunner().invoke(main, ["train-editor", "--method", "rledit", "--model", "smollm2-135m"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: lme-sim train-editor: cannot download 'counterfact-train'")
