@@ -189,6 +189,31 @@ class Backbone:
     def drop_prefix(self, handle) -> None:
         """Free what :meth:`prefix` kept."""
 
+    # Chunks of independent work (lme_sim.runtime.shards pipelines them across its shards)
+    def pipeline_depth(self) -> int:
+        """How many chunks of independent work :meth:`map_chunks` keeps in flight at once: 1 here (one
+        model, one chunk at a time); over N shard actors, N (shard i on chunk k+1 while shard i+1 is on
+        chunk k). Callers cut their work with :func:`chunk_size` so that every stage has a chunk."""
+        return 1
+
+    def map_chunks(self, fn, chunks) -> list:
+        """``[fn(c) for c in chunks]``, for chunks of independent work (no chunk reads what another
+        computes): a pipelined backbone runs them concurrently. Results in the order of ``chunks``."""
+        return [fn(c) for c in chunks]
+
+
+def chunk_size(n: int, per: int, depth: int) -> int:
+    """Items per chunk for ``n`` independent items that may go at most ``per`` at a time through a
+    backbone of :meth:`~Backbone.pipeline_depth` ``depth``: ``per`` at depth 1 (the chunks run in turn:
+    the fewer the better); deeper, the chunks are evened out and made a multiple of ``depth`` in
+    number, so that no stage of the pipeline waits for want of a chunk (10 requests at most 32 at a
+    time through 2 shards: 2 chunks of 5, not 1 of 10)."""
+    if depth <= 1 or n <= 1:
+        return per
+    n_chunks = -(-n // per)
+    n_chunks = -(-n_chunks // depth) * depth
+    return max(1, -(-n // n_chunks))
+
 
 class LocalBackbone(Backbone):
     """A plan run on an in-process Hugging Face causal LM (hooks on the blocks and on W)."""

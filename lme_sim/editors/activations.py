@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbone import Plan, Positions, as_backbone
+from ..backbone import Plan, Positions, as_backbone, chunk_size
 from ..cases import EditCase
 from ..scoring import generate
 from ..tokens import encode_texts, subject_last_positions
@@ -51,22 +51,27 @@ def activations_at(
 ) -> dict[int, torch.Tensor]:
     """At the last subject token of each text: W's input (``kind="key"``) or the block's output
     hidden state (``kind="hidden"``), for each layer; (N, dim) float32 each, on CPU. With
-    ``early_stop`` the passes end after the last of ``layers`` (later blocks cannot change them)."""
+    ``early_stop`` the passes end after the last of ``layers`` (later blocks cannot change them). The
+    passes read nothing of each other: a pipelined backbone runs them at once
+    (:meth:`~lme_sim.backbone.Backbone.map_chunks`)."""
     if kind not in ("key", "hidden"):
         raise ValueError(f"kind must be 'key' or 'hidden', not {kind!r}")
     backbone = as_backbone(model)
     pos = subject_last_positions(tok, texts, subjects)
-    out: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    for s in range(0, len(texts), batch_size):
-        ids, mask = encode_texts(tok, texts[s : s + batch_size])
-        at = Positions(torch.arange(ids.shape[0]), pos[s : s + batch_size])
+    per = chunk_size(len(texts), batch_size, backbone.pipeline_depth())
+
+    @torch.no_grad()  # on the pipeline's threads too (grad mode is per thread)
+    def read(s: int) -> dict[int, torch.Tensor]:
+        ids, mask = encode_texts(tok, texts[s : s + per])
+        at = Positions(torch.arange(ids.shape[0]), pos[s : s + per])
         plan = Plan(keys={l: at for l in layers}) if kind == "key" else Plan(hidden={l: at for l in layers})
         plan.stop = max(layers) if early_stop else None
         res = backbone.run(ids, mask, plan)
         got = res.keys if kind == "key" else res.hidden
-        for l in layers:
-            out[l].append(got[l].cpu())
-    return {l: torch.cat(v) for l, v in out.items()}
+        return {l: got[l].cpu() for l in layers}
+
+    parts = backbone.map_chunks(read, range(0, len(texts), per))
+    return {l: torch.cat([p[l] for p in parts]) for l in layers}
 
 
 def compute_keys(

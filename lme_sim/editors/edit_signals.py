@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..arch import DEFAULT_MODULE, edit_module_path
-from ..backbone import LocalBackbone, Positions, as_backbone
+from ..backbone import LocalBackbone, Positions, as_backbone, chunk_size
 from ..scoring import target_logprobs
 from ..tokens import PairBatch
 from .targets import frozen
@@ -84,34 +84,34 @@ def answer_keys_and_grads(
 
     ``chunk``: rows per forward/backward pass. Rows are sorted by length and cut into chunks, each
     trimmed to its longest row (less padding); the chunks' losses add up to L, so the result is
-    that of one pass over the whole batch (up to float rounding). ``module``: which matrix of each
-    block (:mod:`lme_sim.arch`): its input and the gradient w.r.t. its output."""
+    that of one pass over the whole batch (up to float rounding). The chunks are independent (each its
+    own forward and backward), so a pipelined backbone runs them at once
+    (:meth:`~lme_sim.backbone.Backbone.map_chunks`). ``module``: which matrix of each block
+    (:mod:`lme_sim.arch`): its input and the gradient w.r.t. its output."""
     backbone = as_backbone(model)
     rows, pos, _ = batch.target_positions()
     n_tok = len(rows)
     order = torch.argsort(batch.prompt_len + batch.target_len, stable=True)
-    keys: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    grads: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    nlls, index = [], []
     first = torch.cumsum(batch.target_len, 0) - batch.target_len  # each row's first token in ``rows``
-    for part in order.split(chunk or len(batch)):
+    per = chunk_size(len(batch), chunk or len(batch), backbone.pipeline_depth())
+
+    def signals(part: torch.Tensor):
         sub = batch.select(part)
         r, p, labels = sub.target_positions()
         k, g, nll = backbone.keys_and_output_grads(
             sub.input_ids, sub.attention_mask, Positions(r, p), labels, list(layers), module
         )
-        for l in layers:
-            keys[l].append(k[l])
-            grads[l].append(g[l] / n_tok)  # the mean over the batch's answer tokens
-        nlls.append(nll)
-        index.append(first[part][r] + (p - (sub.prompt_len[r] - 1)))  # position in ``rows``
+        index = first[part][r] + (p - (sub.prompt_len[r] - 1))  # position in ``rows``
+        return k, {l: g[l] / n_tok for l in layers}, nll, index  # g: the mean over the answer tokens
+
+    parts = backbone.map_chunks(signals, order.split(per))
     inv = torch.empty(n_tok, dtype=torch.long)
-    inv[torch.cat(index)] = torch.arange(n_tok)
-    nll = torch.cat(nlls)[inv]
+    inv[torch.cat([p[3] for p in parts])] = torch.arange(n_tok)
+    nll = torch.cat([p[2] for p in parts])[inv]
     loss = torch.zeros(len(batch)).index_add(0, rows, nll) / batch.target_len
     return EditSignals(
-        {l: torch.cat(keys[l])[inv] for l in layers},
-        {l: torch.cat(grads[l])[inv] for l in layers},
+        {l: torch.cat([p[0][l] for p in parts])[inv] for l in layers},
+        {l: torch.cat([p[1][l] for p in parts])[inv] for l in layers},
         rows,
         loss,
     )

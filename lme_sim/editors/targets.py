@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backbone import Inject, Positions, as_backbone
+from ..backbone import Inject, Positions, as_backbone, chunk_size
 from ..cases import EditCase
 from ..scoring import logits_at
 from ..tokens import encode_pairs, encode_texts, subject_last_positions
@@ -74,15 +74,25 @@ def compute_targets(
     block's activations of these rows, so this bounds memory (on SmolLM2-135M ~17 MB per row; all
     100 requests of a batch at once peaked at 12 GB in one shard). ``batched=False`` runs the same
     math one request at a time; ``reuse=False`` runs every step through the whole model (the
-    reference for the suffix passes)."""
+    reference for the suffix passes). The groups are independent (each its own passes and Adam
+    steps), so a pipelined backbone runs them at once (:meth:`~lme_sim.backbone.Backbone.map_chunks`),
+    cut into as many even groups as its shards need (:func:`~lme_sim.backbone.chunk_size`)."""
     model = as_backbone(model)
     per = max(1, hp.rows_per_pass // (len(contexts) + 1)) if batched else 1
-    if len(cases) > per:
-        parts = [
-            compute_targets(model, tok, cases[i : i + per], layer, contexts, hp, reuse=reuse)
-            for i in range(0, len(cases), per)
-        ]
-        return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
+    per = chunk_size(len(cases), per, model.pipeline_depth())
+    parts = model.map_chunks(
+        lambda part: _targets_of(model, tok, part, layer, contexts, hp, reuse),
+        [cases[i : i + per] for i in range(0, len(cases), per)] or [cases],
+    )
+    if len(parts) == 1:
+        return parts[0]
+    return Targets(*(torch.cat([getattr(p, f) for p in parts]) for f in ("z", "h_init", "steps", "loss")))
+
+
+def _targets_of(
+    model, tok, cases: list[EditCase], layer: int, contexts: list[str], hp: TargetHParams, reuse: bool
+) -> Targets:
+    """:func:`compute_targets` of one group of requests, optimized together."""
     n = len(cases)
     subjects = [c.subject for c in cases]
     h_init = activations_at(

@@ -8,6 +8,13 @@ the output head. :class:`ShardedBackbone` runs a probe plan (:mod:`lme_sim.backb
 forwarding gradients back through the shards when the plan injects a vector that requires grad,
 so the editors give the same results on 1 and N shards.
 
+Pipelining: the editors cut their work into chunks of independent requests and hand them to
+:meth:`ShardedBackbone.map_chunks`. Over Ray actors it runs one chunk per shard at once, each on a
+thread of the caller that goes through the shards as before: a thread waiting on shard 2 lets another's
+call run on shard 1, so shard 1 works on chunk k+1 while shard 2 is on chunk k, forward and backward
+(an actor runs its calls in turn; calls on different actors overlap). ``pipeline=False`` runs the
+chunks in turn (the reference path).
+
 A shard given a model name loads the weights itself (nothing is shipped through the driver), in
 its ``dtype``, drops the blocks it does not own while still on the CPU, and moves only the rest to
 its device. Everything it returns is on the CPU; key statistics and projectors of its layers are
@@ -17,6 +24,8 @@ computed on its device.
 from __future__ import annotations
 
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -146,6 +155,11 @@ class ModelShard:
     def drop(self, req: int) -> None:
         self._graphs.pop(req, None)
 
+    def held(self) -> dict[str, int]:
+        """How many graphs (forwards awaiting their backward) and prefix caches this shard keeps: none
+        once an edit is done, pipelined or not (tests/test_pipeline.py)."""
+        return {"graphs": len(self._graphs), "prefixes": len(self._prefixes)}
+
     def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         """W += delta for parameters this shard owns."""
         add_deltas(self.model, deltas, self._master)
@@ -213,6 +227,11 @@ def _on_cpu(out: Output) -> Output:
     return out
 
 
+def is_actor(shard) -> bool:
+    """Whether ``shard`` is a Ray actor handle (else a plain object called in this process)."""
+    return hasattr(getattr(shard, "forward", None), "remote")
+
+
 def send(shard, method: str, *args) -> None:
     """Call a method on a plain shard, or on a Ray actor handle without waiting for it."""
     fn = getattr(shard, method)
@@ -248,13 +267,17 @@ def call(shard, method: str, *args):
     return fn(*args)
 
 
+_in_chunk = threading.local()  # .busy: this thread runs a chunk of ShardedBackbone.map_chunks
+
+
 class ShardedBackbone(Backbone):
-    """A :class:`~lme_sim.backbone.Backbone` over shards (plain objects or Ray actor handles)."""
+    """A :class:`~lme_sim.backbone.Backbone` over shards (plain objects or Ray actor handles).
+    ``pipeline``: chunks of independent work go through the shards as a pipeline (module docstring)."""
 
     _requests = itertools.count()
 
-    def __init__(self, shards: list):
-        self.shards = shards
+    def __init__(self, shards: list, pipeline: bool = True):
+        self.shards, self.pipeline = shards, pipeline
         infos = [call(s, "info") for s in shards]
         self.ranges = [range(*i["layers"]) for i in infos]
         self.n_layers = infos[0]["n_layers"]
@@ -272,6 +295,35 @@ class ShardedBackbone(Backbone):
 
     def _owner(self, layer: int) -> int:
         return next(i for i, r in enumerate(self.ranges) if layer in r)
+
+    def pipeline_depth(self) -> int:
+        """One chunk in flight per shard, where the shards are Ray actors and ``pipeline`` is on. Else 1:
+        ``pipeline=False`` (the reference path); plain shards (they run on the caller's thread, and two
+        threads in one shard's model would see each other's hooks); inside a chunk (the outer
+        :meth:`map_chunks` already keeps every shard busy: a chunk's own chunks run in turn)."""
+        if not self.pipeline or getattr(_in_chunk, "busy", False) or not all(map(is_actor, self.shards)):
+            return 1
+        return len(self.shards)
+
+    def map_chunks(self, fn, chunks) -> list:
+        """``fn`` over ``chunks`` on :meth:`pipeline_depth` threads: each chunk's calls go through the
+        shards in order, and the actors overlap the chunks. Every call of a chunk carries its own
+        request id, so the chunks' graphs on the shards never mix, and each is dropped as on one
+        thread (:class:`_Graphs`)."""
+        chunks = list(chunks)
+        depth = min(self.pipeline_depth(), len(chunks))
+        if depth <= 1:
+            return [fn(c) for c in chunks]
+
+        def run(chunk):
+            _in_chunk.busy = True
+            try:
+                return fn(chunk)
+            finally:
+                _in_chunk.busy = False
+
+        with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="lme-pipeline") as pool:
+            return list(pool.map(run, chunks))
 
     def run(self, input_ids, attention_mask, plan: Plan) -> Output:
         if plan.differentiable():
@@ -307,14 +359,27 @@ class ShardedBackbone(Backbone):
 
     def key_moment_sums(self, batches, layers: list[int]) -> tuple[dict[int, torch.Tensor], int]:
         """The sums stay on the shard owning each layer until the end; shards after the last one
-        owning a requested layer are not run."""
+        owning a requested layer are not run. Pipelined, each shard's hidden states go to the next
+        shard as a Ray object reference, without waiting: shard 1 reads batch k+1 while shard 2 is on
+        batch k (each actor still adds the batches in their order: the same sums)."""
         owners = self.shards[: max(self._owner(l) for l in layers) + 1]
-        n = 0
+        pipelined = len(owners) > 1 and self.pipeline_depth() > 1
+        n, in_flight = 0, []
         for input_ids, attention_mask in batches:
             hidden = None
             for shard in owners:
-                hidden = call(shard, "accumulate_moments", input_ids, attention_mask, list(layers), hidden)
+                args = (input_ids, attention_mask, list(layers), hidden)
+                if pipelined:
+                    hidden = shard.accumulate_moments.remote(*args)
+                else:
+                    hidden = call(shard, "accumulate_moments", *args)
             n += int(attention_mask.sum())
+            if pipelined:
+                import ray
+
+                in_flight.append(hidden)
+                if len(in_flight) > len(owners):  # at most one batch per shard ahead of the last one
+                    ray.get(in_flight.pop(0))
         return {l: v for shard in owners for l, v in call(shard, "take_moments").items()}, n
 
     def nullspace_projector(self, layer: int, C0: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Pipelined shards (issue 32): chunks of independent requests go through the shard actors at once,
+with the same results as one after the other (today's path, ``pipeline=False``), and no graph or
+prefix cache left on the shards."""
+
+import pytest
+import torch
+
+from lme_sim.backbone import chunk_size
+from lme_sim.editors import make_editor
+from lme_sim.runtime.ray_utils import release, start_shards
+from lme_sim.runtime.shards import ShardedBackbone
+
+
+def test_chunk_size_evens_out_the_chunks_for_the_pipeline():
+    assert chunk_size(10, 9, 1) == 9  # one after the other: as full as allowed (today's chunks)
+    assert chunk_size(10, 32, 2) == 5  # one chunk would leave a shard idle: two of 5
+    assert chunk_size(10, 9, 2) == 5
+    assert chunk_size(100, 25, 2) == 25  # already 4 chunks: unchanged
+    assert chunk_size(20, 9, 2) == 5  # 3 chunks -> 4, evened out
+    assert chunk_size(1, 9, 2) == 9
+    for n, per, depth in [(7, 3, 2), (50, 7, 3), (3, 64, 4)]:
+        size = chunk_size(n, per, depth)
+        assert 1 <= size <= per
+
+
+@pytest.fixture(scope="module")
+def two_shards(ray_session):
+    backbone = start_shards("world:small", n_shards=2, n_layers=4)
+    yield backbone
+    release(backbone.shards, backbone.placement_group)
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _held(backbone) -> list[dict]:
+    import ray
+
+    return ray.get([s.held.remote() for s in backbone.shards])
+
+
+@pytest.mark.parametrize(
+    ("method", "reuse"), [("alphaedit", True), ("alphaedit", False), ("ultraedit", True)]
+)
+def test_pipelined_deltas_equal_todays_path(two_shards, small_world, method, reuse):
+    """Same batch, same weights, one editor: deltas to 1e-5 (relative) with the pipeline on and off.
+    AlphaEdit with the suffix passes and with whole passes (every step crosses both shards, forward
+    and backward); UltraEdit's forward/backward chunks."""
+    _, tok, world = small_world
+    backbone = two_shards
+    assert backbone.pipeline_depth() == 2
+    editor = make_editor(method, backbone, tok, "world:small", world=world, progress=False)
+    editor.reuse = reuse
+    cases = world.edit_cases(10, seed=3)
+    results = {}
+    for pipeline in (False, True):
+        backbone.pipeline = pipeline
+        backbone.save_weights(editor.hp.layers, getattr(editor.hp, "module", "down_proj"))
+        results[pipeline] = editor.edit(cases)
+        backbone.restore_weights()
+        editor.discard()
+    backbone.pipeline = True
+    today, piped = results[False], results[True]
+    assert set(piped.deltas) == set(today.deltas)
+    for name, d in today.deltas.items():
+        assert d.norm() > 0
+        assert _relative(piped.deltas[name], d) < 1e-5, name
+    for k in ("target_steps_mean", "answer_tokens"):
+        assert piped.stats.get(k) == today.stats.get(k)
+    assert _held(backbone) == [{"graphs": 0, "prefixes": 0}] * 2
+
+
+def test_pipelined_key_statistics_are_the_same_sums(two_shards, small_world):
+    from lme_sim.tokens import encode_texts
+
+    _, tok, world = small_world
+    texts = world.corpus()[:120]
+    batches = [encode_texts(tok, texts[i : i + 20]) for i in range(0, len(texts), 20)]
+    piped = two_shards.key_moment_sums(batches, [1, 2])
+    today = ShardedBackbone(two_shards.shards, pipeline=False).key_moment_sums(batches, [1, 2])
+    assert piped[1] == today[1]
+    for l in (1, 2):
+        assert torch.equal(piped[0][l], today[0][l])
+
+
+def test_no_graph_stays_on_the_shards_after_pipelined_target_optimization(two_shards, small_world):
+    """As tests/test_shard_memory.py's test, with chunks in flight on both actors."""
+    from lme_sim.editors.hparams import load_hparams
+    from lme_sim.editors.targets import compute_targets
+
+    _, tok, world = small_world
+    hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 4})
+    for reuse in (True, False):
+        t = compute_targets(two_shards, tok, world.edit_cases(8, seed=1), 2, ["{}"], hp, reuse=reuse)
+        assert (t.steps == 3).any()  # a last forward whose backward never ran
+        assert _held(two_shards) == [{"graphs": 0, "prefixes": 0}] * 2
