@@ -97,6 +97,9 @@ class RuntimeSpec(Strict):
     # how the shards' placement group spreads over nodes (STRICT_SPREAD: one shard per node)
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # shards load their layers in it
+    # chunks of independent requests go through the shards at once (shard 1 on chunk k+1 while shard 2
+    # is on chunk k: lme_sim.runtime.shards); false: one chunk after the other (the reference path)
+    pipeline: bool = True
     editor: EditorResources = EditorResources()
     # a checkpoint (accumulated deltas, editor state, stream position) after every N batches; None: every
     # batch on world:* models, every 10 on others. --resume replays the batches after the last one.

@@ -302,6 +302,7 @@ class Actors:
                 scn.editor.hparams,
                 scn.editor.max_delta_norm,
                 actor_device(rt.editor.gpus),
+                rt.pipeline,
             )
         )
         evaluators = [

@@ -56,7 +56,8 @@ class Rejected:
 class EditorService:
     """Methods that work through shards edit them directly; methods that need the model in process
     (FT, RLEdit, HiEdit: ``Editor.in_process``) edit a local replica and the shards follow its deltas.
-    ``device``: where the editor's own work runs (its solves, AlphaEdit's projectors)."""
+    ``device``: where the editor's own work runs (its solves, AlphaEdit's projectors); ``pipeline``:
+    chunks of independent requests through the shards at once (:class:`~.shards.ShardedBackbone`)."""
 
     def __init__(
         self,
@@ -66,10 +67,11 @@ class EditorService:
         hparams: dict,
         max_delta_norm: float = DEFAULT_MAX_DELTA_NORM,
         device: str = "cpu",
+        pipeline: bool = True,
     ):
         device = placed_device(device)  # "cuda": the GPU Ray gave this actor
         self.max_delta_norm = max_delta_norm
-        self.backbone = ShardedBackbone(shards)
+        self.backbone = ShardedBackbone(shards, pipeline=pipeline)
         self.local = None
         if editor_class(method).in_process:
             lm = load_model(model_name, device=device, progress=False)
