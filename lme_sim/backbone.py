@@ -190,15 +190,18 @@ class Backbone:
         """Free what :meth:`prefix` kept."""
 
     # Chunks of independent work (lme_sim.runtime.shards pipelines them across its shards)
-    def pipeline_depth(self) -> int:
-        """How many chunks of independent work :meth:`map_chunks` keeps in flight at once: 1 here (one
-        model, one chunk at a time); over N shard actors, N (shard i on chunk k+1 while shard i+1 is on
-        chunk k). Callers cut their work with :func:`chunk_size` so that every stage has a chunk."""
+    def pipeline_depth(self, blocks: range | None = None) -> int:
+        """How many chunks of independent work :meth:`map_chunks` keeps in flight at once, for chunks
+        whose passes run mostly ``blocks`` (None: every block): 1 here (one model, one chunk at a
+        time); over shard actors, one per shard holding any of ``blocks`` (shard i on chunk k+1 while
+        shard i+1 is on chunk k). Callers cut their work with :func:`chunk_size` so that every stage
+        has a chunk."""
         return 1
 
-    def map_chunks(self, fn, chunks) -> list:
+    def map_chunks(self, fn, chunks, blocks: range | None = None) -> list:
         """``[fn(c) for c in chunks]``, for chunks of independent work (no chunk reads what another
-        computes): a pipelined backbone runs them concurrently. Results in the order of ``chunks``."""
+        computes) whose passes run mostly ``blocks``: a pipelined backbone runs them concurrently.
+        Results in the order of ``chunks``."""
         return [fn(c) for c in chunks]
 
 

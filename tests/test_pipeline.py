@@ -41,26 +41,42 @@ def _held(backbone) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    ("method", "reuse"), [("alphaedit", True), ("alphaedit", False), ("ultraedit", True)]
+    ("method", "reuse", "hparams"),
+    [
+        ("alphaedit", True, {}),  # layers 1-2: the suffix steps (block 3) on shard 2 alone; keys pipelined
+        ("alphaedit", True, {"layers": [0]}),  # the suffix steps cross both shards (blocks 1 | 2-3)
+        ("alphaedit", False, {}),  # whole passes: every step crosses both shards, forward and backward
+        ("ultraedit", True, {}),  # its forward/backward chunks
+    ],
 )
-def test_pipelined_deltas_equal_todays_path(two_shards, small_world, method, reuse):
-    """Same batch, same weights, one editor: deltas to 1e-5 (relative) with the pipeline on and off.
-    AlphaEdit with the suffix passes and with whole passes (every step crosses both shards, forward
-    and backward); UltraEdit's forward/backward chunks."""
+def test_pipelined_deltas_equal_todays_path(two_shards, small_world, method, reuse, hparams):
+    """Same batch, same weights, one editor: deltas to 1e-5 (relative) with the pipeline on and off."""
     _, tok, world = small_world
     backbone = two_shards
-    assert backbone.pipeline_depth() == 2
-    editor = make_editor(method, backbone, tok, "world:small", world=world, progress=False)
+    assert backbone.pipeline_depth() == 2 and backbone.pipeline_depth(range(3, 4)) == 1
+    editor = make_editor(method, backbone, tok, "world:small", hparams, world=world, progress=False)
     editor.reuse = reuse
     cases = world.edit_cases(10, seed=3)
-    results = {}
-    for pipeline in (False, True):
-        backbone.pipeline = pipeline
-        backbone.save_weights(editor.hp.layers, getattr(editor.hp, "module", "down_proj"))
-        results[pipeline] = editor.edit(cases)
-        backbone.restore_weights()
-        editor.discard()
-    backbone.pipeline = True
+    results, overlapped = {}, []
+    plain = backbone.map_chunks
+
+    def spy(fn, chunks, blocks=None):  # which maps ran chunks side by side
+        chunks = list(chunks)
+        overlapped.append(len(chunks) > 1 and backbone.pipeline_depth(blocks) > 1)
+        return plain(fn, chunks, blocks)
+
+    backbone.map_chunks = spy
+    try:
+        for pipeline in (False, True):
+            backbone.pipeline = pipeline
+            backbone.save_weights(editor.hp.layers, getattr(editor.hp, "module", "down_proj"))
+            results[pipeline] = editor.edit(cases)
+            backbone.restore_weights()
+            editor.discard()
+            assert any(overlapped) == pipeline
+    finally:
+        backbone.pipeline = True
+        del backbone.map_chunks
     today, piped = results[False], results[True]
     assert set(piped.deltas) == set(today.deltas)
     for name, d in today.deltas.items():
@@ -91,7 +107,7 @@ def test_no_graph_stays_on_the_shards_after_pipelined_target_optimization(two_sh
 
     _, tok, world = small_world
     hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 4})
-    for reuse in (True, False):
-        t = compute_targets(two_shards, tok, world.edit_cases(8, seed=1), 2, ["{}"], hp, reuse=reuse)
+    for reuse, layer in ((True, 0), (False, 2)):  # chunks through both shards
+        t = compute_targets(two_shards, tok, world.edit_cases(8, seed=1), layer, ["{}"], hp, reuse=reuse)
         assert (t.steps == 3).any()  # a last forward whose backward never ran
         assert _held(two_shards) == [{"graphs": 0, "prefixes": 0}] * 2

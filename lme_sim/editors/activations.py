@@ -58,7 +58,8 @@ def activations_at(
         raise ValueError(f"kind must be 'key' or 'hidden', not {kind!r}")
     backbone = as_backbone(model)
     pos = subject_last_positions(tok, texts, subjects)
-    per = chunk_size(len(texts), batch_size, backbone.pipeline_depth())
+    blocks = range(max(layers) + 1) if early_stop else None
+    per = chunk_size(len(texts), batch_size, backbone.pipeline_depth(blocks))
 
     @torch.no_grad()  # on the pipeline's threads too (grad mode is per thread)
     def read(s: int) -> dict[int, torch.Tensor]:
@@ -70,7 +71,7 @@ def activations_at(
         got = res.keys if kind == "key" else res.hidden
         return {l: got[l].cpu() for l in layers}
 
-    parts = backbone.map_chunks(read, range(0, len(texts), per))
+    parts = backbone.map_chunks(read, range(0, len(texts), per), blocks)
     return {l: torch.cat([p[l] for p in parts]) for l in layers}
 
 

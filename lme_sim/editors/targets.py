@@ -79,10 +79,13 @@ def compute_targets(
     cut into as many even groups as its shards need (:func:`~lme_sim.backbone.chunk_size`)."""
     model = as_backbone(model)
     per = max(1, hp.rows_per_pass // (len(contexts) + 1)) if batched else 1
-    per = chunk_size(len(cases), per, model.pipeline_depth())
+    # the optimizer steps, most of the work: blocks L+1.. on the suffix passes, else every block
+    steps = range(layer + 1, model.n_layers) if reuse and model.supports_suffix() else None
+    per = chunk_size(len(cases), per, model.pipeline_depth(steps))
     parts = model.map_chunks(
         lambda part: _targets_of(model, tok, part, layer, contexts, hp, reuse),
         [cases[i : i + per] for i in range(0, len(cases), per)] or [cases],
+        steps,
     )
     if len(parts) == 1:
         return parts[0]

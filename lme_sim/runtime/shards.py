@@ -296,22 +296,28 @@ class ShardedBackbone(Backbone):
     def _owner(self, layer: int) -> int:
         return next(i for i, r in enumerate(self.ranges) if layer in r)
 
-    def pipeline_depth(self) -> int:
-        """One chunk in flight per shard, where the shards are Ray actors and ``pipeline`` is on. Else 1:
-        ``pipeline=False`` (the reference path); plain shards (they run on the caller's thread, and two
-        threads in one shard's model would see each other's hooks); inside a chunk (the outer
-        :meth:`map_chunks` already keeps every shard busy: a chunk's own chunks run in turn)."""
+    def pipeline_depth(self, blocks: range | None = None) -> int:
+        """One chunk in flight per shard holding any of ``blocks`` (None: every block), where the shards
+        are Ray actors and ``pipeline`` is on: a pass that runs on one shard only (the world model's
+        target optimization on 2 shards: block 3 alone) has nothing to overlap, and smaller chunks
+        would only cost more calls. Else 1: ``pipeline=False`` (the reference path); plain shards (they
+        run on the caller's thread, and two threads in one shard's model would see each other's
+        hooks); inside a chunk (the outer :meth:`map_chunks` already keeps the shards busy: a chunk's
+        own chunks run in turn)."""
         if not self.pipeline or getattr(_in_chunk, "busy", False) or not all(map(is_actor, self.shards)):
             return 1
-        return len(self.shards)
+        blocks = blocks if blocks is not None else range(self.n_layers)
+        return max(
+            1, sum(1 for r in self.ranges if range(max(r.start, blocks.start), min(r.stop, blocks.stop)))
+        )
 
-    def map_chunks(self, fn, chunks) -> list:
+    def map_chunks(self, fn, chunks, blocks: range | None = None) -> list:
         """``fn`` over ``chunks`` on :meth:`pipeline_depth` threads: each chunk's calls go through the
         shards in order, and the actors overlap the chunks. Every call of a chunk carries its own
         request id, so the chunks' graphs on the shards never mix, and each is dropped as on one
         thread (:class:`_Graphs`)."""
         chunks = list(chunks)
-        depth = min(self.pipeline_depth(), len(chunks))
+        depth = min(self.pipeline_depth(blocks), len(chunks))
         if depth <= 1:
             return [fn(c) for c in chunks]
 
