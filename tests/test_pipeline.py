@@ -111,3 +111,22 @@ def test_no_graph_stays_on_the_shards_after_pipelined_target_optimization(two_sh
         t = compute_targets(two_shards, tok, world.edit_cases(8, seed=1), layer, ["{}"], hp, reuse=reuse)
         assert (t.steps == 3).any()  # a last forward whose backward never ran
         assert _held(two_shards) == [{"graphs": 0, "prefixes": 0}] * 2
+
+
+def test_runtime_pipeline_reaches_the_editors_backbone(small_world, tmp_path):
+    """``runtime.pipeline`` (default true) is what the editor actor's backbone does; plain in-process
+    shards never pipeline (two threads in one shard's model would see each other's hooks)."""
+    from lme_sim.runtime.services import EditorService
+    from lme_sim.runtime.shards import ModelShard
+    from lme_sim.scenario import load_scenario
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nmodel: world:small\nruntime: {shards: 2, pipeline: false}\n")
+    assert load_scenario(path).runtime.pipeline is False
+    path.write_text("name: x\nmodel: world:small\n")
+    assert load_scenario(path).runtime.pipeline is True
+    shards = [ModelShard("world:small", range(0, 2)), ModelShard("world:small", range(2, 4))]
+    for pipeline in (False, True):
+        svc = EditorService("world:small", shards, "ultraedit", {}, pipeline=pipeline)
+        assert svc.backbone.pipeline is pipeline
+        assert svc.backbone.pipeline_depth() == 1  # plain shards
