@@ -126,8 +126,10 @@ def run_study(
                 futures = [threads.submit(run.execute, ray, logger) for run in ready]
                 try:
                     wait(futures)
-                except KeyboardInterrupt:  # every run stops at its next step, marked failed
+                except KeyboardInterrupt:  # every run stops now, marked failed ("interrupted")
                     stop.set()
+                    for run in ready:
+                        run.release()  # its calls in flight fail at once; committed batches are kept
                     wait(futures)
             outcome.update({run.id: f.result() for run, f in zip(ready, futures)})
         finally:
@@ -173,6 +175,7 @@ class Run:
     ):
         self.scn, self.path, self.db, self.id, self.resume = scn, str(scenario_path), db, run_id, resume
         self.console, self.board, self.stop = console, board, stop
+        self._releasing = threading.Lock()
         self.ray = self.logger = self.actors = None
         self.state = RunState()
 
@@ -346,6 +349,8 @@ class Run:
         self.board.update(self.id, status="failed")
         if isinstance(e, PlacementError):
             return e
+        if self.stop.is_set():  # Ctrl-C: its actors were stopped under it
+            e = KeyboardInterrupt()
         hint = f"lme-sim run {self.path} --resume {self.id}" + (
             f" --db {self.db}" if self.db != self.scn.db else ""
         )
@@ -353,16 +358,18 @@ class Run:
         return stop_run(self.ray, e, self.logger, self.id, roles, hint, Path(self.db).parent / "logs")
 
     def release(self) -> None:
-        if self.ray is not None and self.actors is not None:
+        """Stop the run's actors and free its placement group (once, from whichever thread comes first)."""
+        with self._releasing:
+            actors, self.actors = self.actors, None
+        if self.ray is not None and actors is not None:
             try:
-                release(self.actors.handles(), self.actors.shards.placement_group)
+                release(actors.handles(), actors.shards.placement_group)
             except Exception as e:  # some actors or the placement group may be left in this Ray
                 log.warning(
                     "run %s: could not release all of its actors and their placement group (%s)",
                     self.id,
                     first_line(e),
                 )
-            self.actors = None
 
 
 @dataclass
