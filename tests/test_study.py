@@ -128,6 +128,14 @@ def test_resuming_a_study_resumes_its_unfinished_runs_and_starts_the_missing_one
     assert resume_plan(rows, [("alphaedit", 1)], "st-0b", "st") == ([], [("alphaedit", 1)])
 
 
+def test_resuming_a_study_with_no_run_of_it_is_an_error_and_writes_nothing(tmp_path):
+    path, db = _study(tmp_path, "none", concurrent=2)
+    for args in ([], ["none-0000abcd"]):
+        r = CliRunner().invoke(main, ["run", path, "--resume", *args])
+        assert r.exit_code == 2 and r.output.count("error:") == 1 and str(db) in r.output, r.output
+    assert not db.exists()
+
+
 def test_the_board_shows_each_runs_progress():
     from rich.console import Console
 
