@@ -46,7 +46,6 @@ def main() -> None:
         for generative in (False, True):
             req = EvalRequest(
                 eval_id=r,
-                step=0,
                 retention=retention,
                 cases=cases,
                 n_edits=len(cases),

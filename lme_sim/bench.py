@@ -708,7 +708,7 @@ def runtime_batch(cfg: BenchConfig, db: str, cases: list[EditCase], *, method: s
     from rich.console import Console
 
     from .runtime.coordinator import Actors
-    from .runtime.ray_utils import release
+    from .runtime.ray_utils import release, start_logger
     from .runtime.services import Edited, EvalRequest
     from .scenario import DataSpec, EditorSpec, EvalSpec, RuntimeSpec, Scenario, StreamSpec
 
@@ -725,10 +725,10 @@ def runtime_batch(cfg: BenchConfig, db: str, cases: list[EditCase], *, method: s
         runtime=RuntimeSpec(shards=shards, evaluators=1, dtype=dtype),
         db=db,
     )
-    actors = None
+    actors, logger = None, start_logger(db)
     try:
         with Measure() as setup:  # every actor up: loaded, and the editor's set-up (key statistics) done
-            actors = Actors.start(ray, scn, [], db, Console(quiet=True))
+            actors = Actors.start(ray, scn, [], Console(quiet=True), logger)
             ray.get(actors.editor.weight_stats.remote())
             named = {
                 **{f"shard {i}": h for i, h in enumerate(actors.shards.shards)},
@@ -743,13 +743,14 @@ def runtime_batch(cfg: BenchConfig, db: str, cases: list[EditCase], *, method: s
         with Measure() as sync:
             ray.get([e.follow.remote(edited.deltas, 1) for e in actors.evaluators])
         sample = cases[: cfg.runtime_eval_cases]
-        request = EvalRequest(1, 0, [], sample, len(cases), generative=False)
+        request = EvalRequest(eval_id=1, retention=[], cases=sample, n_edits=len(cases), generative=False)
         with Measure() as scored:
             ray.get(actors.evaluators[0].evaluate.remote(request, 1))
         during = actor_memory(ray, named)
     finally:
+        ray.get(logger.close.remote())  # its DuckDB file is free for the results (as a run's end)
+        release([logger])
         if actors is not None:
-            ray.get(actors.logger.close.remote())  # its DuckDB file is free for the results (as a run's end)
             release(actors.handles(), actors.shards.placement_group)
     delta_bytes = sum(d.numel() * d.element_size() for d in edited.deltas.values())
     plan = runtime_plan(cfg, method=method, hparams=hparams, dtype=dtype, shards=shards)

@@ -78,59 +78,109 @@ def validate(scenario: str, methods: str | None) -> None:
     "--resume",
     "resume",
     default=None,
-    metavar="RUN_ID",
-    help="Continue a killed or failed run (a finished one: nothing to do, exit code 0).",
+    is_flag=False,
+    flag_value="",
+    metavar="[RUN_ID|STUDY_ID]",
+    help="Continue a killed or failed run (RUN_ID), or every unfinished run of a study (STUDY_ID, "
+    "<name>-<hex>: the random part its run ids share; alone: the scenario's latest study in the "
+    "database), starting the study's runs not started yet. Finished runs are not redone (nothing "
+    "left: exit code 0). Give it after the scenario.",
 )
 @click.option("--methods", default=None, help=METHODS_HELP)
 def run(scenario: str, db: str | None, address: str | None, resume: str | None, methods: str | None) -> None:
     """Run a scenario on Ray (shards, editor, evaluators, DuckDB logger) and print a summary.
 
-    A scenario whose ``editor`` is a list runs the same stream once per method (one run each).
-    Named datasets (``data.source``, ``stats: {kind: cases, ...}``) missing here are downloaded first."""
-    from .runtime.coordinator import run_distributed
+    A scenario whose ``editor`` is a list runs the same stream once per method (one run each), and
+    ``seeds`` once per seed: a study, whose runs run ``runtime.concurrent_runs`` at once (auto: as many
+    as the cluster holds), all logging to the one database. Named datasets (``data.source``,
+    ``stats: {kind: cases, ...}``) missing here are downloaded first."""
+    from .runtime.coordinator import run_study
     from .runtime.failures import RunFailed
+    from .runtime.ray_utils import PlacementError
 
     scn, specs = _load_scenario_or_exit(scenario, methods)
     db = db or scn.db
-    tagged = len(scn.editors) > 1  # a list of editors: each run id names its editor
     _db_or_exit(db, write=True)  # before Ray starts or anything is written
     _datasets_or_exit(scn, [s.method for s in specs], "run")
-    seeds = scn.seeds or [scn.data.seed]
-    if resume is not None:
-        label, seed = _resumable_run_or_exit(db, resume, scn.name, scenario, {s.label() for s in specs})
-        specs, seeds = [s for s in specs if s.label() == label], [seed]
-    from .runtime.ray_utils import PlacementError
-
-    try:
-        run_ids = [
-            run_distributed(
-                scn.with_editor(spec).with_seed(seed),
-                scenario,
-                db=db,
-                address=address,
-                resume=resume,
-                tag=_run_tag(spec.label() if tagged else None, seed if scn.seeds else None, resume),
-            )
-            for spec in specs
-            for seed in seeds
-        ]
-    except PlacementError as e:
-        click.echo(f"error: {scenario}: {e}", err=True)
-        sys.exit(2)
-    except RunFailed as e:  # an actor the run cannot do without died: one line, exit code 1
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    if len(run_ids) > 1:
-        click.echo("runs: " + " ".join(run_ids))
+    runs = _study_runs_or_exit(scn, specs, scenario, db, resume)
+    outcome = run_study(runs, scenario, db=db, address=address)
+    if len(runs) > 1:
+        click.echo("runs: " + " ".join(outcome))
+    failed = [e for e in outcome.values() if e is not None]
+    for e in failed:  # one line each: the run that stopped (RunFailed), or the fields (PlacementError)
+        click.echo(f"error: {e}" if isinstance(e, RunFailed) else f"error: {scenario}: {e}", err=True)
+    if failed:
+        sys.exit(2 if any(isinstance(e, PlacementError) for e in failed) else 1)
 
 
-def _run_tag(method: str | None, seed: int | None, resume: str | None) -> str | None:
+def _run_tag(method: str | None, seed: int | None) -> str | None:
     """What a run id says between the scenario's name and its random part: the method (a list of
-    methods) and ``s<seed>`` (a list of seeds); a resumed run keeps its id."""
-    if resume is not None:
-        return None
+    methods) and ``s<seed>`` (a list of seeds)."""
     parts = ([method] if method else []) + ([f"s{seed}"] if seed is not None else [])
     return "-".join(parts) or None
+
+
+def _study_runs_or_exit(scn, specs, scenario: str, db: str, resume: str | None):
+    """The runs to run (:class:`~lme_sim.runtime.study.StudyRun`): every editor of ``specs`` at every
+    seed (a new study); with ``resume``, the run it names, or the unfinished and not yet started runs
+    of the study it names ("": the latest); or one line and exit (2: nothing to resume there; 0: all
+    finished)."""
+    from .runtime.study import StudyRun, new_study_hex, resume_plan, run_id, study_id
+
+    seeds = scn.seeds or [scn.data.seed]
+    by_label = {s.label(): s for s in specs}
+    tagged = len(scn.editors) > 1  # a list of editors: each run id names its editor
+
+    def new(label: str, seed: int, study_hex: str) -> StudyRun:
+        tag = _run_tag(label if tagged else None, seed if scn.seeds else None)
+        return StudyRun(scn.with_editor(by_label[label]).with_seed(seed), run_id(scn.name, tag, study_hex))
+
+    def resumed(label: str, seed: int, rid: str) -> StudyRun:
+        return StudyRun(scn.with_editor(by_label[label]).with_seed(seed), rid, resume=True)
+
+    if resume is None:
+        study_hex = new_study_hex()
+        return [new(s.label(), seed, study_hex) for s in specs for seed in seeds]
+    rows = _scenario_runs(db, scn.name) if Path(db).exists() else []
+    if resume and (
+        resume in {r.run_id for r in rows} or resume not in {study_id(r.run_id, scn.name) for r in rows}
+    ):
+        label, seed = _resumable_run_or_exit(db, resume, scn.name, scenario, set(by_label))  # a run id
+        return [resumed(label, seed, resume)]
+    if not rows:
+        click.echo(f"error: {db}: no run of scenario {scn.name!r} to resume", err=True)
+        sys.exit(2)
+    study = resume or study_id(rows[-1].run_id, scn.name)
+    todo, missing = resume_plan(rows, [(s.label(), seed) for s in specs for seed in seeds], study, scn.name)
+    if not todo and not missing:
+        click.echo(f"{db}: every run of study {study!r} is finished; nothing to resume")
+        sys.exit(0)
+    study_hex = study.rsplit("-", 1)[-1]
+    return [resumed(r.label, r.seed, r.run_id) for r in todo] + [new(l, s, study_hex) for l, s in missing]
+
+
+def _scenario_runs(db: str, name: str):
+    """The runs of scenario ``name`` in ``db`` (read-only), oldest first, as
+    :class:`~lme_sim.runtime.study.RunRow`."""
+    from .runtime.study import RunRow
+
+    rows = _query_or_exit(
+        db,
+        "select run_id, method, status, json_extract(scenario, '$.editor'), scenario->>'$.data.seed' "
+        "from runs where name = ? order by created_at, run_id",
+        [name],
+    )[1]
+    return [
+        RunRow(rid, _editor_label(editor, method), int(seed or 0), status)
+        for rid, method, status, editor, seed in rows
+    ]
+
+
+def _editor_label(editor_json: str | None, method: str) -> str:
+    """A run's editor name (:meth:`EditorSpec.label`) from its ``runs.scenario`` editor."""
+    from .scenario import EditorSpec
+
+    return EditorSpec.model_validate(json.loads(editor_json)).label() if editor_json else method
 
 
 def _trained_method(ctx, param, value: str) -> str:
@@ -547,9 +597,7 @@ def _resumable_run_or_exit(
             f"error: {db}: run {run_id!r} is a run of scenario {run_name!r}, not of {name!r}", err=True
         )
         sys.exit(2)
-    from .scenario import EditorSpec
-
-    label = EditorSpec.model_validate(json.loads(editor)).label() if editor else method
+    label = _editor_label(editor, method)
     if label not in labels:
         click.echo(
             f"error: {db}: run {run_id!r} is a {label} run, but {scenario} has no {label} editor",

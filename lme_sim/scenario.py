@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -104,6 +104,9 @@ class RuntimeSpec(Strict):
     # a checkpoint (accumulated deltas, editor state, stream position) after every N batches; None: every
     # batch on world:* models, every 10 on others. --resume replays the batches after the last one.
     checkpoint_every: int | None = Field(None, gt=0)
+    # runs of a study (a list of editors, seeds) at once: "auto" (as many as the cluster's free CPUs and
+    # GPUs hold, lme_sim.runtime.study.runs_that_fit) or a number (1: one after the other)
+    concurrent_runs: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
 
 
 class EvaluatorSpec(Strict):

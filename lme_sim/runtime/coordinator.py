@@ -1,8 +1,13 @@
-"""The coordinator: one run of one editing method, as a run object read top to bottom.
+"""The coordinator: one run of one editing method, as a run object read top to bottom, and a study
+of runs at once.
 
-``run_distributed`` is four calls: :meth:`Run.setup` (the stream's events, Ray, the actors, the run
-row or the state to resume), :meth:`Run.loop` (every batch through the editor, every eval checkpoint
-to the evaluators), :meth:`Run.finish` (the last evaluations, the summary) and :meth:`Run.release`.
+A run is five calls: :meth:`Run.prepare` (the stream's events, before Ray), :meth:`Run.start` (the
+actors in the run's placement group, the run row or the state to resume), :meth:`Run.loop` (every
+batch through the editor, every eval checkpoint to the evaluators), :meth:`Run.finish` (the last
+evaluations) and :meth:`Run.release`. :func:`run_study` runs a study's runs (:mod:`.study`), as many
+at once as ``runtime.concurrent_runs`` says, each in a thread of the driver, all logging through one
+logger actor (one DuckDB file, one writer; every row carries its ``run_id``); a run that fails is
+marked failed and the others go on. :func:`run_distributed` is a study of one run.
 
 Per batch the editor actor writes the batch through the shard actors; its rows (the batch, its
 edits, the weight health of every edited matrix) are committed to DuckDB in one transaction, and
@@ -26,13 +31,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import threading
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
 
 from ..cases import EditCase
 from ..catalog import resolve
@@ -40,25 +45,28 @@ from ..data import load_counterfact, load_zsre
 from ..general_ability import MCItem, probe_items
 from ..metrics import CONSISTENCY_UNAVAILABLE
 from ..scenario import Scenario
-from ..storage.logger import RunLogger
 from ..storage.records import rows
 from ..stream import EditStream, Event, SimClock, build_events
+from .board import Board
 from .evaluation import RESTARTABLE, EvalPool, eval_request
-from .failures import actor_roles, first_line, stop_run
+from .failures import actor_roles, dead_actor, first_line, stop_run
 from .ledger import Checkpoint, Checkpoints, RunState, batch_row, batch_rows, rejected_row
 from .ray_utils import (
     PlacementError,
     actor_device,
     editor_options,
     evaluator_options,
+    in_group,
     init_ray,
-    on_this_node,
     placement_summary,
     release,
+    run_bundles,
+    start_logger,
     start_shards,
 )
 from .services import Edited, EditorService, Evaluator
 from .shards import ShardedBackbone
+from .study import StudyRun, concurrent_runs, new_study_hex, run_demand, run_id
 
 log = logging.getLogger(__name__)
 
@@ -73,38 +81,135 @@ def run_distributed(
     tag: str | None = None,
 ) -> str:
     """Run ``scn`` (one editing method) on Ray; returns the run id (``<name>[-<tag>]-<hex>``).
-    ``resume``: a run id to continue."""
-    run = Run(scn, scenario_path, db or scn.db, resume, console or Console())
-    run.id = resume or "-".join([scn.name] + ([tag] if tag else []) + [uuid.uuid4().hex[:8]])
+    ``resume``: a run id to continue. A run that stops raises its :class:`RunFailed` (or
+    :class:`PlacementError`)."""
+    rid = resume or run_id(scn.name, tag, new_study_hex())
+    outcome = run_study([StudyRun(scn, rid, resume is not None)], scenario_path, db, address, console)
+    if outcome[rid] is not None:
+        raise outcome[rid]
+    return rid
+
+
+def run_study(
+    runs: list[StudyRun],
+    scenario_path: str,
+    db: str | None = None,
+    address: str | None = None,
+    console: Console | None = None,
+) -> dict[str, BaseException | None]:
+    """Run a study's ``runs`` (of one scenario), ``runtime.concurrent_runs`` at once, all logging to
+    ``db`` through one logger actor; a live table shows each run's progress on a terminal. Returns each
+    run's outcome by id: None (finished), or the :class:`RunFailed` / :class:`PlacementError` it stopped
+    with (marked failed; the other runs went on). Prints the summary of the finished runs."""
+    console, db = console or Console(), db or runs[0].scn.db
+    board, stop = Board(console), threading.Event()
+    outcome: dict[str, BaseException | None] = {}
+    ready = []
+    for r in runs:
+        run = Run(r.scn, scenario_path, db, r.run_id, r.resume, console, board, stop)
+        try:
+            run.prepare()  # before Ray: a stream that cannot be built fails here
+            ready.append(run)
+        except Exception as e:  # noqa: BLE001  (nothing was started or written)
+            outcome[run.id] = run.failed(e)
+    if ready:
+        ray = init_ray(address)
+        demands = [run_demand(r.scn.runtime, r.scn.evaluator) for r in ready]
+        demand = {k: max(d.get(k, 0.0) for d in demands) for d in demands for k in d}
+        at_once = concurrent_runs(
+            ready[0].scn.runtime.concurrent_runs, ray.available_resources(), demand, len(ready)
+        )
+        if len(ready) > 1:
+            console.print(f"{len(ready)} runs, {at_once} at a time (runtime.concurrent_runs)")
+        logger = start_logger(db)
+        try:
+            with board, ThreadPoolExecutor(at_once, thread_name_prefix="run") as threads:
+                futures = [threads.submit(run.execute, ray, logger) for run in ready]
+                try:
+                    wait(futures)
+                except KeyboardInterrupt:  # every run stops now, marked failed ("interrupted")
+                    stop.set()
+                    for run in ready:
+                        run.release()  # its calls in flight fail at once; committed batches are kept
+                    wait(futures)
+            outcome.update({run.id: f.result() for run, f in zip(ready, futures)})
+        finally:
+            close_logger(ray, logger)
+    if finished := [r.run_id for r in runs if outcome[r.run_id] is None]:
+        summary(console, db, finished)
+    return {r.run_id: outcome[r.run_id] for r in runs}
+
+
+def close_logger(ray, logger) -> None:
+    """Flush and close the study's database, and stop its logger actor (one that died: nothing to do,
+    the failed runs said so)."""
     try:
-        run.setup(address)
-        run.loop()
-        run.finish()
-    except BaseException as e:  # noqa: BLE001  (a dead actor, an error, Ctrl-C: the run is marked failed)
-        raise run.failed(e) from None
-    finally:
-        run.release()
-    return run.id
+        ray.get(logger.close.remote(), timeout=60)
+        ray.kill(logger)
+    except Exception as e:  # noqa: BLE001
+        if dead_actor(e) is None:
+            log.warning("could not close the database through the logger actor (%s)", first_line(e))
+
+
+def summary(console: Console, db: str, run_ids: list[str]) -> None:
+    """The finished runs' final metrics (read once the logger has closed the database)."""
+    from ..analysis import comparison_table
+
+    console.print(comparison_table(db, run_ids))
+    console.print(CONSISTENCY_UNAVAILABLE)
+    console.print(
+        f'DuckDB: {Path(db).resolve()}   e.g.  lme-sim query "select count(*) from edits" --db {db}'
+    )
 
 
 class Run:
-    def __init__(self, scn: Scenario, scenario_path: str, db: str, resume: str | None, console: Console):
-        self.scn, self.path, self.db, self.resume, self.console = scn, str(scenario_path), db, resume, console
-        self.id = ""
+    def __init__(
+        self,
+        scn: Scenario,
+        scenario_path: str,
+        db: str,
+        run_id: str,
+        resume: bool,
+        console: Console,
+        board: Board,
+        stop: threading.Event,
+    ):
+        self.scn, self.path, self.db, self.id, self.resume = scn, str(scenario_path), db, run_id, resume
+        self.console, self.board, self.stop = console, board, stop
+        self._releasing = threading.Lock()
         self.ray = self.logger = self.actors = None
         self.state = RunState()
 
+    def execute(self, ray, logger) -> BaseException | None:
+        """Start, loop and finish (in a thread of the study); None, or the error the run stopped with."""
+        try:
+            self.start(ray, logger)
+            self.loop()
+            self.finish()
+            return None
+        except BaseException as e:  # noqa: BLE001  (a dead actor, an error, Ctrl-C: the run is marked failed)
+            return self.failed(e)
+        finally:
+            self.release()
+
     # ---- set-up -----------------------------------------------------------------------------------
-    def setup(self, address: str | None) -> None:
+    def prepare(self) -> None:
+        """The stream's events and the multiple-choice set (no Ray yet)."""
         scn = self.scn
-        self.events = scenario_events(scn)  # before Ray: a stream that cannot be built fails here
+        self.events = scenario_events(scn)
         self.stream = EditStream(self.events, scn.stream.batch_size, scn.stream.window)  # replayed here
         self.by_edit = {e.edit_id: e for e in self.events if e.is_edit}
         self.last_edit = max(self.by_edit, default=None)
-        general = general_ability_items(scn, self.events)
-        self.ray = init_ray(address)
-        self.actors = Actors.start(self.ray, scn, general, self.db, self.console)
-        self.logger, self.editor = self.actors.logger, self.actors.editor
+        self.general = general_ability_items(scn, self.events)
+        self.board.add(self.id, f"{scn.editors[0].label()} on {scn.model}", len(self.events))
+
+    def start(self, ray, logger) -> None:
+        """The run's actors in its placement group, its row in ``runs`` (or the state it resumes)."""
+        scn = self.scn
+        self.board.update(self.id, status="starting")
+        self.ray = ray
+        self.actors = Actors.start(self.ray, scn, self.general, self.console, logger)
+        self.logger, self.editor = logger, self.actors.editor
         self.pool = EvalPool(self.ray, self.actors.evaluators, self.console, scn.eval.max_pending)
         self.was = self.ray.get(  # the run's status before (a resumed run's: failed or interrupted)
             self.logger.start_run.remote(
@@ -114,7 +219,7 @@ class Run:
                 scn.model_dump(mode="json"),
                 scn.model,
                 scn.editor.method,
-                resume=self.resume is not None,
+                resume=self.resume,
             )
         )
         self.checkpoints = Checkpoints(Path(self.db).parent / "checkpoints" / self.id)
@@ -142,21 +247,20 @@ class Run:
         clock = SimClock(self.scn.stream.speedup)
         self._editor_ready()
         self._started = time.perf_counter()
-        with Progress(console=self.console, transient=True) as progress:
-            bar = progress.add_task(
-                f"{self.scn.editor.method} on {self.scn.model}",
-                total=len(self.events),
-                completed=self.stream.position,
-            )
-            while (step := self.stream.next_batch()) is not None:
-                paced = clock.wait_until(step.time)
-                if step.is_eval:  # score asynchronously
-                    self.evaluate(final=step.position == len(self.events))
-                    self._progress_line(step.position)
-                else:
-                    self.edit_batch(step.events, paced)
-                self._log_evaluations(self.pool.collect(wait=False))
-                progress.update(bar, completed=step.position)
+        self.board.update(
+            self.id, status="editing", position=self.stream.position, edits=len(self.state.committed)
+        )
+        while (step := self.stream.next_batch()) is not None:
+            if self.stop.is_set():  # Ctrl-C in the study's driver
+                raise KeyboardInterrupt
+            paced = clock.wait_until(step.time)
+            if step.is_eval:  # score asynchronously
+                self.evaluate(final=step.position == len(self.events))
+                self._progress_line(step.position)
+            else:
+                self.edit_batch(step.events, paced)
+            self._log_evaluations(self.pool.collect(wait=False))
+            self.board.update(self.id, position=step.position, edits=len(self.state.committed))
 
     def _progress_line(self, position: int) -> None:
         """Where no bar is drawn (output to a file, e.g. a run under nohup): one line per evaluation,
@@ -177,10 +281,10 @@ class Run:
         statistics over the corpus (MEMIT, AlphaEdit: tens of minutes for SmolLM2 on 2 CPU cores,
         then read from ``$LME_SIM_CACHE``); say how long it took when that was more than a moment."""
         t0, method = time.perf_counter(), self.scn.editor.method
-        with self.console.status(f"starting the {method} editor (first use on a model: key statistics)"):
-            self.ray.get(self.editor.weight_stats.remote())
+        self.board.update(self.id, status="starting the editor (first use on a model: key statistics)")
+        self.ray.get(self.editor.weight_stats.remote())
         if (waited := time.perf_counter() - t0) > 30:
-            self.console.print(f"{method} editor ready after {waited / 60:.1f} min")
+            self.console.print(f"{self.id}: {method} editor ready after {waited / 60:.1f} min")
 
     def edit_batch(self, batch: list[Event], paced: float = 0.0) -> None:
         """Edit, guard, commit and log one batch; ``paced``: the seconds the stream's clock held it
@@ -190,10 +294,11 @@ class Run:
         waited = time.perf_counter() - t0
         result = ray.get(self.editor.edit.remote([e.case for e in batch]))
         if not isinstance(result, Edited):  # the editor undid it: no model copy has it
-            ray.get(self.logger.append.remote("rejected_batches", [rejected_row(batch, result.reason, st)]))
+            row = rejected_row(batch, result.reason, st)
+            ray.get(self.logger.append.remote("rejected_batches", [row], run_id=self.id))
             ids = [e.edit_id for e in batch]
             self.console.print(
-                f"[yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result.reason}; "
+                f"{self.id}: [yellow]rejected[/] the batch of edits {ids[0]}..{ids[-1]}: {result.reason}; "
                 "the model is unchanged"
             )
             return
@@ -229,29 +334,24 @@ class Run:
             found = rows(out.probes + out.metrics)
             for table in ("probes", "metrics"):
                 if found.get(table):
-                    self.ray.get(self.logger.append.remote(table, found[table]))
+                    self.ray.get(self.logger.append.remote(table, found[table], run_id=self.id))
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:
-        """The last evaluations, the run marked finished, and its summary (read back once the
-        logger has closed the database)."""
-        from ..analysis import comparison_table
-
+        """The last evaluations and the run marked finished (its rows flushed)."""
+        self.board.update(self.id, status="last evaluations")
         self._log_evaluations(self.pool.collect(wait=True))
         self.ray.get(self.logger.finish_run.remote(self.id))
-        self.ray.get(self.logger.close.remote())
-        self.console.print(comparison_table(self.db, [self.id]))
-        self.console.print(CONSISTENCY_UNAVAILABLE)
-        self.console.print(
-            f'DuckDB: {Path(self.db).resolve()}   e.g.  lme-sim query "select count(*) from edits" '
-            f"--db {self.db}"
-        )
+        self.board.update(self.id, status="finished")
 
     def failed(self, e: BaseException) -> BaseException:
         """What to raise for ``e``: a :class:`PlacementError` as it is (nothing was written yet), anything
         else as one :class:`RunFailed` line."""
+        self.board.update(self.id, status="failed")
         if isinstance(e, PlacementError):
             return e
+        if self.stop.is_set():  # Ctrl-C: its actors were stopped under it
+            e = KeyboardInterrupt()
         hint = f"lme-sim run {self.path} --resume {self.id}" + (
             f" --db {self.db}" if self.db != self.scn.db else ""
         )
@@ -259,16 +359,18 @@ class Run:
         return stop_run(self.ray, e, self.logger, self.id, roles, hint, Path(self.db).parent / "logs")
 
     def release(self) -> None:
-        if self.ray is not None and self.actors is not None:
+        """Stop the run's actors and free its placement group (once, from whichever thread comes first)."""
+        with self._releasing:
+            actors, self.actors = self.actors, None
+        if self.ray is not None and actors is not None:
             try:
-                release(self.actors.handles(), self.actors.shards.placement_group)
+                release(actors.handles(), actors.shards.placement_group)
             except Exception as e:  # some actors or the placement group may be left in this Ray
                 log.warning(
                     "run %s: could not release all of its actors and their placement group (%s)",
                     self.id,
                     first_line(e),
                 )
-            self.actors = None
 
 
 @dataclass
@@ -282,19 +384,27 @@ class Actors:
     shards: ShardedBackbone
 
     @classmethod
-    def start(cls, ray, scn: Scenario, general: list[MCItem], db: str, console) -> Actors:
-        """Start them; a cluster that cannot hold the shards fails first, before anything is written."""
+    def start(cls, ray, scn: Scenario, general: list[MCItem], console, logger) -> Actors:
+        """Start them in the run's placement group (its shards' bundles, then those of the evaluators
+        and the editor where they reserve resources); a cluster that cannot hold the group fails first,
+        before anything is written. ``logger``: the study's."""
         from ..models import model_n_layers
 
         rt, ev = scn.runtime, scn.evaluator
+        ev_opts = evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus)
+        ed_opts = editor_options(rt.editor.cpus, rt.editor.gpus)
+        # an editor with a GPU takes one the shards' group left free (tests/test_gpu_placement.py); the
+        # study's count of what a run needs (study.run_demand) includes it all the same
+        in_run = [ev_opts] * rt.evaluators + ([] if rt.editor.gpus else [ed_opts])
+        more, where = run_bundles(rt.shards, in_run)
         shards = start_shards(
-            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype
+            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype, more=more
         )
+        pg = shards.placement_group
         console.print(f"placement {rt.placement}: {placement_summary(shards)}")
-        logger = ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)
         editor = (
             ray.remote(EditorService)
-            .options(**editor_options(rt.editor.cpus, rt.editor.gpus))
+            .options(**ed_opts, **({} if rt.editor.gpus else in_group(pg, where[-1])))
             .remote(
                 scn.model,
                 shards.shards,
@@ -307,7 +417,7 @@ class Actors:
         )
         evaluators = [
             ray.remote(Evaluator)
-            .options(**evaluator_options(ev.backend, ev.tensor_parallel_size, rt.gpus), **RESTARTABLE)
+            .options(**ev_opts, **RESTARTABLE, **in_group(pg, where[i]))
             .remote(
                 scn.model,
                 scn.eval.rows_per_pass,
@@ -317,12 +427,13 @@ class Actors:
                 device=actor_device(rt.gpus),
                 dtype=rt.dtype,
             )
-            for _ in range(rt.evaluators)
+            for i in range(rt.evaluators)
         ]
         return cls(logger, editor, evaluators, shards)
 
     def handles(self) -> list:
-        return [self.logger, self.editor, *self.evaluators, *self.shards.shards]
+        """The run's own actors (the logger is the study's)."""
+        return [self.editor, *self.evaluators, *self.shards.shards]
 
     def roles(self) -> dict[str, str]:
         """``{actor id: role}``: how a dead actor is named in the line that stops the run."""

@@ -49,10 +49,9 @@ def stop_run(
     else:
         try:
             ray.get(logger.finish_run.remote(run_id, "failed"), timeout=60)
-            ray.get(logger.close.remote(), timeout=60)
         except Exception as e:  # the logger itself is gone
             log.warning(
-                "run %s: could not mark it failed and close its database through the logger actor (%s)",
+                "run %s: could not mark it failed through the logger actor (%s)",
                 run_id,
                 first_line(e),
             )

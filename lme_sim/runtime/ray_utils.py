@@ -72,19 +72,22 @@ def start_shards(
     dtype: str | None = None,
     timeout_s: float | None = None,
     shard_class: type = ModelShard,
+    more: list[dict] = (),
 ) -> ShardedBackbone:
     """One actor per contiguous layer range, placed with a placement group of one bundle each:
     ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
     ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its
-    layers from ``model_name`` itself, in ``dtype``, on its GPU. :class:`PlacementError` if the cluster cannot
-    hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`). ``shard_class``: what each
-    actor runs, called as ``ModelShard`` is (tests place a stand-in that loads nothing)."""
+    layers from ``model_name`` itself, in ``dtype``, on its GPU. ``more``: bundles after the shards' in the
+    same group (the run's other actors that reserve resources, :func:`run_bundles`). :class:`PlacementError`
+    if the cluster cannot hold the bundles within ``timeout_s`` (default: :data:`PLACEMENT_TIMEOUT_S`).
+    ``shard_class``: what each actor runs, called as ``ModelShard`` is (tests place a stand-in that loads
+    nothing)."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     bundle = shard_bundle(gpus)
-    pg = placement_group([bundle] * n_shards, strategy=strategy)
+    pg = placement_group([bundle] * n_shards + list(more), strategy=strategy)
     timeout_s = timeout_s or PLACEMENT_TIMEOUT_S["local" if _started["local"] else "cluster"]
     if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
         ray.util.remove_placement_group(pg)
@@ -92,7 +95,8 @@ def start_shards(
         offered = {n["NodeID"][:8]: n["Resources"].get(res, 0) for n in ray.nodes() if n["Alive"]}
         raise PlacementError(
             f"runtime.shards / runtime.placement: {n_shards} shards need {bundle[res]:g} {res} each, "
-            f"placed {strategy}{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}; "
+            f"placed {strategy}{' (each on its own node)' if strategy == 'STRICT_SPREAD' else ''}"
+            f"{f' beside {list(more)} for the editor and evaluators' if more else ''}; "
             f"after {timeout_s:.0f} s the "
             f"cluster offers {res} per node: {offered}"
             + (
@@ -138,6 +142,37 @@ def actor_device(gpus: float) -> str:
     """The device an actor is told to use: "cuda" where it asked for a GPU share (which GPU is Ray's
     choice; the actor resolves it), else "cpu"."""
     return "cuda" if gpus else "cpu"
+
+
+def run_bundles(n_shards: int, actors: list[dict]) -> tuple[list[dict], list[int | None]]:
+    """The bundles of a run's placement group after its ``n_shards`` shards' (``more`` of
+    :func:`start_shards`): one for each of ``actors`` (their actor options: the evaluators', the
+    editor's) that reserves CPUs or GPUs; and each actor's bundle index in the group (None: it reserves
+    nothing and sits on any of the group's bundles)."""
+    more, index = [], []
+    for opts in actors:
+        bundle = {r: float(opts[k]) for r, k in (("CPU", "num_cpus"), ("GPU", "num_gpus")) if opts.get(k)}
+        index.append(n_shards + len(more) if bundle else None)
+        more += [bundle] if bundle else []
+    return more, index
+
+
+def in_group(pg, index: int | None) -> dict:
+    """Actor options that put an actor in a run's placement group: in bundle ``index``, or on any of
+    its bundles (None)."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = -1 if index is None else index
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle)}
+
+
+def start_logger(db: str):
+    """The one logger actor of a database (every run of a study logs through it), on this node."""
+    import ray
+
+    from ..storage.logger import RunLogger
+
+    return ray.remote(RunLogger).options(num_cpus=0, **on_this_node()).remote(db)
 
 
 def placement_summary(backbone: ShardedBackbone) -> str:

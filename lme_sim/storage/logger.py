@@ -163,11 +163,12 @@ class RunLogger:
             raise ValueError(f"rows of table {table!r} need a run_id (start_run binds the logger to its run)")
         return stamped
 
-    def append(self, table: str, rows: list[dict]) -> None:
-        """Buffer rows for ``table`` (a run's rows get the logger's ``run_id`` where they have none);
-        missing columns become NULL. Flushes at ``flush_rows``."""
+    def append(self, table: str, rows: list[dict], run_id=None) -> None:
+        """Buffer rows for ``table`` (a run's rows get ``run_id`` where they have none, else the
+        logger's; a logger shared by the runs of a study is always given it); missing columns become
+        NULL. Flushes at ``flush_rows``."""
         self._check(table, rows)
-        rows = self._stamped(table, rows)
+        rows = self._stamped(table, rows, run_id)
         self._buffers[table].extend(rows)
         if len(self._buffers[table]) >= self.flush_rows:
             self._write({table: self._buffers[table]})
