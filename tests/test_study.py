@@ -52,7 +52,7 @@ def _final_metrics(db) -> dict:
 def _all_metrics(db) -> list[tuple]:
     _, rows = read_only_query(
         db,
-        "select r.method, m.eval_id, m.model_version, m.name, round(m.value, 4), m.n from metrics m "
+        "select r.method, m.eval_id, m.batch_id, m.name, round(m.value, 4), m.n from metrics m "
         "join runs r using (run_id) order by all",
     )
     return rows
