@@ -24,7 +24,7 @@ from lme_sim.storage.logger import RunLogger
 from lme_sim.storage.schema import SCHEMA_VERSION
 
 RUN_ID, OTHER_ID = "fuzz-0000abcd", "other-1234abcd"
-EXAMPLES = {"run_bad_db": 60, "resume": 60, "query_bad_db": 40, "query_any_sql": 80}
+EXAMPLES = {"run_bad_db": 60, "resume": 25, "query_bad_db": 40, "query_any_sql": 80}
 BAD_DB = ["not duckdb", "directory", "read-only", "newer schema"]
 QUOTED = [
     "x' or '1'='1",

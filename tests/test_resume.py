@@ -206,6 +206,9 @@ def _stops_cleanly(proc, db, role: str, status: str = "failed") -> tuple[str, in
     return run_id, last
 
 
+# slow (2 min: four runs of the CLI, each starting Ray): a killed driver (test_resume_after_kill_9), a killed
+# evaluator (below) and a killed logger's status (tests/test_cli.py) stay in make test
+@pytest.mark.slow
 def test_each_killed_actor_stops_the_run_and_resume_finishes_it(tmp_path, reference):
     """A shard, then the editor, then the logger die in turn, each in a resumed run;
     every death stops the run cleanly (the logger's leaves it "running": nobody is left to mark it;
