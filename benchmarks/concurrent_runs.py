@@ -3,8 +3,10 @@
 The study is one editor over two seeds (two runs of equal work) on the embedded world; both ways run
 through :func:`lme_sim.runtime.coordinator.run_study` on one local Ray, alternating (sequential first,
 then concurrent first, ...), each into a database of its own. Every actor has one torch thread (Ray
-sets OMP_NUM_THREADS=1 in its workers; this driver sets it too). Prints each repeat's wall time and the
-median ratio sequential / concurrent, and writes a JSON result (benchmarks/results/).
+sets OMP_NUM_THREADS=1 in its workers; this driver sets it too). Prints each repeat's wall time, how
+many cores were busy on average (the machine's busy CPU time over the wall time, from /proc/stat: it
+says how much room the sequential way left), and the median ratio sequential / concurrent, and writes
+a JSON result (benchmarks/results/).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/concurrent_runs.py [--model world:default]
         [--method alphaedit] [--n-edits 100] [--batch-size 10] [--shards 2] [--repeats 3]
@@ -50,16 +52,23 @@ def study(args, concurrent: int, db: Path) -> list[StudyRun]:
     return [StudyRun(scn.with_seed(s), run_id(scn.name, f"s{s}", hexa)) for s in scn.seeds]
 
 
-def timed(args, concurrent: int, folder: Path) -> float:
+def cpu_seconds() -> float:
+    """The machine's busy CPU seconds so far, all cores (/proc/stat: every field but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(args, concurrent: int, folder: Path) -> tuple[float, float]:
+    """(wall seconds, cores busy on average: the machine's busy CPU seconds / wall seconds)."""
     db = folder / f"{concurrent}-{time.time_ns()}.duckdb"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     outcome = run_study(
         study(args, concurrent, db), "benchmarks/concurrent_runs.py", console=Console(quiet=True)
     )
     seconds = time.perf_counter() - t0
     if failed := [e for e in outcome.values() if e is not None]:
         raise SystemExit(f"a run failed: {failed[0]}")
-    return seconds
+    return seconds, (cpu_seconds() - c0) / seconds
 
 
 def main() -> None:
@@ -81,10 +90,19 @@ def main() -> None:
         for k in range(args.repeats):
             order = (1, 2) if k % 2 == 0 else (2, 1)
             got = {c: timed(args, c, Path(tmp)) for c in order}
-            rows.append({"sequential_s": got[1], "concurrent_s": got[2], "ratio": got[1] / got[2]})
+            (seq, seq_busy), (con, con_busy) = got[1], got[2]
+            rows.append(
+                {
+                    "sequential_s": seq,
+                    "concurrent_s": con,
+                    "ratio": seq / con,
+                    "sequential_cores_busy": seq_busy,
+                    "concurrent_cores_busy": con_busy,
+                }
+            )
             print(
-                f"repeat {k}: sequential {got[1]:.1f} s, concurrent {got[2]:.1f} s, "
-                f"ratio {got[1] / got[2]:.2f}x",
+                f"repeat {k}: sequential {seq:.1f} s ({seq_busy:.2f} cores busy), concurrent {con:.1f} s "
+                f"({con_busy:.2f} cores busy), ratio {seq / con:.2f}x",
                 flush=True,
             )
     ratio = statistics.median(r["ratio"] for r in rows)

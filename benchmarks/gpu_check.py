@@ -126,7 +126,7 @@ class Check:
             self.model,
             self.tok,
             f"gpu-check:{self.args.shape}",
-            hp,
+            overrides=hp,
             progress=False,
             device=self.device,
         )

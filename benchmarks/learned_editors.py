@@ -110,7 +110,7 @@ def main() -> None:
             over = dict(extra.get(method) or {})
             if ckpt:  # the checkpoint's own candidate modules
                 over.update(checkpoint=ckpt, layers=load_checkpoint(ckpt, method)["layers"])
-            editor = make_editor(method, model, lm.tok, args.model, over, progress=False)
+            editor = make_editor(method, model, lm.tok, args.model, overrides=over, progress=False)
             t0 = time.perf_counter()
             touched, per_edit = [], []
             for i in tqdm(range(0, len(cases), args.batch), desc=f"{spec} on {text}", unit="batch"):

@@ -74,7 +74,7 @@ def mm_gflops(m: int, k: int, n: int, seconds: float = 2.0) -> float:
 def run_path(lm, cases, overrides: dict, reuse: bool, batch: int) -> dict:
     """Edit a fresh copy of the model with ``cases`` in batches; times, quality and the deltas."""
     model = copy.deepcopy(lm.model)
-    editor = make_editor("alphaedit", model, lm.tok, lm.name, overrides, progress=False)
+    editor = make_editor("alphaedit", model, lm.tok, lm.name, overrides=overrides, progress=False)
     editor.reuse = reuse
     phases: dict[str, float] = {}
     deltas, stats, batches = [], [], []

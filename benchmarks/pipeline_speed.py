@@ -70,7 +70,9 @@ def time_layout(ray, args, layout: str, n_layers: int, tok, world, cases, hparam
     try:
         assert ray.get([s.threads.remote() for s in shards]) == [1] * len(shards)
         backbone = ShardedBackbone(shards)
-        editor = make_editor("alphaedit", backbone, tok, args.model, hparams, world=world, progress=False)
+        editor = make_editor(
+            "alphaedit", backbone, tok, args.model, overrides=hparams, world=world, progress=False
+        )
         layers = list(editor.hp.layers)
 
         def edit(pipeline: bool):

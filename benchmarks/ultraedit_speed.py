@@ -96,7 +96,12 @@ def main() -> None:
     def record(where: str, model) -> None:
         for chunk in [int(x) for x in args.chunks.split(",")]:
             editor = make_editor(
-                "ultraedit", model, lm.tok, args.model, {**over, "rows_per_pass": chunk}, progress=False
+                "ultraedit",
+                model,
+                lm.tok,
+                args.model,
+                overrides={**over, "rows_per_pass": chunk},
+                progress=False,
             )
             seconds, timings = time_edits(editor, cases, args.repeats)
             row = {

@@ -67,7 +67,7 @@ def main() -> None:
         layers, lr = parse_setting(text)
         model = copy.deepcopy(lm.model)
         editor = make_editor(
-            "ultraedit", model, lm.tok, args.model, {"layers": layers, "lr": lr}, progress=False
+            "ultraedit", model, lm.tok, args.model, overrides={"layers": layers, "lr": lr}, progress=False
         )
         t0 = time.perf_counter()
         for i in range(0, len(cases), args.batch):

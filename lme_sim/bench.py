@@ -442,7 +442,7 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             batches = [cases[i : i + bs] for i in range(0, len(cases), bs)]
             with Measure(cfg.device) as setup:
                 editor = make_editor(
-                    method, model, lm.tok, cfg.model, overrides, world=lm.world, progress=False
+                    method, model, lm.tok, cfg.model, overrides=overrides, world=lm.world, progress=False
                 )
             phases = PhaseTimer()
             for batch in batches[: cfg.warmup]:

@@ -165,7 +165,7 @@ def test_each_editor_edits_each_architecture(tok_world, model_type, method):
     tok, world = tok_world
     model = tiny(model_type, tok)
     before = copy.deepcopy(model)
-    editor = make_editor(method, model, tok, WORLD, CHEAP[method], world=world, progress=False)
+    editor = make_editor(method, model, tok, WORLD, overrides=CHEAP[method], world=world, progress=False)
     result = editor.edit(world.edit_cases(4, seed=3))
     _check_deltas(before, model, result.deltas)
 
@@ -188,7 +188,7 @@ def test_suffix_path_deltas_equal_reference_passes(tok_world, model_type, method
     deltas = {}
     for reuse in (True, False):
         model = tiny(model_type, tok)
-        editor = make_editor(method, model, tok, WORLD, CHEAP[method], world=world, progress=False)
+        editor = make_editor(method, model, tok, WORLD, overrides=CHEAP[method], world=world, progress=False)
         editor.reuse = reuse
         deltas[reuse] = editor.edit(cases).deltas
     for name, ref in deltas[False].items():
@@ -227,7 +227,7 @@ def test_gemma3_image_text_folder_loads_as_its_text_model(tok_world, tmp_path):
         assert torch.allclose(lm.model(**enc).logits, wrapper(**enc).logits, atol=1e-5)
     before = copy.deepcopy(lm.model)
     editor = make_editor(
-        "alphaedit", lm.model, lm.tok, WORLD, CHEAP["alphaedit"], world=world, progress=False
+        "alphaedit", lm.model, lm.tok, WORLD, overrides=CHEAP["alphaedit"], world=world, progress=False
     )
     _check_deltas(before, lm.model, editor.edit(world.edit_cases(4, seed=3)).deltas)
 
@@ -256,8 +256,10 @@ def _shards_against_in_process(tok, world, folder: str, backbone, method: str) -
     local = load_model(folder, progress=False).model
     cases = world.edit_cases(6, seed=5)
     over = CHEAP[method]
-    remote = make_editor(method, backbone, tok, WORLD, over, world=world, progress=False).edit(cases)
-    here = make_editor(method, local, tok, WORLD, over, world=world, progress=False).edit(cases)
+    remote = make_editor(method, backbone, tok, WORLD, overrides=over, world=world, progress=False).edit(
+        cases
+    )
+    here = make_editor(method, local, tok, WORLD, overrides=over, world=world, progress=False).edit(cases)
     assert set(remote.deltas) == set(here.deltas)
     for name, d in here.deltas.items():
         assert d.abs().sum() > 0 and torch.allclose(d, remote.deltas[name], atol=1e-4), name
@@ -358,8 +360,8 @@ def test_ultraedit_edits_gate_and_up_proj_on_shards_like_in_process(tok_world, t
         assert here.grads[l].abs().sum() > 0 and torch.allclose(here.grads[l], there.grads[l], atol=1e-7)
     before = copy.deepcopy(local)
     over = {"layers": [1, 2], "module": module}
-    remote = make_editor("ultraedit", backbone, tok, folder, over, progress=False).edit(cases)
-    result = make_editor("ultraedit", local, tok, folder, over, progress=False).edit(cases)
+    remote = make_editor("ultraedit", backbone, tok, folder, overrides=over, progress=False).edit(cases)
+    result = make_editor("ultraedit", local, tok, folder, overrides=over, progress=False).edit(cases)
     assert sorted(result.deltas) == [f"model.layers.{l}.mlp.{module}.weight" for l in (1, 2)]
     _check_deltas(before, local, result.deltas)
     for name, d in result.deltas.items():
@@ -378,7 +380,9 @@ def test_a_module_the_architecture_lacks_is_one_clear_error(tok_world):
         msg = "editor.hparams.module: module 'gate_proj': not an editable matrix of this architecture"
         msg += f" (it has: {has})"
         with pytest.raises(HParamsError) as err:
-            make_editor("ultraedit", tiny(model_type, tok), tok, WORLD, {"module": "gate_proj"}, world=world)
+            make_editor(
+                "ultraedit", tiny(model_type, tok), tok, WORLD, overrides={"module": "gate_proj"}, world=world
+            )
         assert str(err.value) == msg
     with pytest.raises(HParamsError, match="module"):
         load_hparams("ultraedit", WORLD, {"module": "o_proj"})

@@ -15,7 +15,7 @@ MODEL = "world:small"
 
 
 def sequential(method, model, tok, world, cases, batch=10, **overrides):
-    editor = make_editor(method, model, tok, MODEL, overrides, world=world, progress=False)
+    editor = make_editor(method, model, tok, MODEL, overrides=overrides, world=world, progress=False)
     results = [editor.edit(cases[i : i + batch]) for i in range(0, len(cases), batch)]
     return editor, results, summarize(case_metrics(model, tok, cases))
 

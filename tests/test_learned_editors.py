@@ -209,7 +209,13 @@ def held_out_runs(small_world, trained):
             stream = world.edit_cases(100, seed=seed, split="eval")
             m = copy.deepcopy(model)
             editor = make_editor(
-                method, m, tok, MODEL, {**TRAIN, "checkpoint": str(path)}, world=world, progress=False
+                method,
+                m,
+                tok,
+                MODEL,
+                overrides={**TRAIN, "checkpoint": str(path)},
+                world=world,
+                progress=False,
             )
             results = [editor.edit(stream[i : i + 10]) for i in range(0, 100, 10)]
             runs[method, seed] = (stream, results, summarize(case_metrics(m, tok, stream)))
@@ -278,7 +284,7 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained_few, tmp
             other.model,
             other.tok,
             "world:default",
-            {"checkpoint": str(path)},
+            overrides={"checkpoint": str(path)},
             world=other.world,
             progress=False,
         )
@@ -337,7 +343,7 @@ def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
     facts = world.split_facts("eval")[:6]
     cases = [world.case(f, next(o for o in world.objects[f.relation] if o != f.obj)) for f in facts]
     edited = copy.deepcopy(model)
-    editor = make_editor("hiedit", edited, tok, MODEL, {"checkpoint": str(path)}, progress=False)
+    editor = make_editor("hiedit", edited, tok, MODEL, overrides={"checkpoint": str(path)}, progress=False)
     batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
     signals = keys_and_grads(edited, batch, hp.layers)
     net, router = build_networks(ckpt)

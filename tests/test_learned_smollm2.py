@@ -72,7 +72,12 @@ def test_a_checkpoint_edits_smollm2(smollm2, checkpoints, method):
     cases = _edit_cases(10)
     model = copy.deepcopy(smollm2.model)
     editor = make_editor(
-        method, model, smollm2.tok, "smollm2-135m", {"checkpoint": str(checkpoints[method])}, progress=False
+        method,
+        model,
+        smollm2.tok,
+        "smollm2-135m",
+        overrides={"checkpoint": str(checkpoints[method])},
+        progress=False,
     )
     batch = encode_pairs(smollm2.tok, [c.prompt for c in cases], [c.target_new for c in cases])
     with torch.no_grad():
@@ -115,7 +120,7 @@ def test_a_checkpoint_for_another_model_is_refused(smollm2, small_world, tmp_pat
             copy.deepcopy(smollm2.model),
             smollm2.tok,
             "smollm2-135m",
-            {"checkpoint": str(path), "layers": [0, 1]},
+            overrides={"checkpoint": str(path), "layers": [0, 1]},
             progress=False,
         )
 

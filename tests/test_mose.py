@@ -126,7 +126,7 @@ def test_mose_same_on_1_and_2_shards_and_state_round_trips(small_world):
     runs = {}
     for n in (1, 2):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
-        editor = make_editor("mose", bb, tok, MODEL, {"num_steps": 10}, world=world, progress=False)
+        editor = make_editor("mose", bb, tok, MODEL, overrides={"num_steps": 10}, world=world, progress=False)
         runs[n] = ([editor.edit(cases[i : i + 10]).deltas for i in (0, 10)], editor)
     (d1, _), (d2, e2) = runs[1], runs[2]
     for b1, b2 in zip(d1, d2):
@@ -156,7 +156,12 @@ def test_micro_batch_is_the_published_schedule(small_world):
     out = {}
     for micro in (None, 4, 1):
         editor = make_editor(
-            "mose", copy.deepcopy(model), tok, MODEL, {"num_steps": 3, "micro_batch": micro}, world=world
+            "mose",
+            copy.deepcopy(model),
+            tok,
+            MODEL,
+            overrides={"num_steps": 3, "micro_batch": micro},
+            world=world,
         )
         r = editor.edit(cases)
         out[micro] = (r.deltas, r.stats["steps"])

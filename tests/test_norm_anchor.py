@@ -34,7 +34,7 @@ def test_the_solved_values_norms_equal_the_reference(method, fresh_small_world, 
     model, tok, world = fresh_small_world
     cases = world.edit_cases(10, seed=3)
     hp = {"norm_anchor": {"n_samples": 24}}
-    editor = make_editor(method, model, tok, "world:small", hp, world=world, progress=False)
+    editor = make_editor(method, model, tok, "world:small", overrides=hp, world=world, progress=False)
     ref = editor.anchor_norm
     assert ref > 0 and len(list((tmp_path / "norm_anchor").glob("*.json"))) == 1
     layer = editor.hp.layers[-1]
@@ -49,5 +49,7 @@ def test_the_solved_values_norms_equal_the_reference(method, fresh_small_world, 
     assert not torch.allclose((v0 + plain.delta).norm(dim=1), torch.full((10,), ref), rtol=1e-2)
     editor.edit(cases)
     assert summarize(case_metrics(model, tok, cases))["efficacy"] >= 0.8
-    again = make_editor(method, model, tok, "world:small", hp, world=world, progress=False)  # edited model
+    again = make_editor(
+        method, model, tok, "world:small", overrides=hp, world=world, progress=False
+    )  # edited model
     assert again.anchor_norm == ref  # the cached reference of the unedited model

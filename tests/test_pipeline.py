@@ -54,7 +54,7 @@ def test_pipelined_deltas_equal_todays_path(two_shards, small_world, method, reu
     _, tok, world = small_world
     backbone = two_shards
     assert backbone.pipeline_depth() == 2 and backbone.pipeline_depth(range(3, 4)) == 1
-    editor = make_editor(method, backbone, tok, "world:small", hparams, world=world, progress=False)
+    editor = make_editor(method, backbone, tok, "world:small", overrides=hparams, world=world, progress=False)
     editor.reuse = reuse
     cases = world.edit_cases(10, seed=3)
     results, overlapped = {}, []

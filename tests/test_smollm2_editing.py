@@ -39,7 +39,7 @@ def test_alphaedit_smollm2_counterfact_100():
         lm.model,
         lm.tok,
         "smollm2-135m",
-        {"stats": {"kind": "file", "path": str(counterfact_train_corpus()), "n_samples": 6000}},
+        overrides={"stats": {"kind": "file", "path": str(counterfact_train_corpus()), "n_samples": 6000}},
     )
     t_init = time.time() - t0
     timings = []

@@ -132,7 +132,9 @@ def test_editor_reuse_equals_reference_path(small_world, method):
     runs = {}
     for reuse in (True, False):
         m = copy.deepcopy(model)
-        editor = make_editor(method, m, tok, "world:small", {"v_loss_stop": 0.5}, world=world, progress=False)
+        editor = make_editor(
+            method, m, tok, "world:small", overrides={"v_loss_stop": 0.5}, world=world, progress=False
+        )
         editor.reuse = reuse
         deltas = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
         runs[reuse] = (deltas, summarize(case_metrics(m, tok, cases)), editor.state_dict())

@@ -108,7 +108,9 @@ def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
     model = copy.deepcopy(model)
     cases = world.edit_cases(20, seed=2)
     before = _assert_same(model, engine, tok, cases)
-    editor = make_editor("memit", model, tok, "world:small", {"layers": [0, 1]}, world=world, progress=False)
+    editor = make_editor(
+        "memit", model, tok, "world:small", overrides={"layers": [0, 1]}, world=world, progress=False
+    )
     for i in (0, 10):
         result = editor.edit(cases[i : i + 10])
         version = engine.apply_deltas(result.deltas)  # only the changed tensors travel
@@ -231,7 +233,11 @@ def test_generative_probes_give_the_same_strings_on_smollm2():
     before = greedy_generate(LocalBackbone(lm.model), lm.tok, prompts, n)
     assert greedy_generate(engine, lm.tok, prompts, n) == before
     editor = make_editor(
-        "ft", lm.model, lm.tok, "smollm2-135m", {"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15}
+        "ft",
+        lm.model,
+        lm.tok,
+        "smollm2-135m",
+        overrides={"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15},
     )
     engine.apply_deltas(editor.edit(cases[:4]).deltas)
     after = greedy_generate(LocalBackbone(lm.model), lm.tok, prompts, n)

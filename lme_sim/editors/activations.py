@@ -81,6 +81,7 @@ def compute_keys(
     cases: list[EditCase],
     layers: list[int],
     contexts: list[str],
+    *,
     batch_size: int = 64,
     early_stop: bool = True,
 ) -> dict[int, torch.Tensor]:

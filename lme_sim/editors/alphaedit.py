@@ -65,7 +65,7 @@ class AlphaEdit(MEMIT):
                 cases,
                 self.hp.layers,
                 self.contexts,
-                self.hp.rows_per_pass,
+                batch_size=self.hp.rows_per_pass,
                 early_stop=self.reuse,
             )
         self._pending = {l: (K.T.double() @ K.double()).to(self.device) for l, K in keys.items()}

@@ -122,6 +122,7 @@ def make_editor(
     model,
     tok,
     model_name: str,
+    *,
     overrides: dict | None = None,
     world=None,
     progress: bool = True,

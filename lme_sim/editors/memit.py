@@ -90,7 +90,13 @@ class MEMIT(Editor):
         for i, layer in enumerate(hp.layers):
             with timer("keys"):
                 K = keys[layer] = compute_keys(
-                    model, tok, cases, [layer], self.contexts, hp.rows_per_pass, early_stop=self.reuse
+                    model,
+                    tok,
+                    cases,
+                    [layer],
+                    self.contexts,
+                    batch_size=hp.rows_per_pass,
+                    early_stop=self.reuse,
                 )[layer]
                 cur = activations_at(
                     model,

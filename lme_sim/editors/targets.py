@@ -66,6 +66,7 @@ def compute_targets(
     layer: int,
     contexts: list[str],
     hp: TargetHParams,
+    *,
     batched: bool = True,
     reuse: bool = True,
 ) -> Targets:

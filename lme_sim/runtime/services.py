@@ -83,7 +83,7 @@ class EditorService:
             self.local or self.backbone,
             self.tok,
             model_name,
-            hparams,
+            overrides=hparams,
             world=self.world,
             progress=False,
             device=device,
