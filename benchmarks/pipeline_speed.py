@@ -47,14 +47,13 @@ class OneThreadShard(ModelShard):
 
 
 def layout_ranges(layout: str, n_layers: int) -> list[range]:
-    """``"2"``: the runtime's near-equal cut; ``"2:19"``: blocks 0-18 and 19-.."""
+    """``"2"``: the runtime's near-equal cut; ``"2:19"``: blocks 0-18 and 19-.. (``runtime: {shards: 2,
+    cuts: [19]}``)."""
     n, *cuts = (int(x) for x in layout.split(":"))
-    if not cuts:
-        return split_layers(n_layers, n)
-    bounds = [0, *cuts, n_layers]
-    if len(bounds) != n + 1 or bounds != sorted(set(bounds)):
-        raise SystemExit(f"--layouts: {layout!r} needs {n - 1} increasing cuts inside 1..{n_layers - 1}")
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    try:
+        return split_layers(n_layers, n, cuts or None)
+    except ValueError as e:
+        raise SystemExit(f"--layouts: {layout!r}: {e}") from None
 
 
 def relative(a: dict, b: dict) -> float:

@@ -122,9 +122,10 @@ def main() -> None:
     record("in process", lm.model)
     if args.shards:
         from lme_sim.runtime.ray_utils import init_ray, release, start_shards
+        from lme_sim.sizing import split_layers
 
         init_ray()
-        backbone = start_shards(args.model, n_shards=args.shards, n_layers=lm.model.config.num_hidden_layers)
+        backbone = start_shards(args.model, split_layers(lm.model.config.num_hidden_layers, args.shards))
         try:
             record(f"{args.shards} shard actors", backbone)
         finally:

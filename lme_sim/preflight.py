@@ -36,6 +36,11 @@ def check(scn: Scenario, path: str | Path, methods: list[str] | None = None) -> 
             f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
             f"{n_layers} layers (at most one shard per layer)"
         )
+    if (cuts := scn.runtime.cuts) and cuts[-1] >= n_layers:
+        raise ScenarioError(
+            f"{path}: field 'runtime.cuts': {cuts} for a model with {n_layers} layers "
+            f"(each cut is a block from 1 to {n_layers - 1})"
+        )
     if scn.data.path is not None and scn.data.kind != "world":
         _check_data_path(path, scn.data.path)
     if scn.eval.general_ability.path:

@@ -90,6 +90,9 @@ class EditorResources(Strict):
 
 class RuntimeSpec(Strict):
     shards: int = Field(1, gt=0)  # contiguous layer ranges, one Ray actor each
+    # where the shards' ranges begin (shards - 1 blocks: [21] on 30 blocks is 0-20 | 21-29), to even out
+    # work that runs mostly in later blocks (docs/performance.md, "Pipelined shards"); None: near-equal
+    cuts: list[Annotated[int, Field(gt=0)]] | None = None
     evaluators: int = Field(1, gt=0)
     # GPUs per shard and per evaluator: true (one each), a share such as 0.3 (several on one GPU), or
     # false (CPU; shards ask for an emulated resource instead)
@@ -237,6 +240,12 @@ def load_scenario(path: str | Path) -> Scenario:
         )
     if scn.seeds is not None and len(set(scn.seeds)) < len(scn.seeds):
         raise ScenarioError(f"{path}: field 'seeds': {scn.seeds} repeats a seed (one run per seed)")
+    rt = scn.runtime
+    if rt.cuts is not None and (len(rt.cuts) != rt.shards - 1 or rt.cuts != sorted(set(rt.cuts))):
+        raise ScenarioError(
+            f"{path}: field 'runtime.cuts': {rt.cuts} for {rt.shards} shard(s): give {rt.shards - 1} "
+            "increasing block numbers (where shards 2, 3, ... begin)"
+        )
     return scn
 
 

@@ -45,11 +45,21 @@ def meta_model(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def split_layers(n: int, n_shards: int) -> list[range]:
-    """Contiguous, near-equal layer ranges: the runtime's shards (:mod:`lme_sim.runtime.shards`)."""
+def split_layers(n: int, n_shards: int, cuts: list[int] | None = None) -> list[range]:
+    """Contiguous layer ranges, one per shard (:mod:`lme_sim.runtime.shards`): near-equal, or with
+    ``cuts`` the blocks where shards 2, 3, ... begin (``runtime.cuts``; ``[21]`` on 30 blocks: 0-20 |
+    21-29, to even out work that runs mostly in the later blocks)."""
     if not 1 <= n_shards <= n:
         raise ValueError(f"cannot cut {n} layers into {n_shards} shards (need 1 <= shards <= layers)")
-    bounds = [round(i * n / n_shards) for i in range(n_shards + 1)]
+    if cuts is None:
+        bounds = [round(i * n / n_shards) for i in range(n_shards + 1)]
+    else:
+        bounds = [0, *cuts, n]
+        if len(cuts) != n_shards - 1 or any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(
+                f"cuts {list(cuts)}: {n_shards} shards need {n_shards - 1} increasing cut(s) between "
+                f"1 and {n - 1} (the first block of shards 2, 3, ...)"
+            )
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 

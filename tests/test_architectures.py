@@ -291,10 +291,11 @@ def test_two_shard_actors_edit_like_the_in_process_model(
     """The same through two Ray actors (start_shards): Gemma 2 by default (each pair of actors takes
     tens of seconds to start on 2 busy cores), every other pair under -m slow."""
     from lme_sim.runtime.ray_utils import release, start_shards
+    from lme_sim.sizing import split_layers
 
     tok, world = tok_world
     folder = _folder(tok, tmp_path, model_type)
-    backbone = start_shards(folder, n_shards=2, n_layers=4)
+    backbone = start_shards(folder, split_layers(4, 2))
     try:
         _shards_against_in_process(tok, world, folder, backbone, method)
     finally:

@@ -21,12 +21,13 @@ data: {{kind: world, n_edits: 20, seed: 4}}
 editor: {{method: alphaedit}}
 stream: {{batch_size: 10}}
 eval: {{every: 1, fluency_prompts: 4}}
-runtime: {{shards: 2}}
+runtime: {{shards: 2, cuts: [3]}}
 db: {db}
 """,
     )
     r = CliRunner().invoke(main, ["run", scn])
     assert r.exit_code == 0, r.output
+    assert "layers 0-2 on node" in r.output and "layers 3-3 on node" in r.output, r.output  # runtime.cuts
     assert "retention" in r.output and str(db) in r.output
     # no terminal, no bar: a line per evaluation says how far the run is
     assert ": 10 edits committed" in r.output and ": 20 edits committed" in r.output, r.output

@@ -12,6 +12,7 @@ import torch
 from lme_sim.editors import make_editor
 from lme_sim.runtime.ray_utils import release, start_shards
 from lme_sim.runtime.shards import call
+from lme_sim.sizing import split_layers
 from lme_sim.storage.logger import read_only_query
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -20,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_shards_on_one_gpu_edit_like_the_cpu(ray_session, fresh_small_world):
     model, tok, world = fresh_small_world
     cases = world.edit_cases(10, seed=2)
-    backbone = start_shards("world:small", n_shards=2, n_layers=4, gpus=0.3)
+    backbone = start_shards("world:small", split_layers(4, 2), gpus=0.3)
     try:
         infos = [call(s, "info") for s in backbone.shards]
         assert [i["device"] for i in infos] == ["cuda:0", "cuda:0"], infos

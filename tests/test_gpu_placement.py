@@ -60,6 +60,7 @@ import json, os, sys
 import ray
 from lme_sim.runtime.devices import placed_device
 from lme_sim.runtime.ray_utils import RAY_ENV, actor_device, editor_options, release, start_shards
+from lme_sim.sizing import split_layers
 from lme_sim.runtime.shards import call
 
 os.environ.update(RAY_ENV)
@@ -86,7 +87,7 @@ class Where:
                 "resources": sorted(ctx.worker.core_worker.resource_ids())}
 
 
-backbone = start_shards("world:small", n_shards=3, n_layers=4, gpus=1, shard_class=Where, timeout_s=60)
+backbone = start_shards("world:small", split_layers(4, 3), gpus=1, shard_class=Where, timeout_s=60)
 editor = ray.remote(Where).options(**editor_options(0, 1)).remote("world:small", range(0, 4), actor_device(1))
 print(json.dumps({"shards": [call(s, "info") for s in backbone.shards], "editor": call(editor, "info"),
                   "pg": backbone.placement_group.id.hex()}))

@@ -9,6 +9,7 @@ from lme_sim.backbone import chunk_size
 from lme_sim.editors import make_editor
 from lme_sim.runtime.ray_utils import release, start_shards
 from lme_sim.runtime.shards import ShardedBackbone
+from lme_sim.sizing import split_layers
 
 
 def test_chunk_size_evens_out_the_chunks_for_the_pipeline():
@@ -25,7 +26,7 @@ def test_chunk_size_evens_out_the_chunks_for_the_pipeline():
 
 @pytest.fixture(scope="module")
 def two_shards(ray_session):
-    backbone = start_shards("world:small", n_shards=2, n_layers=4)
+    backbone = start_shards("world:small", split_layers(4, 2))
     yield backbone
     release(backbone.shards, backbone.placement_group)
 

@@ -13,6 +13,7 @@ from lme_sim.runtime.ray_utils import (
     start_shards,
     worker_env,
 )
+from lme_sim.sizing import split_layers
 
 
 def test_unplaceable_shards_fail_naming_the_fields(ray_session):
@@ -27,7 +28,7 @@ def test_unplaceable_shards_fail_naming_the_fields(ray_session):
         match=r"runtime.shards / runtime.placement: 2 shards need 1 lme_shard_slot "
         r"each, placed STRICT_SPREAD \(each on its own node\); after 3 s .*: \{'",
     ):
-        start_shards("world:small", n_shards=2, n_layers=4, strategy="STRICT_SPREAD", timeout_s=3)
+        start_shards("world:small", split_layers(4, 2), strategy="STRICT_SPREAD", timeout_s=3)
     assert reserved() == before  # the failed group was removed: nothing left reserved
 
 

@@ -4,12 +4,13 @@ import torch
 
 from lme_sim.editors import make_editor
 from lme_sim.runtime.ray_utils import start_shards
+from lme_sim.sizing import split_layers
 
 
 def test_ray_shard_actors_edit_like_the_local_model(ray_session, fresh_small_world):
     model, tok, world = fresh_small_world
     cases = world.edit_cases(10, seed=2)
-    backbone = start_shards("world:small", n_shards=3, n_layers=4)
+    backbone = start_shards("world:small", split_layers(4, 3))
     assert [r.stop - r.start for r in backbone.ranges] == [1, 2, 1]
     remote = make_editor("alphaedit", backbone, tok, "world:small", world=world, progress=False).edit(cases)
     local = make_editor("alphaedit", model, tok, "world:small", world=world, progress=False).edit(cases)

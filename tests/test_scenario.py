@@ -28,6 +28,10 @@ CASES = {
     ),
     "data without path": ("name: x\nmodel: smollm2-135m\ndata: {kind: zsre}\n", "data.path"),
     "impossible shards": (GOOD + "runtime: {shards: 9}\n", "runtime.shards"),
+    "cuts for other shards": (GOOD + "runtime: {shards: 2, cuts: [1, 2]}\n", "runtime.cuts"),
+    "cuts not increasing": (GOOD + "runtime: {shards: 3, cuts: [2, 2]}\n", "runtime.cuts"),
+    "cut past the last block": (GOOD + "runtime: {shards: 2, cuts: [4]}\n", "runtime.cuts"),  # 4 blocks
+    "cut at block 0": (GOOD + "runtime: {shards: 2, cuts: [0]}\n", "runtime.cuts"),
     "zero batch": (GOOD + "stream: {batch_size: 0}\n", "stream.batch_size"),
     "bad timeline": (GOOD + "stream: {timeline: {pattern: poisson, rate: -1}}\n", "stream.timeline"),
     "bad duration": (GOOD + "stream: {timeline: {pattern: fixed, interval: soon}}\n", "stream.timeline"),

@@ -17,6 +17,11 @@ def test_split_layers():
     assert split_layers(30, 4)[-1].stop == 30
     with pytest.raises(ValueError, match="cannot cut 4 layers into 5 shards"):
         split_layers(4, 5)
+    assert split_layers(30, 2, [21]) == [range(0, 21), range(21, 30)]  # runtime.cuts
+    assert split_layers(4, 3, [1, 3]) == [range(0, 1), range(1, 3), range(3, 4)]
+    for bad in ([2, 3], [], [0], [4], [3, 2]):
+        with pytest.raises(ValueError, match="increasing cut"):
+            split_layers(4, 2 if len(bad) != 2 else 3, bad)
 
 
 def _sharded(model, n):

@@ -36,9 +36,10 @@ def test_ultraedit_smollm2_ray_shards_match_in_process(ray_session):
         pytest.skip(str(e))
     from lme_sim.models import load_model
     from lme_sim.runtime.ray_utils import release, start_shards
+    from lme_sim.sizing import split_layers
 
     lm = load_model("smollm2-135m", progress=False)  # converts the GGUF into the cache the actors read
-    backbone = start_shards("smollm2-135m", n_shards=2, n_layers=30)
+    backbone = start_shards("smollm2-135m", split_layers(30, 2))
     try:
         assert [(r.start, r.stop) for r in backbone.ranges] == [(0, 15), (15, 30)]
         remote = make_editor("ultraedit", backbone, lm.tok, "smollm2-135m", progress=False).edit(cases)

@@ -158,6 +158,7 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
     from lme_sim.data import load_counterfact
     from lme_sim.runtime.ray_utils import init_ray, start_shards
     from lme_sim.runtime.services import Edited, EditorService, EvalRequest, Evaluator, RetentionItem
+    from lme_sim.sizing import split_layers
 
     from .conftest import shared_file
 
@@ -165,7 +166,7 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache: the engine's RAM stays small
     ray = init_ray(object_store_mb=256)
     try:
-        shards = start_shards("smollm2-135m", 2, 30)
+        shards = start_shards("smollm2-135m", split_layers(30, 2))
         editor = (
             ray.remote(EditorService)
             .options(num_cpus=0)

@@ -65,7 +65,7 @@ from .ray_utils import (
     start_shards,
 )
 from .services import Edited, EditorService, Evaluator
-from .shards import ShardedBackbone
+from .shards import ShardedBackbone, split_layers
 from .study import StudyRun, concurrent_runs, new_study_hex, run_demand, run_id
 
 log = logging.getLogger(__name__)
@@ -398,7 +398,12 @@ class Actors:
         in_run = [ev_opts] * rt.evaluators + ([] if rt.editor.gpus else [ed_opts])
         more, where = run_bundles(rt.shards, in_run)
         shards = start_shards(
-            scn.model, rt.shards, model_n_layers(scn.model), rt.gpus, rt.placement, rt.dtype, more=more
+            scn.model,
+            split_layers(model_n_layers(scn.model), rt.shards, rt.cuts),
+            gpus=rt.gpus,
+            strategy=rt.placement,
+            dtype=rt.dtype,
+            more=more,
         )
         pg = shards.placement_group
         console.print(f"placement {rt.placement}: {placement_summary(shards)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from .shards import ModelShard, ShardedBackbone, split_layers
+from .shards import ModelShard, ShardedBackbone
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 SHARD_RESOURCE = "lme_shard_slot"  # what a shard asks for where there is no GPU
@@ -65,8 +65,8 @@ def worker_env() -> dict[str, str]:
 
 def start_shards(
     model_name: str,
-    n_shards: int,
-    n_layers: int,
+    ranges: list[range],
+    *,
     gpus: float = 0,
     strategy: str = "PACK",
     dtype: str | None = None,
@@ -74,7 +74,8 @@ def start_shards(
     shard_class: type = ModelShard,
     more: list[dict] = (),
 ) -> ShardedBackbone:
-    """One actor per contiguous layer range, placed with a placement group of one bundle each:
+    """One actor per contiguous layer range of ``ranges`` (:func:`~lme_sim.sizing.split_layers`), placed
+    with a placement group of one bundle each:
     ``gpus`` of a GPU (1: a whole one) where ``gpus`` > 0, else an emulated shard slot.
     ``strategy``: PACK, SPREAD, STRICT_PACK or STRICT_SPREAD (one shard per node). Each shard loads its
     layers from ``model_name`` itself, in ``dtype``, on its GPU. ``more``: bundles after the shards' in the
@@ -86,7 +87,7 @@ def start_shards(
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    bundle = shard_bundle(gpus)
+    bundle, n_shards = shard_bundle(gpus), len(ranges)
     pg = placement_group([bundle] * n_shards + list(more), strategy=strategy)
     timeout_s = timeout_s or PLACEMENT_TIMEOUT_S["local" if _started["local"] else "cluster"]
     if not ray.wait([pg.ready()], timeout=timeout_s)[0]:
@@ -111,7 +112,7 @@ def start_shards(
             **shard_options(gpus),
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         ).remote(model_name, r, actor_device(gpus), dtype)
-        for i, r in enumerate(split_layers(n_layers, n_shards))
+        for i, r in enumerate(ranges)
     ]
     backbone = ShardedBackbone(handles)
     backbone.placement_group = pg
