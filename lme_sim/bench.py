@@ -807,6 +807,7 @@ def runtime_plan(cfg: BenchConfig, *, method: str, hparams: dict, dtype: str, sh
 
     hp = load_hparams(method, cfg.model, hparams)
     config = AutoConfig.from_pretrained(model_path(cfg.model)).get_text_config()
+    stored = str(getattr(config, "dtype", None)).removeprefix("torch.")  # the checkpoint's tensors
     return memory_plan(
         config,
         shards=shards,
@@ -814,6 +815,7 @@ def runtime_plan(cfg: BenchConfig, *, method: str, hparams: dict, dtype: str, sh
         method=method,
         layers=list(hp.layers),
         module=getattr(hp, "module", DEFAULT_MODULE),
+        stored_dtype=stored if stored in ("float32", "bfloat16", "float16") else None,
     )
 
 

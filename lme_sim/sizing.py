@@ -72,12 +72,17 @@ def memory_plan(
     layers: list[int],
     module: str = DEFAULT_MODULE,
     evaluators: int = 1,
+    stored_dtype: str | None = None,
 ) -> dict:
     """Computed MB per actor (``"shard i"``, ``"evaluator i"``, ``"editor"``) and per batch's deltas,
     for ``method`` editing ``module`` at ``layers`` of ``config``'s model on ``shards`` shards with
-    weights in ``dtype`` (e.g. "float32", "bfloat16")."""
+    weights in ``dtype`` (e.g. "float32", "bfloat16"). ``stored_dtype``: the dtype of the checkpoint's
+    tensors (None: ``dtype``); loading converts them, so while loading an actor holds the model in both
+    (measured at 1B: a float32 folder loaded in bfloat16 peaked at 7.4 GiB per actor, docs/performance.md)."""
     model = meta_model(config)
-    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    size = _bytes(dtype)
+    stored = _bytes(stored_dtype) if stored_dtype is not None else size
+    load_size = size + (stored if stored != size else 0)
     blocks = [sum(p.numel() for p in b.parameters()) for b in layers_of(model)]
     n_params = sum(p.numel() for p in model.parameters())  # tied weights once
     outside = n_params - sum(blocks)
@@ -97,15 +102,20 @@ def memory_plan(
         weights = (sum(blocks[l] for l in r) + outside) * size
         copies = sum(1 for l in layers if l in r) * shard_copy
         plan[f"shard {i}"] = _actor(
-            load=n_params * size, weights=weights, copies=copies, layers=(r.start, r.stop - 1)
+            load=n_params * load_size, weights=weights, copies=copies, layers=(r.start, r.stop - 1)
         )
     for i in range(evaluators):
         plan[f"evaluator {i}"] = _actor(
-            load=n_params * size, weights=n_params * size, copies=len(layers) * evaluator_copy
+            load=n_params * load_size, weights=n_params * size, copies=len(layers) * evaluator_copy
         )
     state = EDITOR_STATE_MATRICES.get(method, 0) * len(layers) * shape[1] ** 2 * 8
     plan["editor"] = _actor(load=0, weights=0, copies=state)
     return plan
+
+
+def _bytes(dtype: str) -> int:
+    """Bytes per element of ``dtype`` ("float32", "bfloat16", ...)."""
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
 
 
 def _actor(*, load: int, weights: int, copies: int, layers: tuple[int, int] | None = None) -> dict:

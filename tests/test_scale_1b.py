@@ -80,6 +80,12 @@ def test_the_1b_shape_and_its_plan():
     assert bf16["shard 1"]["copies_mb"] * 2**20 == 2 * matrix * (4 + 2 + 4)  # + the float32 master
     assert bf16["evaluator 0"]["copies_mb"] * 2**20 == 2 * matrix * (4 + 4)  # deltas' sum + master
     assert fp32["shard 0"]["load_mb"] == 2 * bf16["shard 0"]["load_mb"]  # each shard loads it all
+    # a float32 checkpoint loaded in bfloat16: the float32 tensors and their bfloat16 copies
+    converted = memory_plan(
+        config, shards=2, dtype="bfloat16", method="ultraedit", layers=[13, 14], stored_dtype="float32"
+    )
+    assert converted["shard 0"]["load_mb"] == 3 * bf16["shard 0"]["load_mb"]
+    assert converted["evaluator 0"]["weights_mb"] == bf16["evaluator 0"]["weights_mb"]
     assert fp32["editor"]["resident_mb"] == 0  # UltraEdit's normalizers are not counted
 
 
