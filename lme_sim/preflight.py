@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .scenario import Scenario, ScenarioError, load_scenario
+from .sizing import split_layers
 
 
 def load_checked(path: str | Path, methods: list[str] | None = None) -> Scenario:
@@ -36,11 +37,11 @@ def check(scn: Scenario, path: str | Path, methods: list[str] | None = None) -> 
             f"{path}: field 'runtime.shards': {scn.runtime.shards} shards for a model with "
             f"{n_layers} layers (at most one shard per layer)"
         )
-    if (cuts := scn.runtime.cuts) and cuts[-1] >= n_layers:
-        raise ScenarioError(
-            f"{path}: field 'runtime.cuts': {cuts} for a model with {n_layers} layers "
-            f"(each cut is a block from 1 to {n_layers - 1})"
-        )
+    if scn.runtime.cuts is not None:
+        try:  # the shards' ranges are cut in one place: the rule and its message are split_layers'
+            split_layers(n_layers, scn.runtime.shards, scn.runtime.cuts)
+        except ValueError as e:
+            raise ScenarioError(f"{path}: field 'runtime.cuts': {e}") from None
     if scn.data.path is not None and scn.data.kind != "world":
         _check_data_path(path, scn.data.path)
     if scn.eval.general_ability.path:

@@ -240,12 +240,6 @@ def load_scenario(path: str | Path) -> Scenario:
         )
     if scn.seeds is not None and len(set(scn.seeds)) < len(scn.seeds):
         raise ScenarioError(f"{path}: field 'seeds': {scn.seeds} repeats a seed (one run per seed)")
-    rt = scn.runtime
-    if rt.cuts is not None and (len(rt.cuts) != rt.shards - 1 or rt.cuts != sorted(set(rt.cuts))):
-        raise ScenarioError(
-            f"{path}: field 'runtime.cuts': {rt.cuts} for {rt.shards} shard(s): give {rt.shards - 1} "
-            "increasing block numbers (where shards 2, 3, ... begin)"
-        )
     return scn
 
 
