@@ -19,3 +19,11 @@ def field_path(loc) -> str:
         p if isinstance(p, str) and p.isidentifier() else str(p) if isinstance(p, int) else repr(p)
         for p in loc
     )
+
+
+def merged(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mappings merged key by key (how hparam overrides apply)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -91,12 +91,12 @@ def _check_editor(path: Path, scn: Scenario, i: int, n_layers: int) -> None:
     from .editors.hparams import HParamsError, load_hparams
     from .editors.registry import editor_class, known_methods, unknown_method
 
-    spec = scn.editors[i]
-    listed = isinstance(scn.editor, list)
+    field, spec = scn.editor_fields()[i]
+    entry, grid, over = field.partition(".grid")  # a grid's point: its method and hparams are the grid's
     if spec.method not in known_methods():
-        field = f"editor.{i}.method" if listed else "editor.method"
-        raise ScenarioError(f"{path}: field '{field}': unknown method {unknown_method(spec.method)}")
-    where = f"editor.{i}.hparams" if listed else "editor.hparams"
+        where = f"{entry}.grid.method" if grid else f"{field}.method"
+        raise ScenarioError(f"{path}: field '{where}': unknown method {unknown_method(spec.method)}")
+    where = f"{entry}.grid{over}" if over else f"{entry}.hparams"
     try:
         hp = load_hparams(spec.method, scn.model, spec.hparams, where=where)
         editor_class(spec.method).check_hparams(scn.model, hp, where)

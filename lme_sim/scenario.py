@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import Strict, field_path
+from .config import Strict, field_path, merged
 from .stream import Duration, Timeline
 
 # ||delta||_F / ||W||_F above this rejects a batch (runtime/delta_guard.py). Measured (max over a matrix, per
@@ -53,6 +53,52 @@ class EditorSpec(Strict):
         if self.name is not None:
             return self.name
         return self.method if self.batch_size is None else f"{self.method}-b{self.batch_size}"
+
+
+class GridAxes(Strict):
+    """The axes of a grid of editors (:class:`GridSpec`): every method at every batch size with every
+    named set of hparam overrides."""
+
+    method: list[str] = Field(min_length=1)
+    # protocols: edits per batch (each its own run, evaluated at the same edit counts); omitted: the
+    # stream's batch size
+    batch_size: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
+    # named sets of hparam overrides, each merged over the grid's common ``hparams``; omitted: none
+    overrides: (
+        dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")], dict[str, Any]] | None
+    ) = Field(None, min_length=1)
+
+
+class GridSpec(Strict):
+    """``editor: {grid: {method: [...], batch_size: [...], overrides: {name: {...}}}, hparams: {...}}``:
+    one editor per point of the grid (methods x batch sizes x override sets), named
+    ``<method>[-b<batch_size>][-<override set>]`` (the parts whose axis is given), so that ``--methods``,
+    run ids and ``--resume`` name each. ``hparams``: every point's (the sets are merged over them)."""
+
+    grid: GridAxes
+    hparams: dict[str, Any] = {}
+    max_delta_norm: float = Field(DEFAULT_MAX_DELTA_NORM, gt=0)
+
+    def points(self) -> list[tuple[str | None, EditorSpec]]:
+        """Each point's editor, with the name of its override set (None: the grid has none)."""
+        g = self.grid
+        sizes: list[int | None] = list(g.batch_size) if g.batch_size else [None]
+        sets: dict[str | None, dict] = dict(g.overrides) if g.overrides else {None: {}}
+        return [
+            (
+                key,
+                EditorSpec(
+                    method=method,
+                    hparams=merged(self.hparams, over),
+                    max_delta_norm=self.max_delta_norm,
+                    batch_size=bs,
+                    name="-".join([method] + ([f"b{bs}"] if bs else []) + ([key] if key else [])),
+                ),
+            )
+            for method in g.method
+            for bs in sizes
+            for key, over in sets.items()
+        ]
 
 
 class StreamSpec(Strict):
@@ -146,8 +192,9 @@ class Scenario(Strict):
     name: str
     model: str = "world:default"
     data: DataSpec = DataSpec()
-    # one editing method, or a list of them: each runs the same stream as its own run
-    editor: EditorSpec | list[EditorSpec] = EditorSpec()
+    # one editing method, or a list of them: each runs the same stream as its own run; a grid (or a list
+    # with grids in it) stands for its points (GridSpec)
+    editor: EditorSpec | GridSpec | list[EditorSpec | GridSpec] = EditorSpec()
     stream: StreamSpec = StreamSpec()
     eval: EvalSpec = EvalSpec()
     evaluator: EvaluatorSpec = EvaluatorSpec()
@@ -161,7 +208,24 @@ class Scenario(Strict):
 
     @property
     def editors(self) -> list[EditorSpec]:
-        return self.editor if isinstance(self.editor, list) else [self.editor]
+        """Every editor of the scenario, a grid's points in its place."""
+        return [spec for _, spec in self.editor_fields()]
+
+    def editor_fields(self) -> list[tuple[str, EditorSpec]]:
+        """Each editor with the field it comes from (``editor``, ``editor.2``; a grid's points:
+        ``editor.grid.overrides.<set>``, or ``editor.grid`` where it has no sets): how errors about
+        one name it."""
+        listed = isinstance(self.editor, list)
+        out = []
+        for i, entry in enumerate(self.editor if listed else [self.editor]):
+            field = f"editor.{i}" if listed else "editor"
+            if isinstance(entry, EditorSpec):
+                out.append((field, entry))
+                continue
+            out += [
+                (f"{field}.grid" + (f".overrides.{key}" if key else ""), spec) for key, spec in entry.points()
+            ]
+        return out
 
     def with_editor(self, spec: EditorSpec) -> Scenario:
         """This scenario with one editing method (how a list of methods is run, one run each). An editor
@@ -267,5 +331,7 @@ def _check_data(path: Path, data: DataSpec) -> None:
 
 
 def _is_type_tag(part) -> bool:
-    """pydantic names the branch of a union in an error's location ('EditorSpec', 'list[EditorSpec]')."""
-    return isinstance(part, str) and (part in {"EditorSpec", "Timeline"} or part.startswith("list["))
+    """pydantic names the branch of a union in an error's location ('EditorSpec', 'GridSpec', 'list[...]')."""
+    return isinstance(part, str) and (
+        part in {"EditorSpec", "GridSpec", "Timeline"} or part.startswith("list[")
+    )

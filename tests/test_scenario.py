@@ -44,6 +44,20 @@ CASES = {
         "editor",
     ),
     "zero editor batch": (GOOD + "editor: [{method: mose, batch_size: 0}]\n", "editor.0.batch_size"),
+    "bad method in a grid": (GOOD + "editor: {grid: {method: [mose, rome9]}}\n", "editor.grid.method"),
+    "bad hparam in a grid set": (
+        GOOD + "editor: [{method: ft}, {grid: {method: [mose], overrides: {a: {}, b: {lr: fast}}}}]\n",
+        "editor.1.grid.overrides.b.lr",
+    ),
+    "bad common hparam of a grid": (
+        GOOD + "editor: {grid: {method: [mose]}, hparams: {lr: fast}}\n",
+        "editor.hparams.lr",
+    ),
+    "empty grid axis": (
+        GOOD + "editor: {grid: {method: [mose], batch_size: []}}\n",
+        "editor.grid.batch_size",
+    ),
+    "a grid point twice": (GOOD + "editor: [{method: mose}, {grid: {method: [mose]}}]\n", "editor"),
     "missing stats corpus": (
         GOOD + "editor: {method: alphaedit, hparams: {stats: {kind: file, path: ./no/corpus.txt}}}\n",
         "editor.hparams.stats.path",
@@ -135,3 +149,42 @@ def test_an_editor_with_its_own_batch_size_keeps_the_scenarios_events():
     assert EditorSpec(method="alphaedit", name="alphaedit-nas").label() == "alphaedit-nas"
     same = scn.with_editor(EditorSpec(method="mose"))
     assert same.stream == scn.stream and same.editors[0].label() == "mose"
+
+
+def test_a_grid_stands_for_its_points(tmp_path):
+    """methods x batch sizes x named override sets, each point a named editor (its run id's tag, what
+    --methods and --resume name), the sets merged over the grid's common hparams; with seeds, one run
+    per point and seed."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        GOOD
+        + "editor:\n"
+        + "  - {method: ft}\n"
+        + "  - grid:\n"
+        + "      method: [memit, alphaedit]\n"
+        + "      batch_size: [1, 10]\n"
+        + "      overrides: {plain: {}, anchored: {norm_anchor: {n_samples: 8}}, wide: {layers: [1, 2]}}\n"
+        + "    hparams: {layers: [1], norm_anchor: null}\n"
+        + "seeds: [0, 1]\n"
+    )
+    scn = load_scenario(path)
+    labels = [e.label() for e in scn.editors]
+    assert len(labels) == 1 + 2 * 2 * 3 and labels[:3] == ["ft", "memit-b1-plain", "memit-b1-anchored"]
+    assert labels[-1] == "alphaedit-b10-wide"
+    by = {e.label(): e for e in scn.editors}
+    assert by["memit-b10-plain"].batch_size == 10 and by["memit-b10-plain"].hparams == {
+        "layers": [1],
+        "norm_anchor": None,
+    }
+    assert by["alphaedit-b1-anchored"].hparams == {"layers": [1], "norm_anchor": {"n_samples": 8}}
+    assert by["alphaedit-b1-wide"].hparams["layers"] == [1, 2]
+    r = CliRunner().invoke(main, ["validate", str(path), "--methods", "memit-b1-anchored,ft"])
+    assert r.exit_code == 0, r.output
+    from lme_sim.cli import _study_runs_or_exit
+
+    runs = _study_runs_or_exit(scn, scn.editors, str(path), str(tmp_path / "x.duckdb"), None)
+    assert len(runs) == 13 * 2 and len({r.run_id for r in runs}) == 26
+    assert (
+        runs[2].run_id.startswith("x-memit-b1-plain-s0-") and runs[2].scn.editor.label() == "memit-b1-plain"
+    )
+    assert runs[2].scn.stream.batch_size == 1 and runs[2].scn.data.seed == 0

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..config import field_path
+from ..config import field_path, merged
 
 HPARAMS_DIR = Path(__file__).parent / "hparams"
 
@@ -102,18 +102,18 @@ def load_hparams(
         raise HParamsError(e.args[0]) from None
     file = cls.hparams_file()
     table = yaml.safe_load(file.read_text()) or {}
-    merged = _merge(
+    values = merged(
         _renamed(table.get("default", {}), f"{file}: default"),
         _renamed(table.get(model_family(model_name), {}), f"{file}: {model_family(model_name)}"),
     )
-    merged = _merge(merged, _renamed(overrides or {}, where))
-    if "layers" not in merged:
+    values = merged(values, _renamed(overrides or {}, where))
+    if "layers" not in values:
         raise HParamsError(
             f"{where}.layers: no default for model {model_name!r} with method {method!r}; "
             f"set the layers to edit (known models: {sorted(k for k in table if k != 'default')})"
         )
     try:
-        return cls.hparams_class.model_validate(merged)
+        return cls.hparams_class.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
         if not err["loc"]:  # a check across fields: its message starts with the field it names
@@ -136,11 +136,4 @@ def _renamed(section: dict, where: str) -> dict:
             stacklevel=3,
         )
         out[new] = out.pop(old)
-    return out
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
