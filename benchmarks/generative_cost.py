@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cases = load_counterfact(args.data, limit=args.cases)
-    ev = Evaluator("smollm2-135m", 64, general_items=probe_items(64, None, None, set(), seed=0))
+    ev = Evaluator("smollm2-135m", rows_per_pass=64, general_items=probe_items(64, None, None, set(), seed=0))
     retention = [RetentionItem(i, c.prompt, c.target_new, [c.target_true]) for i, c in enumerate(cases)]
     fluency = [c.prompt for c in cases[:16]]
     seconds: dict[bool, list[float]] = {False: [], True: []}

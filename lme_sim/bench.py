@@ -493,6 +493,7 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
     from .backbone import LocalBackbone
     from .editors.hparams import load_hparams
     from .runtime.services import Evaluator
+    from .scenario import EvaluatorSpec
     from .scoring import score_targets
     from .vllm_scorer import vllm_available
 
@@ -517,7 +518,12 @@ def bench_probes(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             continue
         try:
             with Measure(cfg.device) as setup:
-                ev = Evaluator(cfg.model, cfg.probe_batch_size, backend=backend, device=cfg.device)
+                ev = Evaluator(
+                    cfg.model,
+                    EvaluatorSpec(backend=backend),
+                    rows_per_pass=cfg.probe_batch_size,
+                    device=cfg.device,
+                )
         except Exception as e:  # vLLM installed but unable to serve this model here: report it, go on
             rows.append(
                 {**row, "status": "failed", "note": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}

@@ -3,6 +3,8 @@ from click.testing import CliRunner
 from lme_sim.cli import main
 from lme_sim.storage.logger import read_only_query
 
+TINY = {"name": "tiny", "model": "world:small", "editor": {"method": "alphaedit"}}  # a run's scenario
+
 
 def _write(tmp_path, text, name="scn.yaml"):
     path = tmp_path / name
@@ -133,7 +135,11 @@ def _db_with_a_run(path, name="tiny", run_id="tiny-0000abcd", method="alphaedit"
     from lme_sim.storage.logger import RunLogger
 
     with RunLogger(path) as log:
-        log.start_run(run_id, name, "scn.yaml", {}, "world:small", method)
+        log.start_run(
+            run_id,
+            {"name": name, "model": "world:small", "editor": {"method": method}},
+            scenario_path="scn.yaml",
+        )
         log.commit_batch(run_id, {"batch_id": 0, "n_edits": 1}, {})
         log.finish_run(run_id)
     return path
@@ -215,7 +221,7 @@ def test_a_run_whose_logger_was_killed_shows_as_interrupted(tmp_path):
             "import sys, time\n"
             "from lme_sim.storage.logger import RunLogger\n"
             "log = RunLogger(sys.argv[1])\n"
-            "log.start_run('tiny-0000abcd', 'tiny', 'scn.yaml', {}, 'world:small', 'alphaedit')\n"
+            f"log.start_run('tiny-0000abcd', {TINY!r})\n"
             "log.commit_batch('tiny-0000abcd', {'batch_id': 0, 'n_edits': 1}, {})\n"
             "print('committed', flush=True)\n"
             "time.sleep(600)\n",
@@ -233,9 +239,7 @@ def test_a_run_whose_logger_was_killed_shows_as_interrupted(tmp_path):
     r = CliRunner().invoke(main, ["runs", "--db", str(db)])
     assert r.exit_code == 0 and r.output.splitlines()[1].split("\t")[4] == "interrupted", r.output
     with RunLogger(db) as log:
-        assert log.start_run(
-            "tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit", resume=True
-        ) == ("interrupted")
+        assert log.start_run("tiny-0000abcd", TINY, resume=True) == ("interrupted")
         assert log.query("select status from runs") == [("running",)]
 
 
@@ -245,7 +249,7 @@ def test_the_summary_gives_fluency_its_unit(tmp_path):
 
     db = tmp_path / "lme.duckdb"
     with RunLogger(db) as log:
-        log.start_run("tiny-0000abcd", "tiny", "scn.yaml", {}, "world:small", "alphaedit")
+        log.start_run("tiny-0000abcd", TINY)
         log.commit_batch("tiny-0000abcd", {"batch_id": 0, "n_edits": 1}, {})
         log.append(
             "metrics",

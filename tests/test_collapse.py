@@ -22,7 +22,14 @@ def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("collapse") / "lme.duckdb"
     with RunLogger(path) as log:
         for k, (rid, curve) in enumerate(CURVES.items()):
-            log.start_run(rid, "study", None, {}, "world:small", ["alphaedit", "mose", "memit"][k])
+            log.start_run(
+                rid,
+                {
+                    "name": "study",
+                    "model": "world:small",
+                    "editor": {"method": ["alphaedit", "mose", "memit"][k]},
+                },
+            )
             for b in range(6):
                 log.commit_batch(rid, {"batch_id": b, "n_edits": 50 if b == 0 else 100}, {})
             for e, (b, eff) in enumerate(zip((1, 3, 5), curve)):

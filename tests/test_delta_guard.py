@@ -9,6 +9,7 @@ import torch
 from lme_sim.runtime.delta_guard import delta_problem
 from lme_sim.runtime.services import Edited, EditorService, Rejected
 from lme_sim.runtime.shards import ModelShard
+from lme_sim.scenario import EditorSpec
 from lme_sim.storage.logger import read_only_query
 
 
@@ -62,7 +63,7 @@ def _poison_second_solve(editor, factor):
 @pytest.mark.parametrize("poison", ["nan", "huge"])
 def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(small_world, poison):
     shards = [ModelShard("world:small", range(0, 2)), ModelShard("world:small", range(2, 4))]
-    svc = EditorService("world:small", shards, "alphaedit", {})
+    svc = EditorService("world:small", shards, EditorSpec(method="alphaedit"))
     cases = small_world[2].edit_cases(20, seed=11)
     assert isinstance(
         svc.edit(cases[:10]), Edited
@@ -92,7 +93,7 @@ def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(sm
 def test_ft_in_process_rejected_batch_leaves_replica_and_shards_unchanged(small_world, hparams, reason):
     """FT trains a local replica in place; the shards only follow accepted deltas."""
     shards = [ModelShard("world:small", range(0, 4))]
-    svc = EditorService("world:small", shards, "ft", {})
+    svc = EditorService("world:small", shards, EditorSpec(method="ft"))
     cases = small_world[2].edit_cases(10, seed=12)
     before = _everything(svc)
     sound = svc.editor.hp.model_copy(update={"num_steps": 5})  # short: the test is about what is kept
@@ -105,7 +106,9 @@ def test_ft_in_process_rejected_batch_leaves_replica_and_shards_unchanged(small_
 
 def test_a_tight_limit_rejects_ordinary_deltas(small_world):
     svc = EditorService(
-        "world:small", [ModelShard("world:small", range(0, 4))], "memit", {}, max_delta_norm=1e-6
+        "world:small",
+        [ModelShard("world:small", range(0, 4))],
+        EditorSpec(method="memit", max_delta_norm=1e-6),
     )
     before = _everything(svc)
     assert "max_delta_norm = 1e-06" in svc.edit(small_world[2].edit_cases(5, seed=13)).reason

@@ -9,6 +9,7 @@ from lme_sim.backbone import chunk_size
 from lme_sim.editors import make_editor
 from lme_sim.runtime.ray_utils import release, start_shards
 from lme_sim.runtime.shards import ShardedBackbone
+from lme_sim.scenario import EditorSpec
 from lme_sim.sizing import split_layers
 
 
@@ -128,6 +129,6 @@ def test_runtime_pipeline_reaches_the_editors_backbone(small_world, tmp_path):
     assert load_scenario(path).runtime.pipeline is True
     shards = [ModelShard("world:small", range(0, 2)), ModelShard("world:small", range(2, 4))]
     for pipeline in (False, True):
-        svc = EditorService("world:small", shards, "ultraedit", {}, pipeline=pipeline)
+        svc = EditorService("world:small", shards, EditorSpec(method="ultraedit"), pipeline=pipeline)
         assert svc.backbone.pipeline is pipeline
         assert svc.backbone.pipeline_depth() == 1  # plain shards

@@ -36,7 +36,7 @@ def db(tmp_path_factory):
             config = {"data": {"seed": seed}, "seeds": [0, 1, 2], "editor": {"method": method}}
             if protocol:
                 config["stream"] = {"batch_size": protocol}
-            log.start_run(rid, "s", None, config, "world:small", method)
+            log.start_run(rid, {**config, "name": "s", "model": "world:small"})
             for b in range(3):
                 log.commit_batch(rid, {"batch_id": b, "n_edits": 10}, {})
             for e, eff in enumerate(curve):
@@ -187,7 +187,18 @@ def test_resume_continues_a_run_at_its_own_seed(tmp_path):
 
     db = tmp_path / "r.duckdb"
     with RunLogger(db) as log:
-        log.start_run("sd-s4-x", "sd", None, {"data": {"seed": 4}, "seeds": [3, 4]}, "world:small", "ft")
-        log.start_run("old-x", "sd", None, {}, "world:small", "ft")  # a run logged without a seed
+        log.start_run(
+            "sd-s4-x",
+            {
+                "name": "sd",
+                "model": "world:small",
+                "editor": {"method": "ft"},
+                "data": {"seed": 4},
+                "seeds": [3, 4],
+            },
+        )
+        log.start_run(
+            "old-x", {"name": "sd", "model": "world:small", "editor": {"method": "ft"}}
+        )  # a run logged without a seed
     assert _resumable_run_or_exit(str(db), "sd-s4-x", "sd", "sd.yaml", {"ft"}) == ("ft", 4)
     assert _resumable_run_or_exit(str(db), "old-x", "sd", "sd.yaml", {"ft"}) == ("ft", 0)  # the default

@@ -14,7 +14,9 @@ def _db(tmp_path):
 
 def _logger(tmp_path, **kw):
     lg = RunLogger(_db(tmp_path), **kw)
-    lg.start_run("r", "test", "s.yaml", {"name": "test"}, "world:small", "memit")
+    lg.start_run(
+        "r", {"name": "test", "model": "world:small", "editor": {"method": "memit"}}, scenario_path="s.yaml"
+    )
     return lg
 
 
@@ -142,17 +144,17 @@ def test_reopen_after_close(tmp_path):
 def test_resume(tmp_path):
     lg = _logger(tmp_path)
     with pytest.raises(ValueError, match="already exists"):
-        lg.start_run("r", "test", "s.yaml", {}, "m", "memit")
+        lg.start_run("r", {"name": "test", "model": "m", "editor": {"method": "memit"}})
     lg.finish_run("r", status="failed")
     assert lg.query("SELECT status, finished_at IS NULL FROM runs") == [("failed", False)]
-    lg.start_run("r", "test", "s.yaml", {}, "m", "memit", resume=True)
+    lg.start_run("r", {"name": "test", "model": "m", "editor": {"method": "memit"}}, resume=True)
     assert lg.query("SELECT status, finished_at IS NULL FROM runs") == [("running", True)]
     lg.close()
 
 
 def test_views(tmp_path):
     lg = _logger(tmp_path)
-    lg.start_run("other", "o", None, {}, "m", "memit")
+    lg.start_run("other", {"name": "o", "model": "m", "editor": {"method": "memit"}})
     e = lambda i, b, fact, sup=None, mods=("m0", "m1"): {
         "edit_id": i,
         "batch_id": b,

@@ -12,6 +12,7 @@ import torch
 from lme_sim.backbone import LocalBackbone, add_deltas
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.scenario import EditorSpec, EvaluatorSpec
 from lme_sim.scoring import greedy_generate, score_targets
 from lme_sim.vllm_scorer import VLLMOptions, VLLMScorer, _writer
 from lme_sim.world import World, get_world_config
@@ -126,9 +127,7 @@ def test_evaluator_service_with_the_vllm_backend(llama_world):
     model, tok, world, path = llama_world
     cases = world.edit_cases(5, seed=7)
     ev = Evaluator(
-        path,
-        backend="vllm",
-        options={"dtype": "float32", "max_model_len": 32, "gpu_memory_utilization": 0.45},
+        path, EvaluatorSpec(backend="vllm", dtype="float32", max_model_len=32, gpu_memory_utilization=0.45)
     )
     retention = [RetentionItem(i, c.prompt, c.target_true, []) for i, c in enumerate(cases)]
     fluency = [c.prompt for c in cases[:2]]
@@ -171,13 +170,15 @@ def test_a_vllm_evaluator_actor_scores_a_smollm2_run_as_the_hf_one():
             ray.remote(EditorService)
             .options(num_cpus=0)
             .remote(
-                "smollm2-135m", shards.shards, "ft", {"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15}
+                "smollm2-135m",
+                shards.shards,
+                EditorSpec(method="ft", hparams={"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15}),
             )
         )
         engine = {"dtype": "float32", "max_model_len": 128}
         actor = ray.remote(Evaluator).options(num_cpus=0)
         evaluators = [
-            actor.remote("smollm2-135m", 16, backend, options)
+            actor.remote("smollm2-135m", EvaluatorSpec(backend=backend, **(options or {})), rows_per_pass=16)
             for backend, options in (("vllm", engine), ("hf", None))
         ]
         retention = [RetentionItem(i, c.prompt, c.target_new, [c.target_true]) for i, c in enumerate(cases)]

@@ -103,10 +103,11 @@ def run_study(
     with (marked failed; the other runs went on). Prints the summary of the finished runs."""
     console, db = console or Console(), db or runs[0].scn.db
     board, stop = Board(console), threading.Event()
+    study = StudyContext(scenario_path=str(scenario_path), db=db, console=console, board=board, stop=stop)
     outcome: dict[str, BaseException | None] = {}
     ready = []
     for r in runs:
-        run = Run(r.scn, scenario_path, db, r.run_id, r.resume, console, board, stop)
+        run = Run(r, study)
         try:
             run.prepare()  # before Ray: a stream that cannot be built fails here
             ready.append(run)
@@ -162,20 +163,23 @@ def summary(console: Console, db: str, run_ids: list[str]) -> None:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class StudyContext:
+    """What the runs of a study share: the scenario file, the database, the console and its live
+    board, and the flag that Ctrl-C sets."""
+
+    scenario_path: str
+    db: str
+    console: Console
+    board: Board
+    stop: threading.Event
+
+
 class Run:
-    def __init__(
-        self,
-        scn: Scenario,
-        scenario_path: str,
-        db: str,
-        run_id: str,
-        resume: bool,
-        console: Console,
-        board: Board,
-        stop: threading.Event,
-    ):
-        self.scn, self.path, self.db, self.id, self.resume = scn, str(scenario_path), db, run_id, resume
-        self.console, self.board, self.stop = console, board, stop
+    def __init__(self, run: StudyRun, study: StudyContext):
+        self.scn, self.id, self.resume = run.scn, run.run_id, run.resume
+        self.path, self.db, self.console = study.scenario_path, study.db, study.console
+        self.board, self.stop = study.board, study.stop
         self._releasing = threading.Lock()
         self.ray = self.logger = self.actors = None
         self.state = RunState()
@@ -213,13 +217,7 @@ class Run:
         self.pool = EvalPool(self.ray, self.actors.evaluators, self.console, scn.eval.max_pending)
         self.was = self.ray.get(  # the run's status before (a resumed run's: failed or interrupted)
             self.logger.start_run.remote(
-                self.id,
-                scn.name,
-                self.path,
-                scn.model_dump(mode="json"),
-                scn.model,
-                scn.editor.method,
-                resume=self.resume,
+                self.id, scn.model_dump(mode="json"), scenario_path=self.path, resume=self.resume
             )
         )
         self.checkpoints = Checkpoints(Path(self.db).parent / "checkpoints" / self.id)
@@ -413,11 +411,9 @@ class Actors:
             .remote(
                 scn.model,
                 shards.shards,
-                scn.editor.method,
-                scn.editor.hparams,
-                scn.editor.max_delta_norm,
-                actor_device(rt.editor.gpus),
-                rt.pipeline,
+                scn.editor,
+                device=actor_device(rt.editor.gpus),
+                pipeline=rt.pipeline,
             )
         )
         evaluators = [
@@ -425,9 +421,8 @@ class Actors:
             .options(**ev_opts, **RESTARTABLE, **in_group(pg, where[i]))
             .remote(
                 scn.model,
-                scn.eval.rows_per_pass,
-                ev.backend,
-                ev.model_dump(exclude={"backend"}),
+                ev,
+                rows_per_pass=scn.eval.rows_per_pass,
                 general_items=general,
                 device=actor_device(rt.gpus),
                 dtype=rt.dtype,

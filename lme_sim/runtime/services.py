@@ -26,7 +26,7 @@ from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
 from ..metrics import case_probes, case_rows, fluency, generation_metrics, retained, summarize
 from ..models import load_model, load_tokenizer
-from ..scenario import DEFAULT_MAX_DELTA_NORM
+from ..scenario import EditorSpec, EvaluatorSpec
 from ..scoring import TargetScores, score_targets
 from ..storage.records import MetricRecord, ProbeRecord
 from ..sysinfo import process_memory
@@ -60,30 +60,23 @@ class EditorService:
     chunks of independent requests through the shards at once (:class:`~.shards.ShardedBackbone`)."""
 
     def __init__(
-        self,
-        model_name: str,
-        shards: list,
-        method: str,
-        hparams: dict,
-        max_delta_norm: float = DEFAULT_MAX_DELTA_NORM,
-        device: str = "cpu",
-        pipeline: bool = True,
+        self, model_name: str, shards: list, spec: EditorSpec, *, device: str = "cpu", pipeline: bool = True
     ):
         device = placed_device(device)  # "cuda": the GPU Ray gave this actor
-        self.max_delta_norm = max_delta_norm
+        self.max_delta_norm = spec.max_delta_norm
         self.backbone = ShardedBackbone(shards, pipeline=pipeline)
         self.local = None
-        if editor_class(method).in_process:
+        if editor_class(spec.method).in_process:
             lm = load_model(model_name, device=device, progress=False)
             self.tok, self.world, self.local = lm.tok, lm.world, LocalBackbone(lm.model)
         else:
             self.tok, self.world = load_tokenizer(model_name)
         self.editor = make_editor(
-            method,
+            spec.method,
             self.local or self.backbone,
             self.tok,
             model_name,
-            overrides=hparams,
+            overrides=spec.hparams,
             world=self.world,
             progress=False,
             device=device,
@@ -192,27 +185,29 @@ class Behind:
 
 
 class Evaluator:
-    """``backend``: "hf" (an in-process replica on ``device`` in ``dtype``) or "vllm" (an engine;
-    ``options``: VLLMOptions fields). ``general_items``: the run's multiple-choice set; its accuracy
-    on the unedited model is the reference for ``general_ability_retention``."""
+    """``spec.backend``: "hf" (an in-process replica on ``device`` in ``dtype``) or "vllm" (an engine
+    with the spec's options). ``general_items``: the run's multiple-choice set; its accuracy on the
+    unedited model is the reference for ``general_ability_retention``."""
 
     def __init__(
         self,
         model_name: str,
+        spec: EvaluatorSpec | None = None,
+        *,
         rows_per_pass: int = 64,
-        backend: str = "hf",
-        options: dict | None = None,
         general_items: list[MCItem] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
     ):
         device = placed_device(device)  # "cuda": the GPU Ray gave this actor
-        if backend == "vllm":
+        spec = spec or EvaluatorSpec()
+        if spec.backend == "vllm":
             from ..models import model_path
             from ..vllm_scorer import VLLMOptions, VLLMScorer
 
             self.tok = load_tokenizer(model_name)[0]
-            self.backbone = VLLMScorer(model_path(model_name), VLLMOptions(**(options or {})))
+            options = VLLMOptions(**spec.model_dump(exclude={"backend"}))
+            self.backbone = VLLMScorer(model_path(model_name), options)
         else:
             lm = load_model(model_name, dtype=getattr(torch, dtype), device=device, progress=False)
             self.backbone, self.tok = LocalBackbone(lm.model), lm.tok

@@ -103,11 +103,12 @@ class RunLogger:
 
     # ---- runs ---------------------------------------------------------------------------------
     def start_run(
-        self, run_id, name, scenario_path, scenario: dict, model, method, resume: bool = False
+        self, run_id: str, scenario: dict, *, scenario_path: str | None = None, resume: bool = False
     ) -> str | None:
-        """Register a run as running and bind the logger to it (rows without a ``run_id`` get this
-        one); an existing run_id is an error unless ``resume=True``. Returns the status the run had
-        (failed, interrupted; None: a new run)."""
+        """Register a run of ``scenario`` (the run's scenario as JSON: its ``name``, ``model`` and
+        ``editor.method`` fill the row's columns) as running and bind the logger to it (rows without
+        a ``run_id`` get this one); an existing run_id is an error unless ``resume=True``. Returns the
+        status the run had (failed, interrupted; None: a new run)."""
         from lme_sim import __version__
 
         before = self.con.execute("SELECT status FROM runs WHERE run_id = ?", [run_id]).fetchone()
@@ -123,11 +124,11 @@ class RunLogger:
             "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, 'running', ?, NULL, ?, ?)",
             [
                 run_id,
-                name,
+                scenario["name"],
                 None if scenario_path is None else str(scenario_path),
                 json.dumps(scenario, default=str),
-                model,
-                method,
+                scenario["model"],
+                scenario["editor"]["method"],
                 _now(),
                 SCHEMA_VERSION,
                 __version__,
