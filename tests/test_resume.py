@@ -58,6 +58,14 @@ def _final_metrics(db):
     return dict(rows)
 
 
+def _every_evaluation(db) -> dict:
+    """Every metric of every evaluation, by (eval_id, batch_id, name): the whole curve, each once."""
+    _, rows = read_only_query(db, "select eval_id, batch_id, name, round(value, 4) from metrics order by all")
+    out = {(e, b, n): v for e, b, n, v in rows}
+    assert len(out) == len(rows)
+    return out
+
+
 def _when_unlocked(db, sql, seconds=120):
     """Ray's worker processes notice their raylet is gone and exit; until then the file is locked."""
     deadline = time.time() + seconds
@@ -133,17 +141,23 @@ def _resume_to_the_end(path, run_id, db) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_world):
-    """Final metrics of the scenario run without interruption."""
+def whole_db(tmp_path_factory, small_world):
+    """The database of the scenario run without interruption."""
     tmp = tmp_path_factory.mktemp("reference")
     path, db = _scenario(tmp, "whole")
     ref = _lme_sim("run", str(path))
     out = _finish(ref)
     assert ref.returncode == 0, out
-    return _final_metrics(db)
+    return db
 
 
-def test_resume_after_kill_9(tmp_path, reference):
+@pytest.fixture(scope="module")
+def reference(whole_db):
+    """Final metrics of the scenario run without interruption."""
+    return _final_metrics(whole_db)
+
+
+def test_resume_after_kill_9(tmp_path, reference, whole_db):
     path, broken = _scenario(tmp_path, "broken")
     victim = _lme_sim("run", str(path))
     _wait_for_checkpoint(victim, broken, 2)  # batches 0-2 are committed
@@ -157,6 +171,7 @@ def test_resume_after_kill_9(tmp_path, reference):
 
     _resume_to_the_end(path, run_id, broken)
     assert _final_metrics(broken) == reference
+    assert _every_evaluation(broken) == _every_evaluation(whole_db)  # none lost, none twice
 
 
 def test_a_killed_evaluator_is_restarted_and_every_evaluation_scored_once(tmp_path, reference):

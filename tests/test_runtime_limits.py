@@ -85,6 +85,45 @@ def test_a_full_evaluation_queue_makes_the_editor_wait(tmp_path, ray_session, mo
     assert evals == [(3,)]
 
 
+def test_a_run_stopped_with_evaluations_in_flight_resumes_without_losing_them(
+    tmp_path, ray_session, monkeypatch
+):
+    """The evaluator runs 3 s behind the editor, and the editor fails at the third batch with the
+    evaluations after the first two still in flight. The resume starts from the newest checkpoint
+    whose evaluations had all landed (batch 0's, not batch 1's) and redoes them: every evaluation
+    equals an uninterrupted run's, once. (Resuming from the last checkpoint lost them for good.)"""
+    from lme_sim.runtime.services import EditorService
+
+    curve = "select eval_id, batch_id, name, round(value, 4) from metrics order by all"
+    whole = _scenario(tmp_path, "whole")
+    coordinator.run_distributed(whole, "whole.yaml")
+    marker = tmp_path / "failed-once"
+
+    class FailsOnce(EditorService):  # defined here: Ray ships it to the editor actor by value
+        def edit(self, cases):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 3 and not marker.exists():
+                marker.touch()
+                raise RuntimeError("the editor fails once")
+            return super().edit(cases)
+
+    monkeypatch.setattr(coordinator, "EditorService", FailsOnce)
+    monkeypatch.setattr(coordinator, "Evaluator", SlowEvaluator)
+    scn = _scenario(tmp_path, "stopped")
+    with pytest.raises(RunFailed, match="fails once"):
+        coordinator.run_distributed(scn, "stopped.yaml")
+    (run_id,), landed = (
+        read_only_query(scn.db, "select run_id from runs")[1][0],
+        read_only_query(scn.db, curve)[1],
+    )
+    _, ckpts = read_only_query(scn.db, "select batch_id from batches where checkpoint is not null order by 1")
+    assert ckpts == [(0,), (1,)] and not any(b == 0 for _, b, _, _ in landed)  # batch 0's still in flight
+
+    monkeypatch.setattr(coordinator, "Evaluator", Evaluator)
+    coordinator.run_distributed(scn, "stopped.yaml", resume=run_id)
+    assert read_only_query(scn.db, curve)[1] == read_only_query(whole.db, curve)[1]
+
+
 class _Ref:
     def __init__(self, value):
         self.value = value

@@ -362,7 +362,7 @@ def test_rollback_after_removes_exactly_the_rows_after_the_checkpoint(tmp_path):
     batch 1 is replayed (gone)."""
     db = _old_database(tmp_path / "old.duckdb")
     with RunLogger(db) as lg:
-        assert lg.last_checkpoint("r-old") == (1, "ckpt/batch-000001.pt")
+        assert lg.checkpoints("r-old")[0] == (1, "ckpt/batch-000001.pt")
         lg.rollback_after("r-old", 1)
         q = lambda sql: lg.query(sql)
         assert q("SELECT list(batch_id ORDER BY batch_id) FROM batches") == [([0, 1],)]

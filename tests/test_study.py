@@ -249,5 +249,13 @@ def test_a_study_killed_with_kill_9_resumes_every_unfinished_run(tmp_path, small
     assert all(f"resuming {rid} (interrupted)" in said for rid, _ in runs), out
     _nothing_twice(db, n_edits=50)
     assert _final_metrics(db) == _final_metrics(whole_db)
-    # not every earlier evaluation: one still in flight at the kill, of a batch before the run's last
-    # checkpoint, is not redone by the resume (a run on its own loses it the same way)
+    # every evaluation too: one still in flight at the kill is redone (the resume starts from the newest
+    # checkpoint whose evaluations had all landed)
+    curve = (
+        "select r.method, m.eval_id, m.batch_id, m.name, round(m.value, 4) from metrics m "
+        "join runs r using (run_id)"
+    )
+    assert (
+        read_only_query(db, curve + " order by all")[1]
+        == read_only_query(whole_db, curve + " order by all")[1]
+    )

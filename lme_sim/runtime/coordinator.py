@@ -14,8 +14,9 @@ edits, the weight health of every edited matrix) are committed to DuckDB in one 
 every ``runtime.checkpoint_every`` batches the accumulated deltas, the editor's state and the stream
 position are checkpointed first (between checkpoints no editor state is shipped or written).
 Evaluators receive only the changed tensors with the new version and score asynchronously; each
-probe row carries the batch_id of the model it scored. ``--resume`` restarts from the last checkpoint and
-replays the batches after it from the stream, replacing their rows: no edit is lost or written twice.
+probe row carries the batch_id of the model it scored. ``--resume`` restarts from the newest checkpoint
+whose evaluations all landed and replays the batches after it from the stream, replacing their rows:
+no edit or evaluation is lost or written twice.
 
 What the run writes down (its state, checkpoints and rows) is :mod:`.ledger`'s; what an evaluation
 scores, :mod:`.evaluation`'s; its final metrics, :func:`lme_sim.analysis.summary_rows`.
@@ -183,6 +184,7 @@ class Run:
         self._releasing = threading.Lock()
         self.ray = self.logger = self.actors = None
         self.state = RunState()
+        self.landed: set[int] = set()  # the eval_ids whose rows are written
 
     def execute(self, ray, logger) -> BaseException | None:
         """Start, loop and finish (in a thread of the study); None, or the error the run stopped with."""
@@ -225,19 +227,24 @@ class Run:
             self._restore()
 
     def _restore(self) -> None:
-        """Back to the last checkpoint; the rows written after it are deleted (the batches are replayed)."""
-        found = self.ray.get(self.logger.last_checkpoint.remote(self.id))
-        self.ray.get(self.logger.rollback_after.remote(self.id, found[0] if found else -1))
-        if not found:
-            self.console.print(f"resuming {self.id} ({self.was}) from its start (no checkpoint yet)")
+        """Back to the newest checkpoint whose evaluations all landed (:meth:`Checkpoints.resume_from`);
+        the rows written after it are deleted (the batches and their evaluations are replayed)."""
+        landed = self.ray.get(self.logger.landed_evaluations.remote(self.id))
+        found = self.ray.get(self.logger.checkpoints.remote(self.id))
+        ckpt = self.checkpoints.resume_from(found, landed)
+        self.ray.get(self.logger.rollback_after.remote(self.id, ckpt.state.batch_id if ckpt else -1))
+        if ckpt is None:
+            why = "no checkpoint yet" if not found else "no checkpoint with all its evaluations written"
+            self.console.print(f"resuming {self.id} ({self.was}) from its start ({why})")
             return
-        ckpt = Checkpoint.load(found[1])
+        self.landed = {i for i in landed if i <= ckpt.state.eval_id}
         self.ray.get(self.editor.restore.remote(ckpt.state.cum, ckpt.editor))
         self.pool.load(ckpt.state.cum, ckpt.state.version)
         self.stream.load_state_dict(ckpt.stream)
         self.state = ckpt.state
+        later = "; evaluations after it were in flight, redone" if ckpt.state.batch_id < found[0][0] else ""
         self.console.print(
-            f"resuming {self.id} ({self.was}) after batch {self.state.batch_id} (its checkpoint)"
+            f"resuming {self.id} ({self.was}) after batch {self.state.batch_id} (its checkpoint{later})"
         )
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -328,11 +335,16 @@ class Run:
         self.pool.submit(eval_request(self.state, self.by_edit, self.scn.eval, final=final))
 
     def _log_evaluations(self, results: list) -> None:
+        """Write the evaluations that finished; the checkpoints a resume no longer needs are deleted."""
         for out in results:
             found = rows(out.probes + out.metrics)
             for table in ("probes", "metrics"):
                 if found.get(table):
                     self.ray.get(self.logger.append.remote(table, found[table], run_id=self.id))
+            self.landed.add(out.eval_id)
+        if results:  # written now, so that a checkpoint is deleted only once a resume cannot need it
+            self.ray.get(self.logger.flush.remote())
+            self.checkpoints.prune(self.landed)
 
     # ---- the end ----------------------------------------------------------------------------------
     def finish(self) -> None:

@@ -23,13 +23,22 @@ class RunFailed(RuntimeError):
     """A run stopped; the message is one line."""
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The error behind Ray's wrappers: a task's exception reaches the driver as a ``RayTaskError``
+    (through each actor's task it passed), whose message is Ray's header; its ``cause`` is the error."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return exc
+
+
 def dead_actor(exc: BaseException):
     """The ``ActorDiedError`` behind ``exc`` (also when it reached the driver through another
     actor's task, e.g. a shard that died under the editor), or None."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError
 
-    while isinstance(exc, RayTaskError):
-        exc = exc.cause
+    exc = root_cause(exc)
     return exc if isinstance(exc, RayActorError) else None
 
 
@@ -67,7 +76,7 @@ def stop_run(
         log_dir.mkdir(parents=True, exist_ok=True)
         trace = log_dir / f"{run_id}.error.txt"
         trace.write_text("".join(traceback.format_exception(exc)))
-        what = f"{first_line(exc)} (traceback in {trace})"
+        what = f"{first_line(root_cause(exc) if ray is not None else exc)} (traceback in {trace})"
     if logger is None:
         return RunFailed(f"run {run_id} could not start: {what}")
     return RunFailed(

@@ -2,7 +2,8 @@
 
 A checkpoint is the run's state plus the editor's state and the stream's position
 (:class:`Checkpoint`), written atomically before the rows of its batch are committed; a run's
-folder keeps the last two (:class:`Checkpoints`). The rows of a batch are built here from the
+folder keeps the ones a resume may need (:class:`Checkpoints`): the newest whose evaluations have
+all landed, and every newer one. The rows of a batch are built here from the
 batch's events and the editor's :class:`~.services.Edited` (one record per row,
 :mod:`lme_sim.storage.records`); the logger adds the ``run_id``.
 """
@@ -83,20 +84,54 @@ class Checkpoint:
         return cls(state, editor=saved["editor"], stream=saved["stream"])
 
 
-class Checkpoints:
-    """A run's checkpoint folder: ``batch-<batch_id>.pt``, the last ``keep`` of them."""
+def complete(eval_id: int, landed: set[int]) -> bool:
+    """Whether every evaluation submitted before a checkpoint (ids 1..``eval_id``) has landed: a resume
+    from it loses none (the evaluations after it are redone)."""
+    return all(i in landed for i in range(1, eval_id + 1))
 
-    def __init__(self, folder: Path, keep: int = 2):
-        self.folder, self.keep = folder, keep
+
+class Checkpoints:
+    """A run's checkpoint folder, ``batch-<batch_id>.pt``. Evaluations run behind the editor (up to
+    ``eval.max_pending``), so the newest checkpoint can be ahead of evaluations still in flight; a
+    resume from it would lose them. The folder keeps the newest checkpoint whose evaluations have all
+    landed (:func:`complete`), where a resume starts, and every newer one."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
+        self.kept: list[tuple[int, Path]] = []  # (the checkpoint's eval_id, its file), oldest first
 
     def write(self, ckpt: Checkpoint) -> str:
-        """Save ``ckpt``, drop the older ones beyond ``keep``; its path (for the batch's row)."""
+        """Save ``ckpt``; its path (for the batch's row)."""
         path = self.folder / f"batch-{ckpt.state.batch_id:06d}.pt"
         ckpt.save(path)
-        for old in sorted(self.folder.glob("batch-*.pt"))[: -self.keep]:
-            old.unlink()
+        self.kept.append((ckpt.state.eval_id, path))
         return str(path)
+
+    def prune(self, landed: set[int]) -> None:
+        """Delete the checkpoints older than the newest one whose evaluations have all landed."""
+        done = [i for i, (eval_id, _) in enumerate(self.kept) if complete(eval_id, landed)]
+        if done:
+            for _, path in self.kept[: done[-1]]:
+                path.unlink(missing_ok=True)
+            self.kept = self.kept[done[-1] :]
+
+    def resume_from(self, found: list[tuple[int, str]], landed: set[int]) -> Checkpoint | None:
+        """Where a resume starts, of the run's checkpointed batches ``found`` ((batch_id, file), newest
+        first) and its evaluations that ``landed``: the newest checkpoint whose evaluations have all
+        landed; None (the run's start) where none has, e.g. a run stopped before its first
+        checkpoint's evaluations landed, or one of an lme-sim that kept its last two checkpoints only.
+        The folder then keeps that one only (the newer ones were of batches the resume replays)."""
+        chosen = None
+        for _, file in found:
+            if Path(file).exists() and complete((ckpt := Checkpoint.load(file)).state.eval_id, landed):
+                chosen = (ckpt, Path(file))
+                break
+        for other in self.folder.glob("batch-*.pt"):
+            if chosen is None or other.resolve() != chosen[1].resolve():
+                other.unlink()
+        self.kept = [(chosen[0].state.eval_id, chosen[1])] if chosen else []
+        return chosen[0] if chosen else None
 
 
 def rejected_row(batch: list[Event], reason: str, state: RunState) -> dict:

@@ -225,11 +225,11 @@ class RunLogger:
         self._buffers = {t: [] for t in WRITABLE}
 
     def rollback_after(self, run_id, batch_id: int) -> None:
-        """Delete, in one transaction, what the run wrote after batch ``batch_id`` (its last checkpoint;
-        -1: all of it). Resuming replays from the checkpoint the stream's events after that batch: the
-        later batches with their edits and weight stats, the batches rejected after it, and the
-        evaluations from the model of ``batch_id`` on (the checkpoint is written before the stream
-        reaches the evaluation that follows its batch, so that one is redone too)."""
+        """Delete, in one transaction, what the run wrote after batch ``batch_id`` (the checkpoint a
+        resume starts from; -1: all of it). Resuming replays from the checkpoint the stream's events
+        after that batch: the later batches with their edits and weight stats, the batches rejected
+        after it, and the evaluations from the model of ``batch_id`` on (the checkpoint is written
+        before the stream reaches the evaluation that follows its batch, so that one is redone too)."""
         self.flush()
         deletes = [
             ("batches", "batch_id > ?"),
@@ -249,13 +249,22 @@ class RunLogger:
             raise
 
     # ---- reading ------------------------------------------------------------------------------
-    def last_checkpoint(self, run_id) -> tuple[int, str] | None:
-        """(batch_id, checkpoint file) of the run's last checkpointed batch, None if none."""
+    def checkpoints(self, run_id) -> list[tuple[int, str]]:
+        """(batch_id, checkpoint file) of the run's checkpointed batches, newest first."""
         return self.con.execute(
             "SELECT batch_id, checkpoint FROM batches WHERE run_id = ? AND checkpoint IS NOT NULL "
-            "ORDER BY batch_id DESC LIMIT 1",
+            "ORDER BY batch_id DESC",
             [run_id],
-        ).fetchone()
+        ).fetchall()
+
+    def landed_evaluations(self, run_id) -> set[int]:
+        """The eval_ids of the run's evaluations in the database (their probes or metrics)."""
+        self.flush()
+        rows = self.con.execute(
+            "SELECT eval_id FROM metrics WHERE run_id = ? UNION SELECT eval_id FROM probes WHERE run_id = ?",
+            [run_id, run_id],
+        ).fetchall()
+        return {r[0] for r in rows}
 
     def last_committed_batch(self, run_id) -> int | None:
         """Highest committed batch_id of the run, None if none."""
