@@ -49,6 +49,7 @@ import torch
 
 from lme_sim.arch import weight_view
 from lme_sim.editors import make_editor
+from lme_sim.models import LoadedModel
 from lme_sim.random_models import llama3_8b_config, random_model, tiny_config
 from lme_sim.scoring import greedy_generate, score_targets
 from lme_sim.sysinfo import Measure, machine_info, versions
@@ -123,9 +124,7 @@ class Check:
             hp["stats"] = self.stats
         return make_editor(
             method,
-            self.model,
-            self.tok,
-            f"gpu-check:{self.args.shape}",
+            LoadedModel(f"gpu-check:{self.args.shape}", self.model, self.tok),
             overrides=hp,
             progress=False,
             device=self.device,

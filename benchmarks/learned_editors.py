@@ -44,7 +44,7 @@ from lme_sim.editors import make_editor
 from lme_sim.editors.checkpoints import load_checkpoint
 from lme_sim.general_ability import mc_accuracy, probe_items
 from lme_sim.metrics import case_metrics, summarize
-from lme_sim.models import load_model
+from lme_sim.models import LoadedModel, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-edit.json"
 KEYS = ("efficacy", "generalization", "specificity")
@@ -110,7 +110,9 @@ def main() -> None:
             over = dict(extra.get(method) or {})
             if ckpt:  # the checkpoint's own candidate modules
                 over.update(checkpoint=ckpt, layers=load_checkpoint(ckpt, method)["layers"])
-            editor = make_editor(method, model, lm.tok, args.model, overrides=over, progress=False)
+            editor = make_editor(
+                method, LoadedModel(args.model, model, lm.tok), overrides=over, progress=False
+            )
             t0 = time.perf_counter()
             touched, per_edit = [], []
             for i in tqdm(range(0, len(cases), args.batch), desc=f"{spec} on {text}", unit="batch"):

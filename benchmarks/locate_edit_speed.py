@@ -27,7 +27,7 @@ from lme_sim.data import load_counterfact
 from lme_sim.editors import make_editor
 from lme_sim.editors.targets import _RowBatch, compute_targets
 from lme_sim.metrics import case_metrics, summarize
-from lme_sim.models import load_model
+from lme_sim.models import LoadedModel, load_model
 from lme_sim.paths import cache_root
 from lme_sim.sysinfo import Measure, machine_info, versions
 
@@ -74,7 +74,9 @@ def mm_gflops(m: int, k: int, n: int, seconds: float = 2.0) -> float:
 def run_path(lm, cases, overrides: dict, reuse: bool, batch: int) -> dict:
     """Edit a fresh copy of the model with ``cases`` in batches; times, quality and the deltas."""
     model = copy.deepcopy(lm.model)
-    editor = make_editor("alphaedit", model, lm.tok, lm.name, overrides=overrides, progress=False)
+    editor = make_editor(
+        "alphaedit", LoadedModel(lm.name, model, lm.tok), overrides=overrides, progress=False
+    )
     editor.reuse = reuse
     phases: dict[str, float] = {}
     deltas, stats, batches = [], [], []

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -70,7 +71,7 @@ def time_layout(ray, args, layout: str, n_layers: int, tok, world, cases, hparam
         assert ray.get([s.threads.remote() for s in shards]) == [1] * len(shards)
         backbone = ShardedBackbone(shards)
         editor = make_editor(
-            "alphaedit", backbone, tok, args.model, overrides=hparams, world=world, progress=False
+            "alphaedit", LoadedModel(args.model, backbone, tok, world), overrides=hparams, progress=False
         )
         layers = list(editor.hp.layers)
 

@@ -23,7 +23,7 @@ import torch
 
 from lme_sim.data import load_counterfact
 from lme_sim.editors import make_editor
-from lme_sim.models import load_model
+from lme_sim.models import LoadedModel, load_model
 from lme_sim.tokens import encode_pairs
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-edit.json"
@@ -97,9 +97,7 @@ def main() -> None:
         for chunk in [int(x) for x in args.chunks.split(",")]:
             editor = make_editor(
                 "ultraedit",
-                model,
-                lm.tok,
-                args.model,
+                LoadedModel(args.model, model, lm.tok),
                 overrides={**over, "rows_per_pass": chunk},
                 progress=False,
             )

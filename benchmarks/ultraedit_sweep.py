@@ -21,7 +21,7 @@ import torch
 from lme_sim.data import load_counterfact
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
-from lme_sim.models import load_model
+from lme_sim.models import LoadedModel, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact-train.json"
 KEYS = ("efficacy", "generalization", "specificity")
@@ -67,7 +67,10 @@ def main() -> None:
         layers, lr = parse_setting(text)
         model = copy.deepcopy(lm.model)
         editor = make_editor(
-            "ultraedit", model, lm.tok, args.model, overrides={"layers": layers, "lr": lr}, progress=False
+            "ultraedit",
+            LoadedModel(args.model, model, lm.tok),
+            overrides={"layers": layers, "lr": lr},
+            progress=False,
         )
         t0 = time.perf_counter()
         for i in range(0, len(cases), args.batch):

@@ -442,7 +442,7 @@ def bench_edits(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
             batches = [cases[i : i + bs] for i in range(0, len(cases), bs)]
             with Measure(cfg.device) as setup:
                 editor = make_editor(
-                    method, model, lm.tok, cfg.model, overrides=overrides, world=lm.world, progress=False
+                    method, dataclasses.replace(lm, model=model), overrides=overrides, progress=False
                 )
             phases = PhaseTimer()
             for batch in batches[: cfg.warmup]:
@@ -570,7 +570,7 @@ def bench_history(cfg: BenchConfig, lm, db: str, step) -> list[dict]:
 
     bs, n_batches = cfg.history_batch_size, cfg.history_marks[-1]
     editor = make_editor(
-        HISTORY_METHOD, copy.deepcopy(lm.model), lm.tok, cfg.model, world=lm.world, progress=False
+        HISTORY_METHOD, dataclasses.replace(lm, model=copy.deepcopy(lm.model)), progress=False
     )
     cases = stream_cases(lm.world, n_batches * bs)
     rows = []

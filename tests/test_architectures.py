@@ -28,7 +28,7 @@ from lme_sim.arch import ARCHS, arch_of
 from lme_sim.backbone import Inject, LocalBackbone, Plan, Positions
 from lme_sim.editors import known_methods, make_editor
 from lme_sim.editors.targets import _RowBatch
-from lme_sim.models import ModelError, load_model, text_only
+from lme_sim.models import LoadedModel, ModelError, load_model, text_only
 from lme_sim.random_models import TINY, random_model, tiny_config
 from lme_sim.scoring import logits_at, score_by_prompt, score_each
 from lme_sim.suffix import supports_suffix
@@ -165,7 +165,9 @@ def test_each_editor_edits_each_architecture(tok_world, model_type, method):
     tok, world = tok_world
     model = tiny(model_type, tok)
     before = copy.deepcopy(model)
-    editor = make_editor(method, model, tok, WORLD, overrides=CHEAP[method], world=world, progress=False)
+    editor = make_editor(
+        method, LoadedModel(WORLD, model, tok, world), overrides=CHEAP[method], progress=False
+    )
     result = editor.edit(world.edit_cases(4, seed=3))
     _check_deltas(before, model, result.deltas)
 
@@ -188,7 +190,9 @@ def test_suffix_path_deltas_equal_reference_passes(tok_world, model_type, method
     deltas = {}
     for reuse in (True, False):
         model = tiny(model_type, tok)
-        editor = make_editor(method, model, tok, WORLD, overrides=CHEAP[method], world=world, progress=False)
+        editor = make_editor(
+            method, LoadedModel(WORLD, model, tok, world), overrides=CHEAP[method], progress=False
+        )
         editor.reuse = reuse
         deltas[reuse] = editor.edit(cases).deltas
     for name, ref in deltas[False].items():
@@ -227,7 +231,7 @@ def test_gemma3_image_text_folder_loads_as_its_text_model(tok_world, tmp_path):
         assert torch.allclose(lm.model(**enc).logits, wrapper(**enc).logits, atol=1e-5)
     before = copy.deepcopy(lm.model)
     editor = make_editor(
-        "alphaedit", lm.model, lm.tok, WORLD, overrides=CHEAP["alphaedit"], world=world, progress=False
+        "alphaedit", LoadedModel(WORLD, lm.model, lm.tok, world), overrides=CHEAP["alphaedit"], progress=False
     )
     _check_deltas(before, lm.model, editor.edit(world.edit_cases(4, seed=3)).deltas)
 
@@ -256,10 +260,12 @@ def _shards_against_in_process(tok, world, folder: str, backbone, method: str) -
     local = load_model(folder, progress=False).model
     cases = world.edit_cases(6, seed=5)
     over = CHEAP[method]
-    remote = make_editor(method, backbone, tok, WORLD, overrides=over, world=world, progress=False).edit(
+    remote = make_editor(
+        method, LoadedModel(WORLD, backbone, tok, world), overrides=over, progress=False
+    ).edit(cases)
+    here = make_editor(method, LoadedModel(WORLD, local, tok, world), overrides=over, progress=False).edit(
         cases
     )
-    here = make_editor(method, local, tok, WORLD, overrides=over, world=world, progress=False).edit(cases)
     assert set(remote.deltas) == set(here.deltas)
     for name, d in here.deltas.items():
         assert d.abs().sum() > 0 and torch.allclose(d, remote.deltas[name], atol=1e-4), name
@@ -361,8 +367,12 @@ def test_ultraedit_edits_gate_and_up_proj_on_shards_like_in_process(tok_world, t
         assert here.grads[l].abs().sum() > 0 and torch.allclose(here.grads[l], there.grads[l], atol=1e-7)
     before = copy.deepcopy(local)
     over = {"layers": [1, 2], "module": module}
-    remote = make_editor("ultraedit", backbone, tok, folder, overrides=over, progress=False).edit(cases)
-    result = make_editor("ultraedit", local, tok, folder, overrides=over, progress=False).edit(cases)
+    remote = make_editor(
+        "ultraedit", LoadedModel(folder, backbone, tok), overrides=over, progress=False
+    ).edit(cases)
+    result = make_editor("ultraedit", LoadedModel(folder, local, tok), overrides=over, progress=False).edit(
+        cases
+    )
     assert sorted(result.deltas) == [f"model.layers.{l}.mlp.{module}.weight" for l in (1, 2)]
     _check_deltas(before, local, result.deltas)
     for name, d in result.deltas.items():
@@ -382,7 +392,9 @@ def test_a_module_the_architecture_lacks_is_one_clear_error(tok_world):
         msg += f" (it has: {has})"
         with pytest.raises(HParamsError) as err:
             make_editor(
-                "ultraedit", tiny(model_type, tok), tok, WORLD, overrides={"module": "gate_proj"}, world=world
+                "ultraedit",
+                LoadedModel(WORLD, tiny(model_type, tok), tok, world),
+                overrides={"module": "gate_proj"},
             )
         assert str(err.value) == msg
     with pytest.raises(HParamsError, match="module"):
@@ -394,17 +406,18 @@ def test_the_delta_guard_keeps_and_restores_the_edited_module(tok_world, tmp_pat
     the edited up_proj, and a rejected batch puts up_proj back bit for bit."""
     from lme_sim.runtime.services import Edited, EditorService, Rejected
     from lme_sim.runtime.shards import ModelShard, split_layers
+    from lme_sim.scenario import EditorSpec
 
     tok, world = tok_world
     folder = _folder(tok, tmp_path, "llama")
     hp = {"layers": [1, 2], "module": "up_proj"}
     shards = [ModelShard(folder, r) for r in split_layers(4, 2)]
-    service = EditorService(folder, shards, "ultraedit", hp)
+    service = EditorService(folder, shards, EditorSpec(method="ultraedit", hparams=hp))
     out = service.edit(world.edit_cases(4, seed=8))
     assert isinstance(out, Edited)
     assert [w["module"] for w in out.weight_stats] == [f"model.layers.{l}.mlp.up_proj.weight" for l in (1, 2)]
     assert all(w["cum_delta_norm"] > 0 for w in out.weight_stats)
-    strict = EditorService(folder, shards, "ultraedit", hp, max_delta_norm=1e-9)
+    strict = EditorService(folder, shards, EditorSpec(method="ultraedit", hparams=hp, max_delta_norm=1e-9))
     before = {l: strict.backbone.edit_weight(l, "up_proj") for l in (1, 2)}
     assert isinstance(strict.edit(world.edit_cases(4, seed=9)), Rejected)
     for l in (1, 2):

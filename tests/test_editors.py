@@ -10,12 +10,13 @@ from lme_sim.editors.covariance import cached_second_moment
 from lme_sim.editors.hparams import HParamsError, load_hparams
 from lme_sim.linalg import nullspace_projector
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 
 MODEL = "world:small"
 
 
 def sequential(method, model, tok, world, cases, batch=10, **overrides):
-    editor = make_editor(method, model, tok, MODEL, overrides=overrides, world=world, progress=False)
+    editor = make_editor(method, LoadedModel(MODEL, model, tok, world), overrides=overrides, progress=False)
     results = [editor.edit(cases[i : i + batch]) for i in range(0, len(cases), batch)]
     return editor, results, summarize(case_metrics(model, tok, cases))
 
@@ -80,7 +81,7 @@ def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):
     corpus = _corpus_keys(model, tok, world, layer)
     ratios = {}
     for method in ("alphaedit", "memit"):
-        editor = make_editor(method, model, tok, MODEL, world=world, progress=False)
+        editor = make_editor(method, LoadedModel(MODEL, model, tok, world), progress=False)
         if method == "alphaedit":
             C0 = cached_second_moment(model, tok, editor.hp.layers, editor.hp.stats, world, progress=False)[
                 layer
@@ -131,7 +132,7 @@ def test_deltas_reproduce_the_edit_on_a_replica(small_world, stream):
 
     model, tok, world = small_world
     edited, replica = copy.deepcopy(model), copy.deepcopy(model)
-    editor = make_editor("alphaedit", edited, tok, MODEL, world=world, progress=False)
+    editor = make_editor("alphaedit", LoadedModel(MODEL, edited, tok, world), progress=False)
     for i in range(0, 20, 10):
         as_backbone(replica).apply_deltas(editor.edit(stream[i : i + 10]).deltas)
     for (n, a), (_, b) in zip(edited.named_parameters(), replica.named_parameters()):
@@ -142,7 +143,7 @@ def test_ft_edits_within_its_norm_constraint(fresh_small_world, stream):
     model, tok, world = fresh_small_world
     hp = load_hparams("ft", MODEL)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    editor = make_editor("ft", model, tok, MODEL, world=world, progress=False)
+    editor = make_editor("ft", LoadedModel(MODEL, model, tok, world), progress=False)
     result = editor.edit(stream[:10])
     after = summarize(case_metrics(model, tok, stream[:10]))
     print("FT on 10 edits:", after, result.stats)

@@ -13,6 +13,7 @@ from lme_sim.metrics import (
     generation_probes,
     generation_rows,
 )
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.services import EvalRequest, Evaluator
 from lme_sim.scoring import greedy_generate
 
@@ -64,7 +65,7 @@ def test_an_edit_flips_what_the_model_generates(small_world):
     texts = greedy_generate(model, tok, [c.prompt for c in cases], 4)
     assert sum(begins_with(t, c.target_true) for t, c in zip(texts, cases)) >= 8  # it knows the facts
 
-    make_editor("alphaedit", model, tok, "world:small", world=world, progress=False).edit(cases)
+    make_editor("alphaedit", LoadedModel("world:small", model, tok, world), progress=False).edit(cases)
     after, texts, index = generation_metrics(model, tok, cases)
     assert sum(r["gen_efficacy"] for r in after) >= 8
     assert sum(r["gen_specificity"] for r in after) / len(after) >= 0.7

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lme_sim.editors import make_editor
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.ray_utils import release, start_shards
 from lme_sim.runtime.shards import call
 from lme_sim.sizing import split_layers
@@ -25,12 +26,14 @@ def test_shards_on_one_gpu_edit_like_the_cpu(ray_session, fresh_small_world):
     try:
         infos = [call(s, "info") for s in backbone.shards]
         assert [i["device"] for i in infos] == ["cuda:0", "cuda:0"], infos
-        remote = make_editor("alphaedit", backbone, tok, "world:small", world=world, progress=False).edit(
-            cases
-        )
+        remote = make_editor(
+            "alphaedit", LoadedModel("world:small", backbone, tok, world), progress=False
+        ).edit(cases)
     finally:
         release(backbone.shards, backbone.placement_group)
-    local = make_editor("alphaedit", model, tok, "world:small", world=world, progress=False).edit(cases)
+    local = make_editor("alphaedit", LoadedModel("world:small", model, tok, world), progress=False).edit(
+        cases
+    )
     for name, d in local.deltas.items():
         assert torch.allclose(d, remote.deltas[name], atol=1e-3, rtol=1e-3), name
 

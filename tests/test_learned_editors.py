@@ -16,6 +16,7 @@ from lme_sim.editors.hparams import load_hparams
 from lme_sim.editors.hypernet import RunningNorm, ridge_delta, top_k_mask
 from lme_sim.editors.rledit import CheckpointMismatch
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.tokens import encode_pairs
 
 MODEL = "world:small"
@@ -210,11 +211,8 @@ def held_out_runs(small_world, trained):
             m = copy.deepcopy(model)
             editor = make_editor(
                 method,
-                m,
-                tok,
-                MODEL,
+                LoadedModel(MODEL, m, tok, world),
                 overrides={**TRAIN, "checkpoint": str(path)},
-                world=world,
                 progress=False,
             )
             results = [editor.edit(stream[i : i + 10]) for i in range(0, 100, 10)]
@@ -281,11 +279,8 @@ def test_a_checkpoint_for_another_model_is_refused(small_world, trained_few, tmp
     with pytest.raises(CheckpointMismatch, match="trained for model 'world:small'"):
         make_editor(
             "rledit",
-            other.model,
-            other.tok,
-            "world:default",
+            LoadedModel("world:default", other.model, other.tok, other.world),
             overrides={"checkpoint": str(path)},
-            world=other.world,
             progress=False,
         )
     from lme_sim.preflight import load_checked as load_scenario
@@ -343,7 +338,9 @@ def test_the_editor_fits_as_its_checkpoint_was_trained(small_world, tmp_path):
     facts = world.split_facts("eval")[:6]
     cases = [world.case(f, next(o for o in world.objects[f.relation] if o != f.obj)) for f in facts]
     edited = copy.deepcopy(model)
-    editor = make_editor("hiedit", edited, tok, MODEL, overrides={"checkpoint": str(path)}, progress=False)
+    editor = make_editor(
+        "hiedit", LoadedModel(MODEL, edited, tok), overrides={"checkpoint": str(path)}, progress=False
+    )
     batch = encode_pairs(tok, [c.prompt for c in cases], [c.target_new for c in cases])
     signals = keys_and_grads(edited, batch, hp.layers)
     net, router = build_networks(ckpt)

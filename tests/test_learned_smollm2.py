@@ -11,6 +11,7 @@ import torch
 from lme_sim.editors import make_editor
 from lme_sim.editors.checkpoints import CheckpointMismatch, load_checkpoint
 from lme_sim.editors.edit_signals import per_row_nll
+from lme_sim.models import LoadedModel
 from lme_sim.storage.logger import read_only_query
 from lme_sim.tokens import encode_pairs
 
@@ -73,9 +74,7 @@ def test_a_checkpoint_edits_smollm2(smollm2, checkpoints, method):
     model = copy.deepcopy(smollm2.model)
     editor = make_editor(
         method,
-        model,
-        smollm2.tok,
-        "smollm2-135m",
+        LoadedModel("smollm2-135m", model, smollm2.tok),
         overrides={"checkpoint": str(checkpoints[method])},
         progress=False,
     )
@@ -117,9 +116,7 @@ def test_a_checkpoint_for_another_model_is_refused(smollm2, small_world, tmp_pat
     with pytest.raises(CheckpointMismatch, match="world:small"):
         make_editor(
             "rledit",
-            copy.deepcopy(smollm2.model),
-            smollm2.tok,
-            "smollm2-135m",
+            LoadedModel("smollm2-135m", copy.deepcopy(smollm2.model), smollm2.tok),
             overrides={"checkpoint": str(path), "layers": [0, 1]},
             progress=False,
         )

@@ -10,6 +10,7 @@ from lme_sim.backbone import LocalBackbone, Plan, Positions
 from lme_sim.editors import make_editor
 from lme_sim.editors.mose import cayley, coft_project, times_blocks
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_texts
 
@@ -77,7 +78,7 @@ def stream(small_world):
 def _sequential(method, small_world, stream):
     model, tok, world = small_world
     model = copy.deepcopy(model)
-    editor = make_editor(method, model, tok, MODEL, world=world, progress=False)
+    editor = make_editor(method, LoadedModel(MODEL, model, tok, world), progress=False)
     bb = LocalBackbone(model)
     health = [{l: bb.weight_stats(l) for l in editor.hp.layers}]
     sv0 = {l: torch.linalg.svdvals(weight_view(model, l).double()) for l in editor.hp.layers}
@@ -126,14 +127,18 @@ def test_mose_same_on_1_and_2_shards_and_state_round_trips(small_world):
     runs = {}
     for n in (1, 2):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
-        editor = make_editor("mose", bb, tok, MODEL, overrides={"num_steps": 10}, world=world, progress=False)
+        editor = make_editor(
+            "mose", LoadedModel(MODEL, bb, tok, world), overrides={"num_steps": 10}, progress=False
+        )
         runs[n] = ([editor.edit(cases[i : i + 10]).deltas for i in (0, 10)], editor)
     (d1, _), (d2, e2) = runs[1], runs[2]
     for b1, b2 in zip(d1, d2):
         assert b1.keys() == b2.keys()
         for k in b1:
             assert b1[k].norm() > 0 and torch.allclose(b1[k], b2[k], atol=1e-4), k
-    fresh = make_editor("mose", LocalBackbone(copy.deepcopy(model)), tok, MODEL, world=world, progress=False)
+    fresh = make_editor(
+        "mose", LoadedModel(MODEL, LocalBackbone(copy.deepcopy(model)), tok, world), progress=False
+    )
     fresh.load_state_dict(e2.state_dict())
     for l in e2.hp.layers:
         assert torch.equal(fresh.theta[l], e2.theta[l]) and fresh.theta[l].abs().sum() > 0
@@ -157,11 +162,8 @@ def test_micro_batch_is_the_published_schedule(small_world):
     for micro in (None, 4, 1):
         editor = make_editor(
             "mose",
-            copy.deepcopy(model),
-            tok,
-            MODEL,
+            LoadedModel(MODEL, copy.deepcopy(model), tok, world),
             overrides={"num_steps": 3, "micro_batch": micro},
-            world=world,
         )
         r = editor.edit(cases)
         out[micro] = (r.deltas, r.stats["steps"])

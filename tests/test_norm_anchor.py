@@ -6,6 +6,7 @@ import torch
 from lme_sim.editors import make_editor
 from lme_sim.editors.norm_anchor import anchor_deltas, mlp_values, upper_trimmed_mean
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 
 
 def test_anchored_values_have_the_reference_norm_or_are_not_written():
@@ -34,7 +35,7 @@ def test_the_solved_values_norms_equal_the_reference(method, fresh_small_world, 
     model, tok, world = fresh_small_world
     cases = world.edit_cases(10, seed=3)
     hp = {"norm_anchor": {"n_samples": 24}}
-    editor = make_editor(method, model, tok, "world:small", overrides=hp, world=world, progress=False)
+    editor = make_editor(method, LoadedModel("world:small", model, tok, world), overrides=hp, progress=False)
     ref = editor.anchor_norm
     assert ref > 0 and len(list((tmp_path / "norm_anchor").glob("*.json"))) == 1
     layer = editor.hp.layers[-1]
@@ -45,11 +46,11 @@ def test_the_solved_values_norms_equal_the_reference(method, fresh_small_world, 
     print(f"{method}: reference {ref:.3f}; anchored norms {norms.tolist()}")
     assert written.sum() >= 8
     assert torch.allclose(norms[written], torch.full((int(written.sum()),), ref), rtol=1e-4)
-    plain = make_editor(method, model, tok, "world:small", world=world, progress=False).targets(cases)
+    plain = make_editor(method, LoadedModel("world:small", model, tok, world), progress=False).targets(cases)
     assert not torch.allclose((v0 + plain.delta).norm(dim=1), torch.full((10,), ref), rtol=1e-2)
     editor.edit(cases)
     assert summarize(case_metrics(model, tok, cases))["efficacy"] >= 0.8
     again = make_editor(
-        method, model, tok, "world:small", overrides=hp, world=world, progress=False
+        method, LoadedModel("world:small", model, tok, world), overrides=hp, progress=False
     )  # edited model
     assert again.anchor_norm == ref  # the cached reference of the unedited model

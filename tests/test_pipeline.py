@@ -7,6 +7,7 @@ import torch
 
 from lme_sim.backbone import chunk_size
 from lme_sim.editors import make_editor
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.ray_utils import release, start_shards
 from lme_sim.runtime.shards import ShardedBackbone
 from lme_sim.scenario import EditorSpec
@@ -56,7 +57,9 @@ def test_pipelined_deltas_equal_todays_path(two_shards, small_world, method, reu
     _, tok, world = small_world
     backbone = two_shards
     assert backbone.pipeline_depth() == 2 and backbone.pipeline_depth(range(3, 4)) == 1
-    editor = make_editor(method, backbone, tok, "world:small", overrides=hparams, world=world, progress=False)
+    editor = make_editor(
+        method, LoadedModel("world:small", backbone, tok, world), overrides=hparams, progress=False
+    )
     editor.reuse = reuse
     cases = world.edit_cases(10, seed=3)
     results, overlapped = {}, []

@@ -8,6 +8,7 @@ import torch
 from lme_sim.backbone import Inject, LocalBackbone, Plan, Positions
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_texts
 
@@ -63,7 +64,7 @@ def test_editing_same_on_1_and_3_shards(small_world, method):
     runs = {}
     for n in (1, 3):
         bb = _sharded(model, n)
-        editor = make_editor(method, bb, tok, "world:small", world=world, progress=False)
+        editor = make_editor(method, LoadedModel("world:small", bb, tok, world), progress=False)
         deltas = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
         runs[n] = (deltas, summarize(case_metrics(bb, tok, cases)))
     (d1, m1), (d3, m3) = runs[1], runs[3]

@@ -8,6 +8,7 @@ import pytest
 
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.paths import cache_root
 
 from .conftest import shared_file
@@ -36,9 +37,7 @@ def test_alphaedit_smollm2_counterfact_100():
     t0 = time.time()
     editor = make_editor(
         "alphaedit",
-        lm.model,
-        lm.tok,
-        "smollm2-135m",
+        LoadedModel("smollm2-135m", lm.model, lm.tok),
         overrides={"stats": {"kind": "file", "path": str(counterfact_train_corpus()), "n_samples": 6000}},
     )
     t_init = time.time() - t0

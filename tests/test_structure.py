@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lme_sim.models import LoadedModel
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lme_sim"
 
 # bottom first; a module may import from its own layer and the ones below it, never from above
@@ -195,5 +197,5 @@ def test_a_new_editor_is_one_class_and_one_yaml(tiny_editor, tmp_path, small_wor
     scn.write_text("name: s\nmodel: world:small\neditor: {method: nudge, hparams: {steps: 2}}\n")
     out = CliRunner().invoke(main, ["validate", str(scn)])
     assert out.exit_code == 2 and "field 'editor.hparams.steps'" in out.output
-    editor = make_editor("nudge", small_world[0], small_world[1], "world:small")
+    editor = make_editor("nudge", LoadedModel("world:small", small_world[0], small_world[1]))
     assert editor.hp.step == 0.5 and editor.hp.layers == [1]

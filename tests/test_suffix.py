@@ -12,6 +12,7 @@ from lme_sim.editors import make_editor
 from lme_sim.editors.activations import compute_keys
 from lme_sim.editors.hparams import load_hparams
 from lme_sim.editors.targets import _RowBatch, compute_targets
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.scoring import logits_at
 from lme_sim.suffix import length_groups
@@ -133,7 +134,7 @@ def test_editor_reuse_equals_reference_path(small_world, method):
     for reuse in (True, False):
         m = copy.deepcopy(model)
         editor = make_editor(
-            method, m, tok, "world:small", overrides={"v_loss_stop": 0.5}, world=world, progress=False
+            method, LoadedModel("world:small", m, tok, world), overrides={"v_loss_stop": 0.5}, progress=False
         )
         editor.reuse = reuse
         deltas = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]

@@ -12,6 +12,7 @@ from lme_sim.editors.edit_signals import answer_keys_and_grads, keys_and_grads
 from lme_sim.editors.hypernet import RunningNorm, ridge_delta
 from lme_sim.editors.ultraedit import normalize, pseudo_values, shape_key, ultraedit_delta, update_normalizers
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_pairs
 
@@ -116,7 +117,7 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
     model, tok, world = fresh_small_world
     cases = world.edit_cases(20, seed=4)
     reference = copy.deepcopy(model)
-    editor = make_editor("ultraedit", model, tok, MODEL, world=world, progress=False)
+    editor = make_editor("ultraedit", LoadedModel(MODEL, model, tok, world), progress=False)
     layers = list(editor.hp.layers)
     result = editor.edit(cases[:10])
     assert editor.norms == {}  # two-phase: the batch's normalizer is pending until the guard accepts it
@@ -134,7 +135,7 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
         assert torch.allclose(stored.T, expected, atol=1e-6)  # GPT-2's Conv1D keeps W transposed
 
     state = editor.state_dict()
-    twin = make_editor("ultraedit", copy.deepcopy(model), tok, MODEL, world=world, progress=False)
+    twin = make_editor("ultraedit", LoadedModel(MODEL, copy.deepcopy(model), tok, world), progress=False)
     twin.load_state_dict(state)
     editor.edit(cases[10:])  # the state taken before must not move with the editor
     editor.commit()
@@ -142,7 +143,7 @@ def test_editor_updates_then_applies_and_state_round_trips(fresh_small_world):
         for k, v in buffers.items():
             assert torch.equal(twin.norms[name].state_dict()[k], v)
         assert not torch.equal(editor.norms[name].count, buffers["count"])
-    restored = make_editor("ultraedit", copy.deepcopy(model), tok, MODEL, world=world, progress=False)
+    restored = make_editor("ultraedit", LoadedModel(MODEL, copy.deepcopy(model), tok, world), progress=False)
     restored.load_state_dict(editor.state_dict())
     assert all(torch.equal(restored.norms[n].mean, editor.norms[n].mean) for n in editor.norms)
 
@@ -151,7 +152,7 @@ def test_ultraedit_flips_answers_on_the_world(fresh_small_world):
     model, tok, world = fresh_small_world
     cases = world.edit_cases(10, seed=5)
     before = summarize(case_metrics(model, tok, cases))
-    make_editor("ultraedit", model, tok, MODEL, world=world, progress=False).edit(cases)
+    make_editor("ultraedit", LoadedModel(MODEL, model, tok, world), progress=False).edit(cases)
     after = summarize(case_metrics(model, tok, cases))
     print("UltraEdit world 10 edits: before", before, "after", after)
     assert after["efficacy"] >= before["efficacy"] + 0.5
@@ -163,7 +164,7 @@ def test_ultraedit_same_on_1_and_3_shards(small_world):
     runs = {}
     for n in (1, 3):
         bb = ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, n)])
-        editor = make_editor("ultraedit", bb, tok, MODEL, world=world, progress=False)
+        editor = make_editor("ultraedit", LoadedModel(MODEL, bb, tok, world), progress=False)
         runs[n] = [editor.edit(cases[i : i + 10]).deltas for i in (0, 10)]
     for b1, b3 in zip(runs[1], runs[3]):
         assert b1.keys() == b3.keys()

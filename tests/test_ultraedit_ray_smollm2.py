@@ -9,6 +9,7 @@ from lme_sim.backbone import chunk_size
 from lme_sim.data import load_counterfact
 from lme_sim.editors import make_editor
 from lme_sim.editors.hparams import load_hparams
+from lme_sim.models import LoadedModel
 from lme_sim.scoring import score_targets
 
 from .conftest import shared_file
@@ -42,14 +43,19 @@ def test_ultraedit_smollm2_ray_shards_match_in_process(ray_session):
     backbone = start_shards("smollm2-135m", split_layers(30, 2))
     try:
         assert [(r.start, r.stop) for r in backbone.ranges] == [(0, 15), (15, 30)]
-        remote = make_editor("ultraedit", backbone, lm.tok, "smollm2-135m", progress=False).edit(cases)
+        remote = make_editor("ultraedit", LoadedModel("smollm2-135m", backbone, lm.tok), progress=False).edit(
+            cases
+        )
         # the same passes in process: the pipelined shards cut the batch into one chunk per shard (2
         # rows each, not one pass of 4), and a pass's padding changes its float rounding, which
         # UltraEdit's normalizers of 4 keys amplify to ~1e-4
         rows = chunk_size(N_EDITS, load_hparams("ultraedit", "smollm2-135m").rows_per_pass, 2)
         assert backbone.pipeline_depth() == 2 and rows == 2
         local = make_editor(
-            "ultraedit", lm.model, lm.tok, "smollm2-135m", overrides={"rows_per_pass": rows}, progress=False
+            "ultraedit",
+            LoadedModel("smollm2-135m", lm.model, lm.tok),
+            overrides={"rows_per_pass": rows},
+            progress=False,
         ).edit(cases)
         assert remote.deltas.keys() == local.deltas.keys() and local.deltas
         for name, d in local.deltas.items():

@@ -12,6 +12,7 @@ import torch
 from lme_sim.backbone import LocalBackbone, add_deltas
 from lme_sim.editors import make_editor
 from lme_sim.metrics import case_metrics, summarize
+from lme_sim.models import LoadedModel
 from lme_sim.scenario import EditorSpec, EvaluatorSpec
 from lme_sim.scoring import greedy_generate, score_targets
 from lme_sim.vllm_scorer import VLLMOptions, VLLMScorer, _writer
@@ -110,7 +111,7 @@ def test_same_logprobs_and_metrics_before_and_after_edits(llama_world, engine):
     cases = world.edit_cases(20, seed=2)
     before = _assert_same(model, engine, tok, cases)
     editor = make_editor(
-        "memit", model, tok, "world:small", overrides={"layers": [0, 1]}, world=world, progress=False
+        "memit", LoadedModel("world:small", model, tok, world), overrides={"layers": [0, 1]}, progress=False
     )
     for i in (0, 10):
         result = editor.edit(cases[i : i + 10])
@@ -236,9 +237,7 @@ def test_generative_probes_give_the_same_strings_on_smollm2():
     assert greedy_generate(engine, lm.tok, prompts, n) == before
     editor = make_editor(
         "ft",
-        lm.model,
-        lm.tok,
-        "smollm2-135m",
+        LoadedModel("smollm2-135m", lm.model, lm.tok),
         overrides={"lr": 0.002, "norm_constraint": 0.002, "num_steps": 15},
     )
     engine.apply_deltas(editor.edit(cases[:4]).deltas)

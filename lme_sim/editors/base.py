@@ -14,6 +14,7 @@ import torch
 from ..arch import DEFAULT_MODULE
 from ..backbone import Backbone, as_backbone
 from ..cases import EditCase
+from ..models import LoadedModel
 from .hparams import HPARAMS_DIR, HParams, load_hparams
 from .registry import editor_class
 
@@ -55,22 +56,14 @@ class Editor(ABC):
     in_process: ClassVar[bool] = False  # needs the model in this process (not shards): FT, RLEdit, HiEdit
     trained: ClassVar[bool] = False  # edits with networks trained by `lme-sim train-editor` (RLEdit, HiEdit)
 
-    def __init__(
-        self,
-        model,
-        tok,
-        hparams: HParams,
-        world=None,
-        progress: bool = True,
-        model_name: str | None = None,
-        device: str = "cpu",
-    ):
-        """``model``: a :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model;
-        ``device``: where the editor's own tensors and solves live (the model's weights stay where
-        the backbone holds them)."""
-        self.model = as_backbone(model)
-        self.tok, self.hp, self.world, self.progress = tok, hparams, world, progress
-        self.model_name, self.device = model_name, device
+    def __init__(self, lm: LoadedModel, hparams: HParams, *, progress: bool = True, device: str = "cpu"):
+        """``lm``: the model to edit, its tokenizer, name and world; its ``model`` a
+        :class:`~lme_sim.backbone.Backbone` (e.g. shards) or a Hugging Face model. ``device``: where
+        the editor's own tensors and solves live (the model's weights stay where the backbone holds
+        them)."""
+        self.model = as_backbone(lm.model)
+        self.tok, self.world, self.model_name = lm.tok, lm.world, lm.name
+        self.hp, self.progress, self.device = hparams, progress, device
 
     @abstractmethod
     def edit(self, cases: list[EditCase]) -> EditResult:
@@ -118,18 +111,10 @@ def apply_layer_delta(
 
 
 def make_editor(
-    method: str,
-    model,
-    tok,
-    model_name: str,
-    *,
-    overrides: dict | None = None,
-    world=None,
-    progress: bool = True,
-    device: str = "cpu",
+    method: str, lm: LoadedModel, *, overrides: dict | None = None, progress: bool = True, device: str = "cpu"
 ) -> Editor:
-    """An editor for ``model`` with the shipped defaults for ``model_name`` and ``overrides``."""
-    hp = load_hparams(method, model_name, overrides)
+    """An editor of ``method`` for ``lm`` (:func:`lme_sim.models.load_model`'s, or the same with a
+    backbone in its ``model``), with the shipped defaults for ``lm.name`` and ``overrides`` on top."""
     return editor_class(method)(
-        model, tok, hp, world=world, progress=progress, model_name=model_name, device=device
+        lm, load_hparams(method, lm.name, overrides), progress=progress, device=device
     )

@@ -37,9 +37,9 @@ class MEMIT(Editor):
     hparams_class = MEMITHParams
     reuse = True  # False: every pass runs the whole model (the reference path)
 
-    def __init__(self, model, tok, hparams, **kw):
-        super().__init__(model, tok, hparams, **kw)
-        self.contexts = context_templates(model, tok, hparams.context_templates)
+    def __init__(self, lm, hparams, **kw):
+        super().__init__(lm, hparams, **kw)
+        self.contexts = context_templates(self.model, self.tok, hparams.context_templates)
         self.load_statistics()
         anchor = hparams.norm_anchor  # NAS: the reference ||v*||, on the unedited model (cached)
         self.anchor_norm = None if anchor is None else reference_norm(self, anchor, hparams.layers[-1])

@@ -99,8 +99,8 @@ class MOSE(Editor):
     method = "mose"
     hparams_class = MOSEHParams
 
-    def __init__(self, model, tok, hparams, **kw):
-        super().__init__(model, tok, hparams, **kw)
+    def __init__(self, lm, hparams, **kw):
+        super().__init__(lm, hparams, **kw)
         self.theta: dict[int, torch.Tensor] = {}
         for layer in hparams.layers:
             d_ff = self.model.edit_weight(layer).shape[1]

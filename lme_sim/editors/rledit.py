@@ -68,8 +68,8 @@ class RLEdit(Editor):
         return hp.train_lr
 
     # ---- editing -------------------------------------------------------------------------------
-    def __init__(self, model, tok, hparams, **kw):
-        super().__init__(model, tok, hparams, **kw)
+    def __init__(self, lm, hparams, **kw):
+        super().__init__(lm, hparams, **kw)
         if not isinstance(self.model, LocalBackbone):
             raise NotImplementedError(
                 f"{self.method} reads per-token gradients and needs an in-process model"
@@ -79,7 +79,7 @@ class RLEdit(Editor):
                 method=self.method,
                 hp=hparams,
                 model=self.model.model,
-                tok=tok,
+                tok=self.tok,
                 model_name=self.model_name,
                 world=self.world,
                 progress=self.progress,

@@ -101,8 +101,8 @@ class UltraEdit(Editor):
     method = "ultraedit"
     hparams_class = UltraEditHParams
 
-    def __init__(self, model, tok, hparams, **kw):
-        super().__init__(model, tok, hparams, **kw)
+    def __init__(self, lm, hparams, **kw):
+        super().__init__(lm, hparams, **kw)
         try:  # before any work: the architecture has this matrix
             for l in hparams.layers:
                 self.model.edit_param_name(l, hparams.module)

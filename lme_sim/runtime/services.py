@@ -25,7 +25,7 @@ from ..editors import editor_class, make_editor
 from ..editors.base import PhaseTimer
 from ..general_ability import MCItem, mc_accuracy
 from ..metrics import case_probes, case_rows, fluency, generation_metrics, retained, summarize
-from ..models import load_model, load_tokenizer
+from ..models import LoadedModel, load_model, load_tokenizer
 from ..scenario import EditorSpec, EvaluatorSpec
 from ..scoring import TargetScores, score_targets
 from ..storage.records import MetricRecord, ProbeRecord
@@ -73,11 +73,8 @@ class EditorService:
             self.tok, self.world = load_tokenizer(model_name)
         self.editor = make_editor(
             spec.method,
-            self.local or self.backbone,
-            self.tok,
-            model_name,
+            LoadedModel(model_name, self.local or self.backbone, self.tok, self.world),
             overrides=spec.hparams,
-            world=self.world,
             progress=False,
             device=device,
         )
