@@ -186,9 +186,9 @@ def test_a_failed_run_leaves_the_others_going_and_resume_redoes_only_it(tmp_path
     failed_once = tmp_path / "failed-once"
 
     class MemitFailsOnce(coordinator.EditorService):
-        def __init__(self, model_name, shards, method, *args, **kw):
-            super().__init__(model_name, shards, method, *args, **kw)
-            self.method, self.batches = method, 0
+        def __init__(self, model_name, shards, spec, **kw):
+            super().__init__(model_name, shards, spec, **kw)
+            self.method, self.batches = spec.method, 0
 
         def edit(self, cases):
             self.batches += 1
