@@ -218,6 +218,12 @@ def test_namespaced_hub_id_passes_validation(tmp_path, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets  # read at import: where an earlier test imported it, offline is set on it too
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not 20 s of retries
     path = tmp_path / "s.yaml"
     path.write_text(
         "name: s\nmodel: world:small\ndata: {kind: counterfact, path: someone/counterfact, n_edits: 5}\n"
