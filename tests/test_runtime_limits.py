@@ -85,45 +85,6 @@ def test_a_full_evaluation_queue_makes_the_editor_wait(tmp_path, ray_session, mo
     assert evals == [(3,)]
 
 
-def test_a_run_stopped_with_evaluations_in_flight_resumes_without_losing_them(
-    tmp_path, ray_session, monkeypatch
-):
-    """The evaluator runs 3 s behind the editor, and the editor fails at the third batch with the
-    evaluations after the first two still in flight. The resume starts from the newest checkpoint
-    whose evaluations had all landed (batch 0's, not batch 1's) and redoes them: every evaluation
-    equals an uninterrupted run's, once. (Resuming from the last checkpoint lost them for good.)"""
-    from lme_sim.runtime.services import EditorService
-
-    curve = "select eval_id, batch_id, name, round(value, 4) from metrics order by all"
-    whole = _scenario(tmp_path, "whole")
-    coordinator.run_distributed(whole, "whole.yaml")
-    marker = tmp_path / "failed-once"
-
-    class FailsOnce(EditorService):  # defined here: Ray ships it to the editor actor by value
-        def edit(self, cases):
-            self.calls = getattr(self, "calls", 0) + 1
-            if self.calls == 3 and not marker.exists():
-                marker.touch()
-                raise RuntimeError("the editor fails once")
-            return super().edit(cases)
-
-    monkeypatch.setattr(coordinator, "EditorService", FailsOnce)
-    monkeypatch.setattr(coordinator, "Evaluator", SlowEvaluator)
-    scn = _scenario(tmp_path, "stopped")
-    with pytest.raises(RunFailed, match="fails once"):
-        coordinator.run_distributed(scn, "stopped.yaml")
-    (run_id,), landed = (
-        read_only_query(scn.db, "select run_id from runs")[1][0],
-        read_only_query(scn.db, curve)[1],
-    )
-    _, ckpts = read_only_query(scn.db, "select batch_id from batches where checkpoint is not null order by 1")
-    assert ckpts == [(0,), (1,)] and not any(b == 0 for _, b, _, _ in landed)  # batch 0's still in flight
-
-    monkeypatch.setattr(coordinator, "Evaluator", Evaluator)
-    coordinator.run_distributed(scn, "stopped.yaml", resume=run_id)
-    assert read_only_query(scn.db, curve)[1] == read_only_query(whole.db, curve)[1]
-
-
 class _Ref:
     def __init__(self, value):
         self.value = value
@@ -190,39 +151,51 @@ def test_an_evaluator_that_exhausts_its_restarts_fails_the_run_cleanly(tmp_path,
     assert status == [("failed",)]
 
 
-class EditorDyingAtBatch4(coordinator.EditorService):  # the editor's process dies in its 4th batch
+class EditorDyingAtBatch5(coordinator.EditorService):  # the editor's process dies in its 5th batch
     def edit(self, cases):
         self.n = getattr(self, "n", 0) + 1
-        if self.n == 4:
+        if self.n == 5:
             os._exit(1)
         return super().edit(cases)
 
 
-def test_checkpoints_every_n_batches_and_resume_replays_the_rest(tmp_path, ray_session, monkeypatch):
+class LaterEvaluationsSlow(Evaluator):  # the evaluations from the 3rd on take 5 s more
+    def evaluate(self, req, version=None):
+        if req.eval_id >= 3:
+            time.sleep(5)
+        return super().evaluate(req, version)
+
+
+def test_checkpoints_every_n_batches_and_resume_loses_no_evaluation(tmp_path, ray_session, monkeypatch):
     """checkpoint_every 2: only batches 1 and 3 (and the last) write a checkpoint, with the editor's
-    state; killed in batch 3 (the 4th), the run resumes from batch 1's checkpoint, replaces batch 2's
-    rows and replays it: the same rows and final metrics as a run never interrupted."""
+    state. Killed in batch 4 (the 5th) with the evaluations after batches 2 and 3 still in flight
+    (eval k follows batch k - 1), batch 3's checkpoint is ahead of an evaluation that never landed:
+    the run resumes from batch 1's, whose evaluations all landed, replaces the rows after it and
+    replays batches 2-4 and their evaluations: the same rows and every evaluation as a run never
+    interrupted. (Resuming from the newest checkpoint lost evaluation 3 for good.)"""
     fields = {"data": {"n_edits": 25}, "editor": {"method": "alphaedit"}, "runtime": {"checkpoint_every": 2}}
     whole = _scenario(tmp_path, "whole", **fields)
     coordinator.run_distributed(whole, "whole.yaml")
-    _, ckpts = read_only_query(
-        whole.db, "select batch_id from batches where checkpoint is not null order by 1"
-    )
-    assert ckpts == [(1,), (3,), (4,)]
+    checkpoints = "select batch_id from batches where checkpoint is not null order by 1"
+    assert read_only_query(whole.db, checkpoints)[1] == [(1,), (3,), (4,)]
 
     broken = _scenario(tmp_path, "broken", **fields)
-    monkeypatch.setattr(coordinator, "EditorService", EditorDyingAtBatch4)
+    monkeypatch.setattr(coordinator, "EditorService", EditorDyingAtBatch5)
+    monkeypatch.setattr(coordinator, "Evaluator", LaterEvaluationsSlow)
     with pytest.raises(RunFailed, match="the editor actor died") as err:
         coordinator.run_distributed(broken, "broken.yaml")
     run_id = str(err.value).split()[1]
     _, done = read_only_query(broken.db, "select max(batch_id), count(*) from edits")
-    assert done == [(2, 15)]  # batch 2 was committed, after the last checkpoint (batch 1)
+    assert done == [(3, 20)] and read_only_query(broken.db, checkpoints)[1] == [(1,), (3,)]
+    _, landed = read_only_query(broken.db, "select distinct eval_id from metrics order by 1")
+    assert (1,) in landed and (3,) not in landed  # batch 1's checkpoint is complete, batch 3's is not
+    monkeypatch.setattr(coordinator, "Evaluator", Evaluator)
     coordinator.run_distributed(broken, "broken.yaml", resume=run_id)
 
     def rows(db):
         _, edits = read_only_query(db, "select edit_id, batch_id, delta_norms from edits order by 1")
         _, metrics = read_only_query(
-            db, "select eval_id, name, round(value, 4), n from metrics order by 1, 2"
+            db, "select eval_id, batch_id, name, round(value, 4), n from metrics order by 1, 3"
         )
         return edits, metrics
 
