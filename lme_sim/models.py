@@ -28,8 +28,12 @@ from .world import WORLDS, World, get_world_config
 
 @dataclass
 class LoadedModel:
+    """A model by its name, with its tokenizer and (``world:*``) its world: what :func:`load_model`
+    gives, and what an editor edits (``make_editor(method, lm)``), where ``model`` may also be a
+    :class:`~lme_sim.backbone.Backbone` holding it (e.g. shard actors)."""
+
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module  # or a Backbone
     tok: object
     world: World | None = None
 
