@@ -83,9 +83,9 @@ def test_alphaedit_delta_leaves_preserved_keys_alone(fresh_small_world, stream):
     for method in ("alphaedit", "memit"):
         editor = make_editor(method, LoadedModel(MODEL, model, tok, world), progress=False)
         if method == "alphaedit":
-            C0 = cached_second_moment(model, tok, editor.hp.layers, editor.hp.stats, world, progress=False)[
-                layer
-            ]
+            C0 = cached_second_moment(
+                LoadedModel(MODEL, model, tok, world), editor.hp.layers, editor.hp.stats, progress=False
+            )[layer]
             eigvals, eigvecs = torch.linalg.eigh(C0)
             keep = eigvals >= editor.hp.nullspace_threshold
             principal = (eigvecs[:, keep] * eigvals[keep].sqrt()).float()

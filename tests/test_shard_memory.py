@@ -11,6 +11,7 @@ from lme_sim.editors.covariance import cached_projectors, corpus_texts, second_m
 from lme_sim.editors.hparams import load_hparams
 from lme_sim.hooks import PassThrough
 from lme_sim.linalg import nullspace_projector
+from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
 from lme_sim.tokens import encode_texts
 
@@ -89,7 +90,13 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
     layers = [1, 2]
     shards = [_Counting(s) for s in _shards(model, 2)]
     backbone = ShardedBackbone(shards)
-    P = cached_projectors(backbone, tok, layers, hp.stats, hp.nullspace_threshold, world, progress=False)
+    P = cached_projectors(
+        LoadedModel("world:small", backbone, tok, world),
+        layers,
+        hp.stats,
+        hp.nullspace_threshold,
+        progress=False,
+    )
     assert shards[0].calls["nullspace_projector"] == 1 and shards[1].calls["nullspace_projector"] == 1
     C0 = second_moment(model, tok, layers, corpus_texts(hp.stats, world), hp.stats.max_length, progress=False)
     for l in layers:
@@ -103,7 +110,13 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
         "layer2.pt",
     ]
     (folder / "layer1.pt").unlink()  # with P cached, C0 is not needed again
-    again = cached_projectors(backbone, tok, layers, hp.stats, hp.nullspace_threshold, world, progress=False)
+    again = cached_projectors(
+        LoadedModel("world:small", backbone, tok, world),
+        layers,
+        hp.stats,
+        hp.nullspace_threshold,
+        progress=False,
+    )
     assert shards[0].calls["nullspace_projector"] == 1 and shards[0].calls.get("take_moments") == 1
     for l in layers:
         assert torch.equal(again[l], P[l])
@@ -113,8 +126,12 @@ def test_projector_cache_names_the_threshold(small_world, tmp_path, monkeypatch)
     monkeypatch.setenv("LME_SIM_CACHE", str(tmp_path))
     model, tok, world = small_world
     hp = load_hparams("alphaedit", "world:small")
-    a = cached_projectors(model, tok, [2], hp.stats, 1e-3, world, progress=False)[2]
-    b = cached_projectors(model, tok, [2], hp.stats, 1e-2, world, progress=False)[2]
+    a = cached_projectors(LoadedModel("world:small", model, tok, world), [2], hp.stats, 1e-3, progress=False)[
+        2
+    ]
+    b = cached_projectors(LoadedModel("world:small", model, tok, world), [2], hp.stats, 1e-2, progress=False)[
+        2
+    ]
     assert torch.trace(b) > torch.trace(a)  # a higher threshold leaves a larger null space
 
 

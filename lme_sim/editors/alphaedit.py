@@ -36,9 +36,7 @@ class AlphaEdit(MEMIT):
         """Only the projectors are kept (C0 is not needed once P is known, and is not loaded at
         all where P is cached): on Llama-3-8B each is 14336 x 14336 float64, 1.6 GB per layer."""
         hp = self.hp
-        P = cached_projectors(
-            self.model, self.tok, hp.layers, hp.stats, hp.nullspace_threshold, self.world, self.progress
-        )
+        P = cached_projectors(self.lm, hp.layers, hp.stats, hp.nullspace_threshold, progress=self.progress)
         self.P = {l: p.to(self.device) for l, p in P.items()}
         self.cache_c = {l: torch.zeros_like(self.P[l]) for l in hp.layers}  # Kp Kp^T, float64 (see solve)
         self._pending: dict[int, torch.Tensor] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,6 +63,7 @@ class Editor(ABC):
         them)."""
         self.model = as_backbone(lm.model)
         self.tok, self.world, self.model_name = lm.tok, lm.world, lm.name
+        self.lm = replace(lm, model=self.model)  # the same, through the backbone
         self.hp, self.progress, self.device = hparams, progress, device
 
     @abstractmethod

@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..backbone import as_backbone
+from ..models import LoadedModel
 from ..paths import cache_root
 from .hparams import StatsHParams
 
@@ -97,23 +99,23 @@ def stats_folder(model, layers: list[int], stats: StatsHParams) -> Path:
 
 
 def cached_second_moment(
-    model,
-    tok,
+    lm: LoadedModel,
     layers: list[int],
     stats: StatsHParams,
-    world=None,
+    *,
     progress: bool = True,
     folder: Path | None = None,
 ) -> dict[int, torch.Tensor]:
-    """C0 per layer, from the disk cache where present, else computed and cached."""
-    folder = folder or stats_folder(model, layers, stats)
+    """C0 per layer of ``lm.model`` (a model or a backbone), from the disk cache where present, else
+    computed (over ``stats``' corpus; ``world:*``: the world's sentences) and cached."""
+    folder = folder or stats_folder(lm.model, layers, stats)
     paths = {l: folder / f"layer{l}.pt" for l in layers}
     missing = [l for l in layers if not paths[l].exists()]
     out = {l: torch.load(paths[l]) for l in layers if l not in missing}
     if missing:
-        texts = corpus_texts(stats, world)
+        texts = corpus_texts(stats, lm.world)
         log.info("computing key statistics for layers %s over %d texts", missing, len(texts))
-        fresh = second_moment(model, tok, missing, texts, stats.max_length, progress=progress)
+        fresh = second_moment(lm.model, lm.tok, missing, texts, stats.max_length, progress=progress)
         for l, c in fresh.items():
             _save(c, paths[l])
         out.update(fresh)
@@ -121,17 +123,19 @@ def cached_second_moment(
 
 
 def cached_projectors(
-    model, tok, layers: list[int], stats: StatsHParams, threshold: float, world=None, progress: bool = True
+    lm: LoadedModel, layers: list[int], stats: StatsHParams, threshold: float, *, progress: bool = True
 ) -> dict[int, torch.Tensor]:
     """AlphaEdit's null-space projector per layer, from the disk cache where present, else computed
     from C0 by whoever holds the layer (the shard, on its GPU) and cached beside C0."""
-    backbone = as_backbone(model)
+    backbone = as_backbone(lm.model)
     folder = stats_folder(backbone, layers, stats)
     paths = {l: folder / f"layer{l}-nullspace-{threshold:g}.pt" for l in layers}
     missing = [l for l in layers if not paths[l].exists()]
     out = {l: torch.load(paths[l]) for l in layers if l not in missing}
     if missing:
-        C0 = cached_second_moment(backbone, tok, layers, stats, world, progress, folder)
+        C0 = cached_second_moment(
+            replace(lm, model=backbone), layers, stats, progress=progress, folder=folder
+        )
         for l in tqdm(missing, desc="null-space projectors", disable=not progress, unit="layer"):
             out[l] = backbone.nullspace_projector(l, C0.pop(l), threshold)
             _save(out[l], paths[l])

@@ -46,9 +46,7 @@ class MEMIT(Editor):
 
     def load_statistics(self) -> None:
         """C0 of every edited layer (cached on disk; computed through the shards on first use)."""
-        self.C0 = cached_second_moment(
-            self.model, self.tok, self.hp.layers, self.hp.stats, self.world, self.progress
-        )
+        self.C0 = cached_second_moment(self.lm, self.hp.layers, self.hp.stats, progress=self.progress)
 
     def solve(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """MEMIT eq. 14: Delta = R K^T (lambda C0 + K K^T)^-1 (K: d_ff x n, R: d x n)."""
