@@ -90,13 +90,8 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
     layers = [1, 2]
     shards = [_Counting(s) for s in _shards(model, 2)]
     backbone = ShardedBackbone(shards)
-    P = cached_projectors(
-        LoadedModel("world:small", backbone, tok, world),
-        layers,
-        hp.stats,
-        hp.nullspace_threshold,
-        progress=False,
-    )
+    lm = LoadedModel("world:small", backbone, tok, world)
+    P = cached_projectors(lm, layers, hp.stats, hp.nullspace_threshold, progress=False)
     assert shards[0].calls["nullspace_projector"] == 1 and shards[1].calls["nullspace_projector"] == 1
     C0 = second_moment(model, tok, layers, corpus_texts(hp.stats, world), hp.stats.max_length, progress=False)
     for l in layers:
@@ -110,13 +105,7 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
         "layer2.pt",
     ]
     (folder / "layer1.pt").unlink()  # with P cached, C0 is not needed again
-    again = cached_projectors(
-        LoadedModel("world:small", backbone, tok, world),
-        layers,
-        hp.stats,
-        hp.nullspace_threshold,
-        progress=False,
-    )
+    again = cached_projectors(lm, layers, hp.stats, hp.nullspace_threshold, progress=False)
     assert shards[0].calls["nullspace_projector"] == 1 and shards[0].calls.get("take_moments") == 1
     for l in layers:
         assert torch.equal(again[l], P[l])
