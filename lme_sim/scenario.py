@@ -23,6 +23,8 @@ from .stream import Duration, Timeline
 # ones ~1; a diverging solve or optimizer gives orders of magnitude more. Real models edit with far smaller
 # ratios: set a tighter limit in the scenario (editor.max_delta_norm) to catch milder blow-ups.
 DEFAULT_MAX_DELTA_NORM = 1000.0
+# an editor's name, a part of run ids (a grid's override sets too)
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
 
 
 class DataSpec(Strict):
@@ -46,7 +48,7 @@ class EditorSpec(Strict):
     batch_size: int | None = Field(None, gt=0)
     # this editor's name in a list (run ids, --methods, resume); default: the method, and -b<batch_size>
     # where it sets one. Two editors of one method and batch size (e.g. with and without an hparam) need it.
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    name: str | None = Field(None, pattern=NAME)
 
     def label(self) -> str:
         """The run id's tag in a list of editors: ``name``, else the method and its batch size."""
@@ -64,9 +66,7 @@ class GridAxes(Strict):
     # stream's batch size
     batch_size: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     # named sets of hparam overrides, each merged over the grid's common ``hparams``; omitted: none
-    overrides: (
-        dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")], dict[str, Any]] | None
-    ) = Field(None, min_length=1)
+    overrides: dict[Annotated[str, Field(pattern=NAME)], dict[str, Any]] | None = Field(None, min_length=1)
 
 
 class GridSpec(Strict):
