@@ -203,3 +203,29 @@ def test_checkpoints_every_n_batches_and_resume_loses_no_evaluation(tmp_path, ra
     assert [e[:2] for e in e1] == [e[:2] for e in e2] and len(e2) == 25
     assert all(abs(a - b) < 1e-4 for x, y in zip(e1, e2) for a, b in zip(x[2], y[2]))
     assert m1 == m2
+
+
+def test_a_run_under_nohup_says_how_far_it_is_between_evaluations(monkeypatch):
+    """With no bar drawn (output to a file), a line per evaluation, and one after a batch only when
+    ``every_s`` passed since the last line: a run one edit at a time is not silent for hours."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    run = SimpleNamespace(
+        console=Console(file=out, force_terminal=False, width=200),
+        state=SimpleNamespace(committed=list(range(3))),
+        events=list(range(10)),
+        id="r",
+        _started=time.perf_counter(),
+    )
+    coordinator.Run._progress_line(run, 3, every_s=3600)  # a batch, too soon: nothing
+    assert out.getvalue() == ""
+    coordinator.Run._progress_line(run, 3)  # an evaluation: always
+    assert "r: 3 edits committed, event 3 of 10" in out.getvalue()
+    run.state.committed.append(3)
+    run._last_line = (time.perf_counter() - 3601, 3)  # an hour since that line
+    coordinator.Run._progress_line(run, 4, every_s=3600)
+    assert "r: 4 edits committed, event 4 of 10" in out.getvalue().splitlines()[-1]

@@ -71,6 +71,9 @@ from .study import StudyRun, concurrent_runs, new_study_hex, run_demand, run_id
 
 log = logging.getLogger(__name__)
 
+# with no bar drawn (output to a file), at most this long between progress lines while editing
+PROGRESS_LINE_S = 300.0
+
 
 def run_distributed(
     scn: Scenario,
@@ -264,16 +267,21 @@ class Run:
                 self._progress_line(step.position)
             else:
                 self.edit_batch(step.events, paced)
+                self._progress_line(step.position, every_s=PROGRESS_LINE_S)
             self._log_evaluations(self.pool.collect(wait=False))
             self.board.update(self.id, position=step.position, edits=len(self.state.committed))
 
-    def _progress_line(self, position: int) -> None:
+    def _progress_line(self, position: int, every_s: float = 0.0) -> None:
         """Where no bar is drawn (output to a file, e.g. a run under nohup): one line per evaluation,
-        with the edits committed and the seconds per edit since the last line."""
+        and one after a batch when ``every_s`` seconds passed since the last line (a run one edit at a
+        time goes hours between evaluations), with the edits committed and the seconds per edit since
+        the last line."""
         if self.console.is_terminal:
             return
         now, n = time.perf_counter(), len(self.state.committed)
         last_t, last_n = getattr(self, "_last_line", (self._started, 0))
+        if now - last_t < every_s:
+            return
         rate = f", {(now - last_t) / (n - last_n):.2f} s per edit since the last line" if n > last_n else ""
         self.console.print(
             f"{time.strftime('%H:%M:%S')} {self.id}: {n} edits committed, event {position} of "
