@@ -4,12 +4,12 @@ A plan says, for one batch of token ids, which activations to read (W's input "k
 block's output "hidden", at given (row, position) pairs, or the second moment of the keys over
 every real token), where to add a vector to a block's output (``inject``), which edited
 matrices to multiply on their input side by a block-diagonal matrix (``rotate``: W x becomes
-W M x, i.e. W' = W M, without forming W M), and at which positions to return next-token logits.
-:class:`LocalBackbone` runs a plan on an in-process
-Hugging Face model with forward hooks; the runtime's sharded backbone runs the same plan over
-layer-range shards (Ray actors), so every editor works unchanged on 1 or N shards.
+W M x, i.e. W' = W M, without forming W M; M given as a :class:`Rotation`), and at which positions
+to return next-token logits. :class:`LocalBackbone` runs a plan on an in-process Hugging Face model
+with forward hooks; the runtime's sharded backbone runs the same plan over layer-range shards (Ray
+actors), so every editor works unchanged on 1 or N shards.
 
-Gradients: if ``inject.values`` or a ``rotate`` matrix requires grad, the returned logits are
+Gradients: if ``inject.values`` or a rotation's ``theta`` requires grad, the returned logits are
 differentiable with respect to it (locally by plain autograd; across shards by sending the
 gradient back through the shards).
 """
@@ -33,7 +33,7 @@ from .arch import (
     weight_view,
 )
 from .hooks import PassThrough, Positions, _hidden, _replace_input, _StopForward
-from .linalg import nullspace_projector
+from .linalg import nullspace_projector, rotate_blocks
 from .weights import add_delta, matrix_stats
 
 
@@ -47,14 +47,25 @@ class Inject:
 
 
 @dataclass
+class Rotation:
+    """The block-diagonal M = base Q(theta) of :attr:`Plan.rotate`, blocks (n_blocks, b, b) each, Q the
+    Cayley transform of theta (:func:`~lme_sim.linalg.cayley`). ``theta`` may require grad (MOSE fits
+    it); ``base`` is fixed (the rotation already written). Sent as the two factors, not as M, so that
+    a pass over few rows never forms M (:func:`~lme_sim.linalg.rotate_blocks`)."""
+
+    base: torch.Tensor
+    theta: torch.Tensor
+
+
+@dataclass
 class Plan:
     keys: dict[int, Positions] = field(default_factory=dict)  # layer -> where to read W's input
     hidden: dict[int, Positions] = field(default_factory=dict)  # layer -> where to read the block output
     key_moments: list[int] = field(default_factory=list)  # layers: sum of k k^T over real tokens
     logits: Positions | None = None
     inject: Inject | None = None
-    # layer -> M (n_blocks, b, b), n_blocks * b = d_ff: W's input x becomes M x block by block
-    rotate: dict[int, torch.Tensor] = field(default_factory=dict)
+    # layer -> a block-diagonal M (n_blocks * b = d_ff): W's input x becomes M x block by block
+    rotate: dict[int, Rotation] = field(default_factory=dict)
     # layer -> where to read W's input (into Output.keys) and to add a zero leaf to W's output
     # (Output.taps): the gradient w.r.t. that leaf is the gradient w.r.t. W's output there.
     # Used through Backbone.keys_and_output_grads (UltraEdit).
@@ -66,7 +77,7 @@ class Plan:
 
     def differentiable(self) -> bool:
         return (self.inject is not None and self.inject.values.requires_grad) or any(
-            m.requires_grad for m in self.rotate.values()
+            r.theta.requires_grad for r in self.rotate.values()
         )
 
 
@@ -395,11 +406,11 @@ def run_plan(
                     return o.index_put((at.rows.to(o.device), at.pos.to(o.device)), leaf, accumulate=True)
 
                 hook(model.get_submodule(edit_module_path(model, l, plan.module)), tap)
-        for l, M in plan.rotate.items():
+        for l, rot in plan.rotate.items():
             if l in layers:
                 hook(
                     model.get_submodule(edit_module_path(model, l, plan.module)),
-                    lambda _m, args, M=M: (rotate_input(args[0], M),) + tuple(args[1:]),
+                    lambda _m, args, r=rot: (rotate_input(args[0], r),) + tuple(args[1:]),
                     pre=True,
                 )
         if plan.inject is not None and plan.inject.layer in layers:
@@ -470,11 +481,9 @@ def starting_at(model: nn.Module, start: int, hidden: torch.Tensor | None):
             blocks[i] = b
 
 
-def rotate_input(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """M x for every row x of ``x`` (..., d_ff), with M block-diagonal given as (n_blocks, b, b)."""
-    n, b, _ = M.shape
-    xb = x.reshape(*x.shape[:-1], n, b).to(M.dtype)
-    return torch.einsum("...nj,nij->...ni", xb, M.to(x.device)).reshape(x.shape).to(x.dtype)
+def rotate_input(x: torch.Tensor, rot: Rotation) -> torch.Tensor:
+    """M x for every row x of ``x`` (..., d_ff), M the block-diagonal :class:`Rotation`."""
+    return rotate_blocks(x, rot.base.to(x.device), rot.theta.to(x.device))
 
 
 def _gather(t: torch.Tensor, at: Positions) -> torch.Tensor:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lme_sim.arch import weight_view
-from lme_sim.backbone import LocalBackbone, Plan, Positions
+from lme_sim.backbone import LocalBackbone, Plan, Positions, Rotation
 from lme_sim.editors import make_editor
-from lme_sim.editors.mose import cayley, coft_project, times_blocks
+from lme_sim.editors.mose import coft_project, times_blocks
+from lme_sim.linalg import cayley, rotate_blocks
 from lme_sim.metrics import case_metrics, summarize
 from lme_sim.models import LoadedModel
 from lme_sim.runtime.shards import ModelShard, ShardedBackbone, split_layers
@@ -30,6 +31,29 @@ def test_cayley_blocks_are_orthogonal_and_start_at_identity():
     )  # only the skew part counts
 
 
+@pytest.mark.parametrize("rows", [5, 40])  # fewer rows than b = 16 (M never formed), and more
+def test_rotate_blocks_equals_the_formed_rotation_and_its_gradient(rows):
+    """M x with M = base Q(theta) block-diagonal, in both of rotate_blocks' ways, equals the product
+    with the formed block_diag(M), and so does the gradient in theta."""
+    torch.manual_seed(rows)
+    base = cayley(torch.randn(3, 16, 16, dtype=torch.float64))
+    theta0 = 0.2 * torch.randn(3, 16, 16, dtype=torch.float64)
+    x, g = torch.randn(2, rows // 2 + rows % 2, 48, dtype=torch.float64), None
+    grads = []
+    for formed in (False, True):
+        theta = theta0.clone().requires_grad_(True)
+        if formed:
+            y = x @ torch.block_diag(*(base @ cayley(theta))).T
+        else:
+            y = rotate_blocks(x, base, theta)
+        g = torch.randn_like(y, generator=torch.Generator().manual_seed(0)) if g is None else g
+        (y * g).sum().backward()
+        grads.append((y.detach(), theta.grad))
+    (ya, ga), (yb, gb) = grads
+    assert torch.allclose(ya, yb, atol=1e-10) and torch.allclose(ga, gb, atol=1e-10)
+    assert ga.abs().sum() > 0
+
+
 def test_times_blocks_is_the_block_diagonal_product():
     W, M = torch.randn(5, 12, dtype=torch.float64), cayley(torch.randn(3, 4, 4, dtype=torch.float64))
     assert torch.allclose(times_blocks(W, M), W @ torch.block_diag(*M), atol=1e-12)
@@ -45,22 +69,27 @@ def test_coft_projection_bounds_each_block():
 
 
 def test_rotated_forward_equals_the_rotated_weight(fresh_small_world):
-    """Plan.rotate (W x -> W M x through a hook) gives the logits of the model whose W is W M,
-    for GPT-2's transposed Conv1D layout too, and gradients reach M through 1 and 3 shards."""
+    """Plan.rotate (W x -> W M x through a hook, M = base Q(theta)) gives the logits of the model
+    whose W is W M, for GPT-2's transposed Conv1D layout too, and gradients reach theta through 1 and 3
+    shards."""
     model, tok, world = fresh_small_world
     ids, mask = encode_texts(tok, [c.prompt for c in world.edit_cases(6, seed=2)])
     at = Positions(torch.arange(6), mask.sum(1) - 1)
     d_ff = weight_view(model, 2).shape[1]
-    M = cayley(0.3 * torch.randn(4, d_ff // 4, d_ff // 4))
+    base, theta = (
+        cayley(0.3 * torch.randn(4, d_ff // 4, d_ff // 4)),
+        0.3 * torch.randn(4, d_ff // 4, d_ff // 4),
+    )
+    M = base @ cayley(theta)
     grads = {}
     for name, bb in (
         ("local", LocalBackbone(model)),
         ("3 shards", ShardedBackbone([ModelShard(copy.deepcopy(model), r) for r in split_layers(4, 3)])),
     ):
-        m = M.clone().requires_grad_(True)
-        out = bb.run(ids, mask, Plan(logits=at, rotate={2: m}))
+        t = theta.clone().requires_grad_(True)
+        out = bb.run(ids, mask, Plan(logits=at, rotate={2: Rotation(base, t)}))
         out.logits.logsumexp(-1).sum().backward()
-        grads[name] = (out.logits.detach(), m.grad)
+        grads[name] = (out.logits.detach(), t.grad)
     rotated = copy.deepcopy(model)
     with torch.no_grad():
         weight_view(rotated, 2).copy_(times_blocks(weight_view(model, 2), M))

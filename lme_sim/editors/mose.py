@@ -23,8 +23,10 @@ large the batch. The two coincide for one request per call, the paper's protocol
 
 The model holds W_cur = W0 Q_old; the forward pass during fitting multiplies W's input by
 M = Q_old^T Q(theta) block by block (W_cur M = W0 Q(theta)), so no d_ff x d_ff matrix and no
-copy of W0 is ever formed, and the fit runs unchanged over shards. The delta written at the
-end is W_cur (M - I).
+copy of W0 is ever formed, and the fit runs unchanged over shards. M goes to the model as its two
+factors (:class:`~lme_sim.backbone.Rotation`): one request at a time, its ~20 token rows are
+rotated by one solve per block against them, and M itself is never formed (``rotate_blocks``).
+The delta written at the end is W_cur (M - I).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..backbone import Rotation
 from ..cases import EditCase
+from ..linalg import cayley
 from ..scoring import target_logprobs
 from ..tokens import encode_pairs
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
@@ -55,15 +59,6 @@ class MOSEHParams(HParams):
     micro_batch: int | None = Field(None, gt=0)
     loss_stop: float = 0.0  # stop a batch's fit once the mean NLL is below this (0: never, as published)
     coft_eps: float | None = 1e-5  # published constraint ||theta_b|| <= eps b^2 / sqrt(n_blocks); null: off
-
-
-def cayley(theta: torch.Tensor) -> torch.Tensor:
-    """Q_b = (I - S_b)(I + S_b)^-1 with S_b = (theta_b - theta_b^T)/2, for theta (n_blocks, b, b).
-
-    (I - S) and (I + S)^-1 commute, so Q = solve(I + S, I - S)."""
-    S = 0.5 * (theta - theta.transpose(-1, -2))
-    eye = torch.eye(theta.shape[-1], dtype=theta.dtype, device=theta.device).expand_as(S)
-    return torch.linalg.solve(eye + S, eye - S)
 
 
 def times_blocks(W: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -134,7 +129,7 @@ class MOSE(Editor):
                 losses = []
                 for rows in chunks:
                     part = batch if rows is None else batch.select(rows)
-                    rotate = {l: q_old_t[l] @ cayley(p) for l, p in params.items()}
+                    rotate = {l: Rotation(q_old_t[l], p) for l, p in params.items()}  # M = Q_old^T Q(theta)
                     r, lp, _ = target_logprobs(model, part, rotate=rotate)
                     loss = (
                         request_mean_nll(r, lp, part.target_len) if rows is None else -lp.mean()

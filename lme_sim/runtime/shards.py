@@ -38,6 +38,7 @@ from ..backbone import (
     Inject,
     Output,
     Plan,
+    Rotation,
     add_deltas,
     restore_weights,
     run_plan,
@@ -108,9 +109,10 @@ class ModelShard:
             if inject is not None and inject.layer in self.layers:
                 inject = Inject(inject.layer, inject.at, inject.values.detach().requires_grad_(True))
                 leaves["inject"] = inject.values
-            for l in rotate:
+            for l, rot in rotate.items():
                 if l in self.layers:
-                    rotate[l] = leaves[("rotate", l)] = rotate[l].detach().requires_grad_(True)
+                    theta = leaves[("rotate", l)] = rot.theta.detach().requires_grad_(True)
+                    rotate[l] = Rotation(rot.base, theta)
             plan = replace(plan, inject=inject, rotate=rotate)
             if plan.taps and min(plan.taps) >= self.layers.start:  # no tap below: the input needs no grad
                 leaves["hidden"] = None
@@ -344,7 +346,7 @@ class ShardedBackbone(Backbone):
                 out,
                 rot_layers,
                 inj,
-                *[plan.rotate[l] for l in rot_layers],
+                *[plan.rotate[l].theta for l in rot_layers],
             )
             return out
         return self._chain(next(self._requests), input_ids, attention_mask, plan, grad_from=None)
@@ -513,7 +515,8 @@ class _ShardedSuffixLogits(torch.autograd.Function):
 
 
 class _ShardedLogits(torch.autograd.Function):
-    """Logits as a differentiable function of the injected vectors and rotation matrices, across shards."""
+    """Logits as a differentiable function of the injected vectors and the rotations' parameters
+    (``Rotation.theta``), across shards."""
 
     @staticmethod
     def forward(
@@ -532,7 +535,7 @@ class _ShardedLogits(torch.autograd.Function):
         first = min(backbone._owner(l) for l in layers)
         detached = replace(
             plan,
-            rotate={l: m.detach() for l, m in zip(rot_layers, rotations)},
+            rotate={l: Rotation(plan.rotate[l].base, t.detach()) for l, t in zip(rot_layers, rotations)},
             inject=None
             if plan.inject is None
             else Inject(plan.inject.layer, plan.inject.at, values.detach()),
