@@ -23,17 +23,20 @@ def cayley(theta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye + S, eye - S)
 
 
-def rotate_blocks(x: torch.Tensor, base: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def rotate_blocks(
+    x: torch.Tensor, base: torch.Tensor, theta: torch.Tensor, *, form: bool | None = None
+) -> torch.Tensor:
     """M x for every row x of ``x`` (..., n_blocks * b), M block-diagonal with blocks base_i Q(theta_i)
     (:func:`cayley`), computed in ``base``'s dtype; differentiable in ``theta`` (and ``x``).
 
     With fewer rows N than b, M is never formed: Q(theta) x = solve(I + S, (I - S) x) per block, one
     LU of (I + S) (2/3 b^3 flops) and O(b^2 N) more, forward and backward, where forming M costs
     ~14/3 b^3 and its backward ~6 b^3 (MOSE one request at a time: N ~ 20 token rows against b = 384
-    on SmolLM2). With N >= b, M is formed and applied (cheaper then). Both give the same M x."""
+    on SmolLM2). With N >= b, M is formed and applied (cheaper then). Both give the same M x; ``form``
+    picks one (tests, benchmarks/mose_rotation.py)."""
     n, b, _ = base.shape
     rows = x.reshape(-1, n, b).to(base.dtype)  # (N, n, b)
-    if rows.shape[0] >= b:
+    if form if form is not None else rows.shape[0] >= b:
         M = base @ cayley(theta.to(base.dtype))
         out = torch.einsum("rnj,nij->rni", rows, M)
     else:

@@ -32,7 +32,8 @@ def test_cayley_blocks_are_orthogonal_and_start_at_identity():
 
 
 @pytest.mark.parametrize("rows", [5, 40])  # fewer rows than b = 16 (M never formed), and more
-def test_rotate_blocks_equals_the_formed_rotation_and_its_gradient(rows):
+@pytest.mark.parametrize("form", [None, False, True])
+def test_rotate_blocks_equals_the_formed_rotation_and_its_gradient(rows, form):
     """M x with M = base Q(theta) block-diagonal, in both of rotate_blocks' ways, equals the product
     with the formed block_diag(M), and so does the gradient in theta."""
     torch.manual_seed(rows)
@@ -45,7 +46,7 @@ def test_rotate_blocks_equals_the_formed_rotation_and_its_gradient(rows):
         if formed:
             y = x @ torch.block_diag(*(base @ cayley(theta))).T
         else:
-            y = rotate_blocks(x, base, theta)
+            y = rotate_blocks(x, base, theta, form=form)
         g = torch.randn_like(y, generator=torch.Generator().manual_seed(0)) if g is None else g
         (y * g).sum().backward()
         grads.append((y.detach(), theta.grad))
