@@ -352,12 +352,15 @@ class ShardedBackbone(Backbone):
         return self._chain(next(self._requests), input_ids, attention_mask, plan, grad_from=None)
 
     def _chain(self, req, input_ids, attention_mask, plan: Plan, grad_from: int | None) -> Output:
+        """``plan`` through the shards in order; each is sent only the rotations of its own layers
+        (MOSE's are ~2 MB per layer and step)."""
         merged, hidden = Output(), None
         for i, shard in enumerate(self.shards):
             if plan.stop is not None and self.ranges[i].start > plan.stop:
                 break  # nothing after block ``stop`` is read
             grad = grad_from is not None and i >= grad_from
-            out, hidden = call(shard, "forward", req, input_ids, attention_mask, plan, hidden, grad)
+            own = replace(plan, rotate={l: r for l, r in plan.rotate.items() if l in self.ranges[i]})
+            out, hidden = call(shard, "forward", req, input_ids, attention_mask, own, hidden, grad)
             merged.keys.update(out.keys)
             merged.hidden.update(out.hidden)
             merged.key_moments.update(out.key_moments)
