@@ -104,6 +104,11 @@ def run_groups(db, run_ids: list[str]) -> list[dict]:
     return list(groups.values())
 
 
+def run_labels(db, run_ids: list[str]) -> dict[str, str]:
+    """Each run's label, by run id: its group's (:func:`run_groups`), e.g. "alphaedit-nas (batch 100)"."""
+    return {r["run_id"]: g["label"] for g in run_groups(db, run_ids) for r in g["runs"]}
+
+
 def mean_std(values) -> tuple[float, float, int] | None:
     """Mean, sample standard deviation (0 for one value) and count of the values that are not None;
     None where there are none."""
@@ -125,11 +130,11 @@ def comparison_table(db, run_ids: list[str]):
         return _spread_table(db, groups)
     from rich.table import Table
 
-    rows = summary_rows(db, run_ids)
+    rows, labels = summary_rows(db, run_ids), run_labels(db, run_ids)
     table = Table(title="lifelong editing: final evaluation", caption=f"{db}")
     table.add_column("")
     for r in rows:
-        table.add_column(f"{r['method']}, batch {r['batch_size']}\n{r['run_id']}", justify="right")
+        table.add_column(f"{labels[r['run_id']]}\n{r['run_id']}", justify="right")
     table.add_row("model", *[str(r["model"]) for r in rows])
     table.add_row("edits", *[str(r["n_edits"]) for r in rows])
     for col in SUMMARY_COLUMNS:

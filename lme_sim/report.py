@@ -16,7 +16,7 @@ import base64
 import html
 from pathlib import Path
 
-from .analysis import check_runs, comparison_table, mean_std, run_groups, summary_rows
+from .analysis import check_runs, comparison_table, mean_std, run_groups, run_labels, summary_rows
 from .storage.logger import read_only_query
 
 CURVE_METRICS = ("efficacy", "generalization", "specificity", "retention")
@@ -28,9 +28,9 @@ def _rows(db, sql: str, params: list) -> list[dict]:
 
 
 def _label(db, run_ids):
-    """A run's legend label: its method and protocol (edits per batch), then its id."""
-    methods = {r["run_id"]: f"{r['method']}, batch {r['batch_size']}" for r in summary_rows(db, run_ids)}
-    return lambda rid: f"{methods[rid]} ({rid})"
+    """A run's legend label: its editor's name and protocol (edits per batch), then its id."""
+    labels = run_labels(db, run_ids)
+    return lambda rid: f"{labels[rid]}, {rid}"
 
 
 def plot_forgetting(db, run_ids, label, ax) -> None:

@@ -109,7 +109,7 @@ def test_a_list_of_methods_runs_the_same_stream_once_each(tmp_path, ray_session)
     assert protocol == [(10, [10, 10], [10, 20]), (5, [5, 5, 5, 5], [10, 20]), (10, [10, 10], [10, 20])]
     ids = [rid for _, rid, _ in runs]
     r = CliRunner().invoke(main, ["compare", *ids, "--db", str(db)])
-    assert r.exit_code == 0 and "memit, batch 5" in r.output and "mose, batch 10" in r.output, r.output
+    assert r.exit_code == 0 and "memit (batch 5)" in r.output and "mose (batch 10)" in r.output, r.output
     _, cond = read_only_query(
         db,
         "select r.method, w.module, max(w.condition) / min(w.condition) from weight_stats w "
