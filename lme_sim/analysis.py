@@ -130,7 +130,8 @@ def comparison_table(db, run_ids: list[str]):
         return _spread_table(db, groups)
     from rich.table import Table
 
-    rows, labels = summary_rows(db, run_ids), run_labels(db, run_ids)
+    rows = summary_rows(db, run_ids)
+    labels = {r["run_id"]: g["label"] for g in groups for r in g["runs"]}  # as run_labels, from groups
     table = Table(title="lifelong editing: final evaluation", caption=f"{db}")
     table.add_column("")
     for r in rows:
