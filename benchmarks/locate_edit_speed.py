@@ -142,7 +142,7 @@ def step_flops(lm, cases, contexts, layer: int, overrides: dict, reps: int = 3) 
         out[f"{name}_gflops_per_cpu_s"] = out[name] / min(cpu) / 1e9
     bb.drop_prefix(handle)
     with FlopCounterMode(display=False) as fc:
-        t = compute_targets(bb, lm.tok, cases, layer, contexts, hp)
+        t = compute_targets(bb, lm.tok, cases, layer=layer, contexts=contexts, hp=hp)
     out["suffix_targets_batch"] = fc.get_total_flops()
     out["suffix_targets_batch_steps"] = int(t.steps.max()) + 1
     out["rows"] = len(rw.owner)

@@ -50,7 +50,15 @@ def main() -> None:
     original = {l: weight_view(model, l).detach().clone() for l in layers}
     for start in (min(layers), 0):
         torch.manual_seed(0)
-        net = HyperNet(d_ff, d_model, len(layers), hp.rank, hp.n_blocks, hp.init_lr, hp.init_lambda)
+        net = HyperNet(
+            d_ff,
+            d_model,
+            len(layers),
+            rank=hp.rank,
+            n_blocks=hp.n_blocks,
+            init_lr=hp.init_lr,
+            init_lambda=hp.init_lambda,
+        )
         router = Router(d_ff + d_model, len(layers)) if args.method == "hiedit" else None
         top_k = (getattr(hp, "top_k", None) or max(1, len(layers) // 2)) if router else None
         trainer = _Trainer(model, tok, net, router, top_k, hp, torch.Generator().manual_seed(0))

@@ -43,7 +43,9 @@ def main() -> None:
     runs = {}
     for mode, batched in (("batched", True), ("one_at_a_time", False)):
         t0 = time.perf_counter()
-        targets = compute_targets(lm.model, lm.tok, cases, layer, contexts, hp, batched=batched)
+        targets = compute_targets(
+            lm.model, lm.tok, cases, layer=layer, contexts=contexts, hp=hp, batched=batched
+        )
         seconds = time.perf_counter() - t0
         runs[mode] = {"seconds": seconds, "seconds_per_edit": seconds / len(cases), "targets": targets}
         print(

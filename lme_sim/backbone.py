@@ -276,7 +276,7 @@ class LocalBackbone(Backbone):
     def prefix(self, input_ids, attention_mask, start, layer, logits=None):
         from .suffix import prefix_pass
 
-        pc, out, _ = prefix_pass(self.model, input_ids, attention_mask, start, layer, logits)
+        pc, out, _ = prefix_pass(self.model, input_ids, attention_mask, start, layer, logits=logits)
         return pc, out
 
     def suffix_logits(self, handle, rows, values, at):

@@ -124,6 +124,7 @@ SMOLLM2 = dataclasses.replace(
 
 
 def bench_config(
+    *,
     quick: bool = False,
     methods: str | None = None,
     batch_sizes: str | None = None,

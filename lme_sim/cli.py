@@ -459,7 +459,16 @@ def bench(
             click.echo(f"error: lme-sim bench: {e}", err=True)
             sys.exit(2)
     try:
-        cfg = bench_config(quick, methods, batch_sizes, sections, device, threads, model, data)
+        cfg = bench_config(
+            quick=quick,
+            methods=methods,
+            batch_sizes=batch_sizes,
+            sections=sections,
+            device=device,
+            threads=threads,
+            model=model,
+            data=data,
+        )
     except BenchError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

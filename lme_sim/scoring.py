@@ -49,13 +49,14 @@ def logits_at(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    rows: torch.Tensor,
-    pos: torch.Tensor,
+    at: Positions,
+    *,
     inject: Inject | None = None,
     rotate: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Next-token logits at (rows, pos) only: the backbone runs once, the head on M positions."""
-    plan = Plan(logits=Positions(rows, pos), inject=inject, rotate=rotate or {})
+    """Next-token logits at ``at`` (M row, position pairs) only: the backbone runs once, the head on M
+    positions. (M, vocab)"""
+    plan = Plan(logits=at, inject=inject, rotate=rotate or {})
     return as_backbone(model).run(input_ids, attention_mask, plan).logits
 
 
@@ -66,7 +67,7 @@ def target_logprobs(
     :class:`~lme_sim.backbone.Plan`)."""
     rows, pos, labels = batch.target_positions()
     logp = torch.log_softmax(
-        logits_at(model, batch.input_ids, batch.attention_mask, rows, pos, rotate=rotate), -1
+        logits_at(model, batch.input_ids, batch.attention_mask, Positions(rows, pos), rotate=rotate), -1
     )
     labels = labels.to(logp.device)
     return rows, logp.gather(1, labels[:, None])[:, 0], logp.argmax(-1) == labels
@@ -181,6 +182,7 @@ def generate(
     model,
     tok,
     prompts: list[str],
+    *,
     max_new_tokens: int | list[int] = 32,
     batch_size: int = 32,
     top_k: int | None = None,
@@ -210,13 +212,30 @@ def generate(
         out: list[str] = [""] * len(prompts)
         for n in sorted(set(max_new_tokens)):
             rows = [i for i, m in enumerate(max_new_tokens) if m == n]
-            texts = generate(model, tok, [prompts[i] for i in rows], n, batch_size, top_k, generator, cache)
+            texts = generate(
+                model,
+                tok,
+                [prompts[i] for i in rows],
+                max_new_tokens=n,
+                batch_size=batch_size,
+                top_k=top_k,
+                generator=generator,
+                cache=cache,
+            )
             for i, text in zip(rows, texts):
                 out[i] = text
         return out
     backbone = as_backbone(model)
     if (top_k is None if cache is None else cache) and isinstance(backbone, LocalBackbone):
-        return _generate_cached(backbone.model, tok, prompts, max_new_tokens, batch_size, top_k, generator)
+        return _generate_cached(
+            backbone.model,
+            tok,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            top_k=top_k,
+            generator=generator,
+        )
     out: list[str] = []
     limit = _max_positions(model)
     for s in range(0, len(prompts), batch_size):
@@ -227,7 +246,7 @@ def generate(
                 break
             ids, mask = _pad(seqs, tok.pad_token_id)
             lengths = mask.sum(1)
-            logits = logits_at(backbone, ids, mask, torch.arange(len(seqs)), lengths - 1)
+            logits = logits_at(backbone, ids, mask, Positions(torch.arange(len(seqs)), lengths - 1))
             nxt = _next_tokens(logits, top_k, generator)
             seqs = [q + [int(t)] for q, t in zip(seqs, nxt.tolist())]
         out += tok.batch_decode([q[b:] for q, b in zip(seqs, start)], skip_special_tokens=True)
@@ -247,6 +266,7 @@ def _generate_cached(
     model,
     tok,
     prompts: list[str],
+    *,
     max_new_tokens: int,
     batch_size: int,
     top_k: int | None,
@@ -303,7 +323,7 @@ def greedy_generate(
     batch_size: int = 32,
     cache: bool | None = None,
 ) -> list[str]:
-    return generate(model, tok, prompts, max_new_tokens, batch_size, cache=cache)
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache)
 
 
 def _max_positions(model) -> int:

@@ -86,6 +86,7 @@ def prefix_pass(
     attention_mask: torch.Tensor,
     start: torch.Tensor,
     layer: int,
+    *,
     logits: Positions | None = None,
     layers: range | None = None,
     hidden_in: torch.Tensor | None = None,
@@ -286,6 +287,7 @@ def suffix_pass(
     rows: torch.Tensor,
     values: torch.Tensor | None = None,
     at: Positions | None = None,
+    *,
     layers: range | None = None,
     hidden_in: torch.Tensor | None = None,
 ):

@@ -122,7 +122,11 @@ def test_suffix_logits_and_gradients_equal_full_pass(tok_world, model_type):
             logits = bb.suffix_logits(handle, sel, values, Positions(rows, pos - rw.subj_pos[rows]))
         else:
             logits = logits_at(
-                model, rw.ids, rw.mask, rows, pos, Inject(layer, Positions(sel, rw.subj_pos), values)
+                model,
+                rw.ids,
+                rw.mask,
+                Positions(rows, pos),
+                inject=Inject(layer, Positions(sel, rw.subj_pos), values),
             )
         logits.logsumexp(-1).sum().backward()
         got.append((logits.detach(), values.grad))
@@ -338,7 +342,7 @@ def test_the_taps_of_a_module_give_its_weight_gradient(tok_world, model_type, mo
         assert keys[l].shape == (len(rows), W.shape[1]) and grads[l].shape == (len(rows), W.shape[0])
         param = model.get_submodule(edit_module_path(model, l, module)).weight  # GPT-2: (in, out)
         param.requires_grad_(True)
-        logits = logits_at(model, batch.input_ids, batch.attention_mask, rows, pos)
+        logits = logits_at(model, batch.input_ids, batch.attention_mask, Positions(rows, pos))
         (dW,) = torch.autograd.grad(
             torch.nn.functional.cross_entropy(logits, labels, reduction="sum"), [param]
         )

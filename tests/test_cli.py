@@ -314,13 +314,13 @@ def test_stop_run_says_what_it_could_not_do(caplog, tmp_path):
 
     with caplog.at_level(logging.WARNING, logger="lme_sim.runtime.failures"):
         out = stop_run(
-            Ray(),
             ValueError("a bug"),
-            Gone(),
-            "run-1",
-            {},
-            "lme-sim run s.yaml --resume run-1",
-            tmp_path / "logs",
+            ray=Ray(),
+            logger=Gone(),
+            run_id="run-1",
+            roles={},
+            resume_hint="lme-sim run s.yaml --resume run-1",
+            log_dir=tmp_path / "logs",
         )
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(lines) == 1 and "run-1" in lines[0] and "the actor is dead" in lines[0], lines

@@ -113,7 +113,9 @@ def test_no_graph_stays_on_the_shards_after_pipelined_target_optimization(two_sh
     _, tok, world = small_world
     hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 4})
     for reuse, layer in ((True, 0), (False, 2)):  # chunks through both shards
-        t = compute_targets(two_shards, tok, world.edit_cases(8, seed=1), layer, ["{}"], hp, reuse=reuse)
+        t = compute_targets(
+            two_shards, tok, world.edit_cases(8, seed=1), layer=layer, contexts=["{}"], hp=hp, reuse=reuse
+        )
         assert (t.steps == 3).any()  # a last forward whose backward never ran
         assert _held(two_shards) == [{"graphs": 0, "prefixes": 0}] * 2
 

@@ -131,7 +131,16 @@ def test_generation_with_kv_cache_equals_the_reference_path(small_world):
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=3) == ref
         assert greedy_generate(m, tok, prompts, max_new_tokens=6, batch_size=8, cache=True) == ref
     sampled = [
-        generate(model, tok, prompts, 5, 4, top_k=5, generator=torch.Generator().manual_seed(1), cache=c)
+        generate(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=5,
+            batch_size=4,
+            top_k=5,
+            generator=torch.Generator().manual_seed(1),
+            cache=c,
+        )
         for c in (False, True)
     ]
     assert sampled[0] == sampled[1]

@@ -93,7 +93,9 @@ def test_projectors_are_computed_by_the_owning_shard_and_cached(small_world, tmp
     lm = LoadedModel("world:small", backbone, tok, world)
     P = cached_projectors(lm, layers, hp.stats, hp.nullspace_threshold, progress=False)
     assert shards[0].calls["nullspace_projector"] == 1 and shards[1].calls["nullspace_projector"] == 1
-    C0 = second_moment(model, tok, layers, corpus_texts(hp.stats, world), hp.stats.max_length, progress=False)
+    C0 = second_moment(
+        model, tok, layers, corpus_texts(hp.stats, world), max_length=hp.stats.max_length, progress=False
+    )
     for l in layers:
         assert torch.allclose(P[l], nullspace_projector(C0[l], hp.nullspace_threshold), atol=1e-8)
     folder = stats_folder(backbone, layers, hp.stats)
@@ -144,7 +146,13 @@ def test_no_graph_stays_on_the_shards_after_target_optimization(small_world):
     hp = load_hparams("alphaedit", "world:small", {"v_num_grad_steps": 4})
     for reuse in (True, False):
         t = compute_targets(
-            ShardedBackbone(shards), tok, world.edit_cases(4, seed=1), 2, ["{}"], hp, reuse=reuse
+            ShardedBackbone(shards),
+            tok,
+            world.edit_cases(4, seed=1),
+            layer=2,
+            contexts=["{}"],
+            hp=hp,
+            reuse=reuse,
         )
         assert (t.steps == 3).any()  # a last forward whose backward never ran
         assert [len(s._graphs) for s in shards] == [0, 0]

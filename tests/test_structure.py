@@ -154,6 +154,31 @@ def test_no_value_is_pasted_into_sql():
     assert not bad, "\n".join(bad)
 
 
+def test_long_signatures_are_called_by_keyword():
+    """A function of more than 6 parameters takes at most 5 of them by position; the rest are
+    keyword-only, so a long call names what it passes (torchtune's keyword-only calls). Exempt: click
+    commands (click passes one keyword per option) and ``torch.autograd.Function.forward`` (its
+    inputs must be positional to be differentiated)."""
+    bad = []
+    for p in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            positional = [x.arg for x in a.posonlyargs + a.args if x.arg not in ("self", "cls", "ctx")]
+            if len(positional) + len(a.kwonlyargs) <= 6 or len(positional) <= 5:
+                continue
+            decorators = {ast.unparse(d).split("(")[0] for d in node.decorator_list}
+            if any(d.endswith(".command") or d.startswith("click.") for d in decorators):
+                continue
+            if node.name == "forward" and "staticmethod" in decorators:
+                continue
+            bad.append(
+                f"{p.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {len(positional)} positional"
+            )
+    assert not bad, "\n".join(bad)
+
+
 @pytest.fixture
 def tiny_editor(tmp_path):
     """A test-only editor, registered from here: one class, one hparams YAML."""

@@ -55,7 +55,7 @@ def test_suffix_logits_and_gradients_equal_full_pass(small_world, n_shards, laye
     if n_shards == 0:
         assert len(length_groups(handle.length)) > 1  # padded batches of different widths
     kl_rows = rw.is_kl.nonzero()[:, 0]
-    full_kl = logits_at(model, rw.ids, rw.mask, kl_rows, rw.subj_pos[kl_rows])
+    full_kl = logits_at(model, rw.ids, rw.mask, Positions(kl_rows, rw.subj_pos[kl_rows]))
     assert torch.allclose(kl_logits, full_kl, atol=1e-5)
     sel = torch.tensor([0, 3, 4, 5, 8, 9, 11, 12, 16])  # a subset of rows, as after requests converged
     ids, mask, subj = rw.ids[sel], rw.mask[sel], rw.subj_pos[sel]
@@ -69,7 +69,7 @@ def test_suffix_logits_and_gradients_equal_full_pass(small_world, n_shards, laye
         values.requires_grad_(True)
         if name == "full":
             inject = Inject(layer, Positions(torch.arange(len(sel)), subj), values)
-            logits = logits_at(model, ids, mask, rows, pos, inject)
+            logits = logits_at(model, ids, mask, Positions(rows, pos), inject=inject)
         else:
             logits = bb.suffix_logits(handle, sel, values, Positions(rows, pos - subj[rows]))
         logits.logsumexp(-1).sum().backward()
@@ -92,8 +92,8 @@ def test_suffix_targets_equal_full_passes(small_world, layer, stop, ragged):
     # (in float64 the two paths agree exactly), so they run 12 steps
     steps = 12 if ragged else 25
     hp = load_hparams("alphaedit", "world:small", {"v_loss_stop": stop, "v_num_grad_steps": steps})
-    new = compute_targets(model, tok, cases, layer, CONTEXTS, hp)
-    ref = compute_targets(model, tok, cases, layer, CONTEXTS, hp, reuse=False)
+    new = compute_targets(model, tok, cases, layer=layer, contexts=CONTEXTS, hp=hp)
+    ref = compute_targets(model, tok, cases, layer=layer, contexts=CONTEXTS, hp=hp, reuse=False)
     assert torch.equal(new.steps, ref.steps)
     assert _rel(new, ref) < 1e-4
     assert torch.allclose(new.loss, ref.loss, rtol=1e-4, atol=1e-6)
@@ -106,9 +106,9 @@ def test_suffix_targets_on_shards_equal_reference(small_world):
     cases = _ragged(world.edit_cases(8, seed=3))
     # ragged rows: 12 steps (see test_suffix_targets_equal_full_passes)
     hp = load_hparams("memit", "world:small", {"v_loss_stop": 0.5, "v_num_grad_steps": 12})
-    ref = compute_targets(model, tok, cases, 2, CONTEXTS, hp, reuse=False)
+    ref = compute_targets(model, tok, cases, layer=2, contexts=CONTEXTS, hp=hp, reuse=False)
     for n in (2, 3):  # block 2's owner holds block 3 too, or not
-        new = compute_targets(_sharded(model, n), tok, cases, 2, CONTEXTS, hp)
+        new = compute_targets(_sharded(model, n), tok, cases, layer=2, contexts=CONTEXTS, hp=hp)
         assert torch.equal(new.steps, ref.steps)
         assert _rel(new, ref) < 1e-4
 
@@ -162,8 +162,8 @@ def test_suffix_targets_equal_full_passes_on_smollm2():
     cases = load_counterfact(shared_file("counterfact-edit.json"), limit=6)
     hp = load_hparams("alphaedit", "smollm2-135m", {"layers": [4, 5, 6, 7, 8], "v_lr": 0.1})
     contexts = context_templates(lm.model, lm.tok, hp.context_templates)
-    new = compute_targets(lm.model, lm.tok, cases, 8, contexts, hp)
-    ref = compute_targets(lm.model, lm.tok, cases, 8, contexts, hp, reuse=False)
+    new = compute_targets(lm.model, lm.tok, cases, layer=8, contexts=contexts, hp=hp)
+    ref = compute_targets(lm.model, lm.tok, cases, layer=8, contexts=contexts, hp=hp, reuse=False)
     # step counts may differ only where the run that stopped first was within 1e-3 of the stop
     differ = new.steps != ref.steps
     first = torch.where(new.steps < ref.steps, new.loss, ref.loss)

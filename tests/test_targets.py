@@ -10,9 +10,9 @@ def test_batched_targets_equal_one_at_a_time(small_world):
     model, tok, world = small_world
     cases = world.edit_cases(5, seed=5)
     contexts = ["{}", "The job of . {}"]
-    single = compute_targets(model, tok, cases, 2, contexts, _hp(64), batched=False)
+    single = compute_targets(model, tok, cases, layer=2, contexts=contexts, hp=_hp(64), batched=False)
     for rows in (64, 7):
-        batched = compute_targets(model, tok, cases, 2, contexts, _hp(rows), batched=True)
+        batched = compute_targets(model, tok, cases, layer=2, contexts=contexts, hp=_hp(rows), batched=True)
         assert torch.equal(batched.steps, single.steps)
         assert torch.allclose(batched.z, single.z, atol=1e-4)
         assert torch.allclose(batched.loss, single.loss, atol=1e-4)
@@ -27,7 +27,7 @@ def test_target_optimization_runs_at_most_batch_size_rows_per_pass(small_world, 
     seen = []
     build = targets._RowBatch.build
     monkeypatch.setattr(targets._RowBatch, "build", lambda *a: seen.append(len((rb := build(*a)).ids)) or rb)
-    compute_targets(model, tok, world.edit_cases(10, seed=2), 2, ["{}", "A . {}"], _hp(9))
+    compute_targets(model, tok, world.edit_cases(10, seed=2), layer=2, contexts=["{}", "A . {}"], hp=_hp(9))
     assert seen == [9, 9, 9, 3]  # 3 requests of 3 rows at a time, then the tenth
 
 
@@ -44,7 +44,7 @@ def test_targets_make_the_model_predict_the_new_object(small_world):
     model, tok, world = small_world
     cases = world.edit_cases(8, seed=6)
     hp = load_hparams("alphaedit", "world:small")
-    t = compute_targets(model, tok, cases, 2, ["{}"], hp)
+    t = compute_targets(model, tok, cases, layer=2, contexts=["{}"], hp=hp)
     assert (t.delta.norm(dim=1) <= hp.clamp_norm_factor * t.h_init.norm(dim=1) + 1e-5).all()
     prompts = [c.prompt for c in cases]
     pos = subject_last_positions(tok, prompts, [c.subject for c in cases])
@@ -56,7 +56,11 @@ def test_targets_make_the_model_predict_the_new_object(small_world):
             # h_L at the subject becomes z: add z - h_init there
             rows, p, labels = batch.target_positions()
             logits = logits_at(
-                model, batch.input_ids, batch.attention_mask, rows, p, Inject(2, at, t.delta[i : i + 1])
+                model,
+                batch.input_ids,
+                batch.attention_mask,
+                Positions(rows, p),
+                inject=Inject(2, at, t.delta[i : i + 1]),
             )
             lp[which] = torch.log_softmax(logits, -1).gather(1, labels[:, None]).mean()
         assert lp["target_new"] > lp["target_true"], c

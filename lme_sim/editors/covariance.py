@@ -59,6 +59,7 @@ def second_moment(
     tok,
     layers: list[int],
     texts: list[str],
+    *,
     max_length: int = 128,
     batch_size: int = 64,
     progress: bool = True,
@@ -115,7 +116,9 @@ def cached_second_moment(
     if missing:
         texts = corpus_texts(stats, lm.world)
         log.info("computing key statistics for layers %s over %d texts", missing, len(texts))
-        fresh = second_moment(lm.model, lm.tok, missing, texts, stats.max_length, progress=progress)
+        fresh = second_moment(
+            lm.model, lm.tok, missing, texts, max_length=stats.max_length, progress=progress
+        )
         for l, c in fresh.items():
             _save(c, paths[l])
         out.update(fresh)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of, weight_view
-from ..backbone import LocalBackbone, input_of_block, starting_at
+from ..backbone import LocalBackbone, Positions, input_of_block, starting_at
 from ..cases import EditCase
 from ..paths import cache_root
 from ..scoring import logits_at
@@ -324,13 +324,13 @@ class _NextToken:
 
     def __init__(self, model, rows: _Batch):
         self.model, self.rows = model, rows
-        self.at = (torch.arange(len(rows.ids)), rows.mask.sum(1) - 1)
+        self.at = Positions(torch.arange(len(rows.ids)), rows.mask.sum(1) - 1)
         with torch.no_grad():
             self.before = self.logprobs()
 
     def logprobs(self) -> torch.Tensor:
         with self.rows.running(self.model):
-            logits = logits_at(LocalBackbone(self.model), self.rows.ids, self.rows.mask, *self.at)
+            logits = logits_at(LocalBackbone(self.model), self.rows.ids, self.rows.mask, self.at)
         return torch.log_softmax(logits, -1)
 
     def kl(self, now: torch.Tensor) -> torch.Tensor:

@@ -104,6 +104,7 @@ class HyperNet(nn.Module):
         d_ff: int,
         d_model: int,
         n_modules: int,
+        *,
         rank: int = 64,
         n_blocks: int = 2,
         init_lr: float = 1.0,

@@ -62,7 +62,9 @@ class MEMIT(Editor):
         shift read as a change of the MLP's value and anchored to the reference norm
         (:func:`~.norm_anchor.anchor_deltas`)."""
         hp, z_layer = self.hp, self.hp.layers[-1]
-        t = compute_targets(self.model, self.tok, cases, z_layer, self.contexts, hp, reuse=self.reuse)
+        t = compute_targets(
+            self.model, self.tok, cases, layer=z_layer, contexts=self.contexts, hp=hp, reuse=self.reuse
+        )
         if hp.norm_anchor is None:
             return t
         v0 = mlp_values(self.model, self.tok, cases, z_layer, hp.rows_per_pass)

@@ -104,7 +104,9 @@ def reference_norm(editor, spec: NormAnchorHParams, layer: int) -> float:
         range(0, len(cases), chunk), desc=f"NAS reference ||v*|| (layer {layer})", disable=not editor.progress
     ):
         part = cases[s : s + chunk]
-        t = compute_targets(editor.model, editor.tok, part, layer, editor.contexts, hp, reuse=editor.reuse)
+        t = compute_targets(
+            editor.model, editor.tok, part, layer=layer, contexts=editor.contexts, hp=hp, reuse=editor.reuse
+        )
         v0 = mlp_values(editor.model, editor.tok, part, layer, hp.rows_per_pass)
         norms.append((v0 + t.delta).norm(dim=1))
     ref = upper_trimmed_mean(torch.cat(norms), spec.upper_quantile)

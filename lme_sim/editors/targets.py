@@ -63,10 +63,10 @@ def compute_targets(
     model,
     tok,
     cases: list[EditCase],
+    *,
     layer: int,
     contexts: list[str],
     hp: TargetHParams,
-    *,
     batched: bool = True,
     reuse: bool = True,
 ) -> Targets:
@@ -84,7 +84,7 @@ def compute_targets(
     steps = range(layer + 1, model.n_layers) if reuse and model.supports_suffix() else None
     per = chunk_size(len(cases), per, model.pipeline_depth(steps))
     parts = model.map_chunks(
-        lambda part: _targets_of(model, tok, part, layer, contexts, hp, reuse),
+        lambda part: _targets_of(model, tok, part, layer=layer, contexts=contexts, hp=hp, reuse=reuse),
         [cases[i : i + per] for i in range(0, len(cases), per)] or [cases],
         steps,
     )
@@ -94,7 +94,7 @@ def compute_targets(
 
 
 def _targets_of(
-    model, tok, cases: list[EditCase], layer: int, contexts: list[str], hp: TargetHParams, reuse: bool
+    model, tok, cases: list[EditCase], *, layer: int, contexts: list[str], hp: TargetHParams, reuse: bool
 ) -> Targets:
     """:func:`compute_targets` of one group of requests, optimized together."""
     n = len(cases)
@@ -256,7 +256,7 @@ class _RowBatch:
         q_rows = torch.cat([t_rows, kl_rows])
         q_pos = torch.cat([self.tgt_pos[t_keep], subj[kl_rows]])
         if prefix is None:
-            logits = logits_at(model, ids, mask, q_rows, q_pos, inject)
+            logits = logits_at(model, ids, mask, Positions(q_rows, q_pos), inject=inject)
         else:  # suffix coordinates: position - the row's subject position
             logits = model.suffix_logits(prefix, sel, delta[owner], Positions(q_rows, q_pos - subj[q_rows]))
         logp = torch.log_softmax(logits, -1)

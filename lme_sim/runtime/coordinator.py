@@ -78,6 +78,7 @@ PROGRESS_LINE_S = 300.0
 def run_distributed(
     scn: Scenario,
     scenario_path: str,
+    *,
     db: str | None = None,
     address: str | None = None,
     resume: str | None = None,
@@ -88,7 +89,9 @@ def run_distributed(
     ``resume``: a run id to continue. A run that stops raises its :class:`RunFailed` (or
     :class:`PlacementError`)."""
     rid = resume or run_id(scn.name, tag, new_study_hex())
-    outcome = run_study([StudyRun(scn, rid, resume is not None)], scenario_path, db, address, console)
+    outcome = run_study(
+        [StudyRun(scn, rid, resume is not None)], scenario_path, db=db, address=address, console=console
+    )
     if outcome[rid] is not None:
         raise outcome[rid]
     return rid
@@ -97,6 +100,7 @@ def run_distributed(
 def run_study(
     runs: list[StudyRun],
     scenario_path: str,
+    *,
     db: str | None = None,
     address: str | None = None,
     console: Console | None = None,
@@ -374,7 +378,15 @@ class Run:
             f" --db {self.db}" if self.db != self.scn.db else ""
         )
         roles = self.actors.roles() if self.actors else {}
-        return stop_run(self.ray, e, self.logger, self.id, roles, hint, Path(self.db).parent / "logs")
+        return stop_run(
+            e,
+            ray=self.ray,
+            logger=self.logger,
+            run_id=self.id,
+            roles=roles,
+            resume_hint=hint,
+            log_dir=Path(self.db).parent / "logs",
+        )
 
     def release(self) -> None:
         """Stop the run's actors and free its placement group (once, from whichever thread comes first)."""

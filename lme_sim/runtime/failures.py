@@ -48,7 +48,14 @@ def actor_roles(handles: dict[str, object]) -> dict[str, str]:
 
 
 def stop_run(
-    ray, exc: BaseException, logger, run_id: str, roles: dict[str, str], resume_hint: str, log_dir: Path
+    exc: BaseException,
+    *,
+    ray,
+    logger,
+    run_id: str,
+    roles: dict[str, str],
+    resume_hint: str,
+    log_dir: Path,
 ) -> RunFailed:
     """Mark the run failed (where it was started) and say why in one line: the actor that died, an
     interruption, or the error (its traceback written to ``log_dir/<run_id>.error.txt``)."""

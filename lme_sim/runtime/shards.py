@@ -166,19 +166,26 @@ class ModelShard:
         """W += delta for parameters this shard owns."""
         add_deltas(self.model, deltas, self._master)
 
-    def prefix(self, key: int, input_ids, attention_mask, start, layer: int, logits=None, hidden_in=None):
+    def prefix(self, key: int, input_ids, attention_mask, start, layer: int, *, logits=None, hidden_in=None):
         """This shard's part of :func:`lme_sim.suffix.prefix_pass`: the cache of the blocks it owns
         stays here under ``key``. Returns (logits or None, hidden states for the next shard or None)."""
         from ..suffix import prefix_pass
 
         pc, out, boundary = prefix_pass(
-            self.model, input_ids, attention_mask, start, layer, logits, self.layers, hidden_in
+            self.model,
+            input_ids,
+            attention_mask,
+            start,
+            layer,
+            logits=logits,
+            layers=self.layers,
+            hidden_in=hidden_in,
         )
         if pc.h is not None or pc.kv:
             self._prefixes[key] = pc
         return (out.cpu() if out is not None else None), (boundary.cpu() if boundary is not None else None)
 
-    def suffix_forward(self, req: int, key: int, rows, values, at, hidden_in=None, grad: bool = False):
+    def suffix_forward(self, req: int, key: int, rows, values, at, *, hidden_in=None, grad: bool = False):
         """This shard's part of :func:`lme_sim.suffix.suffix_pass` on the cache kept under ``key``; with
         ``grad`` the graph is kept under ``req`` for :meth:`backward` (leaves ``"hidden"``, ``"inject"``)."""
         from ..suffix import suffix_pass
@@ -190,7 +197,9 @@ class ModelShard:
             if pc.layer in self.layers:
                 values = leaves["inject"] = values.detach().requires_grad_(True)
         with torch.set_grad_enabled(grad):
-            logits, boundary = suffix_pass(self.model, pc, rows, values, at, self.layers, hidden_in)
+            logits, boundary = suffix_pass(
+                self.model, pc, rows, values, at, layers=self.layers, hidden_in=hidden_in
+            )
         if grad:
             self._graphs[req] = (leaves, logits if boundary is None else boundary)
         return (logits.detach().cpu() if logits is not None else None), (
@@ -259,14 +268,14 @@ class _Graphs:
             pass
 
 
-def call(shard, method: str, *args):
+def call(shard, method: str, *args, **kwargs):
     """Call a method on a plain shard or on a Ray actor handle (and wait for it)."""
     fn = getattr(shard, method)
     if hasattr(fn, "remote"):
         import ray
 
-        return ray.get(fn.remote(*args))
-    return fn(*args)
+        return ray.get(fn.remote(*args, **kwargs))
+    return fn(*args, **kwargs)
 
 
 _in_chunk = threading.local()  # .busy: this thread runs a chunk of ShardedBackbone.map_chunks
@@ -465,7 +474,9 @@ class ShardedBackbone(Backbone):
         ``layer`` also keeps that block's output) until :meth:`drop_prefix`."""
         key, hidden, out = next(self._requests), None, None
         for shard in self.shards:
-            got, hidden = call(shard, "prefix", key, input_ids, attention_mask, start, layer, logits, hidden)
+            got, hidden = call(
+                shard, "prefix", key, input_ids, attention_mask, start, layer, logits=logits, hidden_in=hidden
+            )
             out = got if got is not None else out
         return _Prefix(key, layer), out
 
@@ -479,7 +490,9 @@ class ShardedBackbone(Backbone):
         for shard in self.shards[
             self._owner(handle.layer) :
         ]:  # shards before it hold nothing a delta changes
-            logits, hidden = call(shard, "suffix_forward", req, handle.key, rows, values, at, hidden, grad)
+            logits, hidden = call(
+                shard, "suffix_forward", req, handle.key, rows, values, at, hidden_in=hidden, grad=grad
+            )
         return logits
 
     def drop_prefix(self, handle) -> None:
