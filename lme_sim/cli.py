@@ -529,6 +529,38 @@ def export(run_id: str, db: str, fmt: str, out: str | None) -> None:
         click.echo(str(p))
 
 
+@main.command("import")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file to copy the runs into.")
+@click.option(
+    "--run",
+    "run_ids",
+    multiple=True,
+    help="Only this run (repeatable); default: every run of each source.",
+)
+def import_cmd(sources: tuple[str, ...], db: str, run_ids: tuple[str, ...]) -> None:
+    """Copy runs from other results databases into one, for compare and report.
+
+    Every row of each run is copied in one transaction; a run id that is already there, or in two of
+    the sources, is an error and nothing is written."""
+    import duckdb
+
+    from .storage.importer import import_runs
+    from .storage.logger import DatabaseError
+    from .storage.schema import SchemaError
+
+    try:
+        copied = import_runs(db, list(sources), list(run_ids) or None)
+    except (DatabaseError, SchemaError, FileNotFoundError) as e:  # each names its file
+        click.echo(f"error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except duckdb.Error as e:
+        click.echo(f"error: {_db_error(db, e)}", err=True)
+        sys.exit(2)
+    for rid in copied:
+        click.echo(rid)
+
+
 @main.command()
 @click.option("--db", default="runs/lme.duckdb", show_default=True, help="DuckDB file.")
 def runs(db: str) -> None:

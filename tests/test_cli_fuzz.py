@@ -208,6 +208,10 @@ def test_query_on_a_database_it_cannot_read(base, kind, data, version, sql):
             ["report", RUN_ID, "--out", str(where / "report")],
         ):
             _one_error(CliRunner().invoke(main, [*cmd, "--db", str(db)]), str(db))
+        # as a source of ``import`` (the target not created), and as its target
+        _one_error(CliRunner().invoke(main, ["import", str(db), "--db", str(where / "all.duckdb")]), str(db))
+        if kind != "missing":  # a missing target is created
+            _one_error(CliRunner().invoke(main, ["import", str(base["db"]), "--db", str(db)]), str(db))
         assert _state(where) == before
 
     _in_tmp(check)
