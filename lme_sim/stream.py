@@ -1,7 +1,7 @@
 """The edit stream: a scenario's timeline turned into timed ``edit`` / ``update`` / ``revert`` / ``eval``
 events.
 
-Pure Python; the Ray actor of the distributed runtime is a thin shell around :class:`EditStream`.
+Pure Python; the run's driver replays the stream itself (no actor: :class:`~lme_sim.runtime.coordinator.Run`).
 
 * :class:`Timeline` (pydantic, embeddable in scenario YAML) says *when* edits arrive: ``fixed``
   batches (the papers' 20x100 setting), a ``poisson`` rate, ``bursts``, or a ``history`` replay of
