@@ -157,7 +157,7 @@ def _spread_table(db, groups: list[dict]):
     table.add_column("")
     for g in groups:
         table.add_column(f"{g['label']}\nn = {len(g['runs'])}", justify="right")
-    table.add_row("runs", *[" ".join(r["run_id"] for r in g["runs"]) for g in groups])
+    table.add_row("runs", *["\n".join(r["run_id"] for r in g["runs"]) for g in groups])  # one per line
     table.add_row("seeds", *[", ".join(str(r["seed"]) for r in g["runs"]) for g in groups])
     table.add_row("model", *[", ".join(dict.fromkeys(str(r["model"]) for r in g["runs"])) for g in groups])
     table.add_row("edits", *[_spread([r["n_edits"] for r in g["runs"]], "edits") for g in groups])
