@@ -194,6 +194,10 @@ def plot_layer_usage(db, run_id, label, ax) -> None:
     )
     modules = sorted({r["module"] for r in rows})
     batches = sorted({r["batch_id"] for r in rows})
+    if not modules:  # a run whose edits name no module (none committed): say so, not an empty image
+        ax.text(0.5, 0.5, "no committed edit names a module", ha="center", va="center")
+        ax.set(title=f"Layer usage: {label(run_id)}", xticks=[], yticks=[])
+        return
     grid = np.zeros((len(modules), max(len(batches), 1)))
     for r in rows:
         grid[modules.index(r["module"]), batches.index(r["batch_id"])] = r["share"]
