@@ -84,7 +84,7 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
     collapse point (efficacy below 0.5, the ``collapse`` view) marked with an x. Generative efficacy
     (``gen_efficacy``), where the run measured it, is the dashed line of the same colour, its own
     collapse point (``gen_collapse_edits``) an x on it. Runs that share a method and protocol (seeds)
-    are drawn as one line, their mean, in a band of ± one std."""
+    are drawn as one line, their mean, in a band of ± one std, with an x where the mean falls below 0.5."""
     rows = _rows(
         db,
         "select c.run_id, c.n_edits, c.efficacy, c.efficacy_n, c.gen_efficacy, k.collapse_edits, "
@@ -121,11 +121,17 @@ def plot_efficacy_vs_edits(db, run_ids, label, ax) -> None:
                 for rid in ids
             ]
         )
+        curves = [(x, mean)]
         if gen:
             gx, gmean, _, _ = zip(*gen)
             ax.plot(
                 gx, gmean, ls="--", marker=".", color=line.get_color(), label=f"{g['label']}, generative mean"
             )
+            curves.append((gx, gmean))
+        for cx, cy in curves:  # the mean's collapse: its first evaluation below 0.5
+            below = [(a, b) for a, b in zip(cx, cy) if b < 0.5]
+            if below:
+                ax.plot(*below[0], marker="x", ms=10, mew=2, ls="", color=line.get_color())
     for rid in singles:
         mine = [r for r in rows if r["run_id"] == rid]
         if not mine:
