@@ -109,3 +109,16 @@ def test_cli_imports_chosen_runs_and_refuses_bad_input_in_one_line(tmp_path, sou
         assert len(out.output.strip().splitlines()) == 1
     out = runner.invoke(main, ["import", str(sources[1]), "--db", str(target)])
     assert out.exit_code == 2 and "already holds run run-b" in out.output
+
+
+def test_a_failed_import_into_a_new_file_leaves_no_file(tmp_path, sources, monkeypatch):
+    import lme_sim.storage.importer as importer
+
+    def broken(con, path):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(importer, "create_schema", broken)
+    target = tmp_path / "new.duckdb"
+    with pytest.raises(RuntimeError, match="disk full"):
+        import_runs(target, sources)
+    assert not target.exists() and not target.with_name("new.duckdb.wal").exists()

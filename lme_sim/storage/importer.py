@@ -61,6 +61,7 @@ def import_runs(db, sources: list, run_ids: list[str] | None = None) -> list[str
         raise RunImportError(f"no run {', '.join(missing)} in {', '.join(map(str, sources))}")
     check_writable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    created = not target.exists()
     con = duckdb.connect(str(target))
     try:
         create_schema(con, target)
@@ -83,6 +84,12 @@ def import_runs(db, sources: list, run_ids: list[str] | None = None) -> list[str
         except Exception:
             con.execute("ROLLBACK")
             raise
+    except Exception:
+        con.close()
+        if created:  # a database this call made holds nothing of value: leave none behind
+            for f in (target, target.with_name(target.name + ".wal")):
+                f.unlink(missing_ok=True)
+        raise
     finally:
         con.close()
     return list(taken)
