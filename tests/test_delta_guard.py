@@ -77,6 +77,7 @@ def test_alphaedit_on_shards_rejected_batch_leaves_shards_and_state_unchanged(sm
     del svc.editor.solve  # the editor is sound again: the same batch now goes through
     out = svc.edit(cases[10:])
     assert set(out.deltas) == {"transformer.h.1.mlp.c_proj.weight", "transformer.h.2.mlp.c_proj.weight"}
+    assert {"keys", "targets", "solve", "guard", "health"} <= set(out.timings)  # the runtime's phases too
     assert not torch.equal(
         before["shard1.transformer.h.2.mlp.c_proj.weight"],
         shards[1].model.state_dict()["transformer.h.2.mlp.c_proj.weight"],

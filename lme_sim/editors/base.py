@@ -27,6 +27,11 @@ from .registry import editor_class
 #            hypernetwork and ridge solve
 #   apply    adding the deltas to the editor's model (on shards: sending them to the owning actor)
 #   sync     bringing other copies up to date: shards following an in-process editor, evaluator replicas
+# The runtime adds its own to a batch's timings (the batches table): the editor service
+# (lme_sim.runtime.services)
+#   guard    the copies of the edited matrices a rejected batch is restored from (the delta guard)
+#   health   the weight health of every edited matrix after the batch (lme_sim.weights.matrix_stats)
+# and the coordinator: eval_wait (for room in the evaluation queue), pace_wait (the stream's clock).
 PHASES = ("keys", "targets", "solve", "apply", "sync")
 
 

@@ -14,6 +14,7 @@ results they send back.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -84,19 +85,24 @@ class EditorService:
 
     def edit(self, cases: list[EditCase]) -> Edited | Rejected:
         written = self.local or self.backbone  # where the editor writes while it edits
+        t0 = time.perf_counter()
         norms = written.save_weights(self.layers, self.module)
+        saved = time.perf_counter() - t0
         result = self.editor.edit(cases)
+        timer = PhaseTimer(result.timings)
+        timer["guard"] = saved  # the copies a rejected batch is restored from (the delta guard)
         problem = delta_problem(result.deltas, norms, self.max_delta_norm)
         if problem is not None:
             written.restore_weights()
             self.editor.discard()
-            return Rejected(problem, result.timings)
+            return Rejected(problem, dict(timer))
         self.editor.commit()
-        timer = PhaseTimer(result.timings)
         if self.local is not None:
             with timer("sync"):  # the shards follow the local replica
                 self.backbone.apply_deltas(result.deltas)
-        return Edited(result.deltas, dict(timer), result.touched, self.weight_stats())
+        with timer("health"):
+            health = self.weight_stats()
+        return Edited(result.deltas, dict(timer), result.touched, health)
 
     def weight_stats(self) -> list[dict]:
         """Norms and condition number of every edited matrix, and the norm of its accumulated delta."""
