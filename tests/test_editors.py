@@ -194,3 +194,28 @@ def test_the_registry_refuses_a_taken_name_and_suggests_close_ones():
         editor_class("alphaedt")
     with pytest.raises(KeyError, match="'zzz' \\(known: "):
         editor_class("zzz")
+
+
+def test_keys_are_the_mean_of_each_context_groups_mean_as_published(small_world):
+    """MEMIT's and AlphaEdit's published compute_ks: the bare prompt is one group, each generated
+    (length, count) another; a key is the mean of the groups' means (with [[10, 5]]: 1/2 and 1/10 x 5)."""
+    from lme_sim.editors.activations import activations_at, compute_keys, context_groups, contextual
+
+    assert context_groups([(10, 5)]) == [1, 5]
+    assert context_groups([(5, 10), (10, 0), (10, 10)]) == [1, 10, 10]
+    assert context_groups([]) == [1]
+    model, tok, world = small_world
+    cases = world.edit_cases(3, seed=5)
+    contexts = ["{}", "The job of . {}", "I think . {}", "You see . {}"]
+    texts, subjects = contextual(cases, contexts)
+    acts = activations_at(model, tok, texts, subjects, [2], kind="key")[2].view(3, 4, -1)
+    published = (acts[:, 0] + acts[:, 1:].mean(1)) / 2  # mean over [["{}"], [3 prefixes]] of group means
+    got = compute_keys(model, tok, cases, [2], contexts, groups=[1, 3])[2]
+    assert torch.allclose(got, published, atol=1e-6)
+    assert not torch.allclose(acts.mean(1), published, atol=1e-3)  # the equal-weight mean is another key
+    assert torch.allclose(compute_keys(model, tok, cases, [2], contexts)[2], acts.mean(1), atol=1e-6)
+    with pytest.raises(ValueError, match="do not add up"):
+        compute_keys(model, tok, cases, [2], contexts, groups=[1, 2])
+    editor = make_editor("memit", LoadedModel(MODEL, model, tok, world), progress=False)
+    assert editor.context_groups == context_groups(editor.hp.context_templates)
+    assert sum(editor.context_groups) == len(editor.contexts)

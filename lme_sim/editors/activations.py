@@ -1,7 +1,11 @@
 """Keys (W's input) and hidden states at the last subject token, batched over texts.
 
 Keys follow ROME/MEMIT: the input of the MLP output projection W at the last subject token,
-averaged over the rewrite prompt and a few short generated prefixes ("context templates").
+averaged over the rewrite prompt and a few short generated prefixes ("context templates"): the mean
+over the groups of templates (the bare prompt, then each generated group) of each group's mean, as the
+published codes average them (MEMIT's ``memit/compute_ks.py``, lines 39-49 in the copy at
+SasyaTitech/NAS ``baselines/memit/compute_ks.py``; AlphaEdit's ``AlphaEdit/compute_ks.py``, the same
+lines): with ``[[10, 5]]`` the bare prompt weighs 1/2 and each of the 5 prefixes 1/10.
 """
 
 from __future__ import annotations
@@ -28,6 +32,17 @@ def context_templates(model, tok, spec: list[tuple[int, int]], seed: int = 0) ->
         for s, t in zip(starters, texts):
             templates.append(f"{s} {t.strip()}".replace("{", " ").replace("}", " ") + ". {}")
     return templates
+
+
+def context_groups(spec: list[tuple[int, int]]) -> list[int]:
+    """The sizes of the groups :func:`context_templates` makes of ``spec``: the bare prompt, then each
+    ``(length, count)`` with a count."""
+    return [1] + [count for _, count in spec if count > 0]
+
+
+def group_weights(groups: list[int]) -> torch.Tensor:
+    """Per template, its weight in the mean of the groups' means: 1 / (groups x its group's size)."""
+    return torch.tensor([1.0 / (len(groups) * n) for n in groups for _ in range(n)])
 
 
 def contextual(cases: list[EditCase], contexts: list[str]) -> tuple[list[str], list[str]]:
@@ -82,12 +97,20 @@ def compute_keys(
     layers: list[int],
     contexts: list[str],
     *,
+    groups: list[int] | None = None,
     batch_size: int = 64,
     early_stop: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """K per layer: (n_cases, d_ff), each key averaged over the context templates."""
+    """K per layer: (n_cases, d_ff), each key the mean over ``groups`` (the sizes of consecutive groups
+    of ``contexts``, :func:`context_groups`; None: one group) of its group's mean."""
+    w = group_weights(groups or [len(contexts)])
+    if len(w) != len(contexts):
+        raise ValueError(f"context groups {groups} do not add up to the {len(contexts)} contexts")
     texts, subjects = contextual(cases, contexts)
     acts = activations_at(
         model, tok, texts, subjects, layers, kind="key", batch_size=batch_size, early_stop=early_stop
     )
-    return {l: a.view(len(cases), len(contexts), -1).mean(1) for l, a in acts.items()}
+    return {
+        l: torch.einsum("ncd,c->nd", a.view(len(cases), len(contexts), -1), w.to(a.dtype))
+        for l, a in acts.items()
+    }

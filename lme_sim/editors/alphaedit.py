@@ -63,6 +63,7 @@ class AlphaEdit(MEMIT):
                 cases,
                 self.hp.layers,
                 self.contexts,
+                groups=self.context_groups,
                 batch_size=self.hp.rows_per_pass,
                 early_stop=self.reuse,
             )

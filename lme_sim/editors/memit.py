@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..cases import EditCase
-from .activations import activations_at, compute_keys, context_templates
+from .activations import activations_at, compute_keys, context_groups, context_templates
 from .base import Editor, EditResult, PhaseTimer, apply_layer_delta
 from .covariance import cached_second_moment
 from .hparams import TargetHParams
@@ -40,6 +40,7 @@ class MEMIT(Editor):
     def __init__(self, lm, hparams, **kw):
         super().__init__(lm, hparams, **kw)
         self.contexts = context_templates(self.model, self.tok, hparams.context_templates)
+        self.context_groups = context_groups(hparams.context_templates)  # how keys average over them
         self.load_statistics()
         anchor = hparams.norm_anchor  # NAS: the reference ||v*||, on the unedited model (cached)
         self.anchor_norm = None if anchor is None else reference_norm(self, anchor, hparams.layers[-1])
@@ -95,6 +96,7 @@ class MEMIT(Editor):
                     cases,
                     [layer],
                     self.contexts,
+                    groups=self.context_groups,
                     batch_size=hp.rows_per_pass,
                     early_stop=self.reuse,
                 )[layer]
