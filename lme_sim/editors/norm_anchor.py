@@ -9,8 +9,9 @@ layer L on the rewrite prompt, and anchors the norm of v* to a reference taken o
     v*'  = v* ref / ||v*||            where ||v*|| <= skip_factor ref
     v*'  = v0 (the request writes nothing)   where ||v*|| >  skip_factor ref      (published: 2)
 
-and the target becomes z' = h + (v*' - v0). The published code: ``NAS/compute_z.py`` lines 214-229
-(v* = delta + v0, the skip above twice the mean, ``scale_vector_to_norm``), the reference in
+and the target becomes z' = h + (v*' - v0). The published code: ``NAS/compute_z.py`` lines 214-235
+(the paper's NAS, on AlphaEdit) and ``baselines/memit/compute_z.py`` lines 207-228 (MEMIT with
+``use_nas``): v* = delta + v0, the skip above twice the mean, ``scale_vector_to_norm``; the reference in
 ``util/vstar_stats.py`` (``_compute_mean_vstar_norm_from_multicounterfact``: sampled with seed 0;
 ``_upper_trimmed_mean`` with ``_NAS_OUTLIER_UPPER_QUANTILE = 0.95``). Differences, lme-sim's own: v0 is
 the edit module's product W k at the subject's last token (no bias: Llama-family MLPs have none; GPT-2's
