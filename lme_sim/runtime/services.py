@@ -14,7 +14,6 @@ results they send back.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -85,12 +84,11 @@ class EditorService:
 
     def edit(self, cases: list[EditCase]) -> Edited | Rejected:
         written = self.local or self.backbone  # where the editor writes while it edits
-        t0 = time.perf_counter()
-        norms = written.save_weights(self.layers, self.module)
-        saved = time.perf_counter() - t0
+        timer = PhaseTimer()
+        with timer("guard"):  # the copies a rejected batch is restored from (the delta guard)
+            norms = written.save_weights(self.layers, self.module)
         result = self.editor.edit(cases)
-        timer = PhaseTimer(result.timings)
-        timer["guard"] = saved  # the copies a rejected batch is restored from (the delta guard)
+        timer.update(result.timings)
         problem = delta_problem(result.deltas, norms, self.max_delta_norm)
         if problem is not None:
             written.restore_weights()
